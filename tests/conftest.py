@@ -1,0 +1,63 @@
+"""Shared test fixtures: small generated datasets in the real on-disk formats (never a download,
+never the cached lab teacher), and a way to run a fewstep script as a user would."""
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_idx(path, array):
+    """An MNIST-format idx file, gzip-compressed: magic 2048 + ndim, big-endian dims, uint8 data."""
+    header = (2048 + array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_fashion(folder, n_train=64, n_test=16, seed=0):
+    """Tiny Fashion-MNIST look-alike: bright blobs on black, 28x28, ten labels."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        yy, xx = np.mgrid[:28, :28]
+        cy, cx = rng.uniform(8, 20, (2, n, 1, 1))
+        r = rng.uniform(4, 9, (n, 1, 1))
+        images = (255 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2)).astype(np.uint8)
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n).astype(np.uint8))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory):
+    return make_fashion(tmp_path_factory.mktemp("fashion"))
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch, tmp_path):
+    """Tests never touch the network or the user's cache."""
+    import common
+
+    def refuse(url, path, md5):
+        raise common.UserError(f"test tried to download {url}")
+
+    monkeypatch.setattr(common, "download", refuse)
+    monkeypatch.setattr(common, "DOWNLOAD_DIR", tmp_path / "cache")
+    monkeypatch.setattr(common, "FASHION_DEBIAN", tmp_path / "no-debian-package")
+
+
+def run_script(*args, cwd, timeout=600, torchrun=0):
+    """Run a fewstep script in a subprocess from cwd (its runs/ lands there); returns the result."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    else:
+        cmd = [sys.executable]
+    return subprocess.run(cmd + [str(ROOT / args[0]), *map(str, args[1:])], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -61,3 +61,10 @@ def run_script(*args, cwd, timeout=600, torchrun=0):
         cmd = [sys.executable]
     return subprocess.run(cmd + [str(ROOT / args[0]), *map(str, args[1:])], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_teacher(fashion_dir, tmp_path_factory):
+    """A smoke-preset teacher trained on the generated data (a few seconds); its path."""
+    import common
+    return common.train_teacher("fashion", "smoke", tmp_path_factory.mktemp("teacher"), fashion_dir, images=64)

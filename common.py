@@ -1121,6 +1121,7 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     metrics["teacher_fid_dpm3m_35"] = ref_metrics["fid"] if n >= 2 else None
     metrics["rms_n"] = n_rms
     metrics["teacher"] = str(teacher_path)
+    metrics["command"] = " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
     metrics.update({k: v for k, v in info.items() if k not in metrics})
     write_json(out / "metrics.json", metrics)
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"

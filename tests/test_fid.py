@@ -225,3 +225,22 @@ def test_folder_batches_read_saved_images_as_rgb_uint8(tmp_path):
     got = torch.cat(list(batches))
     assert total == 5 and got.dtype == torch.uint8
     assert torch.equal(got, images.repeat(1, 3, 1, 1))  # lossless PNG, grey -> RGB, sorted order
+
+
+def test_results_table_is_built_from_metrics_files(tmp_path):
+    import json
+    for sub, nfe, fid_value in (("sfd-lab-nfe4", 4, 12.345), ("pd-lab/nfe2", 2, None)):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / "metrics.json").write_text(json.dumps(
+            {"method": sub[:2], "variant": sub.split("-")[0], "nfe": nfe, "fid_n": 500, "fid": fid_value,
+             "teacher_fid_dpm3m": 30.0, "teacher_fid_euler": 80.5, "teacher_rms": 0.04321, "teacher_rms_dpm3m": 0.1,
+             "teacher_rms_euler": 0.2, "train_seconds": 90, "images_seen": 2048}))
+    table = fid.results_table(tmp_path).splitlines()
+    assert len(table) == 4 and table[2].startswith("| pd | 2 |") and table[3].startswith("| sfd | 4 | 500 | 12.35 |")
+    assert "| – |" in table[2] and "0.0432" in table[3] and "| 1.5 | 2,048 |" in table[3]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.json").write_text("{")
+    with pytest.raises(common.UserError):
+        fid.results_table(tmp_path)
+    with pytest.raises(common.UserError):
+        fid.results_table(tmp_path / "nothing")

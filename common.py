@@ -1060,7 +1060,7 @@ def rms_distance(a, b):
     return ((to_uint8(a).float() - to_uint8(b).float()) ** 2).mean().sqrt().item() / 127.5
 
 
-def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device):
+def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device, with_fid=True):
     """FID and RMS-to-reference of the teacher itself with `solver` at `nfe`, computed once per
     teacher and N and cached next to the teacher (eval/). Returns (metrics dict, samples)."""
     cache = Path(teacher_path).parent / "eval"
@@ -1075,6 +1075,8 @@ def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device)
                            device, f"teacher {SAMPLER_NAMES[solver]} {nfe} NFE")
         save_checkpoint(samples_path, "samples", images=to_uint8(samples))
     metrics_path = cache / f"{key}.json"
+    if not with_fid:
+        return {"fid": None}, samples
     if metrics_path.exists():
         return json.loads(metrics_path.read_text()), samples
     metrics = {"fid": fid_or_none(samples, args, device)}
@@ -1107,7 +1109,7 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     batch = args.batch_size or 250
     student = generate(sample_fn, n_rms, shape, batch, device, "student samples")
     save_grid(student[:64], out / "samples.png", nrow=8)
-    ref_metrics, ref = teacher_baseline(teacher, teacher_path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, device)
+    ref_metrics, ref = teacher_baseline(teacher, teacher_path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, device, n >= 2)
     metrics = {"method": info["method"], "variant": info.get("variant", info["method"]), "dataset": args.dataset,
                "preset": args.preset, "nfe": info["nfe"], "fid_n": n if n >= 2 else 0,
                "fid": fid_or_none(student[:n], args, device), "teacher_rms": rms_distance(student, ref)}
@@ -1115,7 +1117,7 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     for solver in ("dpm3m", "euler"):
         if solver == "dpm3m" and nfe == 1:        # one call: DPM-Solver++ is Euler
             continue
-        m, s = teacher_baseline(teacher, teacher_path, args, solver, nfe, n_rms, shape, device)
+        m, s = teacher_baseline(teacher, teacher_path, args, solver, nfe, n_rms, shape, device, n >= 2)
         metrics[f"teacher_fid_{solver}"] = m["fid"] if n >= 2 else None
         metrics[f"teacher_rms_{solver}"] = rms_distance(s, ref)
     metrics["teacher_fid_dpm3m_35"] = ref_metrics["fid"] if n >= 2 else None

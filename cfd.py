@@ -1,0 +1,434 @@
+"""cfd.py: Classifier-based Feature Distillation (CFD) and its regularised form (RCFD), one file.
+
+Paper: Wujie Sun, Defang Chen, Can Wang, Deshi Ye, Yan Feng, Chun Chen, "Accelerating Diffusion
+Sampling with Classifier-based Feature Distillation", ICME 2023, arXiv:2211.12039.
+Authors' code: zju-SWJ/RCFD. Read next to pd.py: CFD is progressive distillation (PD) with the image
+loss of Alg. 2 replaced by a loss on a frozen classifier's features.
+
+What is implemented (../shared/specs/METHODS.md, section 5):
+  - The PD chain of pd.py down to --cfd-from steps (paper: 1024 -> ... -> 8, plain PD "without the
+    classifier", Sec. 4.1). Its students are pd.py's own stage files (runs/<dataset>/pd-<preset>/
+    student-<N>steps.pt): reused when they exist, else trained here with pd.train_stage and saved
+    there, so pd.py --resume reuses them too.
+  - From --cfd-from down to --nfe, CFD stages: the 2N-step teacher's two DDIM steps give pd.py's
+    target image x^T = x~ (pd.teacher_target, Eq. 12), the student's x^S = theta(z_t); both go, in
+    [-1, 1] as they are, through the frozen classifier's extractor (Eq. 3):
+        L_CFD = KL(softmax(F^T/tau) || softmax(F^S))                          (Eq. 4)
+    softmax over the globally pooled feature channels, temperature on the teacher only, batch mean.
+    Gradients flow through the frozen classifier into the student.
+  - RCFD (default --variant rcfd), with p = softmax(cls(x^S)) (the classifier's class probabilities):
+        L_entropy = mean_b(-sum_c p_c log p_c)                                 (Eq. 5)
+        L_diversity = sum_c p^_c log p^_c,  p^ = mean_b p                      (Eq. 6)
+        L_RCFD = L_CFD + beta*(gamma*L_entropy + (1-gamma)*L_diversity)        (Eq. 7)
+    Per-stage tau/beta/gamma default to the paper's ResNet-18 settings (App. C.4). --variant cfd is
+    beta = 0 (the paper's DenseNet-201 runs).
+  - Adam, cosine-annealed lr, gradient clip 1, student copied from its teacher each stage (App. C.4).
+  - The classifier: a ResNet-18-style net (He et al. 2016; CIFAR stem, smaller in smoke/lab), trained
+    here on the dataset's labels on first use and cached in runs/<dataset>/classifier-<preset>/ with
+    its test accuracy, or --classifier PATH.
+  - metrics.json compares RCFD with plain PD at the same stage: pd.py's metrics.json for the same
+    NFE and chain if present (pd_baseline), or, with --pd-baseline, a plain-PD run of the same CFD
+    stages with the same updates/batch/lr, evaluated the same way into <out>/pd-baseline/.
+
+Deviations from the paper, and why:
+  - Teacher: fewstep's shared EDM denoiser, called through the cosine VP adapter (as pd.py).
+  - The classifier is trained without augmentation, on rank 0 only (a cheap preliminary; BatchNorm
+    statistics then need no synchronisation); lab uses a narrow 4-stage ResNet (one block per stage)
+    trained for one epoch so the 2-core CPU run stays within minutes.
+  - Lab starts PD at 32 steps with pd.py's lab budget (not 1024) and trains each CFD stage for the same
+    few hundred updates as a pd.py lab stage, so the two compare at equal budget.
+  - Paper App. C.4 doubles the updates "for 4 to 1-step"; METHODS.md reads this as 2 -> 1 only. The
+    paper preset doubles stages whose student has <= 2 steps (4->2 and 2->1), the literal reading.
+
+Run:
+  python cfd.py --dataset fashion --nfe 4                          # CPU lab: PD 32->16->8, RCFD 8->4
+  python cfd.py --dataset fashion --nfe 4 --pd-baseline            # + plain PD 8->4 at the same budget
+  python cfd.py --dataset cifar10 --preset paper --nfe 1           # CUDA: PD 1024->8, RCFD 8->4->2->1
+  torchrun --nproc_per_node=2 cfd.py --preset smoke                # two processes (gloo on CPU)
+"""
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import pd
+from common import (RUNS, Denoiser, build_net, Dist, UserError, autocast, check_finite, common_parser, dataset_slug,
+                    load_checkpoint, load_dataset, load_state, load_teacher, main_guard, random_batch, report, run_dir,
+                    save_checkpoint, seed_all, to_float, vp_predict)
+
+# ----------------------------------------------------------------------------------------------
+# Arguments and presets
+# ----------------------------------------------------------------------------------------------
+
+PRESETS = {
+    # start_steps, iters, batch, lr, later_*: as pd.py (PD chain and CFD stages); cfd_from: the PD chain
+    # stops here and CFD takes over; cls: classifier width/blocks and training images/batch/lr.
+    "smoke": dict(start_steps=8, cfd_from=4, iters=3, batch=8, lr=1e-4, later_factor=1.0, later_steps=2,
+                  ckpt_every=2, cls=dict(width=8, blocks=(1, 1), images=256, batch=32, lr=3e-3)),
+    "lab": dict(start_steps=32, cfd_from=8, iters=300, batch=32, lr=2e-4, later_factor=1.0, later_steps=2,
+                ckpt_every=100, cls=dict(width=16, blocks=(1, 1, 1, 1), images=60_000, batch=128, lr=3e-3)),
+    # App. C.3/C.4: base sampler 1024 steps, PD to 8; CFD stages Adam 5e-5 cosine, batch 128, clip 1,
+    # 10k updates (20k "for 4 to 1-step"); ResNet-18 classifier (about 30 epochs of CIFAR-10 here).
+    "paper": dict(start_steps=1024, cfd_from=8, iters=10_000, batch=128, lr=5e-5, later_factor=2.0, later_steps=2,
+                  ckpt_every=1_000, cls=dict(width=64, blocks=(2, 2, 2, 2), images=1_500_000, batch=128, lr=1e-3)),
+}
+# App. C.4, RCFD (ResNet-18): (tau, beta, gamma) by the student's steps of the stage.
+STAGE_HPARAMS = {4: (0.95, 0.003, 0.75), 2: (0.95, 0.003, 0.75), 1: (0.85, 0.003, 0.5)}
+
+
+def parse_args(argv=None):
+    p = common_parser("Classifier-based Feature Distillation (Sun et al., ICME 2023): progressive distillation "
+                      "with a frozen classifier's feature KL (+ entropy/diversity for RCFD).", nfe_default=4,
+                      nfe_help="N, the final student's DDIM steps (a power of two below --cfd-from)")
+    p.add_argument("--variant", default="rcfd", choices=["rcfd", "cfd"], help="rcfd: Eq. 7 (default); cfd: Eq. 4 only (beta = 0)")
+    p.add_argument("--tau", type=float, default=None, help="teacher softmax temperature tau of Eq. 4 for every "
+                   "CFD stage (default: the paper's per stage, 0.95/0.95/0.85 for 4/2/1 steps)")
+    p.add_argument("--beta", type=float, default=None, help="beta of Eq. 7 (default: the paper's 0.003; 0 for --variant cfd)")
+    p.add_argument("--gamma", type=float, default=None, help="gamma of Eq. 7 (default: the paper's 0.75, 0.5 at 1 step)")
+    p.add_argument("--classifier", default=None, help="classifier checkpoint (default: runs/<dataset>/classifier-<preset>/"
+                   "classifier.pt, trained on first use)")
+    p.add_argument("--cfd-from", type=int, default=None, help="steps of the PD student CFD starts from (paper 8)")
+    p.add_argument("--pd-dir", default=None, help="folder of pd.py's chain (default runs/<dataset>/pd-<preset>)")
+    p.add_argument("--pd-baseline", action="store_true", help="also train and evaluate plain PD on the same stages "
+                   "with the same budget (into <out>/pd-baseline/)")
+    p.add_argument("--start-steps", type=int, default=None, help="DDIM steps of the original teacher (paper 1024)")
+    p.add_argument("--iters", type=int, default=None, help="updates per CFD stage (paper 10k; default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="Adam lr of each CFD stage, cosine-annealed (paper 5e-5)")
+    p.add_argument("--later-factor", type=float, default=None, help="update multiplier for stages with <= --later-steps "
+                   "student steps (paper 2)")
+    p.add_argument("--later-steps", type=int, default=None, help="see --later-factor (default 2)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (paper 1.0)")
+    p.add_argument("--ckpt-every", type=int, default=None, help="updates between checkpoints (default: the preset's)")
+    args = p.parse_args(argv)
+    cfg = PRESETS[args.preset]
+    for key in ("start_steps", "cfd_from", "iters", "lr", "later_factor", "later_steps", "ckpt_every"):
+        if getattr(args, key) is None:
+            setattr(args, key, cfg[key])
+    args.batch = args.batch_size or cfg["batch"]
+    if args.tau is not None and args.tau <= 0:
+        raise UserError(f"--tau {args.tau}: the temperature must be positive (paper: 0 < tau <= 1)")
+    if args.gamma is not None and not 0 <= args.gamma <= 1:
+        raise UserError(f"--gamma {args.gamma}: must lie in [0, 1] (Eq. 7)")
+    if args.beta is not None and args.beta < 0:
+        raise UserError(f"--beta {args.beta}: must be >= 0 (Eq. 7)")
+    return args
+
+
+def cfd_stages(args):
+    """(PD stages down to --cfd-from, CFD stages down to --nfe), as student step counts."""
+    if not pd.is_power_of_two(args.nfe) or args.nfe >= args.cfd_from:
+        raise UserError(f"--nfe {args.nfe}: CFD halves the {args.cfd_from}-step PD student (--cfd-from), so --nfe must "
+                        f"be a power of two below {args.cfd_from} (1, 2, 4, ...)")
+    return pd.stage_steps(args.cfd_from, args.start_steps), pd.stage_steps(args.nfe, args.cfd_from)
+
+
+def stage_hparams(args, N):
+    """(tau, beta, gamma) of the stage with an N-step student: the paper's unless given."""
+    tau, beta, gamma = STAGE_HPARAMS.get(N, STAGE_HPARAMS[4])
+    beta = 0.0 if args.variant == "cfd" else beta
+    pick = lambda given, default: default if given is None else given
+    return pick(args.tau, tau), pick(args.beta, beta), pick(args.gamma, gamma)
+
+
+# ----------------------------------------------------------------------------------------------
+# The classifier cls = fc(extr(x)) (Sec. 3.2): a ResNet-18-style net, features = pooled last conv map
+# ----------------------------------------------------------------------------------------------
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.short(x))
+
+
+class ResNet(nn.Module):
+    """ResNet (He et al. 2016) with the CIFAR 3x3 stem; width 64, blocks (2, 2, 2, 2) is ResNet-18."""
+
+    def __init__(self, in_ch=3, classes=10, width=64, blocks=(2, 2, 2, 2)):
+        super().__init__()
+        self.config = dict(in_ch=in_ch, classes=classes, width=width, blocks=tuple(blocks))
+        layers, cin = [nn.Conv2d(in_ch, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()], width
+        for k, n in enumerate(blocks):
+            for j in range(n):
+                layers.append(BasicBlock(cin, width * 2**k, 2 if k > 0 and j == 0 else 1))
+                cin = width * 2**k
+        self.body, self.fc = nn.Sequential(*layers), nn.Linear(cin, classes)
+
+    def extr(self, x):
+        """F = extr(x): the globally pooled last features, the input of fc (Eq. 3)."""
+        return self.body(x).mean(dim=(2, 3))
+
+    def forward(self, x):
+        """(features F, class logits cls(x))."""
+        features = self.extr(x)
+        return features, self.fc(features)
+
+
+@torch.no_grad()
+def accuracy(cls, images, labels, device, batch=500):
+    hits = sum((cls(to_float(images[k:k + batch]).to(device))[1].argmax(1).cpu() == labels[k:k + batch]).sum().item()
+               for k in range(0, len(images), batch))
+    return hits / len(images)
+
+
+def train_classifier(args, cfg, path, device):
+    """Cross-entropy training on the dataset's labels (Adam, cosine lr); saves the net and its test accuracy."""
+    images, labels = load_dataset(args.dataset, args.data_dir)
+    if labels is None:
+        raise UserError(f"{args.dataset} has no labels to train a classifier on: pass --classifier PATH")
+    test_images, test_labels = load_dataset(args.dataset, args.data_dir, split="test")
+    gen = torch.Generator().manual_seed(args.seed)
+    cls = ResNet(images.shape[1], int(labels.max()) + 1, cfg["width"], cfg["blocks"]).to(device)
+    opt = torch.optim.Adam(cls.parameters(), lr=cfg["lr"])
+    steps = max(1, cfg["images"] // cfg["batch"])
+    for k in tqdm(range(steps), desc="classifier", unit="it"):
+        idx = torch.randint(len(images), (cfg["batch"],), generator=gen)
+        _, logits = cls(to_float(images[idx]).to(device))
+        loss = F.cross_entropy(logits, labels[idx].to(device))
+        for group in opt.param_groups:
+            group["lr"] = cfg["lr"] * 0.5 * (1 + math.cos(math.pi * k / steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    cls.eval()
+    acc = accuracy(cls, test_images, test_labels, device)
+    save_checkpoint(path, "cfd-classifier", config=cls.config, net=cls.state_dict(), test_acc=acc,
+                    dataset=args.dataset, images=steps * cfg["batch"])
+    tqdm.write(f"classifier: {sum(p.numel() for p in cls.parameters()) / 1e6:.2f} M params, "
+               f"{steps * cfg['batch']:,} images, test accuracy {acc:.4f}; saved {path}")
+
+
+def load_classifier(args, pg, channels):
+    """The frozen classifier: --classifier PATH, else the cached one of dataset and preset, trained
+    first on rank 0. Returns (classifier, path, test accuracy)."""
+    path = Path(args.classifier) if args.classifier else RUNS / dataset_slug(args.dataset) / f"classifier-{args.preset}" / "classifier.pt"
+    if not args.classifier and not path.exists() and pg.main:
+        train_classifier(args, PRESETS[args.preset]["cls"], path, pg.device)
+    pg.barrier()
+    ck = load_checkpoint(path, "cfd-classifier")
+    if ck["config"]["in_ch"] != channels:
+        raise UserError(f"{path}: a classifier of {ck['config']['in_ch']}-channel images, not {channels}")
+    cls = ResNet(**ck["config"])
+    load_state(cls, ck["net"], path)
+    # Frozen (eval-mode BatchNorm, no parameter gradients), but differentiable in its input.
+    return cls.to(pg.device).eval().requires_grad_(False), path, ck.get("test_acc")
+
+
+# ----------------------------------------------------------------------------------------------
+# The method: Eq. 4 (feature KL), Eqs. 5-6 (entropy, diversity), Eq. 7 (their sum)
+# ----------------------------------------------------------------------------------------------
+
+def cfd_loss(F_S, F_T, tau):
+    """Eq. 4: KL(softmax(F^T/tau) || softmax(F^S)), the temperature on the teacher only, batch mean."""
+    log_q = F.log_softmax(F_T / tau, dim=1)                   # sharpened teacher distribution (tau < 1)
+    log_p = F.log_softmax(F_S, dim=1)                         # (autocast runs softmax in float32)
+    return (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
+
+
+def entropy_loss(p):
+    """Eq. 5: L_entropy = -sum_c p_c log p_c, averaged over the batch (lower: more confident, clearer images)."""
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1).mean()
+
+
+def diversity_loss(p):
+    """Eq. 6: L_diversity = sum_c p^_c log p^_c with p^ = batch mean of p (lowest at balanced classes)."""
+    p_bar = p.mean(dim=0)
+    return (p_bar * torch.log(p_bar.clamp_min(1e-12))).sum()
+
+
+def rcfd_loss(student, teacher, cls, x, eps, i, N, tau, beta, gamma):
+    """One batch of a CFD stage: PD's z_t and target x~ (pd.teacher_target), Eq. 7 on the classifier's
+    view of x^T = x~ and x^S = theta(z_t). Returns (loss, parts dict)."""
+    t = (i.double() + 1) / N                                 # t = (i+1)/N, i ~ U{0..N-1} (as PD)
+    alpha_t, sigma_t = pd.alpha_sigma(t, x)
+    z_t = alpha_t * x + sigma_t * eps
+    x_T, _ = pd.teacher_target(teacher, z_t, t, N)           # Eq. 12
+    x_S = vp_predict(student, z_t, alpha_t, sigma_t)[0]
+    with torch.no_grad():
+        F_T = cls.extr(x_T)                                  # Eq. 3
+    F_S, logits = cls(x_S)
+    p = F.softmax(logits, dim=1)                             # Eq. 5: p = softmax(cls(x^S))
+    parts = dict(cfd=cfd_loss(F_S, F_T, tau), entropy=entropy_loss(p), diversity=diversity_loss(p))
+    loss = parts["cfd"] + beta * (gamma * parts["entropy"] + (1 - gamma) * parts["diversity"])   # Eq. 7
+    return loss, parts
+
+
+def load_student(path, kind, device):
+    ck = load_checkpoint(path, kind)
+    D = Denoiser(build_net(ck["net_config"]))
+    load_state(D.net, ck["net"], path)
+    return D.to(device).eval().requires_grad_(False), ck
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: one CFD stage (pd.train_stage with Eq. 7 in place of the image MSE), and the chain
+# ----------------------------------------------------------------------------------------------
+
+def train_stage(args, pg, data, teacher, cls, N, gen, state, out):
+    """Distil the frozen 2N-step teacher into an N-step student with Eq. 7."""
+    tau, beta, gamma = stage_hparams(args, N)
+    student = pd.make_student(teacher)
+    opt = torch.optim.Adam(student.parameters(), lr=args.lr)                 # optimizer reset every stage
+    iters = round(args.iters * (args.later_factor if N <= args.later_steps else 1))
+    k = 0
+    ck = state.pop("ckpt", None)
+    if ck is not None:
+        load_state(student.net, ck["net"], out / "checkpoint.pt")
+        opt.load_state_dict(ck["opt"])
+        k = ck["iter"]
+        pg.log(f"resuming the {2 * N} -> {N} steps CFD stage at update {k:,} of {iters:,}")
+    pg.broadcast(student)
+    local = pg.batch(args.batch)
+    t0 = time.time() - state["seconds"]
+    bar = tqdm(total=iters, initial=k, unit="it", disable=not pg.main, desc=f"{args.variant} {2 * N}->{N} steps")
+    loss, parts = torch.zeros(()), {}
+    while k < iters:
+        x = to_float(random_batch(data, local, gen)).to(pg.device)
+        eps = torch.randn(x.shape, generator=gen).to(pg.device)
+        i = torch.randint(N, (local,), generator=gen)
+        with autocast(pg.device):
+            loss, parts = rcfd_loss(student, teacher, cls, x, eps, i, N, tau, beta, gamma)
+        check_finite(loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        pg.sync_grads(student.parameters())
+        for group in opt.param_groups:                       # cosine annealing over the stage (App. C.4)
+            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * k / iters))
+        torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        opt.step()
+        k += 1
+        state["images"] += args.batch
+        bar.update(1)
+        bar.set_postfix(cfd=f"{parts['cfd'].item():.2e}", ent=f"{parts['entropy'].item():.3f}")
+        if k % args.ckpt_every == 0 and k < iters:
+            rng = pg.gather_state(gen.get_state())
+            if pg.main:
+                save_checkpoint(out / "checkpoint.pt", "cfd-training", steps=N, iter=k, net=student.net.state_dict(),
+                                opt=opt.state_dict(), rng=rng, images=state["images"], seconds=time.time() - t0)
+    bar.close()
+    state["seconds"] = time.time() - t0
+    pg.check_in_sync(student)
+    rng = pg.gather_state(gen.get_state())
+    path = out / f"student-{N}steps.pt"
+    if pg.main:
+        save_checkpoint(path, "cfd-student", net_config=student.net.config, net=student.net.state_dict(), steps=N,
+                        rng=rng, images=state["images"], seconds=state["seconds"], tau=tau, beta=beta, gamma=gamma)
+        pg.log(f"stage {2 * N} -> {N} steps ({args.variant}, tau {tau:g}, beta {beta:g}, gamma {gamma:g}): {iters:,} "
+               f"updates, last loss {loss.item():.4g}; {state['images']:,} images so far; saved {path}")
+    pg.barrier()
+    return student.eval().requires_grad_(False)
+
+
+def pd_args(args, **budget):
+    """pd.py's arguments for the same dataset/teacher/chain, optionally with another budget."""
+    a = pd.parse_args(["--preset", args.preset, "--dataset", args.dataset, "--start-steps", str(args.start_steps),
+                       "--seed", str(args.seed)])
+    a.data_dir, a.teacher, a.device, a.batch_size = args.data_dir, args.teacher, args.device, args.batch_size
+    for key, value in budget.items():
+        setattr(a, key, value)
+    return a
+
+
+def pd_chain(args, pg, data, teacher, stages, gen, teacher_path):
+    """The plain PD students down to --cfd-from: pd.py's stage files, trained here if missing.
+    Returns (the --cfd-from-step student, dict of the images and seconds spent on it, the chain's folder)."""
+    a = pd_args(args)
+    folder = Path(args.pd_dir) if args.pd_dir else pd.pd_dir(a)
+    state = dict(images=0, seconds=0.0)
+    for N in stages:
+        if pd.student_path(folder, N).exists():
+            teacher, path, ck = pd.load_pd_student(a, N, folder, pg.device)
+            pd.check_chain(ck, path, a, teacher_path)
+            state.update(images=ck["images"], seconds=ck["seconds"])
+            pg.log(f"reusing pd.py's {N}-step student {path}")
+        else:
+            teacher = pd.train_stage(a, pg, data, teacher, N, gen, state, folder, teacher_path)
+    return teacher, state, folder
+
+
+def pd_metrics(folder, args, teacher_path):
+    """pd.py's metrics.json for the same NFE, chain and teacher, if there is one."""
+    path = Path(folder) / "metrics.json"
+    if not path.exists():
+        return None
+    m = json.loads(path.read_text())
+    if m.get("nfe") != args.nfe or m.get("start_steps") != args.start_steps or m.get("teacher") != str(teacher_path):
+        return None
+    return {k: m.get(k) for k in ("fid", "fid_n", "teacher_rms", "images_seen", "iters_per_stage", "lr", "batch")} | {
+        "source": str(path), "same_budget": (m.get("iters_per_stage"), m.get("batch"), m.get("lr")) == (args.iters, args.batch, args.lr)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    pd_stages, stages = cfd_stages(args)
+    pg = Dist(args.device)
+    data, _ = load_dataset(args.dataset, args.data_dir)
+    seed_all(args.seed)
+    teacher, teacher_path = load_teacher(args, pg)
+    original, teacher_path = teacher, Path(teacher_path).resolve()
+    cls, cls_path, cls_acc = load_classifier(args, pg, data.shape[1])
+    out = run_dir(args, f"{args.variant}-{args.preset}")
+    gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
+    pg.log(f"cfd: {args.dataset}, preset {args.preset}, PD {args.start_steps} -> {args.cfd_from} steps, then "
+           f"{args.variant} -> {' -> '.join(map(str, stages))}; classifier {cls_path} (test acc {cls_acc}); "
+           f"{args.iters:,} updates of {args.batch} per stage, {pg.world} process(es) on {pg.device}")
+    teacher, state, folder = pd_chain(args, pg, data, teacher, pd_stages, gen, teacher_path)
+    start, prefix = teacher, dict(state)                                       # the --cfd-from-step PD student
+    ck_path = out / "checkpoint.pt"
+    for N in stages:
+        done = out / f"student-{N}steps.pt"
+        if args.resume and done.exists():                                    # a finished stage: reuse it
+            teacher, ck = load_student(done, "cfd-student", pg.device)
+            state.update(images=ck["images"], seconds=ck["seconds"])
+            gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+            pg.log(f"--resume: reusing the {N}-step student {done}")
+            continue
+        ck = load_checkpoint(ck_path, "cfd-training") if args.resume and ck_path.exists() else None
+        if ck is not None and ck["steps"] == N:                               # the stage in progress
+            state.update(images=ck["images"], seconds=ck["seconds"], ckpt=ck)
+            gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+        teacher = train_stage(args, pg, data, teacher, cls, N, gen, state, out)   # eta <- theta
+    student = teacher
+    # Plain PD at the same stages and budget: pd.py's own run, or (--pd-baseline) one trained here
+    # from the same --cfd-from-step student with the same updates, batch and lr.
+    baseline = pd_metrics(folder, args, teacher_path)
+    if args.pd_baseline:
+        a = pd_args(args, iters=args.iters, lr=args.lr, batch=args.batch, later_factor=args.later_factor,
+                    later_steps=args.later_steps, ckpt_every=10**9, fid_samples=args.fid_samples)
+        b_out, b_state, b = out / "pd-baseline", dict(prefix), start
+        b_gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)
+        for N in stages:
+            b = pd.train_stage(a, pg, data, b, N, b_gen, b_state, b_out, teacher_path)
+        info = dict(method="pd", variant="pd-baseline", nfe=args.nfe, train_seconds=b_state["seconds"],
+                    images_seen=b_state["images"], start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters)
+        m = report(a, pg, b_out, original, teacher_path, lambda eps: pd.sample_ddim(b, eps, args.nfe), info, data.shape[1:])
+        if pg.main:
+            baseline = {k: m[k] for k in ("fid", "fid_n", "teacher_rms", "images_seen")} | {
+                "source": str(b_out / "metrics.json"), "same_budget": True}
+    if baseline:
+        pg.log(f"plain PD at {args.nfe} steps ({baseline['source']}): FID {baseline['fid']}, "
+               f"teacher_rms {baseline['teacher_rms']:.4f}, {baseline['images_seen']:,} images")
+    info = dict(method="cfd", variant=args.variant, nfe=args.nfe, train_seconds=state["seconds"], images_seen=state["images"],
+                start_steps=args.start_steps, cfd_from=args.cfd_from, pd_stages=pd_stages, stages=stages,
+                stage_hparams={N: dict(zip(("tau", "beta", "gamma"), stage_hparams(args, N))) for N in stages},
+                iters_per_stage=args.iters, lr=args.lr, batch=args.batch, classifier=str(cls_path),
+                classifier_test_acc=cls_acc, pd_baseline=baseline, sampler="DDIM, x_hat clipped to [-1, 1]")
+    report(args, pg, out, original, teacher_path, lambda eps: pd.sample_ddim(student, eps, args.nfe), info,
+           data.shape[1:])
+    pg.close()
+
+
+if __name__ == "__main__":
+    main_guard(main)

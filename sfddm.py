@@ -1,0 +1,349 @@
+"""SFDDM: single-fold distillation of a T-step DDPM into a T'-step DDPM.
+
+Paper: Chi Hong, Jiyue Huang, Robert Birke, Dick Epema, Stefanie Roos, Lydia Y. Chen,
+"SFDDM: Single-fold Distillation for Diffusion models", arXiv:2405.14961 (2024; ECML PKDD 2025).
+Authors' code: github.com/ChiHong-Xtautau/SFDDM_Diffusion_Distillation (denoising_diffusion_pytorch/).
+The paper writes alpha_t for DDPM's cumulative product; this file calls it alpha_bar.
+
+What is implemented
+- Teacher (Sec. 3.1): the shared fewstep teacher read as a discrete T-step DDPM (T = 1024) on a
+  linear-beta table alpha_bar_0 = 1 > alpha_bar_1 > ... > alpha_bar_T: eps_theta(x_t, t) is the eps
+  of common.vp_predict at alpha = sqrt(alpha_bar_t), s = sqrt(1 - alpha_bar_t).
+- Student (Sec. 3.3, 3.6, App. B): T' = --nfe steps on a sub-sequence 0 = phi_0 < ... < phi_T' = T
+  of teacher steps: phi_t = c*t with c = T/T' when T' divides T, else round(linspace(0, T, T'+1));
+  or 'concentrated' (Sec. 4.2). Its forward process (Eq. 8) gives the marginal
+  q'(x'_t | x'_0) = N(sqrt(alpha_bar_phi_t) x'_0, (1 - alpha_bar_phi_t) I) (Eq. 9): x'_t IS x_phi_t.
+- "The student at its step t": fewstep's networks are denoisers D(x, sigma) conditioned on the
+  noise level, not on a step index. Student step t has exactly one noise level, sigma_phi_t =
+  sqrt((1 - alpha_bar_phi_t)/alpha_bar_phi_t), so eps'_Theta(x'_t, t) is the student U-Net used as
+  a denoiser at sigma_phi_t (through the same VP adapter): the index t and the level sigma_phi_t
+  carry the same information, and the student is only ever queried at its T' levels.
+- Loss (Alg. 1; Eq. 17 with gamma'_t = 1, App. D's L1, the authors' code's hidden term): t ~ U{1..T'},
+  one x = sqrt(alpha_bar_phi_t) x0 + sqrt(1 - alpha_bar_phi_t) eps for both networks,
+  L = |eps_theta(x, phi_t) - eps'_Theta(x, t)|_1 + lambda_h |h_theta - h_Theta|_1, where h is the
+  last hidden map before the output conv (the authors' `get_sl` output; common's features=True).
+- Sampling: the student's own posterior, ancestrally (Alg. 2, Eq. 13-14), and DDIM (eta = 0) over
+  its T' steps. x0_hat is clipped to [-1, 1] in both, as DDPM's and the authors' samplers do
+  (--no-clip). The --sampler one is reported by common.report; the other is added to
+  metrics.json as fid_<name>, teacher_rms_<name> and saved as samples_<name>.png.
+
+Read this before reading the numbers
+- Eq. 17 is minimised by eps'_Theta(x, t) = eps_theta(x, phi_t): the teacher itself restricted to
+  the sub-sequence. With the default init from the teacher, the student at t and the teacher at
+  phi_t compute the same function of the same input, so the loss and its gradient are exactly 0
+  (lab: dropout 0, fp32) and training leaves the student equal to the teacher: its samplers are
+  the teacher's DDPM / DDIM over phi. SFDDM's gain in the paper is over training a T'-step model
+  from scratch and over progressive distillation, with a fresh student (--init fresh, as the
+  authors' code): distillation then has work to do, and its best outcome is still the teacher
+  on phi. teacher_rms therefore measures how close DDIM over phi comes to the teacher's ODE.
+- Few steps are the paper's own limitation (Sec. 5): T' = 1 would map pure noise to the data mean
+  in one posterior step and is refused; T' = 2 runs with a warning.
+
+Deviations from the paper, and why
+- The teacher is the shared EDM-trained denoiser (comparability across fewstep), not a DDPM trained
+  on the table; the paper's teacher (App. D, and the code's default) uses a sigmoid schedule, here
+  DDPM's linear betas (scaled by 1000/T as in the authors' code, so T changes only the
+  discretisation of one continuous schedule).
+- phi follows the paper (phi_T' = T). The authors' code maps its 0-based student step t to the
+  0-based teacher step c*t, i.e. 1-based phi_t = c(t-1) + 1: its chain starts c-1 steps short of T
+  and ends one teacher step above the data.
+- 'concentrated' is our reading of Sec. 4.2: a fraction p of the interior points evenly inside a
+  window of 5% of T around T/2, the rest evenly over the remaining range.
+- EMA of the student (DDPM code: 0.9999 per step), counted as a half-life in images.
+- lr: the paper's 2e-5 in the paper preset; the authors' code uses 2e-4, which smoke/lab use
+  (a CPU run is minutes, not 0.1 M steps).
+
+Run
+  CPU lab:    python sfddm.py --dataset fashion --nfe 4
+  fresh init: python sfddm.py --dataset fashion --nfe 4 --init fresh
+  CUDA paper: python sfddm.py --dataset cifar10 --preset paper --nfe 16
+  torchrun:   torchrun --nproc_per_node=2 sfddm.py --preset smoke
+"""
+import math
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import (EVAL_SEED, FID_SAMPLES, REFERENCE_NFE, Denoiser, Dist, UserError, autocast, build_net,
+                    check_finite, common_parser, count_params, ddpm_alpha_bar, ema_beta, ema_update, fid_or_none,
+                    generate, load_checkpoint, load_dataset, load_state, load_teacher, main_guard, random_batch,
+                    report, rms_distance, run_dir, save_checkpoint, save_grid, seed_all, sigma_from_alpha_bar,
+                    student_from, teacher_baseline, to_float, vp_predict)
+
+# images: training length; batch: global batch; ema: EMA half-life (images); ckpt_every: images.
+PRESETS = {
+    "smoke": dict(images=64, batch=16, lr=2e-4, ema=64, ckpt_every=32),
+    # ~3 min of a quiet 2-core CPU (evaluation of two samplers takes the rest of the 15); lr of the
+    # authors' code. From the teacher init the loss is 0 throughout (see above), so longer does nothing.
+    "lab": dict(images=12_800, batch=64, lr=2e-4, ema=5_000, ckpt_every=3_200),
+    # App. D: Adam lr 2e-5; DDPM's batch 128 and EMA 0.9999/step (half-life 6,931 steps);
+    # ~0.1 M steps, the convergence point of Tab. 2.
+    "paper": dict(images=12_800_000, batch=128, lr=2e-5, ema=887_000, ckpt_every=640_000),
+}
+WINDOW = 0.05       # Sec. 4.2: the concentrated points lie within 5% of the chain around its midpoint
+
+
+def parse_args(argv=None):
+    p = common_parser(__doc__.split("\n")[0], nfe_default=4,
+                      nfe_help="T', the student's number of steps = network calls (>= 2; the paper targets 16-128)")
+    p.add_argument("--teacher-steps", default=1024, type=int, help="T, the teacher DDPM's number of steps (default: 1024)")
+    p.add_argument("--subseq", default="scattered", choices=["scattered", "concentrated"],
+                   help="phi: 'scattered' = c*t or round(linspace), spread over the whole chain (Sec. 3.6); "
+                        "'concentrated' = a fraction p around T/2 (Sec. 4.2) (default: scattered)")
+    p.add_argument("--concentration", default=0.2, type=float,
+                   help="p, fraction of interior phi_t inside the 5%% window around T/2 (default: 0.2)")
+    p.add_argument("--hidden-weight", default=1.0, type=float,
+                   help="lambda_h, weight of the hidden-variable L1 term; 0 turns it off (default: 1)")
+    p.add_argument("--init", default="teacher", choices=["teacher", "fresh"],
+                   help="student init: a copy of the teacher, or fresh as in the authors' code (default: teacher)")
+    p.add_argument("--lr", default=None, type=float, help="Adam learning rate (default: the preset's; paper 2e-5)")
+    p.add_argument("--images", default=None, type=int, help="training length in images (default: the preset's)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ancestral"],
+                   help="sampler reported as the main result: DDIM over T' steps or Alg. 2 (default: ddim; both are evaluated)")
+    p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] while sampling")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# The student's chain: sub-sequence, forward process, posterior
+# ----------------------------------------------------------------------------------------------
+
+def teacher_alpha_bar(T):
+    """The teacher DDPM's alpha_bar_0..T: linear betas 1e-4..0.02, scaled by 1000/T (authors' code)."""
+    return ddpm_alpha_bar(T, 1e-4 * 1000 / T, 0.02 * 1000 / T)
+
+
+def subsequence(T, T_s, kind="scattered", concentration=0.2):
+    """phi_0 = 0 < phi_1 < ... < phi_T' = T, an increasing sub-sequence of {0..T} (Sec. 3.6)."""
+    if not 2 <= T_s <= T:
+        raise UserError(f"--nfe {T_s}: the student needs 2 <= T' <= T = {T} steps")
+    if kind == "scattered":
+        if T % T_s == 0:
+            return [T // T_s * t for t in range(T_s + 1)]                       # Sec. 3.2: phi_t = c*t
+        return [math.floor(T * t / T_s + 0.5) for t in range(T_s + 1)]           # Sec. 3.6: round(linspace)
+    # Sec. 4.2 'concentrated': n_in interior points at the centres of n_in equal cells of the window
+    # [lo, hi], the other m evenly over [0, lo) + (hi, T] (the window cut out).
+    lo, hi = T / 2 - WINDOW * T / 2, T / 2 + WINDOW * T / 2
+    n_in = round(concentration * (T_s - 1))
+    inside = [lo + (hi - lo) * (k + 0.5) / n_in for k in range(n_in)]
+    m = T_s - 1 - n_in
+    rest = [(lo + (T - hi)) * k / (m + 1) for k in range(1, m + 1)]
+    outside = [u if u < lo else u + (hi - lo) for u in rest]
+    phi = [0] + sorted(math.floor(u + 0.5) for u in inside + outside) + [T]
+    if any(b <= a for a, b in zip(phi, phi[1:])):
+        raise UserError(f"T = {T} is too short for {n_in} of T' = {T_s} steps within {WINDOW:.0%} of it: "
+                        "lower --concentration or raise --teacher-steps")
+    return phi
+
+
+def student_alpha_bar(alpha_bar, phi):
+    """Eq. 9 / App. B: the student's alpha_bar'_t = alpha_bar_{phi_t}, t = 0..T'."""
+    return alpha_bar[torch.as_tensor(phi)]
+
+
+def forward_step(alpha_bar_s, t):
+    """Eq. 8: q'(x'_t | x'_{t-1}) = N(sqrt(a_t/a_{t-1}) x'_{t-1}, (1 - a_t/a_{t-1}) I): (mean coef, variance)."""
+    ratio = alpha_bar_s[t] / alpha_bar_s[t - 1]
+    return ratio.sqrt(), 1 - ratio
+
+
+def posterior(alpha_bar_s, t):
+    """Eq. 10: q'(x'_{t-1} | x'_t, x'_0) = N(coef_xt x'_t + coef_x0 x'_0, var I); the paper's sigma'_t is var."""
+    a_t, a_prev = alpha_bar_s[t], alpha_bar_s[t - 1]
+    coef_xt = (1 - a_prev) * a_t.sqrt() / ((1 - a_t) * a_prev.sqrt())
+    coef_x0 = (a_prev - a_t) / ((1 - a_t) * a_prev.sqrt())
+    var = (1 - a_prev) * (a_prev - a_t) / ((1 - a_t) * a_prev)
+    return coef_xt, coef_x0, var
+
+
+def eps_at(D, z, alpha_bar_t, features=False):
+    """eps of a network at the DDPM level alpha_bar_t: the teacher's eps_theta(z, phi_t) or the
+    student's eps'_Theta(z, t); both are the U-Net as a denoiser at sigma_phi_t through the VP
+    adapter. Returns (x0_hat, eps_hat, h) with h the last hidden map (or None)."""
+    alpha, s = alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt()
+    if not features:
+        x0, eps, _ = vp_predict(D, z, alpha, s)
+        return x0, eps, None
+    x0, eps, _, extras = vp_predict(D, z, alpha, s, features=True)
+    return x0, eps, extras["features"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation loss (Alg. 1) and the student's samplers (Alg. 2, DDIM)
+# ----------------------------------------------------------------------------------------------
+
+def sfddm_loss(teacher, student, x0, t, eps, alpha_bar_s, hidden_weight=1.0):
+    """Alg. 1, lines 3-7, with L1 (App. D) and the hidden-variable term of the authors' code.
+    t: B student steps in 1..T'; eps: B noises. Returns (loss, L1 of eps, L1 of hidden maps)."""
+    a = alpha_bar_s.to(x0.device, torch.float32)[t]
+    x = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * eps    # Eq. 16 = Eq. 7 at phi_t
+    features = hidden_weight > 0
+    with torch.no_grad():
+        _, eps_teacher, h_teacher = eps_at(teacher, x, a, features)                 # Alg. 1, line 6
+    _, eps_student, h_student = eps_at(student, x, a, features)
+    loss_eps = (eps_teacher - eps_student).abs().mean()                              # Alg. 1, line 7 (L1)
+    loss_h = (h_teacher - h_student).abs().mean() if features else torch.zeros((), device=x0.device)
+    return loss_eps + hidden_weight * loss_h, loss_eps, loss_h
+
+
+@torch.no_grad()
+def sample_ancestral(D, z, alpha_bar_s, noise=torch.randn_like, clip=True):
+    """Alg. 2: x'_T' = z ~ N(0, I); x'_{t-1} = mu'_Theta(x'_t, t) + sqrt(sigma'_t) eps, no noise at t = 1."""
+    for t in range(len(alpha_bar_s) - 1, 0, -1):
+        x0, _, _ = eps_at(D, z, alpha_bar_s[t])                     # f_Theta^(t)(x'_t), Eq. 11
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        coef_xt, coef_x0, var = (float(c) for c in posterior(alpha_bar_s, t))
+        z = coef_xt * z + coef_x0 * x0                               # Eq. 14
+        if t > 1:
+            z = z + math.sqrt(var) * noise(z)                        # Eq. 13
+    return z
+
+
+@torch.no_grad()
+def sample_ddim(D, z, alpha_bar_s, clip=True):
+    """DDIM (Song et al. 2021, Eq. 12, eta = 0) over the student's T' steps; at t = 1 it returns x0_hat."""
+    for t in range(len(alpha_bar_s) - 1, 0, -1):
+        a, a_prev = float(alpha_bar_s[t]), float(alpha_bar_s[t - 1])
+        x0, eps, _ = eps_at(D, z, alpha_bar_s[t])
+        if clip:                                                     # clip, then re-derive eps (authors' code)
+            x0 = x0.clamp(-1, 1)
+            eps = (z - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        z = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    return z
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------
+
+def train(args, pg, cfg, teacher, net, ema, data, alpha_bar_s, phi, out):
+    """Alg. 1 repeated for cfg['images'] images; resumable from out/checkpoint.pt. Returns a stats dict."""
+    D = Denoiser(net)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)      # each process its own data/noise
+    done, seconds, loss_start, loss_avg = 0, 0.0, None, None
+    ckpt_path = out / "checkpoint.pt"
+    if args.resume and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path, "sfddm-training")
+        if ck["phi"] != phi:
+            raise UserError(f"{ckpt_path} was trained on phi = {ck['phi']}, not {phi}: use another --out")
+        load_state(net, ck["net"], ckpt_path)
+        load_state(ema, ck["ema"], ckpt_path)
+        opt.load_state_dict(ck["opt"])
+        done, seconds, loss_start, loss_avg = ck["images"], ck["seconds"], ck["loss_start"], ck["loss_avg"]
+        gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+        pg.log(f"resuming SFDDM training at {done:,} images")
+    elif args.resume:
+        pg.log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+    pg.broadcast(net)
+    pg.broadcast(ema)
+    local, T_s = pg.batch(cfg["batch"]), len(phi) - 1
+    beta = ema_beta(cfg["batch"], cfg["ema"])
+
+    def save(path_done):
+        rng = pg.gather_state(gen.get_state())
+        if pg.main:
+            save_checkpoint(ckpt_path, "sfddm-training", net=net.state_dict(), ema=ema.state_dict(),
+                            opt=opt.state_dict(), images=path_done, seconds=time.time() - t0, rng=rng, phi=phi,
+                            loss_start=loss_start, loss_avg=loss_avg)
+
+    bar = tqdm(total=cfg["images"], initial=done, unit="img", unit_scale=True, disable=not pg.main, desc="sfddm")
+    t0, next_ckpt = time.time() - seconds, done + cfg["ckpt_every"]
+    net.train()
+    while done < cfg["images"]:
+        x0 = to_float(random_batch(data, local, gen)).to(pg.device)              # Alg. 1, line 3
+        t = torch.randint(1, T_s + 1, (local,), generator=gen).to(pg.device)     # line 4: t ~ U{1..T'}
+        eps = torch.randn(x0.shape, generator=gen).to(pg.device)                 # line 5
+        with autocast(pg.device):
+            loss, loss_eps, loss_h = sfddm_loss(teacher, D, x0, t, eps, alpha_bar_s, args.hidden_weight)
+        check_finite(loss)
+        if loss_start is None:
+            loss_start = loss.item()
+            if loss_start == 0:
+                pg.log("loss is exactly 0: the student equals the teacher at its T' levels (the SFDDM optimum; "
+                       "see the docstring), so training cannot move it; --init fresh gives it work")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        pg.sync_grads(net.parameters())
+        opt.step()                                                                # line 8
+        ema_update(ema, net, beta)
+        done += cfg["batch"]
+        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        bar.update(cfg["batch"])
+        bar.set_postfix(eps=f"{loss_eps.item():.4f}", h=f"{loss_h.item():.4f}")
+        if done >= next_ckpt and done < cfg["images"]:
+            next_ckpt += cfg["ckpt_every"]
+            save(done)
+    bar.close()
+    save(done)
+    pg.check_in_sync(ema)
+    return dict(images_seen=done, train_seconds=time.time() - t0, loss_start=loss_start, loss_end=loss_avg)
+
+
+def evaluate_second_sampler(args, pg, out, teacher, teacher_path, sample_fn, name, shape):
+    """FID-N and teacher_rms of the sampler that common.report does not see (same N and noise); rank 0."""
+    n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
+    n_rms, batch = max(n, 64), args.batch_size or 250
+    samples = generate(sample_fn, n_rms, shape, batch, pg.device, f"student {name}")
+    save_grid(samples[:64], out / f"samples_{name}.png", nrow=8)
+    _, ref = teacher_baseline(teacher, teacher_path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, pg.device)
+    return {f"fid_{name}": fid_or_none(samples[:n], args, pg.device), f"teacher_rms_{name}": rms_distance(samples, ref)}
+
+
+def main():
+    args = parse_args()
+    cfg = dict(PRESETS[args.preset])
+    cfg.update({k: v for k, v in (("batch", args.batch_size), ("lr", args.lr), ("images", args.images)) if v})
+    if args.hidden_weight < 0 or not 0 <= args.concentration <= 1 or args.teacher_steps < 2:
+        raise UserError("--hidden-weight must be >= 0, --concentration in [0, 1], --teacher-steps >= 2")
+    if args.nfe < 2:
+        raise UserError(f"--nfe {args.nfe}: SFDDM needs T' >= 2 (with T' = 1 its one posterior step maps pure "
+                        "noise to E[x0 | x_T], the data mean; the paper's Sec. 5 names 1-2 steps as its limit)")
+    phi = subsequence(args.teacher_steps, args.nfe, args.subseq, args.concentration)
+    pg = Dist(args.device)
+    if args.nfe == 2:
+        pg.log("warning: SFDDM is not meant for 2 steps (paper Sec. 5); expect blurry samples")
+    alpha_bar_s = student_alpha_bar(teacher_alpha_bar(args.teacher_steps), phi)       # Eq. 9
+    data, _ = load_dataset(args.dataset, args.data_dir)
+    teacher, teacher_path = load_teacher(args, pg)
+    seed_all(args.seed)
+    net = student_from(teacher.net) if args.init == "teacher" else build_net(teacher.net.config).to(pg.device).train()
+    ema = build_net(net.config).to(pg.device).requires_grad_(False)
+    ema.load_state_dict(net.state_dict())
+    name = f"sfddm-nfe{args.nfe}" + ("-fresh" if args.init == "fresh" else "") + \
+        ("-concentrated" if args.subseq == "concentrated" else "")
+    out = run_dir(args, name)
+    sigmas = [round(float(s), 4) for s in sigma_from_alpha_bar(alpha_bar_s[1:]).flip(0)]
+    pg.log(f"SFDDM: T = {args.teacher_steps} -> T' = {args.nfe}, phi = {phi}, student sigmas {sigmas}; "
+           f"{count_params(net) / 1e6:.2f} M params ({args.init} init), {cfg['images']:,} images, batch "
+           f"{cfg['batch']}, lr {cfg['lr']:g}, lambda_h {args.hidden_weight:g}, {pg.world} process(es) on {pg.device}")
+    stats = train(args, pg, cfg, teacher, net, ema, data, alpha_bar_s, phi, out)
+    D_ema = Denoiser(ema.eval())
+    if pg.main:
+        save_checkpoint(out / "student.pt", "sfddm-student", net_config=ema.config, ema=ema.state_dict(), phi=phi,
+                        alpha_bar=alpha_bar_s, teacher_steps=args.teacher_steps, dataset=args.dataset, **stats)
+        pg.log(f"SFDDM: {stats['images_seen']:,} images in {stats['train_seconds'] / 60:.1f} min, loss "
+               f"{stats['loss_start']:.4g} -> {stats['loss_end']:.4g}; saved {out / 'student.pt'}")
+
+    # Evaluation: z = x'_T' ~ N(0, I) is the unit noise itself. The --sampler one goes through report().
+    clip = not args.no_clip
+    g = torch.Generator().manual_seed(EVAL_SEED + 1)                # the ancestral steps' noise, fixed
+    samplers = {"ddim": lambda eps: sample_ddim(D_ema, eps, alpha_bar_s, clip),
+                "ancestral": lambda eps: sample_ancestral(D_ema, eps, alpha_bar_s, clip=clip,
+                                                          noise=lambda z: torch.randn(z.shape, generator=g).to(z.device))}
+    other = "ancestral" if args.sampler == "ddim" else "ddim"
+    shape = tuple(data.shape[1:])
+    info = dict(method="sfddm", variant=f"sfddm-{args.sampler}" + ("-fresh" if args.init == "fresh" else ""),
+                nfe=args.nfe, sampler=args.sampler, teacher_steps=args.teacher_steps, subseq=args.subseq, phi=phi,
+                student_sigmas=sigmas, init=args.init, hidden_weight=args.hidden_weight, lr=cfg["lr"],
+                batch=cfg["batch"], clip=clip, **stats)
+    if pg.main:
+        info.update(evaluate_second_sampler(args, pg, out, teacher, teacher_path, samplers[other], other, shape))
+    report(args, pg, out, teacher, teacher_path, samplers[args.sampler], info, shape)
+    pg.close()
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,242 @@
+"""Tests of cd.py: the consistency function's boundary condition, the Heun teacher step, the
+stop-gradient target, the EMA updates, multistep re-noising, and the command line."""
+import json
+import math
+
+import pytest
+import torch
+
+import cd
+import common
+from conftest import run_script
+
+torch.set_num_threads(2)
+EPS, SD = cd.SIGMA_MIN, common.SIGMA_DATA
+
+
+def random_net(seed=0):
+    """A smoke U-Net whose zero-initialised output conv is randomised, so F(x) != 0."""
+    torch.manual_seed(seed)
+    net = common.UNet(in_ch=1, **common.NET_CONFIGS["smoke"])
+    torch.nn.init.normal_(net.conv_out.weight, std=0.2)
+    torch.nn.init.normal_(net.conv_out.bias, std=0.2)
+    return net
+
+
+# --- The consistency function (Eq. 5, App. C) ------------------------------------------------
+
+def test_boundary_condition_is_exact():
+    f = cd.ConsistencyFunction(random_net())
+    x = torch.randn(4, 1, 32, 32) * torch.tensor([1.0, 10.0, 80.0, 0.01]).reshape(-1, 1, 1, 1)
+    assert torch.equal(f(x, EPS), x)                                    # f(x, eps) = x, bit for bit
+    sigma = torch.tensor([EPS, 0.5, EPS, 3.0])                          # per-sample sigma
+    out = f(x, sigma)
+    assert torch.equal(out[[0, 2]], x[[0, 2]])
+    assert (out[[1, 3]] - x[[1, 3]]).abs().max() > 1e-2                 # elsewhere the network matters
+
+
+def test_consistency_parameterisation_against_formula():
+    net = random_net(1)
+    f = cd.ConsistencyFunction(net)
+    x = torch.randn(3, 1, 32, 32)
+    s = torch.tensor([0.01, 1.0, 40.0]).reshape(-1, 1, 1, 1)
+    c_skip = SD**2 / ((s - EPS) ** 2 + SD**2)
+    c_out = SD * (s - EPS) / torch.sqrt(s**2 + SD**2)
+    F_x = net(x / torch.sqrt(s**2 + SD**2), torch.log(s).flatten() / 4)
+    assert torch.allclose(f(x, s.flatten()), c_skip * x + c_out * F_x, atol=1e-5)
+    # Far from eps it is EDM's denoiser with the same F (why the teacher's F is a good start).
+    assert torch.allclose(f(x, 40.0), common.Denoiser(net)(x, 40.0), atol=1e-3)
+
+
+# --- The teacher's Heun step (Eq. 6) ---------------------------------------------------------
+
+def test_heun_step_is_two_teacher_evaluations():
+    D = common.Denoiser(random_net(2)).requires_grad_(False)
+    x = torch.randn(3, 1, 32, 32) * 5
+    t, t2 = torch.tensor([8.4, 1.09, 0.0229]), torch.tensor([5.32, 0.585, 0.0075])
+    out = cd.heun_step(D, x, t.reshape(-1, 1, 1, 1), t2.reshape(-1, 1, 1, 1))
+    for k in range(3):                                                  # written out, one sample at a time
+        xk, tk, t2k = x[k:k + 1], t[k].item(), t2[k].item()
+        d = (xk - D(xk, tk)) / tk
+        x_euler = xk + (t2k - tk) * d
+        d2 = (x_euler - D(x_euler, t2k)) / t2k
+        assert torch.allclose(out[k:k + 1], xk + (t2k - tk) * (d + d2) / 2, atol=1e-5)
+        assert torch.allclose(out[k:k + 1], common.sample_heun(D, xk, [tk, t2k]), atol=1e-5)
+
+
+def test_heun_step_is_second_order_on_gaussian_data():
+    # Data N(0, SD^2): D(x, s) = x*SD^2/(s^2 + SD^2), and the ODE's exact solution is
+    # x(t2) = x(t)*sqrt(t2^2 + SD^2)/sqrt(t^2 + SD^2). Heun's local error is O(h^3) (Euler: O(h^2)).
+    D = lambda x, s: x * SD**2 / (s**2 + SD**2)
+    x = torch.ones(1, dtype=torch.float64)
+    t = 1.0
+    errors = []
+    for h in (0.2, 0.1, 0.05):
+        exact = x * math.sqrt((t - h) ** 2 + SD**2) / math.sqrt(t**2 + SD**2)
+        errors.append((cd.heun_step(D, x, t, t - h) - exact).abs().item())
+    for e1, e2 in zip(errors, errors[1:]):
+        assert 6 < e1 / e2 < 10                                         # ~2^3
+
+
+# --- The loss: target without gradient (Eq. 7), EMA updates (Eq. 8) ---------------------------
+
+@pytest.mark.parametrize("metric", ["l2", "pseudo-huber"])
+def test_target_is_computed_without_gradient(metric):
+    f = cd.ConsistencyFunction(random_net(3))
+    D = common.Denoiser(random_net(4)).requires_grad_(False)
+    sigmas = common.karras_sigmas(18).float()
+    x0, z = torch.rand(4, 1, 32, 32) * 2 - 1, torch.randn(4, 1, 32, 32)
+    n = torch.tensor([0, 5, 11, 15])                                    # t2 > eps: the target depends on theta
+    loss = cd.cd_loss(f, f, D, x0, n, z, sigmas, metric)                # mu = 0: theta- is theta itself
+    grads = torch.autograd.grad(loss, list(f.parameters()))
+
+    def independent(detach):
+        t, t2 = sigmas[n].reshape(-1, 1, 1, 1), sigmas[n + 1].reshape(-1, 1, 1, 1)
+        x_t = x0 + t * z
+        d = (x_t - D(x_t, t)) / t
+        x_e = x_t + (t2 - t) * d
+        x_hat = x_t + (t2 - t) * (d + (x_e - D(x_e, t2)) / t2) / 2
+        target = f(x_hat, t2)
+        target = target.detach() if detach else target
+        diff2 = ((f(x_t, t) - target) ** 2).flatten(1)
+        if metric == "l2":
+            per = diff2.mean(1)
+        else:
+            c = 0.00054 * math.sqrt(32 * 32)
+            per = torch.sqrt(diff2.sum(1) + c**2) - c
+        return per.mean()
+
+    ref = independent(detach=True)
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    ref_grads = torch.autograd.grad(ref, list(f.parameters()))
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-7)
+    # Without the stop-gradient the gradient would differ (so this test can fail).
+    no_stop = torch.autograd.grad(independent(detach=False), list(f.parameters()))
+    assert max((g - r).abs().max().item() for g, r in zip(grads, no_stop)) > 1e-4
+
+
+def test_training_step_updates_target_and_sampling_ema():
+    D = common.Denoiser(random_net(5)).requires_grad_(False)
+    f = cd.ConsistencyFunction(random_net(6))
+    f_target = cd.ConsistencyFunction(random_net(7)).requires_grad_(False)    # theta- != theta before the step
+    f_ema = cd.ConsistencyFunction(random_net(8)).requires_grad_(False)
+    hp = dict(metric="pseudo-huber", mu=0.9, ema_rate=0.8)
+    opt = torch.optim.RAdam(f.parameters(), lr=1e-3)
+    target_old = [p.clone() for p in f_target.parameters()]
+    ema_old = [p.clone() for p in f_ema.parameters()]
+    theta_old = [p.clone() for p in f.parameters()]
+    x0, z, n = torch.rand(4, 1, 32, 32) * 2 - 1, torch.randn(4, 1, 32, 32), torch.tensor([1, 4, 9, 16])
+    cd.training_step(f, f_target, f_ema, opt, D, x0, n, z, common.karras_sigmas(18).float(), hp, common.Dist("cpu"))
+    theta = list(f.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(theta, theta_old))                 # the student moved
+    for p, old, new in zip(f_target.parameters(), target_old, theta):                  # Eq. 8
+        assert torch.allclose(p, 0.9 * old + 0.1 * new, atol=1e-6)
+    for p, old, new in zip(f_ema.parameters(), ema_old, theta):
+        assert torch.allclose(p, 0.8 * old + 0.2 * new, atol=1e-6)
+
+
+# --- Multistep sampling (Alg. 1) ------------------------------------------------------------
+
+def test_multistep_renoising_variance():
+    taus = [1.0, 0.05, 0.0025]                 # near eps, sqrt(tau^2 - eps^2) differs from tau
+    seen, calls = [], []
+    zero = lambda x, s: (calls.append(float(s)), torch.zeros_like(x))[1]
+    draws = [torch.randn(2, 1, 4, 4) for _ in taus]
+    it = iter(draws)
+    cd.sample_cd(zero, torch.randn(2, 1, 4, 4), taus, lambda x: next(it), callback=lambda i, x: seen.append(x))
+    assert calls == [cd.SIGMA_MAX] + taus                              # f at T, then at each tau
+    for x_hat, z, tau in zip(seen, draws, taus):
+        assert torch.allclose(x_hat, math.sqrt(tau**2 - EPS**2) * z)
+    # The re-noised state's std is sqrt(tau^2 - eps^2) (the marginal at tau, minus the eps at which f lands).
+    seen.clear()
+    cd.sample_cd(zero, torch.randn(20_000, 1, 4, 4), taus, torch.randn_like, callback=lambda i, x: seen.append(x))
+    for x_hat, tau in zip(seen, taus):
+        assert x_hat.std().item() == pytest.approx(math.sqrt(tau**2 - EPS**2), rel=0.01)
+
+
+def test_samples_do_not_depend_on_batching():
+    f = cd.ConsistencyFunction(random_net(9)).eval()
+    sample = cd.make_sampler(f, [1.09, 0.3])
+    eps = common.PerSampleNoise(1, range(6)).randn(1, 32, 32)
+    whole = sample(eps)
+    parts = torch.cat([sample(eps[:2]), sample(eps[2:])])
+    reversed_ = sample(eps.flip(0)).flip(0)
+    # Same noise per sample; only the convolutions' float rounding may differ with the batch size.
+    assert torch.allclose(whole, parts, atol=1e-5) and torch.allclose(whole, reversed_, atol=1e-5)
+    assert not torch.allclose(whole[0], whole[1])
+
+
+# --- Command line ----------------------------------------------------------------------------
+
+def test_nfe_validation():
+    assert cd.sampling_taus(1) == [] and cd.sampling_taus(2) == [0.5853]          # the authors' CIFAR-10 2 steps
+    assert len(cd.sampling_taus(3)) == 2 and len(cd.sampling_taus(4)) == 3
+    assert cd.sampling_taus(3, [2.0, 0.1]) == [2.0, 0.1]
+    for nfe, taus in ((0, None), (5, None), (3, [1.0]), (3, [0.1, 2.0]), (2, [80.0]), (2, [0.001])):
+        with pytest.raises(common.UserError):
+            cd.sampling_taus(nfe, taus)
+
+
+def common_args(fashion_dir, smoke_teacher, out):
+    return ["--dataset", "fashion", "--data-dir", fashion_dir, "--teacher", smoke_teacher, "--preset", "smoke",
+            "--device", "cpu", "--out", out]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """One working folder for every CLI run of this file, so runs/<dataset>/fid/ (the FID reference
+    statistics, cached under the working folder) is computed once."""
+    return tmp_path_factory.mktemp("cd")
+
+
+@pytest.mark.parametrize("bad", [["--nfe", "0"], ["--nfe", "6"], ["--nfe", "3", "--taus", "1.0"]])
+def test_cli_bad_nfe_is_one_line(fashion_dir, smoke_teacher, work, bad):
+    r = run_script("cd.py", *common_args(fashion_dir, smoke_teacher, work / "bad"), *bad, cwd=work)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:")
+
+
+@pytest.fixture(scope="module")
+def full_run(fashion_dir, smoke_teacher, work):
+    """An uninterrupted 8-iteration smoke run at NFE 4."""
+    r = run_script("cd.py", *common_args(fashion_dir, smoke_teacher, work / "full"), "--iterations", "8", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work / "full", r
+
+
+def test_smoke_end_to_end(full_run):
+    out, r = full_run
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "cd" and m["nfe"] == 4 and m["images_seen"] == 8 * 8 and len(m["taus"]) == 3
+    for key in ("fid", "fid_n", "teacher_fid_dpm3m", "teacher_fid_euler", "teacher_rms", "teacher_rms_dpm3m",
+                "teacher_rms_euler", "train_seconds", "onestep_teacher_rms", "onestep_teacher_rms_euler"):
+        assert key in m
+    assert (out / "samples.png").exists() and (out / "student.pt").exists()
+    assert "NFE 4" in r.stdout.strip().splitlines()[-1]
+
+
+def test_resume_continues_exactly(full_run, fashion_dir, smoke_teacher, work):
+    out = work / "resumed"
+    args = common_args(fashion_dir, smoke_teacher, out)
+    r = run_script("cd.py", *args, "--iterations", "4", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert common.load_checkpoint(out / "student.pt", "cd-student")["iteration"] == 4
+    r = run_script("cd.py", *args, "--iterations", "8", "--resume", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming CD at iteration 4" in r.stdout + r.stderr
+    resumed = common.load_checkpoint(out / "student.pt", "cd-student")
+    straight = common.load_checkpoint(full_run[0] / "student.pt", "cd-student")
+    assert resumed["iteration"] == straight["iteration"] == 8
+    for key in ("net", "ema"):
+        for name in straight[key]:
+            assert torch.equal(resumed[key][name], straight[key][name]), (key, name)
+
+
+def test_torchrun_two_processes(fashion_dir, smoke_teacher, work):
+    out = work / "ddp"
+    r = run_script("cd.py", *common_args(fashion_dir, smoke_teacher, out), "--mu", "0.5", cwd=work, torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["nfe"] == 4 and m["mu"] == 0.5 and m["images_seen"] == 8 * cd.PRESETS["smoke"]["batch"]
+    assert "target" in common.load_checkpoint(out / "student.pt", "cd-student")      # theta- kept when mu > 0

@@ -1,0 +1,219 @@
+"""Tests of cfd.py: the feature KL of Eq. 4 (direction, temperature on the teacher only, zero at
+equality), entropy and diversity (Eqs. 5-6) against hand-computed values, Eq. 7's sum, the frozen
+classifier passing gradients to the student, the image target being pd.py's; and the CLI: --nfe
+validation, an end-to-end smoke run (tiny classifier trained on the generated data, PD chain reuse,
+plain-PD baseline, --resume mid-stage), and torchrun with two processes."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cfd
+import common
+import pd
+from conftest import run_script
+
+torch.set_num_threads(2)
+MU, VAR = 0.3, 0.2 ** 2
+
+
+def gaussian_denoiser(mu=MU, var=VAR):
+    """E[x0 | x0 + sigma*n] for x0 ~ N(mu, var): the exact D(x, sigma) of Gaussian data."""
+    def D(x, sigma, cond=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1) if torch.is_tensor(sigma) else sigma
+        return mu + var / (var + sigma**2) * (x - mu)
+    return D
+
+
+def cosine(t):
+    """The cosine schedule written out independently: (alpha_t, sigma_t, EDM sigma = sigma_t/alpha_t)."""
+    b = math.atan(math.exp(-20 / 2))
+    a = math.atan(math.exp(20 / 2)) - b
+    logsnr = -2 * math.log(math.tan(a * t + b))
+    return math.sqrt(1 / (1 + math.exp(-logsnr))), math.sqrt(1 / (1 + math.exp(logsnr))), math.exp(-logsnr / 2)
+
+
+def kl_by_hand(F_S, F_T, tau_S, tau_T):
+    """KL(softmax(F_T/tau_T) || softmax(F_S/tau_S)), a loop over samples and channels."""
+    total = 0.0
+    for fs, ft in zip(F_S.tolist(), F_T.tolist()):
+        zs, zt = sum(math.exp(v / tau_S) for v in fs), sum(math.exp(v / tau_T) for v in ft)
+        for vs, vt in zip(fs, ft):
+            p, q = math.exp(vs / tau_S) / zs, math.exp(vt / tau_T) / zt
+            total += q * math.log(q / p)
+    return total / len(F_S)
+
+
+# --- Eq. 4 ------------------------------------------------------------------------------------
+
+def test_kl_direction_and_temperature_on_the_teacher_only():
+    g = torch.Generator().manual_seed(0)
+    F_S, F_T = torch.randn(5, 7, generator=g, dtype=torch.float64), 2 * torch.randn(5, 7, generator=g, dtype=torch.float64)
+    tau = 0.85
+    loss = cfd.cfd_loss(F_S, F_T, tau).item()
+    assert loss == pytest.approx(kl_by_hand(F_S, F_T, 1.0, tau), rel=1e-6)
+    # Not the reverse KL(student || teacher) ...
+    rev = sum(sum(p * math.log(p / q) for p, q in zip(ps, qs)) for ps, qs in
+              zip(torch.softmax(F_S, 1).tolist(), torch.softmax(F_T / tau, 1).tolist())) / len(F_S)
+    assert abs(loss - rev) > 1e-3
+    # ... and not the dual temperature of Eq. 8 (tau on both sides).
+    assert abs(loss - kl_by_hand(F_S, F_T, tau, tau)) > 1e-3
+    # tau only rescales the teacher's features: L(F_S, F_T, tau) = L(F_S, F_T/tau, 1).
+    assert loss == pytest.approx(cfd.cfd_loss(F_S, F_T / tau, 1.0).item(), rel=1e-9)
+    # A different tau moves the (teacher) target.
+    assert cfd.cfd_loss(F_S, F_T, 0.5).item() != pytest.approx(loss, rel=1e-3)
+
+
+def test_zero_at_tau_one_and_identical_features():
+    F = torch.randn(4, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert abs(cfd.cfd_loss(F, F.clone(), 1.0).item()) < 1e-12
+    assert cfd.cfd_loss(F, F.clone(), 0.9).item() > 1e-4          # sharpening makes the target differ
+    assert cfd.cfd_loss(F, F + 3.0, 1.0).item() == pytest.approx(0, abs=1e-12)   # softmax is shift-invariant
+
+
+# --- Eqs. 5-7 ---------------------------------------------------------------------------------
+
+def test_entropy_and_diversity_hand_computed():
+    p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    assert cfd.entropy_loss(p).item() == pytest.approx(math.log(2) / 2, rel=1e-6)            # (ln 2 + 0)/2
+    assert cfd.diversity_loss(p).item() == pytest.approx(0.75 * math.log(0.75) + 0.25 * math.log(0.25), rel=1e-6)
+    uniform = torch.full((3, 4), 0.25)
+    assert cfd.entropy_loss(uniform).item() == pytest.approx(math.log(4), rel=1e-6)
+    assert cfd.diversity_loss(uniform).item() == pytest.approx(-math.log(4), rel=1e-6)       # its minimum
+    one_hot = torch.eye(4)                                       # confident and balanced: both at their minimum
+    assert cfd.entropy_loss(one_hot).item() == pytest.approx(0, abs=1e-9)
+    assert cfd.diversity_loss(one_hot).item() == pytest.approx(-math.log(4), rel=1e-6)
+
+
+class Recorder(nn.Module):
+    """Wraps a classifier and keeps the images its extractor and full net see."""
+
+    def __init__(self, cls):
+        super().__init__()
+        self.cls, self.seen = cls, {}
+
+    def extr(self, x):
+        self.seen["extr"] = x.detach().clone()
+        return self.cls.extr(x)
+
+    def forward(self, x):
+        self.seen["cls"] = x.detach().clone()
+        return self.cls(x)
+
+
+def test_image_target_is_pds_target():
+    torch.manual_seed(0)
+    teacher, student, N = gaussian_denoiser(), gaussian_denoiser(mu=-0.1, var=0.3), 4
+    cls = Recorder(cfd.ResNet(1, 10, 4, (1,)).double().eval().requires_grad_(False))
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    i = torch.tensor([0, 1, 2, 3])
+    cfd.rcfd_loss(student, teacher, cls, x, eps, i, N, 0.95, 0.003, 0.75)
+    t = (i.double() + 1) / N
+    alpha_t, sigma_t = pd.alpha_sigma(t, x)
+    z_t = alpha_t * x + sigma_t * eps
+    assert torch.equal(cls.seen["extr"], pd.teacher_target(teacher, z_t, t, N)[0])
+    for k in range(1, 4):                                        # and independently, Eq. 12 (i >= 1)
+        a_t, s_t, sig_t = cosine(t[k].item())
+        a_pp, s_pp, sig_pp = cosine(t[k].item() - 1 / N)
+        x_pp = common.sample_euler(teacher, z_t[k:k + 1] / a_t, [sig_t, cosine(t[k].item() - 0.5 / N)[2], sig_pp])
+        x_T = (a_pp * x_pp - s_pp / s_t * z_t[k:k + 1]) / (a_pp - s_pp / s_t * a_t)
+        assert torch.allclose(cls.seen["extr"][k:k + 1], x_T, rtol=1e-5, atol=1e-6)
+    # The classifier's other input is the student's x^S = theta(z_t), unclipped.
+    assert torch.allclose(cls.seen["cls"], student(z_t / alpha_t, sigma_t / alpha_t), rtol=1e-6, atol=1e-7)
+
+
+def test_classifier_frozen_student_gets_gradients_and_eq7_sums():
+    torch.manual_seed(0)
+    teacher = common.Denoiser(common.build_net(dict(in_ch=1, res=32, **common.NET_CONFIGS["smoke"]))).eval()
+    teacher.requires_grad_(False)
+    student = pd.make_student(teacher)
+    cls = cfd.ResNet(1, 10, 4, (1, 1))
+    cls(torch.randn(8, 1, 32, 32))                   # give BatchNorm non-trivial running statistics
+    cls = cls.eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in cls.state_dict().items()}
+    x, eps = torch.rand(6, 1, 32, 32) * 2 - 1, torch.randn(6, 1, 32, 32)
+    beta, gamma = 0.5, 0.25
+    loss, parts = cfd.rcfd_loss(student, teacher, cls, x, eps, torch.tensor([0, 1, 2, 3, 1, 0]), 4, 0.9, beta, gamma)
+    loss.backward()
+    expected = parts["cfd"] + beta * (gamma * parts["entropy"] + (1 - gamma) * parts["diversity"])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and parts["cfd"].item() > 0
+    assert all(p.grad is None for p in cls.parameters())
+    assert all(torch.equal(before[k], v) for k, v in cls.state_dict().items())      # BN statistics too
+    assert all(p.grad is None for p in teacher.parameters())
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum().item() for g in grads) > 0
+
+
+# --- The command line -------------------------------------------------------------------------
+
+def test_nfe_validation(tmp_path, capsys):
+    args = cfd.parse_args(["--preset", "lab", "--nfe", "4"])
+    assert cfd.cfd_stages(args) == ([16, 8], [4])
+    assert cfd.cfd_stages(cfd.parse_args(["--preset", "paper", "--nfe", "1"]))[1] == [4, 2, 1]
+    for nfe in (3, 8, 16, 0):
+        with pytest.raises(common.UserError):
+            cfd.cfd_stages(cfd.parse_args(["--preset", "lab", "--nfe", str(nfe)]))
+    assert cfd.stage_hparams(cfd.parse_args(["--nfe", "1"]), 1) == (0.85, 0.003, 0.5)
+    assert cfd.stage_hparams(cfd.parse_args(["--variant", "cfd"]), 4) == (0.95, 0.0, 0.75)
+    r = run_script("cfd.py", "--preset", "smoke", "--nfe", "3", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "power of two" in r.stderr
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(lambda: cfd.main(["--preset", "smoke", "--nfe", "4"]))      # smoke: CFD from 4 steps
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().count("\n") == 0 and "below 4" in err
+
+
+def smoke_args(fashion_dir, smoke_teacher, out, *extra):
+    return ["--preset", "smoke", "--data-dir", str(fashion_dir), "--teacher", str(smoke_teacher),
+            "--out", str(out), "--nfe", "2", *map(str, extra)]
+
+
+def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "a", "--pd-baseline"))
+    a = tmp_path / "a"
+    m = json.loads((a / "metrics.json").read_text())
+    assert m["method"] == "cfd" and m["variant"] == "rcfd" and m["nfe"] == 2 and (a / "samples.png").exists()
+    assert m["pd_stages"] == [4] and m["stages"] == [2] and m["teacher_rms"] > 0
+    assert m["images_seen"] == 2 * 3 * 8                         # PD 8->4 and RCFD 4->2, 3 updates of 8
+    assert 0 <= m["classifier_test_acc"] <= 1
+    assert m["pd_baseline"]["teacher_rms"] > 0 and m["pd_baseline"]["images_seen"] == m["images_seen"]
+    assert (a / "pd-baseline" / "metrics.json").exists()
+    assert (tmp_path / "runs" / "fashion" / "classifier-smoke" / "classifier.pt").exists()
+    assert (tmp_path / "runs" / "fashion" / "pd-smoke" / "student-4steps.pt").exists()   # pd.py's stage file
+    # A second run reuses pd.py's 4-step student and the cached classifier.
+    capsys.readouterr()
+    cfd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "b"))
+    log = capsys.readouterr()
+    assert "reusing pd.py's 4-step student" in log.out + log.err and "classifier:" not in log.out + log.err
+    # Interrupted after the RCFD stage's first checkpoint, --resume ends where the straight run did.
+    real_save = cfd.save_checkpoint
+
+    def save_then_stop(path, kind, **payload):
+        real_save(path, kind, **payload)
+        if kind == "cfd-training":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cfd, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        cfd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "c"))
+    monkeypatch.setattr(cfd, "save_checkpoint", real_save)
+    capsys.readouterr()
+    cfd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "c", "--resume"))
+    log = capsys.readouterr()
+    assert "resuming the 4 -> 2 steps CFD stage at update 2" in log.out + log.err
+    wb = common.load_checkpoint(tmp_path / "b" / "student-2steps.pt", "cfd-student")["net"]
+    wc = common.load_checkpoint(tmp_path / "c" / "student-2steps.pt", "cfd-student")["net"]
+    assert all(torch.equal(wb[k], wc[k]) for k in wb), "a resumed stage must equal an uninterrupted one"
+
+
+def test_torchrun_two_processes(fashion_dir, smoke_teacher, tmp_path):
+    r = run_script("cfd.py", *smoke_args(fashion_dir, smoke_teacher, tmp_path / "ddp"), cwd=tmp_path, torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert m["method"] == "cfd" and m["images_seen"] == 2 * 3 * 8
+    assert r.stdout.strip().splitlines()[-1].startswith("rcfd fashion NFE 2: student")

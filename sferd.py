@@ -1,0 +1,545 @@
+"""sferd.py: SFERD, Spatial Fitting-Error Reduction Distillation, on top of PD or CD.
+
+Paper: Shengzhe Zhou, Zejian Li, Shengyuan Zhang, Lefan Hou, Changyuan Yang, Guang Yang, Zhiyuan Yang,
+Lingyun Sun, "Reducing Spatial Fitting Error in Distillation of Denoising Diffusion Models", AAAI 2024,
+arXiv:2311.03830 (Algorithms 1 and 2, Section 4, Appendix B). Authors' partial code: Sainzerjj/SFERD. Spec: ../shared/specs/METHODS.md, 4.
+
+What is implemented:
+  - The base distiller, imported (--base pd: pd.py's halving stages and two-step DDIM target; --base cd:
+    cd.py's consistency function, Heun teacher step and training loop). SFERD changes what the teacher is.
+  - Attention guidance in the teacher (Sec. 4.1, Alg. 1 lines 8-13), GuidedTeacher below: the attention map
+    A of one decoder self-attention block (default: the highest-resolution one), mean over heads, summed
+    over queries (the attention each position receives; its mean is exactly 1), psi = 1[A > k] (Eq. 10),
+    nearest-upsampled to H x W; a hand-written separable Gaussian blur B (reflect padding); re-noising with
+    the teacher's own eps: x~_t = alpha_t*B(x0_hat) + s_t*eps_hat (line 11); x~_attn = (1-psi)*x_t +
+    psi*x~_t (line 12); x0_teacher = (1+w)*x0_hat - w*x0_attn (line 13, Eq. 11). The base's solver step g
+    (PD: DDIM, CD: Heun) uses x0_teacher in place of x0_hat (line 15). In the EDM view x = z/alpha every
+    line is the same equation divided by alpha_t (x~ = B(x0_hat) + sigma*eps_hat), so one wrapper serves both.
+  - The semantic gradient predictor in the student (Sec. 4.2, App. B.1): E_phi(x0) -> z_sem (stride-2 convs,
+    GroupNorm+SiLU, Linear); G_tau(x_t, z_sem, t) reuses the student's encoder features and time embedding
+    (net.encode) and owns a fresh middle + decoder + output conv (common.UNet.decode, AdaGN on z_sem through
+    zero-initialised maps, zero-initialised conv_out: the student is unchanged at init). Loss, Alg. 1 line 18:
+    w(lambda_t)*|(s_{t-1}^2/alpha_{t-1})*G_tau - (x0_target - x0_student)|^2. Two phases (Sec. 4.2): the
+    distilled student frozen for the first half of --pred-iters, then trained jointly at a low lr (joint_lr).
+  - A latent DDPM over normalised z_sem (App. B.1, Table 4: MLP with skip inputs, T = 1000, constant
+    beta = 0.008, eps-prediction, L1 loss), sampled with DDIM, so that unconditional sampling works.
+  - Sampling (Alg. 2): eps~ = eps_theta - c_t*G_tau(x_t, z_sem, t), then the base's step with eps~
+    (PD: DDIM; CD: x0~ = (x_t - s_t*eps~)/alpha_t is the consistency output plus the correction).
+  - Ablations: --no-guidance, --no-predictor, --k, --w, --blur-sigma, --attn-block. With both off the run
+    is exactly its base (pd.py / cd.py with the same settings): the paper's comparison at equal budget.
+
+Deviations from the paper, and why:
+  - One shared EDM teacher for every method (METHODS.md 0), not the paper's ADM (PD) / NCSN++ (CD) teachers.
+  - Sampling scale (--g-scale): Alg. 2 subtracts s_t*G, i.e. adds (s_t^2/alpha_t)*G to x0, while Alg. 1
+    line 18 trains G with s_{t-1}^2/alpha_{t-1}. On PD's cosine grid alpha_1 ~ 4.5e-5, so s_t^2/alpha_t ~ 2e4
+    at the first step: the literal form explodes. The default "train" uses the scale G was trained with
+    (c_t = s_{t-1}^2*alpha_t/(alpha_{t-1}*s_t) in eps units); "paper" is Alg. 2 as printed.
+  - AdaGN: common.UNet adds the time embedding after conv1 (DDPM) and applies (1+z_s)*GN(h)+z_b, not
+    Eq. 15's z_s*(t_s*GN(h)+t_b)+z_b: the reused U-Net blocks keep their design; z enters as in Eq. 15.
+  - For CD the predictor's target is CD's own (f_theta(Heun step of the guided teacher), stop-gradient),
+    and "t-1" is the next point of CD's Karras grid; the squared error of line 18 replaces CD's distance.
+  - Lab preset: the bases' lab settings, a 64-d z_sem, a 4 x 256 latent MLP; paper: 512-d, 10 x 2048, PD
+    from 1024 steps (App. B). The predictor's length and joint lr are not given in the paper (our choice).
+  - --resume: base stages and the predictor phase resume exactly; an unfinished latent DDPM restarts.
+
+Run:
+  CPU lab:   python pd.py --dataset fashion --nfe 4 && python sferd.py --dataset fashion --nfe 4 --base pd
+  CUDA paper: python sferd.py --dataset cifar10 --preset paper --base cd --nfe 1 --device cuda
+  torchrun:  torchrun --nproc_per_node=2 sferd.py --preset smoke
+  ablation:  python sferd.py --nfe 4 --no-predictor --w 0.5 --blur-sigma 1 --out runs/fashion/sferd-abl
+"""
+import hashlib
+import json
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import cd
+import common
+import pd
+from common import UserError, as_batch, vp_from_sigma
+
+PRESETS = {
+    # base: settings of the base distiller (its own file's preset); z_dim: size of z_sem; pred_iters: predictor
+    # updates (half frozen, half joint); latent_*: the latent DDPM (Table 4); latent_steps: its DDIM steps.
+    "smoke": dict(z_dim=8, pred_iters=4, pred_batch=8, pred_lr=2e-4, joint_lr=2e-5, latent_layers=2,
+                  latent_hidden=32, latent_iters=10, latent_batch=16, latent_lr=1e-3, latent_steps=5, ckpt_every=2),
+    "lab": dict(z_dim=64, pred_iters=100, pred_batch=32, pred_lr=2e-4, joint_lr=2e-5, latent_layers=4,
+                latent_hidden=256, latent_iters=2000, latent_batch=256, latent_lr=1e-3, latent_steps=50, ckpt_every=50),
+    # App. B: Adam 2e-4 (PD) for G_tau/E_phi; Table 4: 10 x 2048 MLP, batch 512, lr 1e-4, 512-d z_sem.
+    "paper": dict(z_dim=512, pred_iters=50_000, pred_batch=128, pred_lr=2e-4, joint_lr=2e-5, latent_layers=10,
+                  latent_hidden=2048, latent_iters=100_000, latent_batch=512, latent_lr=1e-4, latent_steps=100,
+                  ckpt_every=5_000),
+}
+LATENT_T, LATENT_BETA = 1000, 0.008         # Table 4: T = 1000, constant beta
+
+
+def parse_args(argv=None):
+    p = common.common_parser("SFERD (Zhou et al., AAAI 2024): attention-guided teacher + semantic gradient predictor "
+                             "on PD or CD.", nfe_default=4, nfe_help="student steps (PD: power of two below "
+                             "--start-steps; CD: 1-4 or 1 + len(--taus))")
+    p.add_argument("--base", choices=["pd", "cd"], default="pd", help="base distiller: SFERD-PD or SFERD-CD (default pd)")
+    p.add_argument("--no-guidance", action="store_true", help="ablation: plain teacher (no attention guidance)")
+    p.add_argument("--no-predictor", action="store_true", help="ablation: no E_phi / G_tau / latent DDPM")
+    p.add_argument("--k", type=float, default=1.0, help="k, mask threshold psi = 1[A > k] (Eq. 10; paper 1.0)")
+    p.add_argument("--w", type=float, default=0.3, help="w, attention guidance strength (Eq. 11; paper 0.3)")
+    p.add_argument("--blur-sigma", type=float, default=3.0, help="sigma of the Gaussian blur B (paper 3)")
+    p.add_argument("--blur-size", type=int, default=15, help="kernel size of B (authors' code 15)")
+    p.add_argument("--attn-block", default=None, help="teacher attention block of A (default: the highest-resolution "
+                   "decoder block, e.g. dec16.1)")
+    p.add_argument("--g-scale", choices=["train", "paper"], default="train",
+                   help="sampling scale of G_tau: 'train' = Alg. 1 line 18's s_{t-1}^2/alpha_{t-1}, 'paper' = Alg. 2's s_t")
+    p.add_argument("--g-drop", type=float, default=0.0, help="drop G_tau on this last fraction of steps (authors' code 0.3)")
+    p.add_argument("--start-steps", type=int, default=None, help="PD: DDIM steps of the original teacher (default: pd.py's)")
+    p.add_argument("--iters", type=int, default=None, help="base updates (PD: per stage; CD: total; default: the base's)")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the base's)")
+    p.add_argument("--taus", type=float, nargs="+", default=None, help="CD: re-noising sigmas (see cd.py)")
+    p.add_argument("--pred-iters", type=int, default=None, help="predictor updates, student frozen for the first half")
+    args = p.parse_args(argv)
+    args.hp = dict(PRESETS[args.preset])
+    if args.pred_iters is not None:
+        args.hp["pred_iters"] = args.pred_iters
+    if not 0 <= args.g_drop < 1 or args.blur_sigma <= 0 or args.blur_size < 1 or args.blur_size % 2 == 0:
+        raise UserError("need 0 <= --g-drop < 1, --blur-sigma > 0 and an odd --blur-size")
+    if args.base == "pd":                    # pd.py's own arguments, filled from its preset (same budget as pd.py)
+        cfg = pd.PRESETS[args.preset]
+        args.start_steps = args.start_steps or (1024 if args.preset == "paper" else cfg["start_steps"])   # App. B
+        args.iters, args.lr = args.iters or cfg["iters"], args.lr or cfg["lr"]
+        args.later_factor, args.later_steps, args.ckpt_every = cfg["later_factor"], cfg["later_steps"], cfg["ckpt_every"]
+        args.grad_clip, args.batch = 1.0, args.batch_size or cfg["batch"]
+        if not pd.stage_steps(args.nfe, args.start_steps):
+            raise UserError(f"--nfe {args.nfe}: SFERD-PD needs at least one halving stage (--nfe < --start-steps)")
+    else:
+        hp = dict(cd.PRESETS[args.preset], batch=args.batch_size or cd.PRESETS[args.preset]["batch"])
+        hp.update({k: v for k, v in (("iterations", args.iters), ("lr", args.lr)) if v is not None})
+        hp["taus"] = cd.sampling_taus(args.nfe, args.taus)
+        args.cd_hp = hp
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention guidance in the teacher (Sec. 4.1, Alg. 1 lines 8-13)
+# ----------------------------------------------------------------------------------------------
+
+def gaussian_kernel(sigma, size):
+    """1-D Gaussian, normalised to sum 1 (the blur preserves a constant image)."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-x**2 / (2 * sigma**2))
+    return (g / g.sum()).float()
+
+
+def gaussian_blur(x, sigma=3.0, size=15):
+    """B(x): separable depthwise Gaussian convolution (rows, then columns), reflect padding."""
+    C, pad = x.shape[1], size // 2
+    g = gaussian_kernel(sigma, size).to(x.device, x.dtype)
+    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), g.view(1, 1, 1, size).expand(C, 1, 1, size), groups=C)
+    return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), g.view(1, 1, size, 1).expand(C, 1, size, 1), groups=C)
+
+
+def attention_received(attn):
+    """A from B x heads x queries x keys probabilities: mean over heads, sum over queries -> B x keys (mean 1)."""
+    return attn.float().mean(dim=1).sum(dim=1)
+
+
+def attention_mask(attn, k, size):
+    """psi = 1[A > k] (Eq. 10), reshaped r x r and nearest-upsampled to size = (H, W); B x 1 x H x W."""
+    A = attention_received(attn)
+    r = math.isqrt(A.shape[1])
+    psi = (A > k).float().reshape(-1, 1, r, r)
+    return F.interpolate(psi, size=size, mode="nearest")
+
+
+def default_attn_block(net):
+    """The highest-resolution decoder self-attention block (the paper: 32x32 maps correlate best); the last one."""
+    dec = [n for n in net.attn_names if n.startswith("dec")]
+    if not dec:
+        raise UserError(f"the teacher U-Net has no decoder attention block ({', '.join(net.attn_names)})")
+    best = max(int(n[3:].split(".")[0]) for n in dec)
+    return [n for n in dec if int(n[3:].split(".")[0]) == best][-1]
+
+
+class GuidedTeacher(nn.Module):
+    """D~(x, sigma) = x0_teacher of Alg. 1 lines 8-13, in the EDM view x = z_t/alpha_t, sigma = s_t/alpha_t."""
+
+    def __init__(self, D, block=None, k=1.0, w=0.3, blur_sigma=3.0, blur_size=15):
+        super().__init__()
+        self.D, self.k, self.w, self.blur_sigma, self.blur_size = D, k, w, blur_sigma, blur_size
+        self.block = block or default_attn_block(D.net)
+
+    @property
+    def net(self):                                          # the base files build students from teacher.net
+        return self.D.net
+
+    def forward(self, x, sigma, cond=None):
+        sigma = as_batch(sigma, x)
+        x0_hat, extras = self.D(x, sigma, attn=self.block)              # line 8 (A_t^l) and line 9
+        eps_hat = (x - x0_hat) / sigma
+        psi = attention_mask(extras["attn"], self.k, x.shape[-2:])     # line 10
+        x_tilde = gaussian_blur(x0_hat, self.blur_sigma, self.blur_size) + sigma * eps_hat   # line 11 / alpha_t
+        x_attn = (1 - psi) * x + psi * x_tilde                          # line 12, Eq. 10
+        x0_attn = self.D(x_attn, sigma)                                 # Eq. 11
+        return (1 + self.w) * x0_hat - self.w * x0_attn                 # line 13
+
+
+def guided(D, args):
+    return D if args.no_guidance else GuidedTeacher(D, args.attn_block, args.k, args.w, args.blur_sigma, args.blur_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The semantic gradient predictor in the student (Sec. 4.2, App. B.1)
+# ----------------------------------------------------------------------------------------------
+
+class SemanticEncoder(nn.Module):
+    """E_phi(x0) -> z_sem: stride-2 convs with GroupNorm + SiLU (the encoder part of a U-Net), pooled, Linear."""
+
+    def __init__(self, in_ch, z_dim, ch=32, mults=(1, 2, 4)):
+        super().__init__()
+        layers, c = [nn.Conv2d(in_ch, ch, 3, padding=1)], ch
+        for m in mults:
+            layers += [nn.Conv2d(c, m * ch, 3, stride=2, padding=1), common.group_norm(m * ch), nn.SiLU()]
+            c = m * ch
+        self.body, self.out = nn.Sequential(*layers), nn.Linear(c, z_dim)
+
+    def forward(self, x0):
+        return self.out(self.body(x0).mean(dim=(2, 3)))
+
+
+class GradientPredictor(nn.Module):
+    """G_tau(x_t, z_sem, t): the student's encoder features and time embedding (passed in, not owned) feed
+    a fresh middle + decoder + output conv with AdaGN on z_sem; conv_out and the z maps start at zero."""
+
+    def __init__(self, student_net, z_dim):
+        super().__init__()
+        self.body = common.build_net(student_net.config, cond_dim=z_dim, dropout=0.0)
+        self.body.down, self.body.emb, self.body.conv_in = nn.ModuleList(), None, None   # reused from the student
+
+    def forward(self, student_net, x, sigma, z_sem):
+        """x, sigma in the EDM view (the student's own input scaling); returns G in VP units (d/dz_t)."""
+        sigma = as_batch(sigma, x)
+        _, _, c_in, c_noise = common.edm_precond(sigma)
+        h, skips, emb = student_net.encode(c_in * x, c_noise.flatten())
+        return self.body.conv_out(self.body.decode(h, skips, emb, cond=z_sem)).float()
+
+
+def g_scale(alpha_prev, s_prev):
+    """s_{t-1}^2 / alpha_{t-1}: the scale of G_tau in the loss of Alg. 1 line 18 (from Eq. 14)."""
+    return s_prev**2 / alpha_prev
+
+
+def predictor_loss(G, x0_target, x0_student, alpha_prev, s_prev, weight):
+    """Alg. 1 line 18: w(lambda_t)*|(s_{t-1}^2/alpha_{t-1})*G - (x0_target - x0_student)|^2 (per-pixel mean)."""
+    err = g_scale(alpha_prev, s_prev) * G - (x0_target - x0_student)
+    return (weight.flatten() * err.pow(2).mean(dim=(1, 2, 3))).mean()
+
+
+def g_coef(s_t, alpha_t, alpha_prev, s_prev, mode="train"):
+    """c_t of Alg. 2, eps~ = eps_theta - c_t*G. 'paper': c_t = s_t; 'train': c_t = s_{t-1}^2*alpha_t/(alpha_{t-1}*s_t),
+    so that x0~ = x0 + (s_{t-1}^2/alpha_{t-1})*G, the correction G was trained for (see Deviations)."""
+    return s_t if mode == "paper" else g_scale(alpha_prev, s_prev) * alpha_t / s_t
+
+
+def corrected_x0(x0, G, sigma, sigma_prev, mode="train"):
+    """x0~ = (z_t - s_t*eps~)/alpha_t = x0 + (s_t/alpha_t)*c_t*G: Alg. 2's step for a student that predicts x0
+    (sigma, sigma_prev: EDM view of t and t-1; the base's step then continues from x0~)."""
+    (alpha_t, s_t), (alpha_p, s_p) = vp_from_sigma(sigma), vp_from_sigma(sigma_prev)
+    return x0 + (s_t / alpha_t * g_coef(s_t, alpha_t, alpha_p, s_p, mode)).to(x0.dtype) * G
+
+
+# ----------------------------------------------------------------------------------------------
+# The latent DDPM over normalised z_sem (App. B.1, Table 4, Eq. 16)
+# ----------------------------------------------------------------------------------------------
+
+class LatentMLP(nn.Module):
+    """eps_omega(z_t, t): an MLP whose every layer also sees the input z_t (skip inputs, as Diff-AE's MLPSkipNet)."""
+
+    def __init__(self, z_dim, hidden, layers):
+        super().__init__()
+        self.t_emb = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.layers = nn.ModuleList([nn.Linear((hidden if i else 0) + z_dim, hidden) for i in range(layers)])
+        self.out = common.zero_init(nn.Linear(hidden, z_dim))
+
+    def forward(self, z, t):
+        emb, h = self.t_emb(common.timestep_embedding(t.float(), 64)), z[:, :0]
+        for layer in self.layers:
+            h = F.silu(layer(torch.cat([h, z], dim=1)) + emb)
+        return self.out(h)
+
+
+def latent_alpha_bar(device="cpu"):
+    return torch.cumprod(torch.full((LATENT_T,), 1 - LATENT_BETA, dtype=torch.float64), 0).float().to(device)
+
+
+def latent_loss(mlp, z, t, eps):
+    """Eq. 16: |eps - eps_omega(sqrt(abar_t)*z + sqrt(1-abar_t)*eps, t)|, L1."""
+    abar = latent_alpha_bar(z.device)[t][:, None]
+    return (eps - mlp(abar.sqrt() * z + (1 - abar).sqrt() * eps, t)).abs().mean()
+
+
+@torch.no_grad()
+def sample_latent(mlp, noise, steps, mean, std):
+    """DDIM (eta 0) over `steps` evenly spaced of the T = 1000 steps; returns denormalised z_sem."""
+    abar, z = latent_alpha_bar(noise.device), noise
+    ts = torch.linspace(LATENT_T - 1, 0, steps).round().long().tolist()
+    for i, t in enumerate(ts):
+        eps = mlp(z, torch.full((len(z),), t, device=z.device))
+        z0 = (z - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+        a_next = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+        z = a_next.sqrt() * z0 + (1 - a_next).sqrt() * eps
+    return z * std + mean
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: the base with the guided teacher, then the predictor (two phases), then the latent DDPM
+# ----------------------------------------------------------------------------------------------
+
+def train_base_pd(args, pg, data, D, out, teacher_path):
+    """pd.py's halving stages (pd.main's loop, resumable), each stage's teacher attention-guided (Alg. 1).
+    Returns (N-step student, its 2N-step teacher, state)."""
+    teacher, prev = D, D
+    gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)
+    state, ck_path = dict(images=0, seconds=0.0), out / "checkpoint.pt"
+    for N in pd.stage_steps(args.nfe, args.start_steps):
+        prev = teacher
+        if args.resume and pd.student_path(out, N).exists():                 # a finished stage: reuse it
+            teacher, done, ck = pd.load_pd_student(args, N, out, pg.device)
+            pd.check_chain(ck, done, args, teacher_path)
+            state.update(images=ck["images"], seconds=ck["seconds"])
+            gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+            continue
+        ck = common.load_checkpoint(ck_path, "pd-training") if args.resume and ck_path.exists() else None
+        if ck is not None and ck["steps"] == N:                               # the stage in progress
+            pd.check_chain(ck, ck_path, args, teacher_path)
+            state.update(images=ck["images"], seconds=ck["seconds"], ckpt=ck)
+            gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+        teacher = pd.train_stage(args, pg, data, guided(teacher, args), N, gen, state, out, teacher_path)
+    return teacher, prev, state
+
+
+def pd_terms(student, teacher, x0, gen, N):
+    """SFERD-PD terms of Alg. 1 lines 3-16 for a batch: t = (i+1)/N, t-1 = t - 1/N (the student's next step)."""
+    i = torch.randint(N, (len(x0),), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+    t = (i.double() + 1) / N
+    alpha_t, s_t = pd.alpha_sigma(t, x0)
+    z_t = alpha_t * x0 + s_t * eps                                   # line 7
+    x0_target, _ = pd.teacher_target(teacher, z_t, t, N)             # lines 8-16 (teacher = GuidedTeacher)
+    x0_student = common.vp_predict(student, z_t, alpha_t, s_t)[0]
+    alpha_p, s_p = pd.alpha_sigma(t - 1.0 / N, x0)
+    return z_t / alpha_t, s_t / alpha_t, x0_target, x0_student, alpha_p, s_p, pd.truncated_snr_weight(alpha_t, s_t)
+
+
+def cd_terms(f, teacher, x0, gen, sigmas):
+    """SFERD-CD terms: CD's pair (t, t2) of the Karras grid, target f(Heun step of the guided teacher, t2)
+    without gradient (cd.cd_loss with mu = 0); t-1 is t2; weight lambda = 1."""
+    n = torch.randint(0, len(sigmas) - 1, (len(x0),), generator=gen).to(x0.device)
+    z = torch.randn(x0.shape, generator=gen).to(x0.device)
+    t, t2 = sigmas[n].reshape(-1, 1, 1, 1), sigmas[n + 1].reshape(-1, 1, 1, 1)
+    x_t = x0 + t * z
+    with torch.no_grad():
+        target = f(cd.heun_step(teacher, x_t, t, t2), t2)
+    alpha_p, s_p = vp_from_sigma(t2)
+    return x_t, t, target, f(x_t, t), alpha_p, s_p, torch.ones(len(x0), device=x0.device)
+
+
+def train_predictor(args, pg, data, student, terms, out, state):
+    """E_phi and G_tau with the loss of Alg. 1 line 18; the student frozen for the first half, then joint at
+    the preset's joint_lr (Sec. 4.2). Resumable from out/predictor.pt. Returns (E, G)."""
+    hp, dev = args.hp, pg.device
+    E = SemanticEncoder(data.shape[1], hp["z_dim"]).to(dev)
+    G = GradientPredictor(student.net, hp["z_dim"]).to(dev)
+    opt = torch.optim.Adam([{"params": list(E.parameters()) + list(G.parameters()), "lr": hp["pred_lr"]},
+                            {"params": list(student.net.parameters()), "lr": hp["joint_lr"]}])
+    gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank + 500)
+    it, path, P = 0, out / "predictor.pt", hp["pred_iters"]
+    if args.resume and path.exists():
+        ck = common.load_checkpoint(path, "sferd-predictor")
+        for module, key in ((E, "E"), (G, "G"), (student.net, "student")):
+            common.load_state(module, ck[key], path)
+        opt.load_state_dict(ck["opt"])
+        it, state["images"], state["seconds"] = ck["iter"], ck["images"], ck["seconds"]
+        gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+    for module in (E, G, student):
+        pg.broadcast(module)
+    params = list(E.parameters()) + list(G.parameters()) + list(student.net.parameters())
+    local, t0 = pg.batch(hp["pred_batch"]), time.time() - state["seconds"]
+    bar = tqdm(total=P, initial=it, unit="it", disable=not pg.main, desc="predictor")
+    while it < P:
+        student.requires_grad_(it >= P // 2)                        # phase 1 frozen, phase 2 joint (Sec. 4.2)
+        x0 = common.to_float(common.random_batch(data, local, gen)).to(dev)
+        with common.autocast(dev):
+            x_t, sigma, x0_target, x0_student, alpha_p, s_p, weight = terms(student, x0, gen)
+            z_sem = E(x0)                                           # line 17
+            loss = predictor_loss(G(student.net, x_t, sigma, z_sem), x0_target, x0_student, alpha_p, s_p, weight)
+        common.check_finite(loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        pg.sync_grads(params)
+        opt.step()
+        it += 1
+        state["images"] += hp["pred_batch"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", phase="joint" if it > P // 2 else "frozen")
+        if it % hp["ckpt_every"] == 0 or it == P:
+            rng = pg.gather_state(gen.get_state())
+            if pg.main:
+                common.save_checkpoint(path, "sferd-predictor", E=E.state_dict(), G=G.state_dict(), opt=opt.state_dict(),
+                                       student=student.net.state_dict(), iter=it, rng=rng, images=state["images"],
+                                       seconds=time.time() - t0, z_dim=hp["z_dim"], net_config=student.net.config)
+    bar.close()
+    state["seconds"] = time.time() - t0
+    student.requires_grad_(False).eval()
+    pg.check_in_sync(G)
+    return E.eval().requires_grad_(False), G.eval().requires_grad_(False)
+
+
+def train_latent(args, pg, data, E, out):
+    """The latent DDPM p_omega(z_{t-1}|z_t) over normalised z_sem = E_phi(x0) of the data (Eq. 16)."""
+    hp, dev, path = args.hp, pg.device, out / "latent.pt"
+    with torch.no_grad():
+        x = data[:10_000]
+        z = torch.cat([E(common.to_float(x[i:i + 500]).to(dev)) for i in range(0, len(x), 500)]).float()
+    mean, std = z.mean(0), z.std(0).clamp(min=1e-4)
+    zn = (z - mean) / std                                           # zero mean, unit variance (App. B.1)
+    mlp = LatentMLP(hp["z_dim"], hp["latent_hidden"], hp["latent_layers"]).to(dev)
+    if args.resume and path.exists():                               # only a finished latent DDPM is kept
+        common.load_state(mlp, common.load_checkpoint(path, "sferd-latent")["mlp"], path)
+        return mlp.eval(), mean, std
+    pg.broadcast(mlp)
+    opt = torch.optim.Adam(mlp.parameters(), lr=hp["latent_lr"])
+    gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank + 900)
+    local = pg.batch(hp["latent_batch"])
+    for _ in tqdm(range(hp["latent_iters"]), unit="it", disable=not pg.main, desc="latent DDPM"):
+        idx = torch.randint(len(zn), (local,), generator=gen)
+        t = torch.randint(LATENT_T, (local,), generator=gen).to(dev)
+        loss = latent_loss(mlp, zn[idx.to(dev)], t, torch.randn(local, zn.shape[1], generator=gen).to(dev))
+        common.check_finite(loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        pg.sync_grads(mlp.parameters())
+        opt.step()
+    if pg.main:
+        common.save_checkpoint(path, "sferd-latent", mlp=mlp.state_dict(), mean=mean.cpu(), std=std.cpu())
+    return mlp.eval().requires_grad_(False), mean, std
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling (Alg. 2)
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_sferd_pd(D, eps, N, G=None, z_sem=None, mode="train", g_drop=0.0):
+    """pd.sample_ddim with Alg. 2's correction x0~ = x0 + (s_t/alpha_t)*c_t*G on the first (1-g_drop)*N steps."""
+    z = eps
+    for k in range(N, 0, -1):
+        t, s = torch.tensor([k / N], dtype=torch.float64), torch.tensor([(k - 1) / N], dtype=torch.float64)
+        (alpha_t, s_t), (alpha_s, s_s) = pd.alpha_sigma(t, z), pd.alpha_sigma(s, z)
+        x_hat = common.vp_predict(D, z, alpha_t, s_t)[0]
+        if G is not None and N - k < round((1 - g_drop) * N):
+            g = G(D.net, z / alpha_t, s_t / alpha_t, z_sem)
+            x_hat = corrected_x0(x_hat, g, s_t / alpha_t, s_s / alpha_s, mode)
+        x_hat = x_hat.clamp(-1, 1)
+        if k == 1:
+            return x_hat
+        z = pd.ddim_step(z, x_hat, alpha_t, s_t, alpha_s, s_s)
+    return z
+
+
+def corrected_consistency(f, G, z_sem, grid, mode="train", steps=None):
+    """f~(x, sigma) = x0~ of Alg. 2 for CD's f; t-1 = the next lower point of CD's training grid.
+    steps: how many of the calls get the correction (the rest, --g-drop, use f alone)."""
+    calls = [0]
+
+    def f_tilde(x, sigma):
+        x0 = f(x, sigma)
+        calls[0] += 1
+        if steps is not None and calls[0] > steps:
+            return x0
+        lower = grid[grid < float(sigma) * (1 - 1e-4)]
+        sigma_prev = lower[0].item() if len(lower) else 0.0
+        return corrected_x0(x0, G(f.net, x, sigma, z_sem), as_batch(sigma, x), as_batch(sigma_prev, x), mode)
+    return f_tilde
+
+
+def latent_noise(eps, z_dim):
+    """Per-sample latent noise keyed by each sample's starting noise (cd.renoise_source's keys, another seed)."""
+    keys = [int.from_bytes(hashlib.sha1(e.cpu().numpy().tobytes()).digest()[:6], "big") for e in eps]
+    return common.PerSampleNoise(common.EVAL_SEED + 1, keys, eps.device).randn(z_dim)
+
+
+def make_sampler(args, student, G=None, latent=None):
+    """sample_fn for common.report: unit noise -> images; z_sem drawn from the latent DDPM (Alg. 2, unconditional)."""
+    def z_sem_of(eps):
+        mlp, mean, std = latent
+        return sample_latent(mlp, latent_noise(eps, args.hp["z_dim"]), args.hp["latent_steps"], mean, std)
+
+    if args.base == "pd":
+        if G is None:
+            return lambda eps: pd.sample_ddim(student, eps, args.nfe)
+        return lambda eps: sample_sferd_pd(student, eps, args.nfe, G, z_sem_of(eps), args.g_scale, args.g_drop)
+    taus = args.cd_hp["taus"]
+    if G is None:
+        return cd.make_sampler(student, taus)
+    grid = common.karras_sigmas(args.cd_hp["N"], cd.SIGMA_MIN, cd.SIGMA_MAX, cd.RHO)
+    steps = round((1 - args.g_drop) * args.nfe)
+    return lambda eps: cd.sample_cd(corrected_consistency(student, G, z_sem_of(eps), grid, args.g_scale, steps),
+                                    cd.SIGMA_MAX * eps, taus, cd.renoise_source(eps).randn_like)
+
+
+def base_run_metrics(args):
+    """The base's own lab/paper run with the same settings (pd.py / cd.py), if it exists: SFERD vs base."""
+    name = f"pd-{args.preset}" if args.base == "pd" else f"cd-nfe{args.nfe}"
+    path = common.RUNS / common.dataset_slug(args.dataset) / name / "metrics.json"
+    if not path.exists():
+        return {"base_run": None, "base_note": f"run `python {args.base}.py --dataset {args.dataset} --preset "
+                f"{args.preset} --nfe {args.nfe}` (or this file with --no-guidance --no-predictor) for the base"}
+    m = json.loads(path.read_text())
+    if m.get("nfe") != args.nfe or m.get("start_steps", None) != getattr(args, "start_steps", None):
+        return {"base_run": None, "base_note": f"{path} is for other settings (NFE {m.get('nfe')})"}
+    keys = ("fid", "fid_n", "teacher_rms", "images_seen", "train_seconds")
+    return {"base_run": str(path), **{f"base_{k}": m.get(k) for k in keys}}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    pg = common.Dist(args.device)
+    common.seed_all(args.seed)
+    data, _ = common.load_dataset(args.dataset, args.data_dir)
+    D, teacher_path = common.load_teacher(args, pg)
+    teacher_path = teacher_path.resolve()
+    if not args.no_guidance:                                         # fail early on a bad --attn-block
+        args.attn_block = args.attn_block or default_attn_block(D.net)
+        if args.attn_block not in D.net.attn_names:
+            raise UserError(f"--attn-block {args.attn_block}: the teacher has {', '.join(D.net.attn_names)}")
+    variant = f"sferd-{args.base}" + "-noguide" * args.no_guidance + "-nopred" * args.no_predictor
+    out = common.run_dir(args, f"{variant}-nfe{args.nfe}")
+    pg.log(f"{variant}: {args.dataset}, preset {args.preset}, NFE {args.nfe}, attention block {args.attn_block}, "
+           f"k {args.k}, w {args.w}, blur sigma {args.blur_sigma}, {pg.world} process(es) on {pg.device}")
+    if args.base == "pd":
+        student, last_teacher, state = train_base_pd(args, pg, data, D, out, teacher_path)
+        teacher = guided(last_teacher, args)
+        terms = lambda s, x0, gen: pd_terms(s, teacher, x0, gen, args.nfe)
+    else:
+        student, seconds, images = cd.train(args, args.cd_hp, pg, guided(D, args), data, out)
+        state, teacher = dict(images=images, seconds=seconds), guided(D, args)
+        sigmas = common.karras_sigmas(args.cd_hp["N"], cd.SIGMA_MIN, cd.SIGMA_MAX, cd.RHO).float().to(pg.device)
+        terms = lambda s, x0, gen: cd_terms(s, teacher, x0, gen, sigmas)
+    base_images, G, latent = state["images"], None, None
+    if not args.no_predictor:
+        E, G = train_predictor(args, pg, data, student, terms, out, state)
+        latent = train_latent(args, pg, data, E, out)
+    info = dict(method="sferd", variant=variant, nfe=args.nfe, train_seconds=state["seconds"],
+                images_seen=state["images"], base=args.base, base_phase_images=base_images, guidance=not args.no_guidance,
+                predictor=not args.no_predictor, attn_block=args.attn_block, k=args.k, w=args.w,
+                blur_sigma=args.blur_sigma, blur_size=args.blur_size, g_scale=args.g_scale, g_drop=args.g_drop,
+                calls_per_step="student + G_tau (its own encoder pass)" if G is not None else "student",
+                latent_ddim_steps=args.hp["latent_steps"] if G is not None else 0, **base_run_metrics(args))
+    common.report(args, pg, out, D, teacher_path, make_sampler(args, student, G, latent), info, data.shape[1:])
+    pg.close()
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

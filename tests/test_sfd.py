@@ -1,0 +1,258 @@
+"""Tests of sfd.py: the grids, AFS, the teacher read-out, Alg. 2's detached student steps, SFD-v's
+step condition, --nfe validation, the second stage's initialisation, and the CLI end to end."""
+import json
+import sys
+
+import pytest
+import torch
+
+import common
+import sfd
+from conftest import run_script
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs use one thread, as run_script's subprocesses do: on a shared 2-core machine two
+    OpenMP threads that wait on each other make these small networks ~30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gaussian_denoiser(sd=1.0, calls=None):
+    """The exact D(x, sigma) for data ~ N(0, sd^2 I): sd^2/(sd^2 + sigma^2) * x."""
+    def D(x, sigma, cond=None):
+        if calls is not None:
+            calls.append(float(sigma))
+        return sd**2 / (sd**2 + float(sigma) ** 2) * x
+    return D
+
+
+def exact_ode(x_T, T, t, sd=1.0):
+    """Probability-flow ODE solution for Gaussian data: x(t) = x_T*sqrt(sd^2 + t^2)/sqrt(sd^2 + T^2)."""
+    return x_T * ((sd**2 + t**2) / (sd**2 + T**2)) ** 0.5
+
+
+def small_net(seed=0):
+    """A smoke U-Net whose zero-initialised output conv is perturbed, so every weight gets a gradient."""
+    torch.manual_seed(seed)
+    net = common.UNet(in_ch=1, **common.NET_CONFIGS["smoke"])
+    with torch.no_grad():
+        net.conv_out.weight.normal_(0, 0.05)
+    return net
+
+
+# --- grids and AFS ----------------------------------------------------------------------------
+
+def test_student_grid_matches_paper_example():
+    t = sfd.student_grid(2)                              # METHODS.md 3: NFE 2 -> 80, 10.929, 0.670, 0.006
+    assert torch.allclose(t, torch.tensor([80.0, 10.929, 0.670, 0.006], dtype=torch.float64), atol=1e-3)
+    assert len(sfd.student_grid(4)) == 4 + 2 and len(sfd.student_grid(4, afs=False)) == 4 + 1
+
+
+@pytest.mark.parametrize("nfe,K", [(1, 4), (2, 4), (4, 4), (5, 3), (3, 2)])
+def test_teacher_grid_contains_student_grid(nfe, K):
+    t = sfd.student_grid(nfe)
+    fine = sfd.teacher_grid(t, K)
+    assert len(fine) == K * (len(t) - 1) + 1
+    assert torch.equal(fine[::K], t)                      # every K-th point IS a student time (bit-exact)
+    # ... and the whole finer grid is the polynomial (rho 7) grid of that many points (authors' get_schedule).
+    assert torch.allclose(fine, common.karras_sigmas(len(fine), 0.006, 80.0, 7.0), rtol=1e-12, atol=0)
+    assert (fine[1:] < fine[:-1]).all()
+
+
+def test_second_stage_teacher_runs_on_the_first_stage_grid():
+    K = (sfd.FIRST_STAGE_NFE + 1) // 2                    # 80 -> AFS -> t_min: 2 intervals, stage 1 has 6
+    assert torch.allclose(sfd.teacher_grid(sfd.student_grid(1), K), sfd.student_grid(sfd.FIRST_STAGE_NFE), rtol=1e-12)
+
+
+def test_afs_slope():
+    # AFS replaces the first network call by the slope d = x/sqrt(1 + t^2) ...
+    calls, x = [], torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    t = sfd.student_grid(4)
+    x1 = common.sample_euler(gaussian_denoiser(calls=calls), x, t[:2], afs=True)
+    t0, t1 = float(t[0]), float(t[1])
+    assert calls == [] and torch.allclose(x1, x + (t1 - t0) * x / (1 + t0**2) ** 0.5, rtol=1e-14)
+    # ... which is the exact ODE slope (x - D(x))/t = t*x/(sd^2 + t^2) of unit-variance data at t = 80, to 1e-4.
+    exact_slope = t0 / (1 + t0**2)
+    assert abs(1 / (1 + t0**2) ** 0.5 / exact_slope - 1) < 1e-4
+    # A whole AFS sampling run spends NFE = points - 2 network calls.
+    calls.clear()
+    common.sample_euler(gaussian_denoiser(calls=calls), x, t, afs=True)
+    assert len(calls) == len(t) - 2 == 4 and calls == t[1:-1].tolist()
+
+
+# --- the teacher: multistep solver on the finer grid, read out at the student times -----------
+
+def test_teacher_states_are_the_solver_at_student_times():
+    torch.manual_seed(0)
+    x_T, K = 80.0 * torch.randn(2, 1, 8, 8, dtype=torch.float64), 4
+    t = sfd.student_grid(4)
+    fine = sfd.teacher_grid(t, K)
+    D = gaussian_denoiser()
+    states = sfd.teacher_states(D, x_T, fine, K, "euler")
+    assert len(states) == len(t) - 1
+    for k, x_k in enumerate(states):                     # state k = Euler run up to fine point K*(k+1) = t_{k+1}
+        assert torch.allclose(x_k, common.sample_euler(D, x_T, fine[: K * (k + 1) + 1]), rtol=1e-12)
+    # DPM-Solver++(3M) (the default teacher) tracks the exact ODE at every student time ...
+    states = sfd.teacher_states(D, x_T, fine, K, "dpm3m")
+    assert torch.equal(states[-1], common.sample_dpmpp(D, x_T, fine, order=3))
+    rel_err = lambda x_k, k: ((x_k - exact_ode(x_T, 80.0, float(t[k + 1]))).abs().max()
+                              / exact_ode(x_T, 80.0, float(t[k + 1])).abs().max()).item()
+    assert all(rel_err(x_k, k) < 2e-2 for k, x_k in enumerate(states)) and rel_err(states[-1], len(t) - 2) < 1e-3
+    # ... and at t_min the slides' ranking of teachers holds: DPM++(3M) > DPM(2S) > Heun > DDIM (Euler).
+    final = [rel_err(sfd.teacher_states(D, x_T, fine, K, s)[-1], len(t) - 2) for s in ("dpm3m", "dpm2s", "heun", "euler")]
+    assert final == sorted(final), final
+
+
+# --- Alg. 2: the student steps from its own detached state, one update per step ----------------
+
+def test_gradients_flow_only_through_the_current_student_step():
+    net = small_net()
+    D = common.Denoiser(common.student_from(net))
+    params = list(D.parameters())
+    t = sfd.student_grid(4)
+    torch.manual_seed(1)
+    x_T = 80.0 * torch.randn(2, 1, 32, 32)
+    x_tilde = [torch.randn(2, 1, 32, 32) * float(s) for s in t[1:]]
+    recorded = []
+
+    def update(loss):                                    # record grads; no step, so psi stays fixed
+        grads = torch.autograd.grad(loss, params)
+        recorded.append([g.clone() for g in grads])
+
+    x_end, losses = sfd.distill_trajectory(D, x_T, x_tilde, t, update, afs=True, loss="l1")
+    assert len(recorded) == len(t) - 2                   # an optimizer step per student network step, none for AFS
+    # Independent computation: the student's states without any graph, then each step's loss alone.
+    with torch.no_grad():
+        xs = [x_T, common.afs_step(x_T, float(t[0]), float(t[1]))]
+        for k in range(1, len(t) - 1):
+            xs.append(sfd.euler_step(D, xs[-1], float(t[k]), float(t[k + 1])))
+    assert torch.allclose(x_end, xs[-1])
+    for k in range(1, len(t) - 1):
+        loss = (sfd.euler_step(D, xs[k], float(t[k]), float(t[k + 1])) - x_tilde[k]).abs().mean()
+        assert abs(loss.item() - losses[k - 1]) < 1e-6
+        for g_alg, g_ref in zip(recorded[k - 1], torch.autograd.grad(loss, params)):
+            assert torch.allclose(g_alg, g_ref, rtol=1e-5, atol=1e-8)
+    # Had the state not been detached, step k's gradient would also flow through steps 1..k-1:
+    x = xs[1]
+    for k in range(1, len(t) - 1):
+        x = sfd.euler_step(D, x, float(t[k]), float(t[k + 1]))      # no detach
+    leaky = torch.autograd.grad((x - x_tilde[-1]).abs().mean(), params)
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(leaky, recorded[-1]))
+
+
+def test_distances():
+    a, b = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    assert torch.isclose(sfd.distance("l1", a, b), (a - b).abs().mean())
+    assert torch.isclose(sfd.distance("l2", a, b), ((a - b) ** 2).mean())
+    c = 0.00054 * 8
+    ref = torch.stack([((a[i] - b[i]).norm() ** 2 + c**2).sqrt() - c for i in range(4)]).mean()
+    assert torch.isclose(sfd.distance("huber", a, b), ref)
+
+
+# --- SFD-v: the step condition ----------------------------------------------------------------
+
+def test_sfdv_condition_is_a_no_op_at_init():
+    net = small_net()
+    teacher = common.Denoiser(net).eval()
+    ch = net.config["ch"]
+    student = common.Denoiser(common.student_from(net, cond_dim=4 * ch)).eval()
+    embed = sfd.StepEmbedding(4 * ch, ch)
+    x, sigma = torch.randn(3, 1, 32, 32) * 5, torch.tensor([0.1, 2.0, 30.0])
+    with torch.no_grad():
+        ref = teacher(x, sigma)
+        outs = {n: student(x, sigma, embed(n, 3, "cpu")) for n in (2, 3, 4, 5)}
+        for n, out in outs.items():
+            assert torch.equal(out, ref), n
+        # Once the zero-initialised maps move, the NFE does change the output (the condition is wired in).
+        for m in student.modules():
+            if isinstance(m, common.ResBlock) and m.cond is not None:
+                m.cond.weight.normal_(0, 0.1)
+        assert not torch.allclose(student(x, sigma, embed(2, 3, "cpu")), student(x, sigma, embed(5, 3, "cpu")))
+
+
+# --- the command line -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("nfe", ["0", "-1", "2.5", "abc", "17", "1,2", "3,,4"])
+def test_bad_nfe_is_one_line(nfe, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["sfd.py", "--preset", "smoke", f"--nfe={nfe}", "--teacher", "missing.pt"])
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(sfd.main)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --nfe"), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_nfe_subprocess(tmp_path):
+    r = run_script("sfd.py", "--preset", "smoke", "--nfe", "0", cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--nfe" in r.stderr, r.stderr
+
+
+def smoke_args(fashion_dir, smoke_teacher, out, *extra):
+    return ["--preset", "smoke", "--data-dir", fashion_dir, "--teacher", smoke_teacher, "--out", out, *extra]
+
+
+def test_smoke_end_to_end_and_second_stage_init(fashion_dir, smoke_teacher, tmp_path):
+    # First stage at NFE 5 (it is also the default first-stage folder of the run below: <out's parent>/sfd-nfe5).
+    r = run_script("sfd.py", *smoke_args(fashion_dir, smoke_teacher, tmp_path / "sfd-nfe5", "--nfe", "5"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "sfd-nfe5" / "metrics.json").read_text())
+    for key in ("method", "variant", "dataset", "preset", "nfe", "fid", "fid_n", "teacher_fid_dpm3m", "teacher_fid_euler",
+                "train_seconds", "images_seen", "teacher_rms", "teacher_rms_dpm3m", "teacher_rms_euler"):
+        assert key in m, key
+    assert m["method"] == "sfd" and m["nfe"] == 5 and m["images_seen"] == 8
+    assert (tmp_path / "sfd-nfe5" / "samples.png").exists()
+    assert r.stdout.strip().splitlines()[-1].startswith("sfd fashion NFE 5: student")
+    stage1 = torch.load(tmp_path / "sfd-nfe5" / "student.pt", weights_only=True)
+    teacher = torch.load(smoke_teacher, weights_only=True)["ema"]
+    assert any(not torch.equal(stage1["net"][k], teacher[k]) for k in teacher)      # stage 1 did train
+
+    # Second stage with lr 0: its student must still hold exactly the first stage's weights.
+    mtime = (tmp_path / "sfd-nfe5" / "student.pt").stat().st_mtime
+    r = run_script("sfd.py", *smoke_args(fashion_dir, smoke_teacher, tmp_path / "sfd-nfe1", "--nfe", "1", "--lr", "0"),
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "sfd-nfe5" / "student.pt").stat().st_mtime == mtime            # reused, not retrained
+    stage2 = torch.load(tmp_path / "sfd-nfe1" / "student.pt", weights_only=True)
+    assert all(torch.equal(stage2["net"][k], stage1["net"][k]) for k in stage1["net"])
+    m = json.loads((tmp_path / "sfd-nfe1" / "metrics.json").read_text())
+    assert m["variant"] == "sfd-stage2" and m["nfe"] == 1 and m["student_grid"][0] == 80.0 and len(m["student_grid"]) == 3
+
+
+def test_resume_equals_uninterrupted_run(fashion_dir, smoke_teacher, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def run(out, *extra):
+        monkeypatch.setattr(sys, "argv", ["sfd.py", *map(str, smoke_args(fashion_dir, smoke_teacher, out, "--nfe", "2,3",
+                                                                          "--trajectories", "16", *extra))])
+        sfd.main()
+        return torch.load(tmp_path / out / "student.pt", weights_only=True)
+
+    full = run("a", "--stop-after", "12")
+    run("b", "--stop-after", "4")
+    resumed = run("b", "--stop-after", "12", "--resume")
+    assert resumed["trajectories"] == full["trajectories"] == 12 and not resumed["finished"]
+    for part in ("net", "embed"):
+        for k in full[part]:
+            assert torch.equal(full[part][k], resumed[part][k]), (part, k)
+    # Finishing the SFD-v run evaluates every NFE: one metrics.json list, one folder per NFE.
+    finished = run("b", "--resume")
+    assert finished["finished"] and finished["trajectories"] == 16
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert [m["nfe"] for m in metrics] == [2, 3] and all(m["variant"] == "sfd-v" and "teacher_rms" in m for m in metrics)
+    assert all((tmp_path / "b" / f"nfe{n}" / "samples.png").exists() for n in (2, 3))
+    assert (tmp_path / "b" / "samples.png").exists()
+
+
+def test_torchrun_two_processes_trains_first_stage_then_second(fashion_dir, smoke_teacher, tmp_path):
+    r = run_script("sfd.py", *smoke_args(fashion_dir, smoke_teacher, tmp_path / "sfd-nfe1", "--nfe", "1"),
+                   cwd=tmp_path, torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "sfd-nfe5" / "metrics.json").read_text())["nfe"] == 5      # stage 1 trained first
+    assert json.loads((tmp_path / "sfd-nfe1" / "metrics.json").read_text())["nfe"] == 1
+    assert "sfd-stage2 fashion NFE 1: student" in r.stdout.strip().splitlines()[-1]

@@ -272,7 +272,8 @@ def onestep_rms(args, pg, teacher, teacher_path, f, shape):
     """teacher_rms of the ONE-step student (and of the teacher's 1-NFE Euler), the deterministic measure."""
     n = common.FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
     n, batch = max(n, 64), args.batch_size or 250
-    _, ref = common.teacher_baseline(teacher, teacher_path, args, "dpm3m", common.REFERENCE_NFE, n, shape, pg.device)
+    _, ref = common.teacher_baseline(teacher, teacher_path, args, "dpm3m", common.REFERENCE_NFE, n, shape, pg.device,
+                                       with_fid=False)
     one = common.generate(lambda eps: f(SIGMA_MAX * eps, SIGMA_MAX), n, shape, batch, pg.device, "student 1 step")
     euler = common.generate(lambda eps: teacher(SIGMA_MAX * eps, SIGMA_MAX), n, shape, batch, pg.device, "teacher 1 NFE")
     return {"onestep_teacher_rms": common.rms_distance(one, ref), "onestep_teacher_rms_euler": common.rms_distance(euler, ref)}

@@ -68,7 +68,7 @@ from common import (RUNS, Denoiser, build_net, Dist, UserError, autocast, check_
 PRESETS = {
     # start_steps, iters, batch, lr, later_*: as pd.py (PD chain and CFD stages); cfd_from: the PD chain
     # stops here and CFD takes over; cls: classifier width/blocks and training images/batch/lr.
-    "smoke": dict(start_steps=8, cfd_from=4, iters=3, batch=8, lr=1e-4, later_factor=1.0, later_steps=2,
+    "smoke": dict(start_steps=16, cfd_from=8, iters=3, batch=8, lr=1e-4, later_factor=1.0, later_steps=2,
                   ckpt_every=2, cls=dict(width=8, blocks=(1, 1), images=256, batch=32, lr=3e-3)),
     "lab": dict(start_steps=32, cfd_from=8, iters=300, batch=32, lr=2e-4, later_factor=1.0, later_steps=2,
                 ckpt_every=100, cls=dict(width=16, blocks=(1, 1, 1, 1), images=60_000, batch=128, lr=3e-3)),
@@ -92,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--gamma", type=float, default=None, help="gamma of Eq. 7 (default: the paper's 0.75, 0.5 at 1 step)")
     p.add_argument("--classifier", default=None, help="classifier checkpoint (default: runs/<dataset>/classifier-<preset>/"
                    "classifier.pt, trained on first use)")
+    p.add_argument("--cls-images", type=int, default=None, help="classifier training length in images (default: "
+                   "the preset's; paper ~30 epochs)")
     p.add_argument("--cfd-from", type=int, default=None, help="steps of the PD student CFD starts from (paper 8)")
     p.add_argument("--pd-dir", default=None, help="folder of pd.py's chain (default runs/<dataset>/pd-<preset>)")
     p.add_argument("--pd-baseline", action="store_true", help="also train and evaluate plain PD on the same stages "
@@ -215,7 +217,9 @@ def load_classifier(args, pg, channels):
     first on rank 0. Returns (classifier, path, test accuracy)."""
     path = Path(args.classifier) if args.classifier else RUNS / dataset_slug(args.dataset) / f"classifier-{args.preset}" / "classifier.pt"
     if not args.classifier and not path.exists() and pg.main:
-        train_classifier(args, PRESETS[args.preset]["cls"], path, pg.device)
+        cfg = dict(PRESETS[args.preset]["cls"])
+        cfg["images"] = args.cls_images or cfg["images"]
+        train_classifier(args, cfg, path, pg.device)
     pg.barrier()
     ck = load_checkpoint(path, "cfd-classifier")
     if ck["config"]["in_ch"] != channels:

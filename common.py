@@ -808,7 +808,7 @@ class Dist:
         local = int(os.environ.get("LOCAL_RANK", 0))
         if device is None:
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and self.world > 1:
+        elif device == "cuda":                    # each process its own GPU (torch.cuda calls need the index)
             device = f"cuda:{local}"
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {device}: CUDA is not available on this machine")
@@ -998,7 +998,9 @@ def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed
         with torch.no_grad():
             grid = sample_dpmpp(teacher, x, teacher_sigmas("dpm3m", 35))
         save_grid(grid, out / "samples.png", nrow=8)
-        pg.log(f"teacher: {done:,} images in {seconds / 60:.1f} min ({done / seconds:.0f} img/s), "
+        mem = (f", peak {torch.cuda.max_memory_allocated(pg.device) / 2**30:.2f} GiB on the GPU"
+               if pg.device.type == "cuda" else "")
+        pg.log(f"teacher: {done:,} images in {seconds / 60:.1f} min ({done / seconds:.0f} img/s{mem}), "
                f"{count_params(ema) / 1e6:.2f} M params, ranks in sync; saved {path} and {out / 'samples.png'}")
     pg.barrier()
     return path
@@ -1060,7 +1062,7 @@ def rms_distance(a, b):
     return ((to_uint8(a).float() - to_uint8(b).float()) ** 2).mean().sqrt().item() / 127.5
 
 
-def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device, with_fid=True):
+def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device, with_fid):
     """FID and RMS-to-reference of the teacher itself with `solver` at `nfe`, computed once per
     teacher and N and cached next to the teacher (eval/). Returns (metrics dict, samples)."""
     cache = Path(teacher_path).parent / "eval"
@@ -1106,6 +1108,11 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
     n_rms = max(n, 64)                                # teacher_rms is measured even when FID is skipped
     device = pg.device
+    cost = {}                                         # training throughput and (CUDA) peak memory, before evaluation
+    if info.get("train_seconds"):
+        cost["img_per_s"] = info.get("images_seen", 0) / info["train_seconds"]
+    if device.type == "cuda":
+        cost["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     batch = args.batch_size or 250
     student = generate(sample_fn, n_rms, shape, batch, device, "student samples")
     save_grid(student[:64], out / "samples.png", nrow=8)
@@ -1124,6 +1131,7 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     metrics["rms_n"] = n_rms
     metrics["teacher"] = str(teacher_path)
     metrics["command"] = " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
+    metrics.update(cost)
     metrics.update({k: v for k, v in info.items() if k not in metrics})
     write_json(out / "metrics.json", metrics)
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"

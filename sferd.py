@@ -99,10 +99,12 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the base's)")
     p.add_argument("--taus", type=float, nargs="+", default=None, help="CD: re-noising sigmas (see cd.py)")
     p.add_argument("--pred-iters", type=int, default=None, help="predictor updates, student frozen for the first half")
+    p.add_argument("--latent-iters", type=int, default=None, help="updates of the latent DDPM over z_sem (Table 4: 100k)")
     args = p.parse_args(argv)
     args.hp = dict(PRESETS[args.preset])
-    if args.pred_iters is not None:
-        args.hp["pred_iters"] = args.pred_iters
+    for key in ("pred_iters", "latent_iters"):
+        if getattr(args, key) is not None:
+            args.hp[key] = getattr(args, key)
     if not 0 <= args.g_drop < 1 or args.blur_sigma <= 0 or args.blur_size < 1 or args.blur_size % 2 == 0:
         raise UserError("need 0 <= --g-drop < 1, --blur-sigma > 0 and an odd --blur-size")
     if args.base == "pd":                    # pd.py's own arguments, filled from its preset (same budget as pd.py)

@@ -34,13 +34,17 @@ def make_fashion(folder, n_train=64, n_test=16, seed=0):
     return folder
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fid: the test computes an FID (may load the Inception weights)")
+
+
 @pytest.fixture(scope="session")
 def fashion_dir(tmp_path_factory):
     return make_fashion(tmp_path_factory.mktemp("fashion"))
 
 
 @pytest.fixture(autouse=True)
-def no_downloads(monkeypatch, tmp_path):
+def no_downloads(monkeypatch, tmp_path, request):
     """Tests never touch the network or the user's cache."""
     import common
 
@@ -50,6 +54,13 @@ def no_downloads(monkeypatch, tmp_path):
     monkeypatch.setattr(common, "download", refuse)
     monkeypatch.setattr(common, "DOWNLOAD_DIR", tmp_path / "cache")
     monkeypatch.setattr(common, "FASHION_DEBIAN", tmp_path / "no-debian-package")
+    if not request.node.get_closest_marker("fid"):       # smoke runs (FID off) must not need Inception weights
+        import fid
+
+        def no_inception(path=None):
+            raise common.UserError("test needed the Inception weights without asking for an FID")
+
+        monkeypatch.setattr(fid, "find_weights", no_inception)
 
 
 def run_script(*args, cwd, timeout=600, torchrun=0):

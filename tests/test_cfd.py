@@ -162,14 +162,15 @@ def test_nfe_validation(tmp_path, capsys):
     r = run_script("cfd.py", "--preset", "smoke", "--nfe", "3", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "power of two" in r.stderr
     with pytest.raises(SystemExit) as e:
-        common.main_guard(lambda: cfd.main(["--preset", "smoke", "--nfe", "4"]))      # smoke: CFD from 4 steps
+        common.main_guard(lambda: cfd.main(["--preset", "smoke", "--nfe", "8"]))      # smoke: CFD from 8 steps
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.strip().count("\n") == 0 and "below 4" in err
+    assert e.value.code == 2 and err.strip().count("\n") == 0 and "below 8" in err
+    assert cfd.cfd_stages(cfd.parse_args(["--preset", "smoke"])) == ([8], [4])       # the bare smoke command works
 
 
 def smoke_args(fashion_dir, smoke_teacher, out, *extra):
     return ["--preset", "smoke", "--data-dir", str(fashion_dir), "--teacher", str(smoke_teacher),
-            "--out", str(out), "--nfe", "2", *map(str, extra)]
+            "--out", str(out), "--nfe", "2", "--start-steps", "8", "--cfd-from", "4", *map(str, extra)]
 
 
 def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_path, monkeypatch, capsys):

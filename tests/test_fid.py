@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pytest tests
 import common  # noqa: E402
 import fid  # noqa: E402
 
+pytestmark = pytest.mark.fid          # these tests load the Inception weights
+
 
 @pytest.fixture(scope="module")
 def torchscript():

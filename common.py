@@ -1146,8 +1146,32 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     return metrics
 
 
+def teacher_rows(args, solvers, nfes):
+    """The teacher's own rows of the results table: each solver at each NFE it can spend exactly,
+    measured like a student (same N, same noise) into runs/<dataset>/teacher-<preset>-rows/."""
+    pg = Dist(args.device)
+    teacher, path = load_teacher(args, pg)
+    shape = (teacher.net.config["in_ch"], teacher.net.config["res"], teacher.net.config["res"])
+    n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
+    n_rms = max(n, 64)
+    _, ref = teacher_baseline(teacher, path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, pg.device, n >= 2)
+    pairs = [(s, k) for s in solvers for k in nfes          # Heun spends odd NFEs; at 1 NFE every solver is Euler
+             if not (s == "heun" and k % 2 == 0) and not (s != "euler" and k == 1)]
+    for solver, nfe in dict.fromkeys(pairs + [("dpm3m", REFERENCE_NFE)]):     # + the teacher at its best NFE
+        t0 = time.time()
+        m, samples = teacher_baseline(teacher, path, args, solver, nfe, n_rms, shape, pg.device, n >= 2)
+        out = run_dir(args, f"teacher-{args.preset}-rows") / f"{solver}-nfe{nfe}"
+        write_json(out / "metrics.json", {
+            "method": "teacher", "variant": f"teacher-{solver}", "dataset": args.dataset, "preset": args.preset,
+            "nfe": nfe, "fid_n": n if n >= 2 else 0, "fid": m["fid"], "teacher_rms": rms_distance(samples, ref),
+            "rms_n": n_rms, "teacher": str(path), "train_seconds": 0, "images_seen": 0,
+            "command": " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])})
+        pg.log(f"teacher {SAMPLER_NAMES[solver]} {nfe} NFE: FID-{n} {m['fid']}, teacher_rms "
+               f"{rms_distance(samples, ref):.4f} ({time.time() - t0:.0f} s)")
+
+
 # ----------------------------------------------------------------------------------------------
-# 10. Command line: python common.py teacher ...
+# 10. Command line: python common.py teacher ... | rows ...
 # ----------------------------------------------------------------------------------------------
 
 def main():
@@ -1164,7 +1188,21 @@ def main():
     t.add_argument("--batch-size", default=None, type=int, help="global batch size (default: the preset's)")
     t.add_argument("--images", default=None, type=int, help="training length in images (default: the preset's)")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    r = sub.add_parser("rows", help="the teacher's rows of the results table: Euler, Heun, DPM-Solver++(3M) at "
+                       "each NFE, FID at the preset's N and teacher_rms (runs/<dataset>/teacher-<preset>-rows/)")
+    r.add_argument("--dataset", default="fashion", help="fashion | cifar10 | folder:PATH")
+    r.add_argument("--data-dir", default=None, help="folder holding the dataset files")
+    r.add_argument("--preset", default="lab", choices=list(TEACHER_PRESETS), help="the teacher's preset (default lab)")
+    r.add_argument("--teacher", default=None, help="teacher checkpoint (default: the preset's shared teacher)")
+    r.add_argument("--nfe", default=[1, 2, 3, 4, 5], type=int, nargs="+", help="network calls (default 1 2 3 4 5)")
+    r.add_argument("--solvers", default=["euler", "heun", "dpm3m"], nargs="+", choices=["euler", "heun", "dpm2m", "dpm3m"])
+    r.add_argument("--fid-samples", default=None, type=int, help="N (default: the preset's)")
+    r.add_argument("--out", default=None, help="output folder (default runs/<dataset>/teacher-<preset>-rows)")
+    r.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    r.add_argument("--batch-size", default=None, type=int, help="sampling batch (default 250)")
     args = p.parse_args()
+    if args.cmd == "rows":
+        return teacher_rows(args, args.solvers, args.nfe)
     train_teacher(args.dataset, args.preset, args.out, args.data_dir, args.seed, args.device,
                   args.batch_size, args.resume, args.images)
     if dist.is_initialized():

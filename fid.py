@@ -356,6 +356,29 @@ def source_stats(source, args):
     raise common.UserError(f"{source}: not an image folder, a .npz of statistics, or dataset:NAME")
 
 
+# The papers' own CIFAR-10 FIDs (50k samples, their teachers and networks), for reference only: fewstep's
+# lab rows use another dataset, teacher and N. [S] SFERD (arXiv:2311.03830) Table 1, one table for PD,
+# CD (l2 metric), SFERD-PD, SFERD-CD; [C] CFD (arXiv:2211.12039) Table 1 (RCFD-ResNet18) and Table 3
+# (CFD, ResNet18); [F] SFD slides Table 2 (NFE without the AFS step; NFE 1 = second stage; DPM++(3M)).
+PAPER_CIFAR10 = {
+    "pd": {1: "14.85 [S]", 2: "7.64 [S]", 4: "4.28 [S]"},
+    "cd": {1: "8.21 [S]", 2: "6.26 [S]", 4: "3.39 [S]"},
+    "sferd-pd": {1: "7.54 [S]", 2: "6.37 [S]", 4: "3.44 [S]"},
+    "sferd-cd": {1: "5.31 [S]", 2: "4.19 [S]", 4: "2.68 [S]"},
+    "rcfd": {1: "12.03 [C]", 2: "6.12 [C]", 4: "4.24 [C]"},
+    "cfd": {4: "4.42 [C]"},
+    "sfd": {2: "4.53 [F]", 3: "3.58 [F]", 4: "3.24 [F]", 5: "3.06 [F]"},
+    "sfd-v": {2: "4.28 [F]", 3: "3.50 [F]", 4: "3.18 [F]", 5: "2.95 [F]"},
+    "sfd-stage2": {1: "5.83 [F]"},
+    "teacher-dpm3m": {5: "24.97 [F]"},
+}
+
+
+def paper_fid(variant, nfe):
+    key = "cd" if variant.startswith("cd-") else variant
+    return PAPER_CIFAR10.get(key, {}).get(nfe, "–")
+
+
 def results_table(folder):
     """A Markdown table of every metrics.json under folder (one row each, sorted by NFE then method),
     so the README's numbers are printed from the runs, never typed."""
@@ -370,14 +393,14 @@ def results_table(folder):
         raise common.UserError(f"{folder}: no metrics.json found under it")
     num = lambda v, f="{:.2f}": "–" if v is None else f.format(v)
     lines = ["| method | NFE | N | FID student | FID teacher DPM++(3M) | FID teacher Euler | teacher_rms student "
-             "| rms DPM++(3M) | rms Euler | train min | images seen | run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| rms DPM++(3M) | rms Euler | train min | images seen | run | papers' CIFAR-10 FID |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for nfe, variant, m, path in sorted(rows, key=lambda r: (r[0], r[1])):
         lines.append(f"| {variant} | {nfe} | {m.get('fid_n', 0)} | {num(m.get('fid'))} | {num(m.get('teacher_fid_dpm3m'))} "
                      f"| {num(m.get('teacher_fid_euler'))} | {num(m.get('teacher_rms'), '{:.4f}')} "
                      f"| {num(m.get('teacher_rms_dpm3m'), '{:.4f}')} | {num(m.get('teacher_rms_euler'), '{:.4f}')} "
                      f"| {num(m.get('train_seconds', 0) / 60, '{:.1f}')} | {m.get('images_seen', 0):,} "
-                     f"| `{path.parent.relative_to(folder)}` |")
+                     f"| `{path.parent.relative_to(folder)}` | {paper_fid(variant, nfe)} |")
     return "\n".join(lines)
 
 

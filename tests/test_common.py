@@ -450,3 +450,20 @@ def test_report_measures_rms_to_the_teachers_reference(smoke_teacher, fashion_di
     assert saved["teacher_rms_euler"] == m["teacher_rms_euler"]
     assert (tmp_path / "run" / "samples.png").exists()
     assert (path.parent / "eval" / "euler-nfe2-n64.pt").exists()
+
+
+def test_teacher_rows_for_the_results_table(smoke_teacher, fashion_dir, tmp_path):
+    """`common.py rows`: one metrics.json per solver and NFE it can spend; the 35-NFE DPM-Solver++(3M)
+    row is the reference itself (teacher_rms 0), fewer calls are further from it, and fid.py's
+    table printer lists the rows."""
+    r = run_script("common.py", "rows", "--preset", "smoke", "--data-dir", fashion_dir, "--teacher", smoke_teacher,
+                   "--nfe", "1", "2", "3", "35", "--solvers", "euler", "heun", "dpm3m", "--out", tmp_path / "rows",
+                   "--fid-samples", "0", "--device", "cpu", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    found = sorted(p.parent.name for p in (tmp_path / "rows").rglob("metrics.json"))
+    assert found == ["dpm3m-nfe2", "dpm3m-nfe3", "dpm3m-nfe35", "euler-nfe1", "euler-nfe2", "euler-nfe3",
+                     "euler-nfe35", "heun-nfe3", "heun-nfe35"]          # no even-NFE Heun, no 1-NFE duplicates
+    rms = {name: json.loads((tmp_path / "rows" / name / "metrics.json").read_text())["teacher_rms"] for name in found}
+    assert rms["dpm3m-nfe35"] == 0 and rms["euler-nfe1"] > rms["euler-nfe3"] > rms["euler-nfe35"] > 0
+    import fid
+    assert "| teacher-heun | 3 |" in fid.results_table(tmp_path / "rows")

@@ -240,6 +240,8 @@ def test_results_table_is_built_from_metrics_files(tmp_path):
     table = fid.results_table(tmp_path).splitlines()
     assert len(table) == 4 and table[2].startswith("| pd | 2 |") and table[3].startswith("| sfd | 4 | 500 | 12.35 |")
     assert "| – |" in table[2] and "0.0432" in table[3] and "| 1.5 | 2,048 |" in table[3]
+    assert table[2].endswith("| 7.64 [S] |") and table[3].endswith("| 3.24 [F] |")     # the papers' column
+    assert fid.paper_fid("cd-pseudo-huber", 1) == "8.21 [S]" and fid.paper_fid("sfddm-ddim", 4) == "–"
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.json").write_text("{")
     with pytest.raises(common.UserError):

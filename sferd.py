@@ -40,10 +40,13 @@ Deviations from the paper, and why:
     and "t-1" is the next point of CD's Karras grid; the squared error of line 18 replaces CD's distance.
   - Lab preset: the bases' lab settings, a 64-d z_sem, a 4 x 256 latent MLP; paper: 512-d, 10 x 2048, PD
     from 1024 steps (App. B). The predictor's length and joint lr are not given in the paper (our choice).
+    SFERD-PD lab starts at 16 steps, not pd.py's 32: the guided teacher costs two calls per step, and two
+    stages (the paper, too, distils in few stages: Table 6) keep the run within 15 CPU minutes. Its
+    same-budget base is therefore this file with --no-guidance --no-predictor (pd.py from 16 steps).
   - --resume: base stages and the predictor phase resume exactly; an unfinished latent DDPM restarts.
 
 Run:
-  CPU lab:   python pd.py --dataset fashion --nfe 4 && python sferd.py --dataset fashion --nfe 4 --base pd
+  CPU lab:   python sferd.py --dataset fashion --nfe 4 --base pd     (+ --no-guidance --no-predictor: the base)
   CUDA paper: python sferd.py --dataset cifar10 --preset paper --base cd --nfe 1 --device cuda
   torchrun:  torchrun --nproc_per_node=2 sferd.py --preset smoke
   ablation:  python sferd.py --nfe 4 --no-predictor --w 0.5 --blur-sigma 1 --out runs/fashion/sferd-abl
@@ -94,7 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--g-scale", choices=["train", "paper"], default="train",
                    help="sampling scale of G_tau: 'train' = Alg. 1 line 18's s_{t-1}^2/alpha_{t-1}, 'paper' = Alg. 2's s_t")
     p.add_argument("--g-drop", type=float, default=0.0, help="drop G_tau on this last fraction of steps (authors' code 0.3)")
-    p.add_argument("--start-steps", type=int, default=None, help="PD: DDIM steps of the original teacher (default: pd.py's)")
+    p.add_argument("--start-steps", type=int, default=None,
+                   help="PD: DDIM steps of the original teacher (default: lab 16, paper 1024, smoke pd.py's)")
     p.add_argument("--iters", type=int, default=None, help="base updates (PD: per stage; CD: total; default: the base's)")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the base's)")
     p.add_argument("--taus", type=float, nargs="+", default=None, help="CD: re-noising sigmas (see cd.py)")
@@ -109,7 +113,7 @@ def parse_args(argv=None):
         raise UserError("need 0 <= --g-drop < 1, --blur-sigma > 0 and an odd --blur-size")
     if args.base == "pd":                    # pd.py's own arguments, filled from its preset (same budget as pd.py)
         cfg = pd.PRESETS[args.preset]
-        args.start_steps = args.start_steps or (1024 if args.preset == "paper" else cfg["start_steps"])   # App. B
+        args.start_steps = args.start_steps or {"paper": 1024, "lab": 16}.get(args.preset, cfg["start_steps"])  # App. B
         args.iters, args.lr = args.iters or cfg["iters"], args.lr or cfg["lr"]
         args.later_factor, args.later_steps, args.ckpt_every = cfg["later_factor"], cfg["later_steps"], cfg["ckpt_every"]
         args.grad_clip, args.batch = 1.0, args.batch_size or cfg["batch"]
@@ -492,17 +496,17 @@ def make_sampler(args, student, G=None, latent=None):
 
 
 def base_run_metrics(args):
-    """The base's own lab/paper run with the same settings (pd.py / cd.py), if it exists: SFERD vs base."""
-    name = f"pd-{args.preset}" if args.base == "pd" else f"cd-nfe{args.nfe}"
-    path = common.RUNS / common.dataset_slug(args.dataset) / name / "metrics.json"
-    if not path.exists():
-        return {"base_run": None, "base_note": f"run `python {args.base}.py --dataset {args.dataset} --preset "
-                f"{args.preset} --nfe {args.nfe}` (or this file with --no-guidance --no-predictor) for the base"}
-    m = json.loads(path.read_text())
-    if m.get("nfe") != args.nfe or m.get("start_steps", None) != getattr(args, "start_steps", None):
-        return {"base_run": None, "base_note": f"{path} is for other settings (NFE {m.get('nfe')})"}
-    keys = ("fid", "fid_n", "teacher_rms", "images_seen", "train_seconds")
-    return {"base_run": str(path), **{f"base_{k}": m.get(k) for k in keys}}
+    """SFERD vs its base at the same settings (the paper's claim): this file's --no-guidance --no-predictor
+    run (exactly the base) or the base's own run (pd.py / cd.py), whichever has the same NFE and start."""
+    runs = common.RUNS / common.dataset_slug(args.dataset)
+    own = f"pd-{args.preset}" if args.base == "pd" else f"cd-nfe{args.nfe}"
+    for path in (runs / name / "metrics.json" for name in (f"sferd-{args.base}-noguide-nopred-nfe{args.nfe}", own)):
+        m = json.loads(path.read_text()) if path.exists() else {}
+        if m.get("nfe") == args.nfe and m.get("start_steps") == getattr(args, "start_steps", None):
+            keys = ("fid", "fid_n", "teacher_rms", "images_seen", "train_seconds")
+            return {"base_run": str(path), **{f"base_{k}": m.get(k) for k in keys}}
+    return {"base_run": None, "base_note": f"for the base, run this file with --no-guidance --no-predictor (or "
+            f"`python {args.base}.py` with the same settings)"}
 
 
 def main(argv=None):
@@ -538,7 +542,8 @@ def main(argv=None):
                 predictor=not args.no_predictor, attn_block=args.attn_block, k=args.k, w=args.w,
                 blur_sigma=args.blur_sigma, blur_size=args.blur_size, g_scale=args.g_scale, g_drop=args.g_drop,
                 calls_per_step="student + G_tau (its own encoder pass)" if G is not None else "student",
-                latent_ddim_steps=args.hp["latent_steps"] if G is not None else 0, **base_run_metrics(args))
+                latent_ddim_steps=args.hp["latent_steps"] if G is not None else 0,
+                start_steps=getattr(args, "start_steps", None), **base_run_metrics(args))
     common.report(args, pg, out, D, teacher_path, make_sampler(args, student, G, latent), info, data.shape[1:])
     pg.close()
 

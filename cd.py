@@ -44,8 +44,13 @@ Deviations and why:
     fidelity with the re-noising's randomness. The one-step student's teacher_rms is therefore
     also reported (onestep_teacher_rms, next to the teacher's own 1-NFE Euler: onestep_teacher_rms_euler).
 
+Outputs: the consistency model does not depend on the NFE (only sampling does), so one run folder
+runs/<dataset>/cd-<preset>/ holds the student (student.pt) and each evaluated NFE writes nfe<N>/
+(metrics.json, samples.png); `--nfe 2 --resume` after a finished run only samples and evaluates.
+
 Run:
   CPU lab (default):  python cd.py --dataset fashion --nfe 4
+  same model, 1 step: python cd.py --dataset fashion --nfe 1 --resume
   CUDA paper:         python cd.py --dataset cifar10 --preset paper --nfe 2 --device cuda
   torchrun:           torchrun --nproc_per_node=2 cd.py --preset smoke
   continue a run:     python cd.py --dataset fashion --nfe 4 --resume
@@ -230,6 +235,10 @@ def train(args, hp, pg, D, data, out):
     it, seconds, path = 0, 0.0, out / "student.pt"
     if args.resume and path.exists():
         ck = common.load_checkpoint(path, "cd-student")
+        changed = ", ".join(f"{k} {ck['hp'][k]}" for k in ("N", "mu", "ema_rate", "lr", "metric", "batch")
+                            if ck["hp"][k] != hp[k])
+        if changed:
+            raise UserError(f"{path} was trained with other settings ({changed}); use another --out or drop --resume")
         for module, key in ((f, "net"), (f_ema, "ema"), (f_target, "target")):
             if key in ck and (key != "target" or f_target is not f):
                 common.load_state(module.net, ck[key], path)
@@ -289,14 +298,14 @@ def main():
     common.seed_all(args.seed)
     data, _ = common.load_dataset(args.dataset, args.data_dir)
     D, teacher_path = common.load_teacher(args, pg)
-    out = common.run_dir(args, f"cd-nfe{args.nfe}")
+    out = common.run_dir(args, f"cd-{args.preset}")                  # the NFE only changes sampling: nfe<N>/
     f_ema, seconds, images = train(args, hp, pg, D, data, out)
     info = dict(method="cd", variant=f"cd-{hp['metric']}", nfe=args.nfe, train_seconds=seconds, images_seen=images,
                 taus=hp["taus"], N=hp["N"], mu=hp["mu"], ema_rate=hp["ema_rate"], lr=hp["lr"], batch=hp["batch"],
                 iterations=hp["iterations"])
     if args.nfe > 1 and pg.main:
         info.update(onestep_rms(args, pg, D, teacher_path, f_ema, data.shape[1:]))
-    common.report(args, pg, out, D, teacher_path, make_sampler(f_ema, hp["taus"]), info, data.shape[1:])
+    common.report(args, pg, out / f"nfe{args.nfe}", D, teacher_path, make_sampler(f_ema, hp["taus"]), info, data.shape[1:])
     pg.close()
 
 

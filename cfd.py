@@ -28,7 +28,9 @@ What is implemented (../shared/specs/METHODS.md, section 5):
     its test accuracy, or --classifier PATH.
   - metrics.json compares RCFD with plain PD at the same stage: pd.py's metrics.json for the same
     NFE and chain if present (pd_baseline), or, with --pd-baseline, a plain-PD run of the same CFD
-    stages with the same updates/batch/lr, evaluated the same way into <out>/pd-baseline/.
+    stages with the same updates/batch/lr, evaluated the same way into <out>/pd-baseline/nfe<N>/.
+  - Stage files and checkpoints live in runs/<dataset>/<variant>-<preset>/; each evaluated NFE writes
+    its metrics.json and samples.png into nfe<N>/ there (as pd.py does), so `--nfe 2 --resume` keeps the 4-step result.
 
 Deviations from the paper, and why:
   - Teacher: fewstep's shared EDM denoiser, called through the cosine VP adapter (as pd.py).
@@ -97,7 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--cfd-from", type=int, default=None, help="steps of the PD student CFD starts from (paper 8)")
     p.add_argument("--pd-dir", default=None, help="folder of pd.py's chain (default runs/<dataset>/pd-<preset>)")
     p.add_argument("--pd-baseline", action="store_true", help="also train and evaluate plain PD on the same stages "
-                   "with the same budget (into <out>/pd-baseline/)")
+                   "with the same budget (into <out>/pd-baseline/nfe<N>/)")
     p.add_argument("--start-steps", type=int, default=None, help="DDIM steps of the original teacher (paper 1024)")
     p.add_argument("--iters", type=int, default=None, help="updates per CFD stage (paper 10k; default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr of each CFD stage, cosine-annealed (paper 5e-5)")
@@ -364,7 +366,7 @@ def pd_chain(args, pg, data, teacher, stages, gen, teacher_path):
 
 def pd_metrics(folder, args, teacher_path):
     """pd.py's metrics.json for the same NFE, chain and teacher, if there is one."""
-    path = Path(folder) / "metrics.json"
+    path = Path(folder) / f"nfe{args.nfe}" / "metrics.json"
     if not path.exists():
         return None
     m = json.loads(path.read_text())
@@ -417,6 +419,7 @@ def main(argv=None):
             b = pd.train_stage(a, pg, data, b, N, b_gen, b_state, b_out, teacher_path)
         info = dict(method="pd", variant="pd-baseline", nfe=args.nfe, train_seconds=b_state["seconds"],
                     images_seen=b_state["images"], start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters)
+        b_out = b_out / f"nfe{args.nfe}"
         m = report(a, pg, b_out, original, teacher_path, lambda eps: pd.sample_ddim(b, eps, args.nfe), info, data.shape[1:])
         if pg.main:
             baseline = {k: m[k] for k in ("fid", "fid_n", "teacher_rms", "images_seen")} | {
@@ -429,7 +432,7 @@ def main(argv=None):
                 stage_hparams={N: dict(zip(("tau", "beta", "gamma"), stage_hparams(args, N))) for N in stages},
                 iters_per_stage=args.iters, lr=args.lr, batch=args.batch, classifier=str(cls_path),
                 classifier_test_acc=cls_acc, pd_baseline=baseline, sampler="DDIM, x_hat clipped to [-1, 1]")
-    report(args, pg, out, original, teacher_path, lambda eps: pd.sample_ddim(student, eps, args.nfe), info,
+    report(args, pg, out / f"nfe{args.nfe}", original, teacher_path, lambda eps: pd.sample_ddim(student, eps, args.nfe), info,
            data.shape[1:])
     pg.close()
 

@@ -25,7 +25,8 @@ What is implemented (../shared/specs/METHODS.md, section 1):
   - Every finished stage is kept as runs/<dataset>/pd-<preset>/student-<N>steps.pt (cfd.py starts from
     the 8-step one: load_pd_student below); checkpoint.pt holds the stage in progress, so --resume
     continues at the right stage and update. A finished chain is reused: `--nfe 2 --resume` after a
-    4-step run trains only the 4 -> 2 stage.
+    4-step run trains only the 4 -> 2 stage. Each evaluated NFE gets its own folder in the chain's
+    (pd-<preset>/nfe<N>/: metrics.json, samples.png), so the 4- and 2-step results both stay.
 
 Deviations from the paper, and why:
   - The teacher is fewstep's shared EDM denoiser, not the paper's cosine-trained v-prediction U-Net,
@@ -321,7 +322,8 @@ def main(argv=None):
     info = dict(method="pd", variant="pd", nfe=args.nfe, train_seconds=state["seconds"], images_seen=state["images"],
                 start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters, lr=args.lr,
                 batch=args.batch, sampler="DDIM, x_hat clipped to [-1, 1]")
-    report(args, pg, out, original, teacher_path, lambda eps: sample_ddim(student, eps, args.nfe), info, data.shape[1:])
+    report(args, pg, out / f"nfe{args.nfe}", original, teacher_path, lambda eps: sample_ddim(student, eps, args.nfe),
+           info, data.shape[1:])
     pg.close()
 
 

@@ -389,7 +389,7 @@ def train(args, pg):
         teacher_nfe_per_trajectory=(len(fine[n]) - 1) * TEACHER_SOLVERS[solver][1], t_min=args.t_min, afs=afs,
         loss=args.loss, lr=lr, batch=batch, student_grid=grids[n].tolist()), shape) for n in nfes]
     if variable and pg.main:                         # SFD-v: all NFEs side by side, one row of samples each
-        write_json(out / "metrics.json", all_metrics)
+        write_json(out / "metrics-all.json", all_metrics)       # each nfe<N>/metrics.json is one row
         eps = PerSampleNoise(EVAL_SEED, range(8), pg.device).randn(*shape)
         with torch.no_grad():
             save_grid(torch.cat([sample_fn(n)(eps) for n in nfes]).clamp(-1, 1), out / "samples.png", nrow=8)

@@ -499,7 +499,7 @@ def base_run_metrics(args):
     """SFERD vs its base at the same settings (the paper's claim): this file's --no-guidance --no-predictor
     run (exactly the base) or the base's own run (pd.py / cd.py), whichever has the same NFE and start."""
     runs = common.RUNS / common.dataset_slug(args.dataset)
-    own = f"pd-{args.preset}" if args.base == "pd" else f"cd-nfe{args.nfe}"
+    own = f"pd-{args.preset}/nfe{args.nfe}" if args.base == "pd" else f"cd-{args.preset}/nfe{args.nfe}"
     for path in (runs / name / "metrics.json" for name in (f"sferd-{args.base}-noguide-nopred-nfe{args.nfe}", own)):
         m = json.loads(path.read_text()) if path.exists() else {}
         if m.get("nfe") == args.nfe and m.get("start_steps") == getattr(args, "start_steps", None):

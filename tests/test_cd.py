@@ -207,13 +207,32 @@ def full_run(fashion_dir, smoke_teacher, work):
 
 def test_smoke_end_to_end(full_run):
     out, r = full_run
-    m = json.loads((out / "metrics.json").read_text())
+    m = json.loads((out / "nfe4" / "metrics.json").read_text())
     assert m["method"] == "cd" and m["nfe"] == 4 and m["images_seen"] == 8 * 8 and len(m["taus"]) == 3
     for key in ("fid", "fid_n", "teacher_fid_dpm3m", "teacher_fid_euler", "teacher_rms", "teacher_rms_dpm3m",
                 "teacher_rms_euler", "train_seconds", "onestep_teacher_rms", "onestep_teacher_rms_euler"):
         assert key in m
-    assert (out / "samples.png").exists() and (out / "student.pt").exists()
+    assert (out / "nfe4" / "samples.png").exists() and (out / "student.pt").exists()
     assert "NFE 4" in r.stdout.strip().splitlines()[-1]
+
+
+def test_other_nfe_reuses_the_finished_student(full_run, fashion_dir, smoke_teacher, work):
+    """The consistency model does not depend on the NFE: --nfe 1 --resume only samples, into nfe1/,
+    and leaves nfe4/ as it was; a changed training setting is refused."""
+    out, _ = full_run
+    before = (out / "nfe4" / "metrics.json").read_text()
+    weights = common.load_checkpoint(out / "student.pt", "cd-student")["ema"]
+    r = run_script("cd.py", *common_args(fashion_dir, smoke_teacher, out), "--iterations", "8", "--nfe", "1",
+                   "--resume", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming CD at iteration 8 of 8" in r.stdout + r.stderr and "NFE 1" in r.stdout.strip().splitlines()[-1]
+    m1 = json.loads((out / "nfe1" / "metrics.json").read_text())
+    assert m1["nfe"] == 1 and m1["taus"] == [] and m1["images_seen"] == 8 * 8
+    assert (out / "nfe4" / "metrics.json").read_text() == before
+    after = common.load_checkpoint(out / "student.pt", "cd-student")["ema"]
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+    r = run_script("cd.py", *common_args(fashion_dir, smoke_teacher, out), "--lr", "1e-3", "--resume", cwd=work)
+    assert r.returncode == 2 and "other settings (lr" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_resume_continues_exactly(full_run, fashion_dir, smoke_teacher, work):
@@ -237,6 +256,6 @@ def test_torchrun_two_processes(fashion_dir, smoke_teacher, work):
     out = work / "ddp"
     r = run_script("cd.py", *common_args(fashion_dir, smoke_teacher, out), "--mu", "0.5", cwd=work, torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads((out / "metrics.json").read_text())
+    m = json.loads((out / "nfe4" / "metrics.json").read_text())
     assert m["nfe"] == 4 and m["mu"] == 0.5 and m["images_seen"] == 8 * cd.PRESETS["smoke"]["batch"]
     assert "target" in common.load_checkpoint(out / "student.pt", "cd-student")      # theta- kept when mu > 0

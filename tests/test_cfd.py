@@ -177,13 +177,13 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
     monkeypatch.chdir(tmp_path)
     cfd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "a", "--pd-baseline"))
     a = tmp_path / "a"
-    m = json.loads((a / "metrics.json").read_text())
-    assert m["method"] == "cfd" and m["variant"] == "rcfd" and m["nfe"] == 2 and (a / "samples.png").exists()
+    m = json.loads((a / "nfe2" / "metrics.json").read_text())
+    assert m["method"] == "cfd" and m["variant"] == "rcfd" and m["nfe"] == 2 and (a / "nfe2" / "samples.png").exists()
     assert m["pd_stages"] == [4] and m["stages"] == [2] and m["teacher_rms"] > 0
     assert m["images_seen"] == 2 * 3 * 8                         # PD 8->4 and RCFD 4->2, 3 updates of 8
     assert 0 <= m["classifier_test_acc"] <= 1
     assert m["pd_baseline"]["teacher_rms"] > 0 and m["pd_baseline"]["images_seen"] == m["images_seen"]
-    assert (a / "pd-baseline" / "metrics.json").exists()
+    assert (a / "pd-baseline" / "nfe2" / "metrics.json").exists()
     assert (tmp_path / "runs" / "fashion" / "classifier-smoke" / "classifier.pt").exists()
     assert (tmp_path / "runs" / "fashion" / "pd-smoke" / "student-4steps.pt").exists()   # pd.py's stage file
     # A second run reuses pd.py's 4-step student and the cached classifier.
@@ -215,6 +215,6 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
 def test_torchrun_two_processes(fashion_dir, smoke_teacher, tmp_path):
     r = run_script("cfd.py", *smoke_args(fashion_dir, smoke_teacher, tmp_path / "ddp"), cwd=tmp_path, torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    m = json.loads((tmp_path / "ddp" / "nfe2" / "metrics.json").read_text())
     assert m["method"] == "cfd" and m["images_seen"] == 2 * 3 * 8
     assert r.stdout.strip().splitlines()[-1].startswith("rcfd fashion NFE 2: student")

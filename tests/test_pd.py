@@ -157,8 +157,8 @@ def test_smoke_run_writes_outputs_and_resumes_at_the_right_stage(fashion_dir, sm
     # Straight run 8 -> 4 -> 2 steps.
     pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "a", "--nfe", 2))
     a = tmp_path / "a"
-    m = json.loads((a / "metrics.json").read_text())
-    assert m["method"] == "pd" and m["nfe"] == 2 and m["stages"] == [4, 2] and (a / "samples.png").exists()
+    m = json.loads((a / "nfe2" / "metrics.json").read_text())
+    assert m["method"] == "pd" and m["nfe"] == 2 and m["stages"] == [4, 2] and (a / "nfe2" / "samples.png").exists()
     assert m["images_seen"] == 2 * 3 * 8 and m["teacher_rms"] > 0
     assert (a / "student-4steps.pt").exists() and (a / "student-2steps.pt").exists()
     # The stage files are what cfd.py loads; the student differs from the teacher after training.
@@ -174,6 +174,8 @@ def test_smoke_run_writes_outputs_and_resumes_at_the_right_stage(fashion_dir, sm
     pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "b", "--nfe", 2, "--resume"))
     log = capsys.readouterr()
     assert "reusing the 4-step student" in log.out + log.err and "8->4" not in log.err
+    b4, b2 = (json.loads((tmp_path / "b" / f"nfe{n}" / "metrics.json").read_text()) for n in (4, 2))
+    assert (b4["nfe"], b2["nfe"]) == (4, 2), "the 2-step evaluation must not overwrite the 4-step one"
     wa, wb = weights(a / "student-2steps.pt"), weights(tmp_path / "b" / "student-2steps.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "a resumed chain must equal an uninterrupted one"
 
@@ -199,7 +201,7 @@ def test_smoke_run_writes_outputs_and_resumes_at_the_right_stage(fashion_dir, sm
     assert "resuming the 4 -> 2 steps stage at update 2" in log.out + log.err
     wc = weights(c / "student-2steps.pt")
     assert all(torch.equal(wa[k], wc[k]) for k in wa), "a resumed stage must equal an uninterrupted one"
-    assert json.loads((c / "metrics.json").read_text())["images_seen"] == m["images_seen"]
+    assert json.loads((c / "nfe2" / "metrics.json").read_text())["images_seen"] == m["images_seen"]
 
 
 def test_torchrun_two_processes(fashion_dir, smoke_teacher, tmp_path):
@@ -207,5 +209,5 @@ def test_torchrun_two_processes(fashion_dir, smoke_teacher, tmp_path):
                    cwd=tmp_path, torchrun=2)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es)" in r.stdout + r.stderr
-    m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    m = json.loads((tmp_path / "ddp" / "nfe4" / "metrics.json").read_text())
     assert m["nfe"] == 4 and m["images_seen"] == 3 * 8 and (tmp_path / "ddp" / "student-4steps.pt").exists()

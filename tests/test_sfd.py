@@ -240,10 +240,13 @@ def test_resume_equals_uninterrupted_run(fashion_dir, smoke_teacher, tmp_path, m
     for part in ("net", "embed"):
         for k in full[part]:
             assert torch.equal(full[part][k], resumed[part][k]), (part, k)
-    # Finishing the SFD-v run evaluates every NFE: one metrics.json list, one folder per NFE.
+    # Finishing the SFD-v run evaluates every NFE: one folder (one metrics.json row) per NFE, and the
+    # list of all of them in metrics-all.json, which the table printer does not read.
     finished = run("b", "--resume")
     assert finished["finished"] and finished["trajectories"] == 16
-    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert not (tmp_path / "b" / "metrics.json").exists()
+    assert [json.loads((tmp_path / "b" / f"nfe{n}" / "metrics.json").read_text())["nfe"] for n in (2, 3)] == [2, 3]
+    metrics = json.loads((tmp_path / "b" / "metrics-all.json").read_text())
     assert [m["nfe"] for m in metrics] == [2, 3] and all(m["variant"] == "sfd-v" and "teacher_rms" in m for m in metrics)
     assert all((tmp_path / "b" / f"nfe{n}" / "samples.png").exists() for n in (2, 3))
     assert (tmp_path / "b" / "samples.png").exists()

@@ -244,7 +244,7 @@ def train(args, hp, pg, D, data, out):
                 common.load_state(module.net, ck[key], path)
         opt.load_state_dict(ck["opt"])
         it, seconds = ck["iteration"], ck["seconds"]
-        gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+        pg.restore_state(gen, ck["rng"])
         pg.log(f"resuming CD at iteration {it:,} of {hp['iterations']:,}")
     elif args.resume:
         pg.log(f"--resume: no checkpoint at {path}, starting from scratch")

@@ -398,13 +398,13 @@ def main(argv=None):
         if args.resume and done.exists():                                    # a finished stage: reuse it
             teacher, ck = load_student(done, "cfd-student", pg.device)
             state.update(images=ck["images"], seconds=ck["seconds"])
-            gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+            pg.restore_state(gen, ck["rng"])
             pg.log(f"--resume: reusing the {N}-step student {done}")
             continue
         ck = load_checkpoint(ck_path, "cfd-training") if args.resume and ck_path.exists() else None
         if ck is not None and ck["steps"] == N:                               # the stage in progress
             state.update(images=ck["images"], seconds=ck["seconds"], ckpt=ck)
-            gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+            pg.restore_state(gen, ck["rng"])
         teacher = train_stage(args, pg, data, teacher, cls, N, gen, state, out)   # eta <- theta
     student = teacher
     # Plain PD at the same stages and budget: pd.py's own run, or (--pd-baseline) one trained here

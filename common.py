@@ -863,6 +863,10 @@ class Dist:
         dist.all_gather_object(states, state)
         return states
 
+    def restore_state(self, gen, states):
+        """Resume gen from a gather_state list (a run resumed with fewer processes takes rank 0's)."""
+        gen.set_state(states[self.rank] if self.rank < len(states) else states[0])
+
     def barrier(self):
         if self.world > 1:
             dist.barrier()
@@ -945,7 +949,7 @@ def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed
         load_state(ema, ck["ema"], ckpt_path)
         opt.load_state_dict(ck["opt"])
         done, seconds = ck["images"], ck["seconds"]
-        gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+        pg.restore_state(gen, ck["rng"])
         pg.log(f"resuming teacher training at {done:,} images")
     elif resume:
         pg.log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")

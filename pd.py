@@ -208,32 +208,39 @@ def student_path(folder, N):
     return Path(folder) / f"student-{N}steps.pt"
 
 
-def load_pd_student(args, steps, folder=None, device="cpu"):
-    """The frozen N-step PD student Denoiser of a finished stage (cfd.py starts from steps = 8), from
+def load_pd_student(args, steps, folder=None, device="cpu", kind="pd"):
+    """The frozen N-step student Denoiser of a finished stage (cfd.py starts from steps = 8), from
     folder (default runs/<dataset>/pd-<preset>). Returns (denoiser, path, checkpoint)."""
     path = student_path(folder or RUNS / dataset_slug(args.dataset) / f"pd-{args.preset}", steps)
     if not path.exists():
         raise UserError(f"no {steps}-step PD student at {path}: run `python pd.py --dataset {args.dataset} "
                         f"--preset {args.preset} --nfe {steps}` first")
-    ck = load_checkpoint(path, "pd-student")
+    ck = load_checkpoint(path, f"{kind}-student")
     D = Denoiser(build_net(ck["net_config"]))
     load_state(D.net, ck["net"], path)
     return D.to(device).eval().requires_grad_(False), path, ck
 
 
-def check_chain(ck, path, args, teacher_path):
-    if ck["start_steps"] != args.start_steps or ck["teacher"] != str(teacher_path):
-        raise UserError(f"{path} belongs to a chain from {ck['start_steps']} steps of teacher {ck['teacher']}, "
-                        f"not {args.start_steps} steps of {teacher_path}: use another --out or drop --resume")
+def check_chain(ck, path, chain):
+    """Refuse to continue a chain from a file written with other settings (chain: what identifies it)."""
+    changed = [f"{k} {ck.get(k)!r} (now {v!r})" for k, v in chain.items() if ck.get(k) != v]
+    if changed:
+        raise UserError(f"{path} belongs to another chain: {', '.join(changed)}; use another --out or drop --resume")
 
 
 # ----------------------------------------------------------------------------------------------
 # Training: one halving stage, and the chain of stages
 # ----------------------------------------------------------------------------------------------
 
-def train_stage(args, pg, data, teacher, N, gen, state, out, teacher_path):
+def linear_anneal(k, iters):
+    return 1 - k / iters
+
+
+def train_stage(args, pg, data, teacher, N, gen, state, out, chain, loss_fn=pd_loss, lr_factor=linear_anneal, kind="pd"):
     """Distil the frozen 2N-step teacher into an N-step student (Alg. 2, inner loop). state holds
-    the run totals (images, seconds) and, when resuming mid-stage, the checkpoint to continue from."""
+    the run totals (images, seconds) and, when resuming mid-stage, the checkpoint to continue from.
+    chain: settings saved with every file of the chain (checked on resume). cfd.py passes its own
+    loss_fn(student, teacher, x, eps, i, N), lr schedule and file kind; the rest is the same."""
     student = make_student(teacher)
     opt = torch.optim.Adam(student.parameters(), lr=args.lr)                 # optimizer reset every stage
     iters = round(args.iters * (args.later_factor if N <= args.later_steps else 1))
@@ -243,50 +250,76 @@ def train_stage(args, pg, data, teacher, N, gen, state, out, teacher_path):
         load_state(student.net, ck["net"], out / "checkpoint.pt")
         opt.load_state_dict(ck["opt"])
         k = ck["iter"]
-        pg.log(f"resuming the {2 * N} -> {N} steps stage at update {k:,} of {iters:,}")
+        pg.log(f"resuming the {2 * N} -> {N} steps {kind} stage at update {k:,} of {iters:,}")
     pg.broadcast(student)
     local = pg.batch(args.batch)
     t0 = time.time() - state["seconds"]
-    bar = tqdm(total=iters, initial=k, unit="it", disable=not pg.main, desc=f"{2 * N}->{N} steps")
+    bar = tqdm(total=iters, initial=k, unit="it", disable=not pg.main, desc=f"{kind} {2 * N}->{N} steps")
     loss = torch.zeros(())
     while k < iters:
         x = to_float(random_batch(data, local, gen)).to(pg.device)
         eps = torch.randn(x.shape, generator=gen).to(pg.device)
         i = torch.randint(N, (local,), generator=gen)
         with autocast(pg.device):
-            loss = pd_loss(student, teacher, x, eps, i, N)
+            loss = loss_fn(student, teacher, x, eps, i, N)
         check_finite(loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         pg.sync_grads(student.parameters())
-        for group in opt.param_groups:                       # linear anneal to 0 over the stage
-            group["lr"] = args.lr * (1 - k / iters)
+        for group in opt.param_groups:                       # PD: linear anneal to 0 over the stage
+            group["lr"] = args.lr * lr_factor(k, iters)
         torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
         opt.step()
         k += 1
         state["images"] += args.batch
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4g}")
         if k % args.ckpt_every == 0 and k < iters:
             rng = pg.gather_state(gen.get_state())
             if pg.main:
-                save_checkpoint(out / "checkpoint.pt", "pd-training", steps=N, iter=k, net=student.net.state_dict(),
-                                opt=opt.state_dict(), rng=rng, images=state["images"], seconds=time.time() - t0,
-                                start_steps=args.start_steps, teacher=str(teacher_path))
+                save_checkpoint(out / "checkpoint.pt", f"{kind}-training", steps=N, iter=k, net=student.net.state_dict(),
+                                opt=opt.state_dict(), rng=rng, images=state["images"], seconds=time.time() - t0, **chain)
     bar.close()
     state["seconds"] = time.time() - t0
     pg.check_in_sync(student)
     rng = pg.gather_state(gen.get_state())
     path = student_path(out, N)
     if pg.main:
-        save_checkpoint(path, "pd-student", net_config=student.net.config, net=student.net.state_dict(), steps=N,
-                        rng=rng, images=state["images"], seconds=state["seconds"], start_steps=args.start_steps,
-                        teacher=str(teacher_path), dataset=args.dataset, preset=args.preset, iters=iters, lr=args.lr,
-                        batch=args.batch)
-        pg.log(f"stage {2 * N} -> {N} steps: {iters:,} updates of {args.batch}, last loss {loss.item():.4f}, "
+        save_checkpoint(path, f"{kind}-student", net_config=student.net.config, net=student.net.state_dict(), steps=N,
+                        rng=rng, images=state["images"], seconds=state["seconds"], dataset=args.dataset,
+                        preset=args.preset, iters=iters, lr=args.lr, batch=args.batch, **chain)
+        pg.log(f"stage {2 * N} -> {N} steps ({kind}): {iters:,} updates of {args.batch}, last loss {loss.item():.4g}, "
                f"{state['images']:,} images and {state['seconds'] / 60:.1f} min so far; saved {path}")
     pg.barrier()
     return student.eval().requires_grad_(False)
+
+
+def run_chain(args, pg, data, teacher, stages, out, chain, gen, state=None, reuse=None, wrap=lambda D: D, **stage_kw):
+    """Alg. 2's outer loop: each stage's student becomes the next stage's teacher (eta <- theta).
+    Finished stage files in out are reused (reuse, default --resume) and a stage in progress
+    (out/checkpoint.pt) continues at its update, so an interrupted chain ends where a straight one
+    does. wrap(teacher) is what each stage distils from (sferd.py: the attention-guided teacher).
+    Returns (the last student, the unwrapped teacher of its stage, state: images and seconds)."""
+    kind = stage_kw.get("kind", "pd")
+    state = dict(images=0, seconds=0.0) if state is None else state
+    reuse = args.resume if reuse is None else reuse
+    ck_path, prev = out / "checkpoint.pt", teacher
+    for N in stages:
+        prev = teacher
+        if reuse and student_path(out, N).exists():                          # a finished stage: reuse it
+            teacher, done, ck = load_pd_student(args, N, out, pg.device, kind)
+            check_chain(ck, done, chain)
+            state.update(images=ck["images"], seconds=ck["seconds"])
+            pg.restore_state(gen, ck["rng"])
+            pg.log(f"reusing the {N}-step {kind} student {done}")
+            continue
+        ck = load_checkpoint(ck_path, f"{kind}-training") if args.resume and ck_path.exists() else None
+        if ck is not None and ck["steps"] == N:                               # the stage in progress
+            check_chain(ck, ck_path, chain)
+            state.update(images=ck["images"], seconds=ck["seconds"], ckpt=ck)
+            pg.restore_state(gen, ck["rng"])
+        teacher = train_stage(args, pg, data, wrap(teacher), N, gen, state, out, chain, **stage_kw)
+    return teacher, prev, state
 
 
 def main(argv=None):
@@ -296,33 +329,17 @@ def main(argv=None):
     data, _ = load_dataset(args.dataset, args.data_dir)
     seed_all(args.seed)
     teacher, teacher_path = load_teacher(args, pg)
-    original = teacher                 # the report compares with the original teacher's solvers
-    teacher_path = Path(teacher_path).resolve()
     out = pd_dir(args)
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
-    state = dict(images=0, seconds=0.0)
     pg.log(f"pd: {args.dataset}, preset {args.preset}, {args.start_steps} -> {' -> '.join(map(str, stages)) or 'no stage'} "
            f"steps, {args.iters:,} updates of {args.batch} per stage, lr {args.lr:g}, {pg.world} process(es) on {pg.device}")
-    ck_path = out / "checkpoint.pt"
-    for N in stages:
-        if args.resume and student_path(out, N).exists():                   # a finished stage: reuse it
-            teacher, done, ck = load_pd_student(args, N, out, pg.device)
-            check_chain(ck, done, args, teacher_path)
-            state.update(images=ck["images"], seconds=ck["seconds"])
-            gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
-            pg.log(f"--resume: reusing the {N}-step student {done}")
-            continue
-        ck = load_checkpoint(ck_path, "pd-training") if args.resume and ck_path.exists() else None
-        if ck is not None and ck["steps"] == N:                               # the stage in progress
-            check_chain(ck, ck_path, args, teacher_path)
-            state.update(images=ck["images"], seconds=ck["seconds"], ckpt=ck)
-            gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
-        teacher = train_stage(args, pg, data, teacher, N, gen, state, out, teacher_path)   # eta <- theta
-    student = teacher                  # the last stage's student (the original teacher if no stage ran)
+    chain = dict(start_steps=args.start_steps, teacher=str(Path(teacher_path).resolve()))
+    student, _, state = run_chain(args, pg, data, teacher, stages, out, chain, gen)   # the teacher itself if no stage
     info = dict(method="pd", variant="pd", nfe=args.nfe, train_seconds=state["seconds"], images_seen=state["images"],
                 start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters, lr=args.lr,
                 batch=args.batch, sampler="DDIM, x_hat clipped to [-1, 1]")
-    report(args, pg, out / f"nfe{args.nfe}", original, teacher_path, lambda eps: sample_ddim(student, eps, args.nfe),
+    # The report compares with the original teacher's solvers.
+    report(args, pg, out / f"nfe{args.nfe}", teacher, chain["teacher"], lambda eps: sample_ddim(student, eps, args.nfe),
            info, data.shape[1:])
     pg.close()
 

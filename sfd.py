@@ -317,7 +317,7 @@ def train(args, pg):
             load_state(embed, ck["embed"], ck_path)
         opt.load_state_dict(ck["opt"])
         done, seconds = ck["trajectories"], ck["seconds"]
-        gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+        pg.restore_state(gen, ck["rng"])
         nfe_gen.set_state(ck["nfe_rng"])
         pg.log(f"resuming {out.name} at {done:,} trajectories")
     elif args.resume:

@@ -234,7 +234,7 @@ def train(args, pg, cfg, teacher, net, ema, data, alpha_bar_s, phi, out):
         load_state(ema, ck["ema"], ckpt_path)
         opt.load_state_dict(ck["opt"])
         done, seconds, loss_start, loss_avg = ck["images"], ck["seconds"], ck["loss_start"], ck["loss_avg"]
-        gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+        pg.restore_state(gen, ck["rng"])
         pg.log(f"resuming SFDDM training at {done:,} images")
     elif args.resume:
         pg.log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")

@@ -314,13 +314,13 @@ def train_base_pd(args, pg, data, D, out, teacher_path):
             teacher, done, ck = pd.load_pd_student(args, N, out, pg.device)
             pd.check_chain(ck, done, args, teacher_path)
             state.update(images=ck["images"], seconds=ck["seconds"])
-            gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+            pg.restore_state(gen, ck["rng"])
             continue
         ck = common.load_checkpoint(ck_path, "pd-training") if args.resume and ck_path.exists() else None
         if ck is not None and ck["steps"] == N:                               # the stage in progress
             pd.check_chain(ck, ck_path, args, teacher_path)
             state.update(images=ck["images"], seconds=ck["seconds"], ckpt=ck)
-            gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+            pg.restore_state(gen, ck["rng"])
         teacher = pd.train_stage(args, pg, data, guided(teacher, args), N, gen, state, out, teacher_path)
     return teacher, prev, state
 
@@ -367,7 +367,7 @@ def train_predictor(args, pg, data, student, terms, out, state):
             common.load_state(module, ck[key], path)
         opt.load_state_dict(ck["opt"])
         it, state["images"], state["seconds"] = ck["iter"], ck["images"], ck["seconds"]
-        gen.set_state(ck["rng"][pg.rank] if pg.rank < len(ck["rng"]) else ck["rng"][0])
+        pg.restore_state(gen, ck["rng"])
     for module in (E, G, student):
         pg.broadcast(module)
     params = list(E.parameters()) + list(G.parameters()) + list(student.net.parameters())

@@ -173,7 +173,7 @@ def test_smoke_run_writes_outputs_and_resumes_at_the_right_stage(fashion_dir, sm
     capsys.readouterr()
     pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "b", "--nfe", 2, "--resume"))
     log = capsys.readouterr()
-    assert "reusing the 4-step student" in log.out + log.err and "8->4" not in log.err
+    assert "reusing the 4-step pd student" in log.out + log.err and "8->4" not in log.err
     b4, b2 = (json.loads((tmp_path / "b" / f"nfe{n}" / "metrics.json").read_text()) for n in (4, 2))
     assert (b4["nfe"], b2["nfe"]) == (4, 2), "the 2-step evaluation must not overwrite the 4-step one"
     wa, wb = weights(a / "student-2steps.pt"), weights(tmp_path / "b" / "student-2steps.pt")
@@ -198,7 +198,7 @@ def test_smoke_run_writes_outputs_and_resumes_at_the_right_stage(fashion_dir, sm
     capsys.readouterr()
     pd.main(smoke_args(fashion_dir, smoke_teacher, c, "--nfe", 2, "--resume"))
     log = capsys.readouterr()
-    assert "resuming the 4 -> 2 steps stage at update 2" in log.out + log.err
+    assert "resuming the 4 -> 2 steps pd stage at update 2" in log.out + log.err
     wc = weights(c / "student-2steps.pt")
     assert all(torch.equal(wa[k], wc[k]) for k in wa), "a resumed stage must equal an uninterrupted one"
     assert json.loads((c / "nfe2" / "metrics.json").read_text())["images_seen"] == m["images_seen"]
@@ -211,3 +211,12 @@ def test_torchrun_two_processes(fashion_dir, smoke_teacher, tmp_path):
     assert "2 process(es)" in r.stdout + r.stderr
     m = json.loads((tmp_path / "ddp" / "nfe4" / "metrics.json").read_text())
     assert m["nfe"] == 4 and m["images_seen"] == 3 * 8 and (tmp_path / "ddp" / "student-4steps.pt").exists()
+
+
+def test_check_chain_refuses_a_file_of_another_chain(tmp_path):
+    chain = dict(start_steps=8, teacher="t.pt")
+    pd.check_chain(dict(chain, steps=4), tmp_path / "s.pt", chain)               # same chain: accepted
+    with pytest.raises(common.UserError, match="start_steps 16"):
+        pd.check_chain(dict(chain, start_steps=16), tmp_path / "s.pt", chain)
+    with pytest.raises(common.UserError, match="teacher"):
+        pd.check_chain(dict(chain, teacher="other.pt"), tmp_path / "s.pt", chain)

@@ -513,13 +513,15 @@ SAMPLER_NAMES = {"euler": "Euler", "heun": "Heun", "dpm2m": "DPM-Solver++(2M)", 
 
 
 def teacher_sigmas(sampler, nfe, sigma_min=0.002, sigma_max=80.0):
-    """The Karras grid that spends exactly nfe network calls with this sampler (EDM's convention:
-    the last step goes to sigma = 0; Heun's N points cost 2N - 1 calls)."""
-    if nfe < 1 or (sampler == "heun" and nfe % 2 == 0):
+    """The Karras grid sigma_max -> sigma_min that spends exactly nfe network calls with this sampler:
+    nfe steps (Heun: nfe/2 steps of two calls), ending at sigma_min without a final denoising call,
+    the few-step convention of DPM-Solver and SFD (denoise_to_zero=False). EDM's extra step to
+    sigma = 0 would spend one of very few calls on noise of std 0.002, below one uint8 level."""
+    if nfe < 1 or (sampler == "heun" and nfe % 2):
         raise UserError(f"{SAMPLER_NAMES.get(sampler, sampler)} cannot spend exactly {nfe} network calls"
-                        + (" (Heun needs an odd NFE)" if sampler == "heun" else ""))
-    points = (nfe + 1) // 2 if sampler == "heun" else nfe
-    return append_zero(karras_sigmas(points, sigma_min, sigma_max))
+                        + (" (Heun needs an even NFE: two calls per step)" if sampler == "heun" else ""))
+    steps = nfe // 2 if sampler == "heun" else nfe
+    return karras_sigmas(steps + 1, sigma_min, sigma_max)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1070,9 +1072,9 @@ def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device,
     """FID and RMS-to-reference of the teacher itself with `solver` at `nfe`, computed once per
     teacher and N and cached next to the teacher (eval/). Returns (metrics dict, samples)."""
     cache = Path(teacher_path).parent / "eval"
-    key = f"{solver}-nfe{nfe}-n{n}"
-    batch = args.batch_size or 250
     sigmas = teacher_sigmas(solver, nfe)
+    key = f"{solver}-nfe{nfe}-to{sigmas[-1]:g}-n{n}"     # the grid's end is in the name: no stale cache
+    batch = args.batch_size or 250
     samples_path = cache / f"{key}.pt"
     if samples_path.exists():
         samples = to_float(load_checkpoint(samples_path, "samples")["images"])
@@ -1159,8 +1161,8 @@ def teacher_rows(args, solvers, nfes):
     n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
     n_rms = max(n, 64)
     _, ref = teacher_baseline(teacher, path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, pg.device, n >= 2)
-    pairs = [(s, k) for s in solvers for k in nfes          # Heun spends odd NFEs; at 1 NFE every solver is Euler
-             if not (s == "heun" and k % 2 == 0) and not (s != "euler" and k == 1)]
+    pairs = [(s, k) for s in solvers for k in nfes          # Heun spends even NFEs; at 1 NFE every solver is Euler
+             if not (s == "heun" and k % 2) and not (s != "euler" and k == 1)]
     for solver, nfe in dict.fromkeys(pairs + [("dpm3m", REFERENCE_NFE)]):     # + the teacher at its best NFE
         t0 = time.time()
         m, samples = teacher_baseline(teacher, path, args, solver, nfe, n_rms, shape, pg.device, n >= 2)

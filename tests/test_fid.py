@@ -248,3 +248,25 @@ def test_results_table_is_built_from_metrics_files(tmp_path):
         fid.results_table(tmp_path)
     with pytest.raises(common.UserError):
         fid.results_table(tmp_path / "nothing")
+
+
+def test_sampling_spread_scores_disjoint_test_subsets(monkeypatch):
+    """--spread: k disjoint n-image subsets of the TEST split, each scored against the training reference."""
+    test = torch.arange(10, dtype=torch.uint8).reshape(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    monkeypatch.setattr(common, "load_dataset", lambda name, data_dir=None, split="train": (test, None) if split == "test"
+                        else pytest.fail("the subsets must come from the test split"))
+    monkeypatch.setattr(fid, "reference_stats", lambda *a, **k: (np.zeros(1), np.eye(1), 5000))
+    seen = []
+
+    def stats(batches, *a, **k):                       # a 1-d "feature": the image's pixel value
+        x = torch.cat(list(batches)).flatten(1)[:, 0].double().numpy()
+        seen.append(sorted(x))
+        return np.array([x.mean()]), np.array([[x.var(ddof=1)]]), len(x)
+
+    monkeypatch.setattr(fid, "feature_stats", stats)
+    scores = fid.sampling_spread("fashion", 3, 3, batch_size=2)
+    assert [len(s) for s in seen] == [3, 3, 3] and len(set(sum(seen, []))) == 9       # disjoint subsets of n
+    expect = [fid.frechet_distance(np.mean(s), np.var(s, ddof=1), np.zeros(1), np.eye(1)) for s in seen]
+    assert scores == pytest.approx(expect)
+    with pytest.raises(common.UserError):
+        fid.sampling_spread("fashion", 4, 3)                                          # 12 > 10 test images

@@ -407,8 +407,10 @@ def sample_euler(D, x, sigmas, callback=None, afs=False):
     return x
 
 
-def sample_heun(D, x, sigmas, callback=None, afs=False):
-    """EDM Algorithm 1 (deterministic): Euler predictor, trapezoidal corrector unless s_{i+1} = 0."""
+def sample_heun(D, x, sigmas, callback=None, afs=False, euler_last=False):
+    """EDM Algorithm 1 (deterministic): Euler predictor, trapezoidal corrector unless s_{i+1} = 0.
+    euler_last: no corrector on the last step either (EDM's rule for its step to 0, carried over to a
+    grid that ends at sigma_min: a corrector there divides the network's error by sigma_min)."""
     sigmas = [float(s) for s in sigmas]
     for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         if afs and i == 0:
@@ -416,7 +418,7 @@ def sample_heun(D, x, sigmas, callback=None, afs=False):
         else:
             d_cur = (x - D(x, t_cur)) / t_cur
             x_next = x + (t_next - t_cur) * d_cur           # Euler step.
-            if t_next > 0:                                  # Apply 2nd order correction.
+            if t_next > 0 and not (euler_last and i == len(sigmas) - 2):   # Apply 2nd order correction.
                 d_prime = (x_next - D(x_next, t_next)) / t_next
                 x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
             x = x_next
@@ -504,7 +506,7 @@ def sample_ddpm(D, x, sigmas, callback=None, noise=torch.randn_like):
 
 SAMPLERS = {
     "euler": sample_euler,
-    "heun": sample_heun,
+    "heun": lambda D, x, sigmas, callback=None, **kw: sample_heun(D, x, sigmas, callback, euler_last=True, **kw),
     "dpm2m": lambda D, x, sigmas, callback=None, **kw: sample_dpmpp(D, x, sigmas, callback, order=2, **kw),
     "dpm3m": lambda D, x, sigmas, callback=None, **kw: sample_dpmpp(D, x, sigmas, callback, order=3, **kw),
     "ddpm": sample_ddpm,
@@ -514,13 +516,13 @@ SAMPLER_NAMES = {"euler": "Euler", "heun": "Heun", "dpm2m": "DPM-Solver++(2M)", 
 
 def teacher_sigmas(sampler, nfe, sigma_min=0.002, sigma_max=80.0):
     """The Karras grid sigma_max -> sigma_min that spends exactly nfe network calls with this sampler:
-    nfe steps (Heun: nfe/2 steps of two calls), ending at sigma_min without a final denoising call,
-    the few-step convention of DPM-Solver and SFD (denoise_to_zero=False). EDM's extra step to
-    sigma = 0 would spend one of very few calls on noise of std 0.002, below one uint8 level."""
-    if nfe < 1 or (sampler == "heun" and nfe % 2):
+    nfe steps (Heun: (nfe+1)/2 steps, two calls each but the last), ending at sigma_min without a final
+    denoising call, the few-step convention of DPM-Solver and SFD (denoise_to_zero=False). EDM's extra
+    step to sigma = 0 would spend one of very few calls on noise of std 0.002, below one uint8 level."""
+    if nfe < 1 or (sampler == "heun" and nfe % 2 == 0):
         raise UserError(f"{SAMPLER_NAMES.get(sampler, sampler)} cannot spend exactly {nfe} network calls"
-                        + (" (Heun needs an even NFE: two calls per step)" if sampler == "heun" else ""))
-    steps = nfe // 2 if sampler == "heun" else nfe
+                        + (" (Heun needs an odd NFE: two calls per step, one on the last)" if sampler == "heun" else ""))
+    steps = (nfe + 1) // 2 if sampler == "heun" else nfe
     return karras_sigmas(steps + 1, sigma_min, sigma_max)
 
 
@@ -1161,8 +1163,8 @@ def teacher_rows(args, solvers, nfes):
     n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
     n_rms = max(n, 64)
     _, ref = teacher_baseline(teacher, path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, pg.device, n >= 2)
-    pairs = [(s, k) for s in solvers for k in nfes          # Heun spends even NFEs; at 1 NFE every solver is Euler
-             if not (s == "heun" and k % 2) and not (s != "euler" and k == 1)]
+    pairs = [(s, k) for s in solvers for k in nfes          # Heun spends odd NFEs; at 1 NFE every solver is Euler
+             if not (s == "heun" and k % 2 == 0) and not (s != "euler" and k == 1)]
     for solver, nfe in dict.fromkeys(pairs + [("dpm3m", REFERENCE_NFE)]):     # + the teacher at its best NFE
         t0 = time.time()
         m, samples = teacher_baseline(teacher, path, args, solver, nfe, n_rms, shape, pg.device, n >= 2)

@@ -93,7 +93,7 @@ class Counter:
         return self.fn(x, sigma)
 
 
-@pytest.mark.parametrize("sampler,nfe", [("euler", 1), ("euler", 5), ("heun", 2), ("heun", 6), ("dpm2m", 6),
+@pytest.mark.parametrize("sampler,nfe", [("euler", 1), ("euler", 5), ("heun", 3), ("heun", 7), ("dpm2m", 6),
                                          ("dpm3m", 4), ("ddpm", 3)])
 def test_teacher_sigmas_spend_exactly_nfe(sampler, nfe):
     """Every call is a step of the grid 80 -> 0.002: none is spent on a final denoising at 0.002."""
@@ -101,12 +101,26 @@ def test_teacher_sigmas_spend_exactly_nfe(sampler, nfe):
     sigmas = common.teacher_sigmas(sampler, nfe)
     common.SAMPLERS[sampler](D, torch.randn(2, 1, 4, 4), sigmas)
     assert D.calls == nfe and sigmas[0] == 80 and sigmas[-1] == pytest.approx(0.002)
-    assert len(sigmas) - 1 == (nfe // 2 if sampler == "heun" else nfe)
+    assert len(sigmas) - 1 == ((nfe + 1) // 2 if sampler == "heun" else nfe)
 
 
-def test_heun_rejects_odd_nfe():
-    with pytest.raises(common.UserError, match="even NFE"):
-        common.teacher_sigmas("heun", 3)
+def test_heun_rejects_even_nfe():
+    with pytest.raises(common.UserError, match="odd NFE"):
+        common.teacher_sigmas("heun", 4)
+
+
+def test_heun_euler_last_skips_only_the_last_corrector():
+    """euler_last: the last step is Euler (1 call), every other step Heun (2 calls); on a grid ending
+    at 0 it changes nothing (EDM's rule already skips that corrector)."""
+    D = Counter(lambda x, s: 0.5 * x + 0.1 * s)
+    x, grid = torch.randn(2, 1, 4, 4, dtype=torch.float64), common.karras_sigmas(4)
+    out = common.sample_heun(D, x, grid, euler_last=True)
+    assert D.calls == 2 + 2 + 1
+    two_heun = common.sample_heun(D, x, grid[:-1])                 # both steps corrected (they end above 0)
+    assert torch.allclose(out, common.sample_euler(D, two_heun, grid[-2:]))
+    assert not torch.allclose(out, common.sample_heun(D, x, grid))  # the corrector does change that step
+    zero = common.append_zero(grid)
+    assert torch.equal(common.sample_heun(D, x, zero, euler_last=True), common.sample_heun(D, x, zero))
 
 
 # --- Samplers on an analytic Gaussian ------------------------------------------------------
@@ -466,8 +480,8 @@ def test_teacher_rows_for_the_results_table(smoke_teacher, fashion_dir, tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     found = sorted(p.parent.name for p in (tmp_path / "rows").rglob("metrics.json"))
     assert found == ["dpm3m-nfe2", "dpm3m-nfe3", "dpm3m-nfe35", "euler-nfe1", "euler-nfe2", "euler-nfe3",
-                     "euler-nfe35", "heun-nfe2"]          # no odd-NFE Heun, no 1-NFE duplicates
+                     "euler-nfe35", "heun-nfe3", "heun-nfe35"]          # no even-NFE Heun, no 1-NFE duplicates
     rms = {name: json.loads((tmp_path / "rows" / name / "metrics.json").read_text())["teacher_rms"] for name in found}
     assert rms["dpm3m-nfe35"] == 0 and rms["euler-nfe1"] > rms["euler-nfe3"] > rms["euler-nfe35"] > 0
     import fid
-    assert "| teacher-heun | 2 |" in fid.results_table(tmp_path / "rows")
+    assert "| teacher-heun | 3 |" in fid.results_table(tmp_path / "rows")

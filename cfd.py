@@ -3,13 +3,14 @@
 Paper: Wujie Sun, Defang Chen, Can Wang, Deshi Ye, Yan Feng, Chun Chen, "Accelerating Diffusion
 Sampling with Classifier-based Feature Distillation", ICME 2023, arXiv:2211.12039.
 Authors' code: zju-SWJ/RCFD. Read next to pd.py: CFD is progressive distillation (PD) with the image
-loss of Alg. 2 replaced by a loss on a frozen classifier's features.
+loss of Alg. 2 replaced by a loss on a frozen classifier's features; the stage loop is pd.run_chain.
 
 What is implemented (../shared/specs/METHODS.md, section 5):
   - The PD chain of pd.py down to --cfd-from steps (paper: 1024 -> ... -> 8, plain PD "without the
-    classifier", Sec. 4.1). Its students are pd.py's own stage files (runs/<dataset>/pd-<preset>/
-    student-<N>steps.pt): reused when they exist, else trained here with pd.train_stage and saved
-    there, so pd.py --resume reuses them too.
+    classifier", Sec. 4.1), run by pd.run_chain in pd.py's folder (runs/<dataset>/pd-<preset>/,
+    student-<N>steps.pt), so either script reuses the other's stage files; when cfd.py's budget is
+    not pd.py's preset budget (paper: 10k updates, not 50k) the chain gets its own folder,
+    runs/<dataset>/pd-<preset>-cfd-budget/, or --pd-dir.
   - From --cfd-from down to --nfe, CFD stages: the 2N-step teacher's two DDIM steps give pd.py's
     target image x^T = x~ (pd.teacher_target, Eq. 12), the student's x^S = theta(z_t); both go, in
     [-1, 1] as they are, through the frozen classifier's extractor (Eq. 3):
@@ -21,19 +22,26 @@ What is implemented (../shared/specs/METHODS.md, section 5):
         L_diversity = sum_c p^_c log p^_c,  p^ = mean_b p                      (Eq. 6)
         L_RCFD = L_CFD + beta*(gamma*L_entropy + (1-gamma)*L_diversity)        (Eq. 7)
     Per-stage tau/beta/gamma default to the paper's ResNet-18 settings (App. C.4). --variant cfd is
-    beta = 0 (the paper's DenseNet-201 runs).
+    beta = 0, the L_CFD-only ablation (Tables 2-3), here with the ResNet-18 classifier and its taus:
+    the paper gives no ResNet-18 L_CFD-only tau (its DenseNet-201 runs use 0.9/1/0.85: --tau).
   - Adam, cosine-annealed lr, gradient clip 1, student copied from its teacher each stage (App. C.4).
   - The classifier: a ResNet-18-style net (He et al. 2016; CIFAR stem, smaller in smoke/lab), trained
     here on the dataset's labels on first use and cached in runs/<dataset>/classifier-<preset>/ with
     its test accuracy, or --classifier PATH.
   - metrics.json compares RCFD with plain PD at the same stage: pd.py's metrics.json for the same
     NFE and chain if present (pd_baseline), or, with --pd-baseline, a plain-PD run of the same CFD
-    stages with the same updates/batch/lr, evaluated the same way into <out>/pd-baseline/nfe<N>/.
+    stages with the same updates, batch, lr and data/noise draws (but PD's linear lr anneal, not
+    CFD's cosine), evaluated the same way into <out>/pd-baseline/nfe<N>/.
   - Stage files and checkpoints live in runs/<dataset>/<variant>-<preset>/; each evaluated NFE writes
-    its metrics.json and samples.png into nfe<N>/ there (as pd.py does), so `--nfe 2 --resume` keeps the 4-step result.
+    its metrics.json and samples.png into nfe<N>/ there (as pd.py does), so `--nfe 2 --resume` keeps
+    the 4-step result. --resume after changing --teacher, --classifier, --tau/--beta/--gamma or
+    --variant is refused.
 
 Deviations from the paper, and why:
   - Teacher: fewstep's shared EDM denoiser, called through the cosine VP adapter (as pd.py).
+  - The PD chain anneals its lr linearly (pd.py's PD), where App. C.4's common setting says cosine
+    for the whole 1024 -> 4 range; its updates, batch and lr are cfd.py's (App. C.4) in every preset.
+  - Under torchrun, L_diversity (Eq. 6) averages p over each process's share of the batch.
   - The classifier is trained without augmentation, on rank 0 only (a cheap preliminary; BatchNorm
     statistics then need no synchronisation); lab uses a narrow 4-stage ResNet (one block per stage)
     trained for one epoch so the 2-core CPU run stays within minutes.
@@ -50,7 +58,6 @@ Run:
 """
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -59,26 +66,26 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import pd
-from common import (RUNS, Denoiser, build_net, Dist, UserError, autocast, check_finite, common_parser, dataset_slug,
-                    load_checkpoint, load_dataset, load_state, load_teacher, main_guard, random_batch, report, run_dir,
-                    save_checkpoint, seed_all, to_float, vp_predict)
+from common import (RUNS, Dist, UserError, common_parser, dataset_slug, load_checkpoint, load_dataset, load_state,
+                    load_teacher, main_guard, report, run_dir, save_checkpoint, seed_all, to_float, vp_predict)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments and presets
 # ----------------------------------------------------------------------------------------------
 
 PRESETS = {
-    # start_steps, iters, batch, lr, later_*: as pd.py (PD chain and CFD stages); cfd_from: the PD chain
-    # stops here and CFD takes over; cls: classifier width/blocks and training images/batch/lr.
+    # start_steps, iters, batch, lr, later_*: as pd.py (for the PD chain and the CFD stages alike);
+    # cfd_from: the PD chain stops here and CFD takes over; cls: classifier width/blocks and training images/batch/lr.
     "smoke": dict(start_steps=16, cfd_from=8, iters=3, batch=8, lr=1e-4, later_factor=1.0, later_steps=2,
                   ckpt_every=2, cls=dict(width=8, blocks=(1, 1), images=256, batch=32, lr=3e-3)),
     "lab": dict(start_steps=32, cfd_from=8, iters=300, batch=32, lr=2e-4, later_factor=1.0, later_steps=2,
                 ckpt_every=100, cls=dict(width=16, blocks=(1, 1, 1, 1), images=60_000, batch=128, lr=3e-3)),
-    # App. C.3/C.4: base sampler 1024 steps, PD to 8; CFD stages Adam 5e-5 cosine, batch 128, clip 1,
+    # App. C.3/C.4: base sampler 1024 steps, PD to 8; common setting Adam 5e-5 cosine, batch 128, clip 1,
     # 10k updates (20k "for 4 to 1-step"); ResNet-18 classifier (about 30 epochs of CIFAR-10 here).
     "paper": dict(start_steps=1024, cfd_from=8, iters=10_000, batch=128, lr=5e-5, later_factor=2.0, later_steps=2,
                   ckpt_every=1_000, cls=dict(width=64, blocks=(2, 2, 2, 2), images=1_500_000, batch=128, lr=1e-3)),
 }
+BUDGET = ("iters", "batch", "lr", "later_factor", "later_steps")          # pd.py's folder is shared when these match
 # App. C.4, RCFD (ResNet-18): (tau, beta, gamma) by the student's steps of the stage.
 STAGE_HPARAMS = {4: (0.95, 0.003, 0.75), 2: (0.95, 0.003, 0.75), 1: (0.85, 0.003, 0.5)}
 
@@ -97,12 +104,15 @@ def parse_args(argv=None):
     p.add_argument("--cls-images", type=int, default=None, help="classifier training length in images (default: "
                    "the preset's; paper ~30 epochs)")
     p.add_argument("--cfd-from", type=int, default=None, help="steps of the PD student CFD starts from (paper 8)")
-    p.add_argument("--pd-dir", default=None, help="folder of pd.py's chain (default runs/<dataset>/pd-<preset>)")
+    p.add_argument("--pd-dir", default=None, help="folder of the PD chain (default: pd.py's, runs/<dataset>/pd-<preset>, "
+                   "if the budget is pd.py's preset's, else runs/<dataset>/pd-<preset>-cfd-budget)")
     p.add_argument("--pd-baseline", action="store_true", help="also train and evaluate plain PD on the same stages "
-                   "with the same budget (into <out>/pd-baseline/nfe<N>/)")
+                   "with the same updates, batch and lr, linear anneal (into <out>/pd-baseline/nfe<N>/)")
     p.add_argument("--start-steps", type=int, default=None, help="DDIM steps of the original teacher (paper 1024)")
-    p.add_argument("--iters", type=int, default=None, help="updates per CFD stage (paper 10k; default: the preset's)")
-    p.add_argument("--lr", type=float, default=None, help="Adam lr of each CFD stage, cosine-annealed (paper 5e-5)")
+    p.add_argument("--iters", type=int, default=None, help="updates per stage, PD chain included (paper 10k; "
+                   "default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="Adam lr at the start of each stage, cosine-annealed in CFD "
+                   "stages, linearly in the PD chain (paper 5e-5)")
     p.add_argument("--later-factor", type=float, default=None, help="update multiplier for stages with <= --later-steps "
                    "student steps (paper 2)")
     p.add_argument("--later-steps", type=int, default=None, help="see --later-factor (default 2)")
@@ -125,6 +135,8 @@ def parse_args(argv=None):
 
 def cfd_stages(args):
     """(PD stages down to --cfd-from, CFD stages down to --nfe), as student step counts."""
+    if not pd.is_power_of_two(args.cfd_from) or args.cfd_from > args.start_steps:
+        raise UserError(f"--cfd-from {args.cfd_from}: must be a power of two no larger than --start-steps {args.start_steps}")
     if not pd.is_power_of_two(args.nfe) or args.nfe >= args.cfd_from:
         raise UserError(f"--nfe {args.nfe}: CFD halves the {args.cfd_from}-step PD student (--cfd-from), so --nfe must "
                         f"be a power of two below {args.cfd_from} (1, 2, 4, ...)")
@@ -202,7 +214,7 @@ def train_classifier(args, cfg, path, device):
         _, logits = cls(to_float(images[idx]).to(device))
         loss = F.cross_entropy(logits, labels[idx].to(device))
         for group in opt.param_groups:
-            group["lr"] = cfg["lr"] * 0.5 * (1 + math.cos(math.pi * k / steps))
+            group["lr"] = cfg["lr"] * cosine_anneal(k, steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -217,7 +229,7 @@ def train_classifier(args, cfg, path, device):
 def load_classifier(args, pg, channels):
     """The frozen classifier: --classifier PATH, else the cached one of dataset and preset, trained
     first on rank 0. Returns (classifier, path, test accuracy)."""
-    path = Path(args.classifier) if args.classifier else RUNS / dataset_slug(args.dataset) / f"classifier-{args.preset}" / "classifier.pt"
+    path = Path(args.classifier or RUNS / dataset_slug(args.dataset) / f"classifier-{args.preset}" / "classifier.pt")
     if not args.classifier and not path.exists() and pg.main:
         cfg = dict(PRESETS[args.preset]["cls"])
         cfg["images"] = args.cls_images or cfg["images"]
@@ -238,9 +250,7 @@ def load_classifier(args, pg, channels):
 
 def cfd_loss(F_S, F_T, tau):
     """Eq. 4: KL(softmax(F^T/tau) || softmax(F^S)), the temperature on the teacher only, batch mean."""
-    log_q = F.log_softmax(F_T / tau, dim=1)                   # sharpened teacher distribution (tau < 1)
-    log_p = F.log_softmax(F_S, dim=1)                         # (autocast runs softmax in float32)
-    return (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
+    return F.kl_div(F.log_softmax(F_S, dim=1), F.log_softmax(F_T / tau, dim=1), log_target=True, reduction="batchmean")
 
 
 def entropy_loss(p):
@@ -263,105 +273,35 @@ def rcfd_loss(student, teacher, cls, x, eps, i, N, tau, beta, gamma):
     x_T, _ = pd.teacher_target(teacher, z_t, t, N)           # Eq. 12
     x_S = vp_predict(student, z_t, alpha_t, sigma_t)[0]
     with torch.no_grad():
-        F_T = cls.extr(x_T)                                  # Eq. 3
+        F_T = cls.extr(x_T).float()                          # Eq. 3 (float: bf16 autocast on CUDA)
     F_S, logits = cls(x_S)
-    p = F.softmax(logits, dim=1)                             # Eq. 5: p = softmax(cls(x^S))
-    parts = dict(cfd=cfd_loss(F_S, F_T, tau), entropy=entropy_loss(p), diversity=diversity_loss(p))
+    p = F.softmax(logits.float(), dim=1)                     # Eq. 5: p = softmax(cls(x^S))
+    parts = dict(cfd=cfd_loss(F_S.float(), F_T, tau), entropy=entropy_loss(p), diversity=diversity_loss(p))
     loss = parts["cfd"] + beta * (gamma * parts["entropy"] + (1 - gamma) * parts["diversity"])   # Eq. 7
     return loss, parts
 
 
-def load_student(path, kind, device):
-    ck = load_checkpoint(path, kind)
-    D = Denoiser(build_net(ck["net_config"]))
-    load_state(D.net, ck["net"], path)
-    return D.to(device).eval().requires_grad_(False), ck
+def stage_loss(cls, tau, beta, gamma):
+    """pd.train_stage's loss_fn for a CFD stage: Eq. 7 with this stage's (tau, beta, gamma)."""
+    return lambda student, teacher, x, eps, i, N: rcfd_loss(student, teacher, cls, x, eps, i, N, tau, beta, gamma)[0]
+
+
+def cosine_anneal(k, iters):
+    """App. C.4: the lr factor 0.5*(1 + cos(pi*k/iters)), from 1 to 0 over a stage."""
+    return 0.5 * (1 + math.cos(math.pi * k / iters))
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: one CFD stage (pd.train_stage with Eq. 7 in place of the image MSE), and the chain
+# The chain: pd.py's stage files, then CFD stages (pd.run_chain with Eq. 7 in place of the image MSE)
 # ----------------------------------------------------------------------------------------------
 
-def train_stage(args, pg, data, teacher, cls, N, gen, state, out):
-    """Distil the frozen 2N-step teacher into an N-step student with Eq. 7."""
-    tau, beta, gamma = stage_hparams(args, N)
-    student = pd.make_student(teacher)
-    opt = torch.optim.Adam(student.parameters(), lr=args.lr)                 # optimizer reset every stage
-    iters = round(args.iters * (args.later_factor if N <= args.later_steps else 1))
-    k = 0
-    ck = state.pop("ckpt", None)
-    if ck is not None:
-        load_state(student.net, ck["net"], out / "checkpoint.pt")
-        opt.load_state_dict(ck["opt"])
-        k = ck["iter"]
-        pg.log(f"resuming the {2 * N} -> {N} steps CFD stage at update {k:,} of {iters:,}")
-    pg.broadcast(student)
-    local = pg.batch(args.batch)
-    t0 = time.time() - state["seconds"]
-    bar = tqdm(total=iters, initial=k, unit="it", disable=not pg.main, desc=f"{args.variant} {2 * N}->{N} steps")
-    loss, parts = torch.zeros(()), {}
-    while k < iters:
-        x = to_float(random_batch(data, local, gen)).to(pg.device)
-        eps = torch.randn(x.shape, generator=gen).to(pg.device)
-        i = torch.randint(N, (local,), generator=gen)
-        with autocast(pg.device):
-            loss, parts = rcfd_loss(student, teacher, cls, x, eps, i, N, tau, beta, gamma)
-        check_finite(loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        pg.sync_grads(student.parameters())
-        for group in opt.param_groups:                       # cosine annealing over the stage (App. C.4)
-            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * k / iters))
-        torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
-        opt.step()
-        k += 1
-        state["images"] += args.batch
-        bar.update(1)
-        bar.set_postfix(cfd=f"{parts['cfd'].item():.2e}", ent=f"{parts['entropy'].item():.3f}")
-        if k % args.ckpt_every == 0 and k < iters:
-            rng = pg.gather_state(gen.get_state())
-            if pg.main:
-                save_checkpoint(out / "checkpoint.pt", "cfd-training", steps=N, iter=k, net=student.net.state_dict(),
-                                opt=opt.state_dict(), rng=rng, images=state["images"], seconds=time.time() - t0)
-    bar.close()
-    state["seconds"] = time.time() - t0
-    pg.check_in_sync(student)
-    rng = pg.gather_state(gen.get_state())
-    path = out / f"student-{N}steps.pt"
-    if pg.main:
-        save_checkpoint(path, "cfd-student", net_config=student.net.config, net=student.net.state_dict(), steps=N,
-                        rng=rng, images=state["images"], seconds=state["seconds"], tau=tau, beta=beta, gamma=gamma)
-        pg.log(f"stage {2 * N} -> {N} steps ({args.variant}, tau {tau:g}, beta {beta:g}, gamma {gamma:g}): {iters:,} "
-               f"updates, last loss {loss.item():.4g}; {state['images']:,} images so far; saved {path}")
-    pg.barrier()
-    return student.eval().requires_grad_(False)
-
-
-def pd_args(args, **budget):
-    """pd.py's arguments for the same dataset/teacher/chain, optionally with another budget."""
-    a = pd.parse_args(["--preset", args.preset, "--dataset", args.dataset, "--start-steps", str(args.start_steps),
-                       "--seed", str(args.seed)])
-    a.data_dir, a.teacher, a.device, a.batch_size = args.data_dir, args.teacher, args.device, args.batch_size
-    for key, value in budget.items():
-        setattr(a, key, value)
-    return a
-
-
-def pd_chain(args, pg, data, teacher, stages, gen, teacher_path):
-    """The plain PD students down to --cfd-from: pd.py's stage files, trained here if missing.
-    Returns (the --cfd-from-step student, dict of the images and seconds spent on it, the chain's folder)."""
-    a = pd_args(args)
-    folder = Path(args.pd_dir) if args.pd_dir else pd.pd_dir(a)
-    state = dict(images=0, seconds=0.0)
-    for N in stages:
-        if pd.student_path(folder, N).exists():
-            teacher, path, ck = pd.load_pd_student(a, N, folder, pg.device)
-            pd.check_chain(ck, path, a, teacher_path)
-            state.update(images=ck["images"], seconds=ck["seconds"])
-            pg.log(f"reusing pd.py's {N}-step student {path}")
-        else:
-            teacher = pd.train_stage(a, pg, data, teacher, N, gen, state, folder, teacher_path)
-    return teacher, state, folder
+def pd_chain_dir(args):
+    """The PD chain's folder: --pd-dir, else pd.py's when cfd.py's budget is pd.py's preset's (smoke,
+    lab), else its own, so pd.py's paper chain (50k updates per stage) is never mixed with App. C.4's."""
+    if args.pd_dir:
+        return Path(args.pd_dir)
+    same = all(getattr(args, k) == pd.PRESETS[args.preset][k] for k in BUDGET)
+    return RUNS / dataset_slug(args.dataset) / (f"pd-{args.preset}" if same else f"pd-{args.preset}-cfd-budget")
 
 
 def pd_metrics(folder, args, teacher_path):
@@ -372,8 +312,9 @@ def pd_metrics(folder, args, teacher_path):
     m = json.loads(path.read_text())
     if m.get("nfe") != args.nfe or m.get("start_steps") != args.start_steps or m.get("teacher") != str(teacher_path):
         return None
+    same = (m.get("iters_per_stage"), m.get("batch"), m.get("lr")) == (args.iters, args.batch, args.lr)
     return {k: m.get(k) for k in ("fid", "fid_n", "teacher_rms", "images_seen", "iters_per_stage", "lr", "batch")} | {
-        "source": str(path), "same_budget": (m.get("iters_per_stage"), m.get("batch"), m.get("lr")) == (args.iters, args.batch, args.lr)}
+        "source": str(path), "same_budget": same}
 
 
 def main(argv=None):
@@ -383,57 +324,52 @@ def main(argv=None):
     data, _ = load_dataset(args.dataset, args.data_dir)
     seed_all(args.seed)
     teacher, teacher_path = load_teacher(args, pg)
-    original, teacher_path = teacher, Path(teacher_path).resolve()
     cls, cls_path, cls_acc = load_classifier(args, pg, data.shape[1])
-    out = run_dir(args, f"{args.variant}-{args.preset}")
+    out, folder = run_dir(args, f"{args.variant}-{args.preset}"), pd_chain_dir(args)
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
-    pg.log(f"cfd: {args.dataset}, preset {args.preset}, PD {args.start_steps} -> {args.cfd_from} steps, then "
-           f"{args.variant} -> {' -> '.join(map(str, stages))}; classifier {cls_path} (test acc {cls_acc}); "
-           f"{args.iters:,} updates of {args.batch} per stage, {pg.world} process(es) on {pg.device}")
-    teacher, state, folder = pd_chain(args, pg, data, teacher, pd_stages, gen, teacher_path)
-    start, prefix = teacher, dict(state)                                       # the --cfd-from-step PD student
-    ck_path = out / "checkpoint.pt"
-    for N in stages:
-        done = out / f"student-{N}steps.pt"
-        if args.resume and done.exists():                                    # a finished stage: reuse it
-            teacher, ck = load_student(done, "cfd-student", pg.device)
-            state.update(images=ck["images"], seconds=ck["seconds"])
-            pg.restore_state(gen, ck["rng"])
-            pg.log(f"--resume: reusing the {N}-step student {done}")
-            continue
-        ck = load_checkpoint(ck_path, "cfd-training") if args.resume and ck_path.exists() else None
-        if ck is not None and ck["steps"] == N:                               # the stage in progress
-            state.update(images=ck["images"], seconds=ck["seconds"], ckpt=ck)
-            pg.restore_state(gen, ck["rng"])
-        teacher = train_stage(args, pg, data, teacher, cls, N, gen, state, out)   # eta <- theta
-    student = teacher
-    # Plain PD at the same stages and budget: pd.py's own run, or (--pd-baseline) one trained here
-    # from the same --cfd-from-step student with the same updates, batch and lr.
-    baseline = pd_metrics(folder, args, teacher_path)
+    hparams = {N: stage_hparams(args, N) for N in stages}
+    pg.log(f"cfd: {args.dataset}, preset {args.preset}, PD {args.start_steps} -> {args.cfd_from} steps in {folder}, then "
+           f"{args.variant} -> {' -> '.join(map(str, stages))} (tau, beta, gamma {hparams}); classifier {cls_path} "
+           f"(test acc {cls_acc}); {args.iters:,} updates of {args.batch} per stage, {pg.world} process(es) on {pg.device}")
+    chain = dict(start_steps=args.start_steps, teacher=str(Path(teacher_path).resolve()))     # as pd.main
+    try:                                     # pd.py's stage files: reused whatever --resume says
+        start, _, state = pd.run_chain(args, pg, data, teacher, pd_stages, folder, chain, gen, reuse=True)
+    except UserError as e:
+        raise UserError(f"{e} (cfd.py's PD chain, folder {folder}: set by --pd-dir)") from None
+    prefix, pd_gen = dict(state), gen.get_state()                            # for the --pd-baseline below
+    chain = dict(chain, cfd_from=args.cfd_from)                               # the stages below start from it
+    cfd_chain = dict(chain, variant=args.variant, classifier=str(Path(cls_path).resolve()))
+    student = start                                                           # the --cfd-from-step PD student
+    for N in stages:                         # eta <- theta, each CFD stage with its (tau, beta, gamma) (App. C.4)
+        tau, beta, gamma = hparams[N]
+        student, _, state = pd.run_chain(args, pg, data, student, [N], out, dict(cfd_chain, tau=tau, beta=beta, gamma=gamma),
+                                         gen, state=state, loss_fn=stage_loss(cls, tau, beta, gamma),
+                                         lr_factor=cosine_anneal, kind="cfd")
+    # Plain PD at the same stages and budget: pd.py's own run, or (--pd-baseline) one trained here from
+    # the same --cfd-from-step student with the same updates, batch, lr and data/noise draws.
+    baseline = pd_metrics(folder, args, chain["teacher"])
     if args.pd_baseline:
-        a = pd_args(args, iters=args.iters, lr=args.lr, batch=args.batch, later_factor=args.later_factor,
-                    later_steps=args.later_steps, ckpt_every=10**9, fid_samples=args.fid_samples)
-        b_out, b_state, b = out / "pd-baseline", dict(prefix), start
-        b_gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)
-        for N in stages:
-            b = pd.train_stage(a, pg, data, b, N, b_gen, b_state, b_out, teacher_path)
+        b_out, b_gen = out / "pd-baseline", torch.Generator()
+        b_gen.set_state(pd_gen)
+        b, _, b_state = pd.run_chain(args, pg, data, start, stages, b_out, chain, b_gen, state=prefix)
         info = dict(method="pd", variant="pd-baseline", nfe=args.nfe, train_seconds=b_state["seconds"],
                     images_seen=b_state["images"], start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters)
-        b_out = b_out / f"nfe{args.nfe}"
-        m = report(a, pg, b_out, original, teacher_path, lambda eps: pd.sample_ddim(b, eps, args.nfe), info, data.shape[1:])
+        m = report(args, pg, b_out / f"nfe{args.nfe}", teacher, chain["teacher"], lambda eps: pd.sample_ddim(b, eps, args.nfe),
+                   info, data.shape[1:])
         if pg.main:
             baseline = {k: m[k] for k in ("fid", "fid_n", "teacher_rms", "images_seen")} | {
-                "source": str(b_out / "metrics.json"), "same_budget": True}
+                "source": str(b_out / f"nfe{args.nfe}" / "metrics.json"), "same_budget": True}
     if baseline:
         pg.log(f"plain PD at {args.nfe} steps ({baseline['source']}): FID {baseline['fid']}, "
                f"teacher_rms {baseline['teacher_rms']:.4f}, {baseline['images_seen']:,} images")
     info = dict(method="cfd", variant=args.variant, nfe=args.nfe, train_seconds=state["seconds"], images_seen=state["images"],
-                start_steps=args.start_steps, cfd_from=args.cfd_from, pd_stages=pd_stages, stages=stages,
-                stage_hparams={N: dict(zip(("tau", "beta", "gamma"), stage_hparams(args, N))) for N in stages},
+                start_steps=args.start_steps, cfd_from=args.cfd_from, pd_dir=str(folder), pd_stages=pd_stages, stages=stages,
+                stage_hparams={N: dict(zip(("tau", "beta", "gamma"), h)) for N, h in hparams.items()},
                 iters_per_stage=args.iters, lr=args.lr, batch=args.batch, classifier=str(cls_path),
                 classifier_test_acc=cls_acc, pd_baseline=baseline, sampler="DDIM, x_hat clipped to [-1, 1]")
-    report(args, pg, out / f"nfe{args.nfe}", original, teacher_path, lambda eps: pd.sample_ddim(student, eps, args.nfe), info,
-           data.shape[1:])
+    # The report compares with the original teacher's solvers.
+    report(args, pg, out / f"nfe{args.nfe}", teacher, chain["teacher"], lambda eps: pd.sample_ddim(student, eps, args.nfe),
+           info, data.shape[1:])
     pg.close()
 
 

@@ -1,10 +1,12 @@
 """Tests of cfd.py: the feature KL of Eq. 4 (direction, temperature on the teacher only, zero at
 equality), entropy and diversity (Eqs. 5-6) against hand-computed values, Eq. 7's sum, the frozen
 classifier passing gradients to the student, the image target being pd.py's; and the CLI: --nfe
-validation, an end-to-end smoke run (tiny classifier trained on the generated data, PD chain reuse,
-plain-PD baseline, --resume mid-stage), and torchrun with two processes."""
+and --cfd-from validation, an end-to-end smoke run (tiny classifier trained on the generated data, PD
+chain reuse, plain-PD baseline, --resume mid-stage in the PD chain and in a CFD stage, refusal of a
+changed chain), and torchrun with two processes."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -126,18 +128,43 @@ def test_image_target_is_pds_target():
     assert torch.allclose(cls.seen["cls"], student(z_t / alpha_t, sigma_t / alpha_t), rtol=1e-6, atol=1e-7)
 
 
-def test_classifier_frozen_student_gets_gradients_and_eq7_sums():
+def test_classifier_frozen_student_gets_gradients_and_eq7_sums(tmp_path):
     torch.manual_seed(0)
     teacher = common.Denoiser(common.build_net(dict(in_ch=1, res=32, **common.NET_CONFIGS["smoke"]))).eval()
     teacher.requires_grad_(False)
     student = pd.make_student(teacher)
-    cls = cfd.ResNet(1, 10, 4, (1, 1))
-    cls(torch.randn(8, 1, 32, 32))                   # give BatchNorm non-trivial running statistics
-    cls = cls.eval().requires_grad_(False)
+    with torch.no_grad():                            # x^S away from x^T, so that swapped features would show
+        for p in student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    net = cfd.ResNet(1, 10, 4, (1, 1))
+    net(torch.randn(8, 1, 32, 32))                   # give BatchNorm non-trivial running statistics (train mode)
+    path = tmp_path / "classifier.pt"
+    common.save_checkpoint(path, "cfd-classifier", config=net.config, net=net.state_dict(), test_acc=0.5)
+    # The classifier as main() gets it: loaded from its checkpoint by cfd.load_classifier.
+    cls, _, acc = cfd.load_classifier(cfd.parse_args(["--classifier", str(path)]), common.Dist("cpu"), 1)
+    assert acc == 0.5 and not any(m.training for m in cls.modules())
+    assert not any(p.requires_grad for p in cls.parameters())
     before = {k: v.clone() for k, v in cls.state_dict().items()}
     x, eps = torch.rand(6, 1, 32, 32) * 2 - 1, torch.randn(6, 1, 32, 32)
-    beta, gamma = 0.5, 0.25
-    loss, parts = cfd.rcfd_loss(student, teacher, cls, x, eps, torch.tensor([0, 1, 2, 3, 1, 0]), 4, 0.9, beta, gamma)
+    i, N, tau, beta, gamma = torch.tensor([0, 1, 2, 3, 1, 0]), 4, 0.9, 0.5, 0.25
+    loss, parts = cfd.rcfd_loss(student, teacher, cls, x, eps, i, N, tau, beta, gamma)
+    # Eq. 4 on the classifier's features of x^S and x^T, tau on the teacher's (not swapped).
+    t = (i.double() + 1) / N
+    alpha_t, sigma_t = pd.alpha_sigma(t, x)
+    z_t = alpha_t * x + sigma_t * eps
+    with torch.no_grad():
+        x_T = pd.teacher_target(teacher, z_t, t, N)[0]
+        x_S = student(z_t / alpha_t, (sigma_t / alpha_t).flatten())
+        F_S, F_T = cls.extr(x_S), cls.extr(x_T)
+    assert parts["cfd"].item() == pytest.approx(cfd.cfd_loss(F_S, F_T, tau).item(), rel=1e-5)
+    # ... not swapped, not at another tau, not on the class logits (Fig. 4's "prediction distribution").
+    for wrong in (cfd.cfd_loss(F_T, F_S, tau), cfd.cfd_loss(F_S, F_T, 1.0), cfd.cfd_loss(cls.fc(F_S), cls.fc(F_T), tau)):
+        assert parts["cfd"].item() != pytest.approx(wrong.item(), rel=1e-2)
+    # The feature KL alone reaches the student (through the frozen classifier).
+    parts["cfd"].backward(retain_graph=True)
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum().item() for g in grads) > 0
+    student.zero_grad(set_to_none=True)
     loss.backward()
     expected = parts["cfd"] + beta * (gamma * parts["entropy"] + (1 - gamma) * parts["diversity"])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and parts["cfd"].item() > 0
@@ -146,6 +173,19 @@ def test_classifier_frozen_student_gets_gradients_and_eq7_sums():
     assert all(p.grad is None for p in teacher.parameters())
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum().item() for g in grads) > 0
+    # The loss a stage trains with (pd.train_stage's loss_fn) is Eq. 7 with that stage's hyperparameters:
+    # at 1 step, --variant cfd, it is Eq. 4 alone at the paper's tau = 0.85.
+    hp = cfd.stage_hparams(cfd.parse_args(["--variant", "cfd"]), 1)
+    assert hp == (0.85, 0.0, 0.5)
+    t1 = torch.ones(6, dtype=torch.float64)
+    z_1 = pd.alpha_sigma(t1, x)[0] * x + pd.alpha_sigma(t1, x)[1] * eps
+    with torch.no_grad():
+        stage = cfd.stage_loss(cls, *hp)(student, teacher, x, eps, torch.zeros(6, dtype=torch.long), 1)
+        a1, s1 = pd.alpha_sigma(t1, x)
+        F_S1 = cls.extr(student(z_1 / a1, (s1 / a1).flatten()))
+        F_T1 = cls.extr(pd.teacher_target(teacher, z_1, t1, 1)[0])
+    assert stage.item() == pytest.approx(cfd.cfd_loss(F_S1, F_T1, 0.85).item(), rel=1e-5)
+    assert stage.item() != pytest.approx(cfd.cfd_loss(F_S1, F_T1, 0.95).item(), rel=1e-2)
 
 
 # --- The command line -------------------------------------------------------------------------
@@ -166,6 +206,13 @@ def test_nfe_validation(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.strip().count("\n") == 0 and "below 8" in err
     assert cfd.cfd_stages(cfd.parse_args(["--preset", "smoke"])) == ([8], [4])       # the bare smoke command works
+    for bad in ("6", "64"):                                                           # lab starts at 32 steps
+        with pytest.raises(common.UserError, match=f"^--cfd-from {bad}:"):
+            cfd.cfd_stages(cfd.parse_args(["--preset", "lab", "--cfd-from", bad]))
+    # The PD chain shares pd.py's folder only at pd.py's preset budget (lab); paper (10k updates) has its own.
+    assert cfd.pd_chain_dir(cfd.parse_args([])) == common.RUNS / "fashion" / "pd-lab"
+    assert cfd.pd_chain_dir(cfd.parse_args(["--preset", "paper"])) == common.RUNS / "fashion" / "pd-paper-cfd-budget"
+    assert cfd.pd_chain_dir(cfd.parse_args(["--preset", "paper", "--iters", "50000"])) == common.RUNS / "fashion" / "pd-paper"
 
 
 def smoke_args(fashion_dir, smoke_teacher, out, *extra):
@@ -186,30 +233,52 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
     assert (a / "pd-baseline" / "nfe2" / "metrics.json").exists()
     assert (tmp_path / "runs" / "fashion" / "classifier-smoke" / "classifier.pt").exists()
     assert (tmp_path / "runs" / "fashion" / "pd-smoke" / "student-4steps.pt").exists()   # pd.py's stage file
-    # A second run reuses pd.py's 4-step student and the cached classifier.
+    # A second run reuses pd.py's 4-step student (and its RNG state: the CFD stage equals run a's) and
+    # the cached classifier.
     capsys.readouterr()
     cfd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "b"))
     log = capsys.readouterr()
-    assert "reusing pd.py's 4-step student" in log.out + log.err and "classifier:" not in log.out + log.err
-    # Interrupted after the RCFD stage's first checkpoint, --resume ends where the straight run did.
-    real_save = cfd.save_checkpoint
+    assert "reusing the 4-step pd student" in log.out + log.err and "classifier:" not in log.out + log.err
+    weights = lambda run: common.load_checkpoint(tmp_path / run / "student-2steps.pt", "cfd-student")["net"]
+    wa, wb = weights("a"), weights("b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "reusing a PD stage file must continue its RNG"
+    # Interrupted after the first checkpoint of the PD stage (own --pd-dir), then after the RCFD stage's:
+    # each --resume continues at that update, and the end is where the straight runs were.
+    c, c_pd = tmp_path / "c", tmp_path / "c-pd"
+    real_save, stopped = pd.save_checkpoint, set()
 
     def save_then_stop(path, kind, **payload):
         real_save(path, kind, **payload)
-        if kind == "cfd-training":
+        if kind in ("pd-training", "cfd-training") and kind not in stopped:
+            stopped.add(kind)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cfd, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(pd, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        cfd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "c"))
-    monkeypatch.setattr(cfd, "save_checkpoint", real_save)
+        cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd))
     capsys.readouterr()
-    cfd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "c", "--resume"))
+    with pytest.raises(KeyboardInterrupt):
+        cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd, "--resume"))
     log = capsys.readouterr()
-    assert "resuming the 4 -> 2 steps CFD stage at update 2" in log.out + log.err
-    wb = common.load_checkpoint(tmp_path / "b" / "student-2steps.pt", "cfd-student")["net"]
-    wc = common.load_checkpoint(tmp_path / "c" / "student-2steps.pt", "cfd-student")["net"]
+    assert "resuming the 8 -> 4 steps pd stage at update 2" in log.out + log.err
+    monkeypatch.setattr(pd, "save_checkpoint", real_save)
+    cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd, "--resume"))
+    log = capsys.readouterr()
+    assert "resuming the 4 -> 2 steps cfd stage at update 2" in log.out + log.err
+    p4 = common.load_checkpoint(tmp_path / "runs" / "fashion" / "pd-smoke" / "student-4steps.pt", "pd-student")["net"]
+    c4 = common.load_checkpoint(c_pd / "student-4steps.pt", "pd-student")["net"]
+    assert all(torch.equal(p4[k], c4[k]) for k in p4), "a resumed PD stage must equal an uninterrupted one"
+    wc = weights("c")
     assert all(torch.equal(wb[k], wc[k]) for k in wb), "a resumed stage must equal an uninterrupted one"
+    # --resume with another tau, classifier or teacher is refused, naming what changed.
+    with pytest.raises(common.UserError, match=r"tau 0\.95 \(now 0\.5\)"):
+        cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd, "--resume", "--tau", 0.5))
+    other = shutil.copy(tmp_path / "runs" / "fashion" / "classifier-smoke" / "classifier.pt", tmp_path / "other.pt")
+    with pytest.raises(common.UserError, match="classifier"):
+        cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd, "--resume", "--classifier", other))
+    teacher2 = shutil.copy(smoke_teacher, tmp_path / "teacher2.pt")
+    with pytest.raises(common.UserError, match="teacher .*--pd-dir"):
+        cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd, "--resume", "--teacher", teacher2))
 
 
 def test_torchrun_two_processes(fashion_dir, smoke_teacher, tmp_path):

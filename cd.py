@@ -166,13 +166,19 @@ def distance(a, b, metric):
     return (sq.sum(1) + c**2).sqrt() - c
 
 
-def cd_loss(f, f_target, D, x0, n, z, sigmas, metric):
-    """L_CD (Eq. 7; Alg. 2 lines 3-7) for grid indices n (B,) and noise z: uniform weight lambda = 1."""
+def cd_pair(f_target, D, x0, n, z, sigmas):
+    """Alg. 2 lines 3-5 for grid indices n (B,) and noise z: (x_t, t, t2, target f_target(x_hat_t2, t2))."""
     t, t2 = sigmas[n].reshape(-1, 1, 1, 1), sigmas[n + 1].reshape(-1, 1, 1, 1)
     x_t = x0 + t * z                                             # Alg. 2 line 4
     with torch.no_grad():                                        # stopgrad: theta- and phi get no gradient
         x_hat_t2 = heun_step(D, x_t, t, t2)                      # Alg. 2 line 5, the teacher phi
         target = f_target(x_hat_t2, t2)
+    return x_t, t, t2, target
+
+
+def cd_loss(f, f_target, D, x0, n, z, sigmas, metric):
+    """L_CD (Eq. 7; Alg. 2 lines 3-7) for grid indices n (B,) and noise z: uniform weight lambda = 1."""
+    x_t, t, _, target = cd_pair(f_target, D, x0, n, z, sigmas)
     return distance(f(x_t, t), target, metric).mean()
 
 
@@ -205,11 +211,11 @@ def sample_cd(f, x, taus, noise, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, callb
     return x
 
 
-def renoise_source(eps):
+def renoise_source(eps, seed=common.EVAL_SEED):
     """Per-sample re-noising noise seeded by each sample's own starting noise: sample k gets the same
-    samples whatever the batch size, the batch order or the number of processes."""
+    samples whatever the batch size, the batch order or the number of processes (sferd.py: another seed)."""
     keys = [int.from_bytes(hashlib.sha1(e.cpu().numpy().tobytes()).digest()[:6], "big") for e in eps]
-    return common.PerSampleNoise(common.EVAL_SEED, keys, eps.device)
+    return common.PerSampleNoise(seed, keys, eps.device)
 
 
 def make_sampler(f, taus):

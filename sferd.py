@@ -5,45 +5,40 @@ Lingyun Sun, "Reducing Spatial Fitting Error in Distillation of Denoising Diffus
 arXiv:2311.03830 (Algorithms 1 and 2, Section 4, Appendix B). Authors' partial code: Sainzerjj/SFERD. Spec: ../shared/specs/METHODS.md, 4.
 
 What is implemented:
-  - The base distiller, imported (--base pd: pd.py's halving stages and two-step DDIM target; --base cd:
-    cd.py's consistency function, Heun teacher step and training loop). SFERD changes what the teacher is.
-  - Attention guidance in the teacher (Sec. 4.1, Alg. 1 lines 8-13), GuidedTeacher below: the attention map
-    A of one decoder self-attention block (default: the highest-resolution one), mean over heads, summed
-    over queries (the attention each position receives; its mean is exactly 1), psi = 1[A > k] (Eq. 10),
-    nearest-upsampled to H x W; a hand-written separable Gaussian blur B (reflect padding); re-noising with
-    the teacher's own eps: x~_t = alpha_t*B(x0_hat) + s_t*eps_hat (line 11); x~_attn = (1-psi)*x_t +
-    psi*x~_t (line 12); x0_teacher = (1+w)*x0_hat - w*x0_attn (line 13, Eq. 11). The base's solver step g
-    (PD: DDIM, CD: Heun) uses x0_teacher in place of x0_hat (line 15). In the EDM view x = z/alpha every
-    line is the same equation divided by alpha_t (x~ = B(x0_hat) + sigma*eps_hat), so one wrapper serves both.
-  - The semantic gradient predictor in the student (Sec. 4.2, App. B.1): E_phi(x0) -> z_sem (stride-2 convs,
-    GroupNorm+SiLU, Linear); G_tau(x_t, z_sem, t) reuses the student's encoder features and time embedding
-    (net.encode) and owns a fresh middle + decoder + output conv (common.UNet.decode, AdaGN on z_sem through
-    zero-initialised maps, zero-initialised conv_out: the student is unchanged at init). Loss, Alg. 1 line 18:
-    w(lambda_t)*|(s_{t-1}^2/alpha_{t-1})*G_tau - (x0_target - x0_student)|^2. Two phases (Sec. 4.2): the
-    distilled student frozen for the first half of --pred-iters, then trained jointly at a low lr (joint_lr).
-  - A latent DDPM over normalised z_sem (App. B.1, Table 4: MLP with skip inputs, T = 1000, constant
-    beta = 0.008, eps-prediction, L1 loss), sampled with DDIM, so that unconditional sampling works.
-  - Sampling (Alg. 2): eps~ = eps_theta - c_t*G_tau(x_t, z_sem, t), then the base's step with eps~
-    (PD: DDIM; CD: x0~ = (x_t - s_t*eps~)/alpha_t is the consistency output plus the correction).
+  - The base distiller, imported: --base pd (pd.run_chain's halving stages, two-step DDIM target) or --base cd
+    (cd.py's consistency function, Heun teacher step, training loop). SFERD changes what the teacher is.
+  - Attention guidance in the teacher (Sec. 4.1, Alg. 1 lines 8-13), GuidedTeacher: A = the attention each
+    position of one decoder self-attention block receives (mean over heads, summed over queries: mean 1),
+    psi = 1[A > k] nearest-upsampled (Eq. 10), a hand-written separable Gaussian blur B, then lines 11-13.
+    The base's solver step g uses x0_teacher in place of x0_hat (line 15). In the EDM view x = z/alpha every
+    line is the same equation divided by alpha_t, so one wrapper serves both bases.
+  - The semantic gradient predictor (Sec. 4.2, App. B.1): E_phi(x0) -> z_sem; G_tau(x_t, z_sem, t) reuses the
+    student's encoder features and time embedding, owns a fresh middle + decoder with AdaGN on z_sem and is
+    zero-initialised (the student is unchanged at init). Loss: Alg. 1 line 18. The student is frozen for the
+    first half of --pred-iters, then trained jointly at a low lr (Sec. 4.2).
+  - "t-1" of line 18 is the TEACHER's solver step from t: line 15 is x~_{t-1} = g(x_t, x0_teacher) ("Teacher
+    Sampling"); line 16 then targets the student's s. PD: t' = t - 0.5/N (the student's t - 1/N would make
+    the scale vanish on its last step); CD: the next grid point. Sampling uses the same t-1.
+  - A latent DDPM over normalised z_sem of all the data (App. B.1, Table 4), so unconditional sampling works.
+  - Sampling (Alg. 2): eps~ = eps_theta - c_t*G_tau, then the base's step with eps~ (through x0~).
   - Ablations: --no-guidance, --no-predictor, --k, --w, --blur-sigma, --attn-block. With both off the run
     is exactly its base (pd.py / cd.py with the same settings): the paper's comparison at equal budget.
 
 Deviations from the paper, and why:
   - One shared EDM teacher for every method (METHODS.md 0), not the paper's ADM (PD) / NCSN++ (CD) teachers.
-  - Sampling scale (--g-scale): Alg. 2 subtracts s_t*G, i.e. adds (s_t^2/alpha_t)*G to x0, while Alg. 1
-    line 18 trains G with s_{t-1}^2/alpha_{t-1}. On PD's cosine grid alpha_1 ~ 4.5e-5, so s_t^2/alpha_t ~ 2e4
-    at the first step: the literal form explodes. The default "train" uses the scale G was trained with
-    (c_t = s_{t-1}^2*alpha_t/(alpha_{t-1}*s_t) in eps units); "paper" is Alg. 2 as printed.
-  - AdaGN: common.UNet adds the time embedding after conv1 (DDPM) and applies (1+z_s)*GN(h)+z_b, not
-    Eq. 15's z_s*(t_s*GN(h)+t_b)+z_b: the reused U-Net blocks keep their design; z enters as in Eq. 15.
-  - For CD the predictor's target is CD's own (f_theta(Heun step of the guided teacher), stop-gradient),
-    and "t-1" is the next point of CD's Karras grid; the squared error of line 18 replaces CD's distance.
-  - Lab preset: the bases' lab settings, a 64-d z_sem, a 4 x 256 latent MLP; paper: 512-d, 10 x 2048, PD
-    from 1024 steps (App. B). The predictor's length and joint lr are not given in the paper (our choice).
-    SFERD-PD lab starts at 16 steps, not pd.py's 32: the guided teacher costs two calls per step, and two
-    stages (the paper, too, distils in few stages: Table 6) keep the run within 15 CPU minutes. Its
-    same-budget base is therefore this file with --no-guidance --no-predictor (pd.py from 16 steps).
-  - --resume: base stages and the predictor phase resume exactly; an unfinished latent DDPM restarts.
+  - Sampling scale (--g-scale): Alg. 2's c_t = s_t adds (s_t^2/alpha_t)*G to x0, but line 18 trains G to add
+    (s_{t-1}^2/alpha_{t-1})*G; on PD's grid alpha_1 ~ 4.5e-5, so s_t^2/alpha_t ~ 2e4 at the first step: the
+    literal form explodes. The default "train" adds what G was trained for; "paper" is Alg. 2 as printed.
+  - AdaGN: common.UNet's blocks keep their design ((1+z_s)*GN(h)+z_b, time embedding added after conv1),
+    not Eq. 15's z_s*(t_s*GN(h)+t_b)+z_b; z enters as in Eq. 15.
+  - SFERD-CD: the target is CD's own (f_theta of the guided teacher's Heun step, stop-gradient); line 18's
+    squared error replaces CD's distance.
+  - Lab preset: the bases' lab settings, a 64-d z_sem, a 4 x 256 latent MLP with EMA 0.995 (2000 updates are
+    too few for Table 4's 0.9999); the predictor's length and joint lr are our choice (not in the paper).
+    SFERD-PD lab starts at 16 steps, not pd.py's 32 (the guided teacher costs two calls per step; two stages,
+    as the paper's Table 6 prefers, fit 15 CPU minutes): its same-budget base is --no-guidance --no-predictor.
+  - --resume: base stages and the predictor phase resume exactly; an unfinished latent DDPM restarts (and one
+    fit to another E_phi is fit again). Files record the settings they depend on; other settings are refused.
 
 Run:
   CPU lab:   python sferd.py --dataset fashion --nfe 4 --base pd     (+ --no-guidance --no-predictor: the base)
@@ -51,7 +46,7 @@ Run:
   torchrun:  torchrun --nproc_per_node=2 sferd.py --preset smoke
   ablation:  python sferd.py --nfe 4 --no-predictor --w 0.5 --blur-sigma 1 --out runs/fashion/sferd-abl
 """
-import hashlib
+import copy
 import json
 import math
 import time
@@ -70,13 +65,15 @@ PRESETS = {
     # base: settings of the base distiller (its own file's preset); z_dim: size of z_sem; pred_iters: predictor
     # updates (half frozen, half joint); latent_*: the latent DDPM (Table 4); latent_steps: its DDIM steps.
     "smoke": dict(z_dim=8, pred_iters=4, pred_batch=8, pred_lr=2e-4, joint_lr=2e-5, latent_layers=2,
-                  latent_hidden=32, latent_iters=10, latent_batch=16, latent_lr=1e-3, latent_steps=5, ckpt_every=2),
+                  latent_hidden=32, latent_iters=10, latent_batch=16, latent_lr=1e-3, latent_ema=0.5, latent_steps=5,
+                  ckpt_every=2),
     "lab": dict(z_dim=64, pred_iters=100, pred_batch=32, pred_lr=2e-4, joint_lr=2e-5, latent_layers=4,
-                latent_hidden=256, latent_iters=2000, latent_batch=256, latent_lr=1e-3, latent_steps=50, ckpt_every=50),
-    # App. B: Adam 2e-4 (PD) for G_tau/E_phi; Table 4: 10 x 2048 MLP, batch 512, lr 1e-4, 512-d z_sem.
+                latent_hidden=256, latent_iters=2000, latent_batch=256, latent_lr=1e-3, latent_ema=0.995,
+                latent_steps=50, ckpt_every=50),
+    # App. B: Adam 2e-4 (PD) for G_tau/E_phi; Table 4: 10 x 2048 MLP, batch 512, lr 1e-4, EMA 0.9999; 512-d z_sem.
     "paper": dict(z_dim=512, pred_iters=50_000, pred_batch=128, pred_lr=2e-4, joint_lr=2e-5, latent_layers=10,
-                  latent_hidden=2048, latent_iters=100_000, latent_batch=512, latent_lr=1e-4, latent_steps=100,
-                  ckpt_every=5_000),
+                  latent_hidden=2048, latent_iters=100_000, latent_batch=512, latent_lr=1e-4, latent_ema=0.9999,
+                  latent_steps=100, ckpt_every=5_000),
 }
 LATENT_T, LATENT_BETA = 1000, 0.008         # Table 4: T = 1000, constant beta
 
@@ -242,17 +239,12 @@ def predictor_loss(G, x0_target, x0_student, alpha_prev, s_prev, weight):
     return (weight.flatten() * err.pow(2).mean(dim=(1, 2, 3))).mean()
 
 
-def g_coef(s_t, alpha_t, alpha_prev, s_prev, mode="train"):
-    """c_t of Alg. 2, eps~ = eps_theta - c_t*G. 'paper': c_t = s_t; 'train': c_t = s_{t-1}^2*alpha_t/(alpha_{t-1}*s_t),
-    so that x0~ = x0 + (s_{t-1}^2/alpha_{t-1})*G, the correction G was trained for (see Deviations)."""
-    return s_t if mode == "paper" else g_scale(alpha_prev, s_prev) * alpha_t / s_t
-
-
 def corrected_x0(x0, G, sigma, sigma_prev, mode="train"):
-    """x0~ = (z_t - s_t*eps~)/alpha_t = x0 + (s_t/alpha_t)*c_t*G: Alg. 2's step for a student that predicts x0
-    (sigma, sigma_prev: EDM view of t and t-1; the base's step then continues from x0~)."""
+    """Alg. 2's x0~ = (z_t - s_t*eps~)/alpha_t for a student that predicts x0 (sigma, sigma_prev: EDM view of
+    t and t-1). 'paper': eps~ = eps - s_t*G, so x0~ = x0 + (s_t^2/alpha_t)*G; 'train': x0~ = x0 +
+    (s_{t-1}^2/alpha_{t-1})*G, the correction G was trained for (see Deviations)."""
     (alpha_t, s_t), (alpha_p, s_p) = vp_from_sigma(sigma), vp_from_sigma(sigma_prev)
-    return x0 + (s_t / alpha_t * g_coef(s_t, alpha_t, alpha_p, s_p, mode)).to(x0.dtype) * G
+    return x0 + (s_t**2 / alpha_t if mode == "paper" else g_scale(alpha_p, s_p)).to(x0.dtype) * G
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,31 +294,9 @@ def sample_latent(mlp, noise, steps, mean, std):
 # Training: the base with the guided teacher, then the predictor (two phases), then the latent DDPM
 # ----------------------------------------------------------------------------------------------
 
-def train_base_pd(args, pg, data, D, out, teacher_path):
-    """pd.py's halving stages (pd.main's loop, resumable), each stage's teacher attention-guided (Alg. 1).
-    Returns (N-step student, its 2N-step teacher, state)."""
-    teacher, prev = D, D
-    gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)
-    state, ck_path = dict(images=0, seconds=0.0), out / "checkpoint.pt"
-    for N in pd.stage_steps(args.nfe, args.start_steps):
-        prev = teacher
-        if args.resume and pd.student_path(out, N).exists():                 # a finished stage: reuse it
-            teacher, done, ck = pd.load_pd_student(args, N, out, pg.device)
-            pd.check_chain(ck, done, args, teacher_path)
-            state.update(images=ck["images"], seconds=ck["seconds"])
-            pg.restore_state(gen, ck["rng"])
-            continue
-        ck = common.load_checkpoint(ck_path, "pd-training") if args.resume and ck_path.exists() else None
-        if ck is not None and ck["steps"] == N:                               # the stage in progress
-            pd.check_chain(ck, ck_path, args, teacher_path)
-            state.update(images=ck["images"], seconds=ck["seconds"], ckpt=ck)
-            pg.restore_state(gen, ck["rng"])
-        teacher = pd.train_stage(args, pg, data, guided(teacher, args), N, gen, state, out, teacher_path)
-    return teacher, prev, state
-
-
 def pd_terms(student, teacher, x0, gen, N):
-    """SFERD-PD terms of Alg. 1 lines 3-16 for a batch: t = (i+1)/N, t-1 = t - 1/N (the student's next step)."""
+    """SFERD-PD terms of Alg. 1 lines 3-16 for a batch: t = (i+1)/N; t-1 = t' = t - 0.5/N, the teacher's step
+    (line 15), so that the scale of line 18 stays non-zero on the student's last step (t - 1/N = 0)."""
     i = torch.randint(N, (len(x0),), generator=gen)
     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
     t = (i.double() + 1) / N
@@ -334,27 +304,24 @@ def pd_terms(student, teacher, x0, gen, N):
     z_t = alpha_t * x0 + s_t * eps                                   # line 7
     x0_target, _ = pd.teacher_target(teacher, z_t, t, N)             # lines 8-16 (teacher = GuidedTeacher)
     x0_student = common.vp_predict(student, z_t, alpha_t, s_t)[0]
-    alpha_p, s_p = pd.alpha_sigma(t - 1.0 / N, x0)
+    alpha_p, s_p = pd.alpha_sigma(t - 0.5 / N, x0)
     return z_t / alpha_t, s_t / alpha_t, x0_target, x0_student, alpha_p, s_p, pd.truncated_snr_weight(alpha_t, s_t)
 
 
 def cd_terms(f, teacher, x0, gen, sigmas):
-    """SFERD-CD terms: CD's pair (t, t2) of the Karras grid, target f(Heun step of the guided teacher, t2)
-    without gradient (cd.cd_loss with mu = 0); t-1 is t2; weight lambda = 1."""
+    """SFERD-CD terms: CD's pair (t, t2) of the Karras grid and its target (cd.cd_pair, mu = 0); t-1 is t2,
+    the teacher's Heun step; weight lambda = 1."""
     n = torch.randint(0, len(sigmas) - 1, (len(x0),), generator=gen).to(x0.device)
     z = torch.randn(x0.shape, generator=gen).to(x0.device)
-    t, t2 = sigmas[n].reshape(-1, 1, 1, 1), sigmas[n + 1].reshape(-1, 1, 1, 1)
-    x_t = x0 + t * z
-    with torch.no_grad():
-        target = f(cd.heun_step(teacher, x_t, t, t2), t2)
-    alpha_p, s_p = vp_from_sigma(t2)
-    return x_t, t, target, f(x_t, t), alpha_p, s_p, torch.ones(len(x0), device=x0.device)
+    x_t, t, t2, target = cd.cd_pair(f, teacher, x0, n, z, sigmas)
+    return x_t, t, target, f(x_t, t), *vp_from_sigma(t2), torch.ones(len(x0), device=x0.device)
 
 
-def train_predictor(args, pg, data, student, terms, out, state):
+def train_predictor(args, pg, data, student, terms, out, state, chain):
     """E_phi and G_tau with the loss of Alg. 1 line 18; the student frozen for the first half, then joint at
-    the preset's joint_lr (Sec. 4.2). Resumable from out/predictor.pt. Returns (E, G)."""
+    the preset's joint_lr (Sec. 4.2). Resumable from out/predictor.pt (written with chain). Returns (E, G)."""
     hp, dev = args.hp, pg.device
+    chain = dict(chain, **{key: hp[key] for key in ("z_dim", "pred_batch", "pred_lr", "joint_lr")})
     E = SemanticEncoder(data.shape[1], hp["z_dim"]).to(dev)
     G = GradientPredictor(student.net, hp["z_dim"]).to(dev)
     opt = torch.optim.Adam([{"params": list(E.parameters()) + list(G.parameters()), "lr": hp["pred_lr"]},
@@ -363,11 +330,13 @@ def train_predictor(args, pg, data, student, terms, out, state):
     it, path, P = 0, out / "predictor.pt", hp["pred_iters"]
     if args.resume and path.exists():
         ck = common.load_checkpoint(path, "sferd-predictor")
+        pd.check_chain(ck, path, chain)
         for module, key in ((E, "E"), (G, "G"), (student.net, "student")):
             common.load_state(module, ck[key], path)
         opt.load_state_dict(ck["opt"])
         it, state["images"], state["seconds"] = ck["iter"], ck["images"], ck["seconds"]
         pg.restore_state(gen, ck["rng"])
+        pg.log(f"resuming the predictor at update {it:,} of {P:,}")
     for module in (E, G, student):
         pg.broadcast(module)
     params = list(E.parameters()) + list(G.parameters()) + list(student.net.parameters())
@@ -394,7 +363,7 @@ def train_predictor(args, pg, data, student, terms, out, state):
             if pg.main:
                 common.save_checkpoint(path, "sferd-predictor", E=E.state_dict(), G=G.state_dict(), opt=opt.state_dict(),
                                        student=student.net.state_dict(), iter=it, rng=rng, images=state["images"],
-                                       seconds=time.time() - t0, z_dim=hp["z_dim"], net_config=student.net.config)
+                                       seconds=time.time() - t0, net_config=student.net.config, **chain)
     bar.close()
     state["seconds"] = time.time() - t0
     student.requires_grad_(False).eval()
@@ -402,19 +371,26 @@ def train_predictor(args, pg, data, student, terms, out, state):
     return E.eval().requires_grad_(False), G.eval().requires_grad_(False)
 
 
-def train_latent(args, pg, data, E, out):
-    """The latent DDPM p_omega(z_{t-1}|z_t) over normalised z_sem = E_phi(x0) of the data (Eq. 16)."""
-    hp, dev, path = args.hp, pg.device, out / "latent.pt"
+def train_latent(args, pg, data, E, out, state, chain):
+    """The latent DDPM p_omega(z_{t-1}|z_t) over normalised z_sem = E_phi(x0) of all the data (Eq. 16), sampled
+    through its EMA (Table 4); its time counts in state["seconds"]. A finished one fit to this E_phi is reused."""
+    hp, dev, path, t0 = args.hp, pg.device, out / "latent.pt", time.time()
+    chain = dict(chain, **{key: v for key, v in hp.items() if key not in ("latent_steps", "ckpt_every")})
+    mlp = LatentMLP(hp["z_dim"], hp["latent_hidden"], hp["latent_layers"]).to(dev)
+    ck = common.load_checkpoint(path, "sferd-latent") if args.resume and path.exists() else None
+    if ck is not None and all(ck.get(key) == value for key, value in chain.items()):
+        common.load_state(mlp, ck["mlp"], path)
+        state["seconds"] += ck["seconds"]
+        pg.log(f"reusing the latent DDPM {path}")
+        return mlp.eval().requires_grad_(False), ck["mean"].to(dev), ck["std"].to(dev)
+    if ck is not None:
+        pg.log(f"{path} was fit to another E_phi or other settings: fitting the latent DDPM again")
     with torch.no_grad():
-        x = data[:10_000]
-        z = torch.cat([E(common.to_float(x[i:i + 500]).to(dev)) for i in range(0, len(x), 500)]).float()
+        z = torch.cat([E(common.to_float(data[i:i + 500]).to(dev)) for i in range(0, len(data), 500)]).float()
     mean, std = z.mean(0), z.std(0).clamp(min=1e-4)
     zn = (z - mean) / std                                           # zero mean, unit variance (App. B.1)
-    mlp = LatentMLP(hp["z_dim"], hp["latent_hidden"], hp["latent_layers"]).to(dev)
-    if args.resume and path.exists():                               # only a finished latent DDPM is kept
-        common.load_state(mlp, common.load_checkpoint(path, "sferd-latent")["mlp"], path)
-        return mlp.eval(), mean, std
     pg.broadcast(mlp)
+    ema = copy.deepcopy(mlp).requires_grad_(False)                  # Table 4: the EMA samples
     opt = torch.optim.Adam(mlp.parameters(), lr=hp["latent_lr"])
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank + 900)
     local = pg.batch(hp["latent_batch"])
@@ -427,82 +403,72 @@ def train_latent(args, pg, data, E, out):
         loss.backward()
         pg.sync_grads(mlp.parameters())
         opt.step()
+        common.ema_update(ema, mlp, hp["latent_ema"])
+    seconds = time.time() - t0
+    state["seconds"] += seconds                                     # part of SFERD's training cost
     if pg.main:
-        common.save_checkpoint(path, "sferd-latent", mlp=mlp.state_dict(), mean=mean.cpu(), std=std.cpu())
-    return mlp.eval().requires_grad_(False), mean, std
+        common.save_checkpoint(path, "sferd-latent", mlp=ema.state_dict(), mean=mean.cpu(), std=std.cpu(),
+                               seconds=seconds, **chain)
+    return ema.eval(), mean, std
 
 
 # ----------------------------------------------------------------------------------------------
 # Sampling (Alg. 2)
 # ----------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def sample_sferd_pd(D, eps, N, G=None, z_sem=None, mode="train", g_drop=0.0):
-    """pd.sample_ddim with Alg. 2's correction x0~ = x0 + (s_t/alpha_t)*c_t*G on the first (1-g_drop)*N steps."""
-    z = eps
-    for k in range(N, 0, -1):
-        t, s = torch.tensor([k / N], dtype=torch.float64), torch.tensor([(k - 1) / N], dtype=torch.float64)
-        (alpha_t, s_t), (alpha_s, s_s) = pd.alpha_sigma(t, z), pd.alpha_sigma(s, z)
-        x_hat = common.vp_predict(D, z, alpha_t, s_t)[0]
-        if G is not None and N - k < round((1 - g_drop) * N):
-            g = G(D.net, z / alpha_t, s_t / alpha_t, z_sem)
-            x_hat = corrected_x0(x_hat, g, s_t / alpha_t, s_s / alpha_s, mode)
-        x_hat = x_hat.clamp(-1, 1)
-        if k == 1:
-            return x_hat
-        z = pd.ddim_step(z, x_hat, alpha_t, s_t, alpha_s, s_s)
-    return z
+def corrected_denoiser(D, G, z_sem, sigma_prevs, mode="train", g_drop=0.0):
+    """D~(x, sigma) = x0~ of Alg. 2 for a student D that predicts x0 (PD's denoiser, CD's f): call i is corrected
+    with t-1 = sigma_prevs[i] (EDM view), except the last g_drop fraction of calls (--g-drop, authors' code 0.3)."""
+    calls, steps = iter(enumerate(sigma_prevs)), round((1 - g_drop) * len(sigma_prevs))
 
-
-def corrected_consistency(f, G, z_sem, grid, mode="train", steps=None):
-    """f~(x, sigma) = x0~ of Alg. 2 for CD's f; t-1 = the next lower point of CD's training grid.
-    steps: how many of the calls get the correction (the rest, --g-drop, use f alone)."""
-    calls = [0]
-
-    def f_tilde(x, sigma):
-        x0 = f(x, sigma)
-        calls[0] += 1
-        if steps is not None and calls[0] > steps:
+    def D_tilde(x, sigma, cond=None):
+        (i, sigma_prev), x0 = next(calls), D(x, sigma)
+        if i >= steps:
             return x0
-        lower = grid[grid < float(sigma) * (1 - 1e-4)]
-        sigma_prev = lower[0].item() if len(lower) else 0.0
-        return corrected_x0(x0, G(f.net, x, sigma, z_sem), as_batch(sigma, x), as_batch(sigma_prev, x), mode)
-    return f_tilde
+        return corrected_x0(x0, G(D.net, x, sigma, z_sem), as_batch(sigma, x), as_batch(sigma_prev, x), mode)
+    return D_tilde
 
 
-def latent_noise(eps, z_dim):
-    """Per-sample latent noise keyed by each sample's starting noise (cd.renoise_source's keys, another seed)."""
-    keys = [int.from_bytes(hashlib.sha1(e.cpu().numpy().tobytes()).digest()[:6], "big") for e in eps]
-    return common.PerSampleNoise(common.EVAL_SEED + 1, keys, eps.device).randn(z_dim)
+def sample_sferd_pd(D, eps, N, G, z_sem, mode="train", g_drop=0.0):
+    """pd.sample_ddim with Alg. 2's x0~; step t = k/N has t-1 = (k - 0.5)/N, the teacher's step (pd_terms)."""
+    t_prev = torch.tensor([(k - 0.5) / N for k in range(N, 0, -1)], dtype=torch.float64)
+    sigma_prev = common.sigma_from_vp(*common.cosine_alpha_sigma(t_prev)).tolist()
+    return pd.sample_ddim(corrected_denoiser(D, G, z_sem, sigma_prev, mode, g_drop), eps, N)
+
+
+def sample_sferd_cd(f, eps, taus, G, z_sem, N, mode="train", g_drop=0.0):
+    """cd.sample_cd with Alg. 2's x0~; a call at sigma has t-1 = the next lower point of CD's N-point grid
+    (cd_terms' t2; a point within 1% is sigma itself: the default taus are rounded grid points)."""
+    grid = common.append_zero(common.karras_sigmas(N, cd.SIGMA_MIN, cd.SIGMA_MAX, cd.RHO))
+    sigma_prev = [grid[grid < 0.99 * s][0].item() for s in [cd.SIGMA_MAX, *taus]]
+    f_tilde = corrected_denoiser(f, G, z_sem, sigma_prev, mode, g_drop)
+    return cd.sample_cd(f_tilde, cd.SIGMA_MAX * eps, taus, cd.renoise_source(eps).randn_like)
 
 
 def make_sampler(args, student, G=None, latent=None):
-    """sample_fn for common.report: unit noise -> images; z_sem drawn from the latent DDPM (Alg. 2, unconditional)."""
-    def z_sem_of(eps):
-        mlp, mean, std = latent
-        return sample_latent(mlp, latent_noise(eps, args.hp["z_dim"]), args.hp["latent_steps"], mean, std)
-
-    if args.base == "pd":
-        if G is None:
-            return lambda eps: pd.sample_ddim(student, eps, args.nfe)
-        return lambda eps: sample_sferd_pd(student, eps, args.nfe, G, z_sem_of(eps), args.g_scale, args.g_drop)
-    taus = args.cd_hp["taus"]
+    """sample_fn for common.report: unit noise -> images; z_sem drawn from the latent DDPM (Alg. 2, unconditional)
+    with noise keyed by each sample's starting noise (cd.renoise_source, another seed)."""
+    if G is None and args.base == "pd":
+        return lambda eps: pd.sample_ddim(student, eps, args.nfe)
     if G is None:
-        return cd.make_sampler(student, taus)
-    grid = common.karras_sigmas(args.cd_hp["N"], cd.SIGMA_MIN, cd.SIGMA_MAX, cd.RHO)
-    steps = round((1 - args.g_drop) * args.nfe)
-    return lambda eps: cd.sample_cd(corrected_consistency(student, G, z_sem_of(eps), grid, args.g_scale, steps),
-                                    cd.SIGMA_MAX * eps, taus, cd.renoise_source(eps).randn_like)
+        return cd.make_sampler(student, args.cd_hp["taus"])
+    mlp, mean, std = latent
+    z_sem = lambda eps: sample_latent(mlp, cd.renoise_source(eps, common.EVAL_SEED + 1).randn(args.hp["z_dim"]),
+                                      args.hp["latent_steps"], mean, std)
+    if args.base == "pd":
+        return lambda eps: sample_sferd_pd(student, eps, args.nfe, G, z_sem(eps), args.g_scale, args.g_drop)
+    return lambda eps: sample_sferd_cd(student, eps, args.cd_hp["taus"], G, z_sem(eps), args.cd_hp["N"], args.g_scale,
+                                       args.g_drop)
 
 
 def base_run_metrics(args):
     """SFERD vs its base at the same settings (the paper's claim): this file's --no-guidance --no-predictor
-    run (exactly the base) or the base's own run (pd.py / cd.py), whichever has the same NFE and start."""
+    run (exactly the base) or the base's own run (pd.py / cd.py), whichever has the same preset, NFE and start."""
     runs = common.RUNS / common.dataset_slug(args.dataset)
-    own = f"pd-{args.preset}/nfe{args.nfe}" if args.base == "pd" else f"cd-{args.preset}/nfe{args.nfe}"
-    for path in (runs / name / "metrics.json" for name in (f"sferd-{args.base}-noguide-nopred-nfe{args.nfe}", own)):
+    for path in (runs / f"sferd-{args.base}-noguide-nopred-nfe{args.nfe}" / "metrics.json",
+                 runs / f"{args.base}-{args.preset}" / f"nfe{args.nfe}" / "metrics.json"):
         m = json.loads(path.read_text()) if path.exists() else {}
-        if m.get("nfe") == args.nfe and m.get("start_steps") == getattr(args, "start_steps", None):
+        if [m.get(k) for k in ("preset", "nfe", "start_steps")] == [args.preset, args.nfe, getattr(args, "start_steps", None)]:
             keys = ("fid", "fid_n", "teacher_rms", "images_seen", "train_seconds")
             return {"base_run": str(path), **{f"base_{k}": m.get(k) for k in keys}}
     return {"base_run": None, "base_note": f"for the base, run this file with --no-guidance --no-predictor (or "
@@ -524,19 +490,30 @@ def main(argv=None):
     out = common.run_dir(args, f"{variant}-nfe{args.nfe}")
     pg.log(f"{variant}: {args.dataset}, preset {args.preset}, NFE {args.nfe}, attention block {args.attn_block}, "
            f"k {args.k}, w {args.w}, blur sigma {args.blur_sigma}, {pg.world} process(es) on {pg.device}")
+    # What the trained networks depend on: saved with every file of the run, a --resume with others is refused.
+    chain = dict(teacher=str(teacher_path), start_steps=getattr(args, "start_steps", None), guidance=not args.no_guidance)
+    if not args.no_guidance:
+        chain.update({key: getattr(args, key) for key in ("k", "w", "blur_sigma", "blur_size", "attn_block")})
     if args.base == "pd":
-        student, last_teacher, state = train_base_pd(args, pg, data, D, out, teacher_path)
+        gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # as pd.main
+        student, last_teacher, state = pd.run_chain(args, pg, data, D, pd.stage_steps(args.nfe, args.start_steps),
+                                                    out, chain, gen, wrap=lambda T: guided(T, args))
         teacher = guided(last_teacher, args)
         terms = lambda s, x0, gen: pd_terms(s, teacher, x0, gen, args.nfe)
     else:
-        student, seconds, images = cd.train(args, args.cd_hp, pg, guided(D, args), data, out)
-        state, teacher = dict(images=images, seconds=seconds), guided(D, args)
+        args.cd_hp.update(chain)                                      # saved in student.pt with CD's own settings
+        if args.resume and (out / "student.pt").exists():
+            pd.check_chain(common.load_checkpoint(out / "student.pt", "cd-student")["hp"], out / "student.pt", chain)
+        teacher = guided(D, args)
+        student, seconds, images = cd.train(args, args.cd_hp, pg, teacher, data, out)
+        state = dict(images=images, seconds=seconds)
         sigmas = common.karras_sigmas(args.cd_hp["N"], cd.SIGMA_MIN, cd.SIGMA_MAX, cd.RHO).float().to(pg.device)
         terms = lambda s, x0, gen: cd_terms(s, teacher, x0, gen, sigmas)
     base_images, G, latent = state["images"], None, None
     if not args.no_predictor:
-        E, G = train_predictor(args, pg, data, student, terms, out, state)
-        latent = train_latent(args, pg, data, E, out)
+        chain.update(base=args.base, nfe=args.nfe)
+        E, G = train_predictor(args, pg, data, student, terms, out, state, chain)
+        latent = train_latent(args, pg, data, E, out, state, chain)
     info = dict(method="sferd", variant=variant, nfe=args.nfe, train_seconds=state["seconds"],
                 images_seen=state["images"], base=args.base, base_phase_images=base_images, guidance=not args.no_guidance,
                 predictor=not args.no_predictor, attn_block=args.attn_block, k=args.k, w=args.w,

@@ -1,12 +1,14 @@
 """Tests of sferd.py: the attention-guided teacher (blur, attention map, mask, Alg. 1 lines 8-13), the
-semantic gradient predictor (zero init, loss scale of Alg. 1 line 18, Alg. 2's sampling correction), and
-the CLI (--nfe validation, smoke runs on PD and CD, --resume, torchrun with two processes)."""
+semantic gradient predictor (zero init, loss scale of Alg. 1 line 18 at the teacher's step, Alg. 2's sampling
+against hand-written loops, exact resume of the predictor phase), the latent DDPM, and the CLI (--nfe
+validation, smoke runs on PD and CD, --resume and its refusal of changed settings, torchrun)."""
 import json
 import math
 
 import pytest
 import torch
 
+import cd
 import common
 import pd
 import sferd
@@ -129,10 +131,22 @@ def test_zero_init_predictor_leaves_the_student_unchanged():
     assert (G(D.net, x, 2.0, z_sem) - G(D.net, x, 2.0, -z_sem)).abs().max() > 1e-3
 
 
+def nonzero_predictor(D, z_dim=8, seed=3):
+    """G_tau on D's encoder with random (non-zero) output and z_sem maps, as after training."""
+    G = sferd.GradientPredictor(D.net, z_dim)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        G.body.conv_out.weight.normal_(std=0.3)
+        for m in G.body.modules():
+            if isinstance(m, common.ResBlock) and m.cond is not None:
+                m.cond.weight.normal_()
+    return G.eval().requires_grad_(False)
+
+
 def test_loss_scale_is_s_prev_squared_over_alpha_prev():
     N, t = 4, 0.75
-    a_p, s_p = cosine(t - 1 / N)
-    alpha_p, sigma_p = pd.alpha_sigma(torch.tensor([t - 1 / N], dtype=torch.float64), torch.zeros(1))
+    a_p, s_p = cosine(t - 0.5 / N)                                 # t-1: the teacher's step (Alg. 1 line 15)
+    alpha_p, sigma_p = pd.alpha_sigma(torch.tensor([t - 0.5 / N], dtype=torch.float64), torch.zeros(1))
     assert abs(sferd.g_scale(alpha_p, sigma_p).item() - s_p**2 / a_p) < 1e-6
     torch.manual_seed(0)
     G, x0_t, x0_s = torch.randn(3, 2, 1, 32, 32).unbind(0)
@@ -143,6 +157,29 @@ def test_loss_scale_is_s_prev_squared_over_alpha_prev():
     assert abs(loss.item() - ref.item()) < 1e-5
     perfect = (x0_t - x0_s) / scale                                # the minimiser: scale*G = residual
     assert sferd.predictor_loss(perfect, x0_t, x0_s, alpha_p, sigma_p, weight).item() < 1e-8
+
+
+def test_pd_terms_scale_is_at_the_teachers_step_and_nonzero_on_the_last_student_step():
+    """Alg. 1 line 15: x~_{t-1} = g(x_t, x0_teacher) is the teacher's step, t' = t - 0.5/N for PD; with the
+    student's t - 1/N the scale s^2/alpha would be ~0 on the last step (t = 1/N) and G would learn nothing there."""
+    D = smoke_denoiser()
+    x0 = torch.rand(16, 1, 32, 32) * 2 - 1
+    for N in (1, 4):
+        i = torch.randint(N, (16,), generator=torch.Generator().manual_seed(0))     # pd_terms' first draw
+        _, sigma, _, _, alpha_p, s_p, _ = sferd.pd_terms(D, D, x0, torch.Generator().manual_seed(0), N)
+        for b in range(16):
+            a_t, s_t = cosine((i[b].item() + 1) / N)
+            a_ref, s_ref = cosine((i[b].item() + 0.5) / N)
+            assert abs(sigma[b].item() - s_t / a_t) < 1e-4 * s_t / a_t
+            assert abs(alpha_p[b].item() - a_ref) < 1e-6 and abs(s_p[b].item() - s_ref) < 1e-6
+        last = (i == 0)
+        assert last.any()
+        scale = sferd.g_scale(alpha_p, s_p).flatten()[last]
+        assert (scale > 0.03).all()                                # N = 4: 0.039 at t' = 1/8; N = 1: 0.71
+        x0_t, x0_s = torch.randn(2, 1, 1, 8, 8).unbind(0)
+        G = torch.randn(1, 1, 8, 8, requires_grad=True)
+        sferd.predictor_loss(G, x0_t, x0_s, alpha_p[last][:1], s_p[last][:1], torch.ones(1)).backward()
+        assert G.grad.abs().max() > 1e-4                           # G is trained there (t - 1/N: ~1e-10)
 
 
 def test_sampling_correction_is_alg2():
@@ -156,9 +193,55 @@ def test_sampling_correction_is_alg2():
     assert torch.allclose(sferd.corrected_x0(x0, G, sig, sig_p, "paper"), ref, atol=1e-5)
     ref_train = x0 + s_p**2 / a_p * G                              # 'train': the scale of Alg. 1 line 18
     assert torch.allclose(sferd.corrected_x0(x0, G, sig, sig_p, "train"), ref_train, atol=1e-5)
-    # A DDIM step from x0~ (Alg. 2, line 2): mu_{t-1}*x0~ + s_{t-1}*eps~.
-    z_next = pd.ddim_step(z_t, ref, a_t, s_t, a_p, s_p)
-    assert torch.allclose(z_next, a_p * ref + s_p * eps_tilde, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,g_drop,steps", [("train", 0.0, 4), ("paper", 0.0, 4), ("train", 0.3, 3), ("train", 0.5, 2)])
+def test_sample_sferd_pd_is_a_hand_written_alg2_loop(mode, g_drop, steps):
+    """Alg. 2 on PD's N-step grid, by hand: x0~ = (z - s_t*eps~)/alpha_t = x0 + (s_t/alpha_t)*c_t*G (c_t = s_t for
+    'paper'; 'train': the scale of line 18 at t-1 = t - 0.5/N), clipped, then the DDIM step from the clipped x0~;
+    G only on the first round((1 - g_drop)*N) steps; the last step returns x0~."""
+    D = smoke_denoiser()
+    G, N = nonzero_predictor(D), 4
+    z_sem, eps = torch.randn(2, 8), torch.randn(2, 1, 32, 32)
+    z, clipped = eps, False
+    for j, k in enumerate(range(N, 0, -1)):
+        a_t, s_t = cosine(k / N)
+        x0 = D(z / a_t, s_t / a_t)
+        if j < steps:
+            a_p, s_p = cosine((k - 0.5) / N)
+            x0 = x0 + (s_t**2 / a_t if mode == "paper" else s_p**2 / a_p) * G(D.net, z / a_t, s_t / a_t, z_sem)
+        clipped |= bool((x0.abs() > 1).any())
+        x0 = x0.clamp(-1, 1)
+        if k > 1:
+            a_s, s_s = cosine((k - 1) / N)
+            z = a_s * x0 + s_s * (z - a_t * x0) / s_t                 # mu_{t-1}*x0~ + s_{t-1}*eps(x0~)
+    out = sferd.sample_sferd_pd(D, eps, N, G, z_sem, mode, g_drop)
+    assert clipped and torch.allclose(out, x0, atol=1e-4)
+    assert (out - pd.sample_ddim(D, eps, N)).abs().max() > 1e-2    # the correction does something
+
+
+@pytest.mark.parametrize("mode,g_drop,steps", [("train", 0.0, 4), ("paper", 0.0, 4), ("train", 0.3, 3)])
+def test_sample_sferd_cd_is_a_hand_written_alg2_loop(mode, g_drop, steps):
+    """Alg. 2 on CD's multistep sampler, by hand: at 80 and at the taus (18-point grid indices 10, 12, 14) t-1 is
+    the next grid point (1, 11, 13, 15), as in training (cd_terms' t2); no clipping inside the sampler."""
+    D = smoke_denoiser()
+    f, G = cd.ConsistencyFunction(D.net), nonzero_predictor(D)
+    z_sem, eps = torch.randn(2, 8), torch.randn(2, 1, 32, 32)
+    grid = common.karras_sigmas(18, cd.SIGMA_MIN, cd.SIGMA_MAX, cd.RHO).tolist()
+    taus, noise = cd.sampling_taus(4), cd.renoise_source(eps).randn_like
+    x = cd.SIGMA_MAX * eps
+    for j, (sigma, prev) in enumerate(zip([cd.SIGMA_MAX, *taus], (1, 11, 13, 15))):
+        if j:
+            x = x + math.sqrt(sigma**2 - cd.SIGMA_MIN**2) * noise(x)
+        x0 = f(x, sigma)
+        if j < steps:
+            a_t, s_t = 1 / math.sqrt(1 + sigma**2), sigma / math.sqrt(1 + sigma**2)
+            a_p, s_p = 1 / math.sqrt(1 + grid[prev]**2), grid[prev] / math.sqrt(1 + grid[prev]**2)
+            x0 = x0 + (s_t**2 / a_t if mode == "paper" else s_p**2 / a_p) * G(D.net, x, sigma, z_sem)
+        x = x0
+    out = sferd.sample_sferd_cd(f, eps, taus, G, z_sem, 18, mode, g_drop)
+    assert torch.allclose(out, x, atol=1e-4 * max(1, x.abs().max().item()))
+    assert (out - cd.make_sampler(f, taus)(eps)).abs().max() > 1e-2
 
 
 def test_latent_ddpm_table_and_l1_loss():
@@ -168,8 +251,58 @@ def test_latent_ddpm_table_and_l1_loss():
     z, eps = torch.randn(16, 8), torch.randn(16, 8)
     t = torch.randint(1000, (16,))
     assert abs(sferd.latent_loss(mlp, z, t, eps).item() - eps.abs().mean().item()) < 1e-6   # zero-init output
-    out = sferd.sample_latent(mlp, torch.randn(5, 8), 10, torch.full((8,), 2.0), torch.full((8,), 0.5))
+    noise = torch.randn(5, 8)
+    out = sferd.sample_latent(mlp, noise, 10, torch.full((8,), 2.0), torch.full((8,), 0.5))
     assert out.shape == (5, 8) and torch.isfinite(out).all()
+    # eps_omega = 0: each DDIM step rescales by sqrt(abar_next/abar_t), so z_0 = z_T/sqrt(abar_T), denormalised.
+    assert torch.allclose(out, noise / 0.992**500 * 0.5 + 2.0, rtol=1e-4)
+
+
+def test_predictor_phase_resumes_exactly_and_the_latent_ddpm_counts_its_time(tmp_path, capsys):
+    args = sferd.parse_args(["--preset", "smoke", "--nfe", "2"])      # smoke: 4 predictor updates, checkpoint every 2
+    pg, data, teacher = common.Dist("cpu"), torch.randint(0, 256, (32, 1, 32, 32), dtype=torch.uint8), smoke_denoiser(1)
+    terms = lambda s, x0, gen: sferd.pd_terms(s, teacher, x0, gen, 2)
+    chain = dict(teacher="t", guidance=True, w=0.3)
+
+    def run(out, terms, resume=False, chain=chain):
+        args.resume, student, state = resume, smoke_denoiser(0), dict(images=0, seconds=0.0)
+        E, G = sferd.train_predictor(args, pg, data, student, terms, out, state, chain)   # E, G init: global RNG
+        return E, G, student, state
+
+    class Interrupt(Exception):
+        pass
+
+    calls = []
+
+    def interrupted(s, x0, gen):
+        calls.append(1)
+        if len(calls) == 3:                                        # after the checkpoint at update 2 of 4
+            raise Interrupt
+        return terms(s, x0, gen)
+    with pytest.raises(Interrupt):
+        run(tmp_path / "a", interrupted)
+    with pytest.raises(common.UserError, match=r"w 0.3 \(now 0.5\)"):
+        run(tmp_path / "a", terms, resume=True, chain=dict(chain, w=0.5))
+    E_a, G_a, student_a, state_a = run(tmp_path / "a", terms, resume=True)
+    assert "resuming the predictor at update 2 of 4" in capsys.readouterr().out
+    E, G, student, state_b = run(tmp_path / "b", terms)
+    for a, b in ((E_a, E), (G_a, G), (student_a.net, student.net)):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert state_a["images"] == state_b["images"] == 32
+    init = smoke_denoiser(0).net.parameters()
+    assert any(not torch.equal(p, q) for p, q in zip(student.net.parameters(), init))   # the joint phase trained it
+    # B1: the latent DDPM's time is part of the training cost; a finished one is reused only for the same E_phi.
+    args.resume, state = False, dict(images=0, seconds=0.0)
+    mlp, mean, _ = sferd.train_latent(args, pg, data, E, tmp_path / "b", state, chain)
+    ck = common.load_checkpoint(tmp_path / "b" / "latent.pt", "sferd-latent")
+    assert state["seconds"] == ck["seconds"] > 0
+    args.resume, state = True, dict(images=0, seconds=1.0)
+    mlp2, mean2, _ = sferd.train_latent(args, pg, data, E, tmp_path / "b", state, chain)
+    assert "reusing the latent DDPM" in capsys.readouterr().out and state["seconds"] == 1.0 + ck["seconds"]
+    assert torch.equal(mean, mean2) and all(torch.equal(p, q) for p, q in zip(mlp.parameters(), mlp2.parameters()))
+    args.hp["pred_iters"] = 6                                      # another E_phi: fit again
+    sferd.train_latent(args, pg, data, E, tmp_path / "b", state, chain)
+    assert "fitting the latent DDPM again" in capsys.readouterr().out
 
 
 # --- Command line ---------------------------------------------------------------------------------
@@ -206,6 +339,12 @@ def test_smoke_end_to_end_and_resume(base, fashion_dir, smoke_teacher, tmp_path)
     assert r2.returncode == 0, r2.stderr[-3000:]
     m2 = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m2["images_seen"] == m["images_seen"] and abs(m2["teacher_rms"] - m["teacher_rms"]) < 1e-6
+    reused = "reusing the 2-step pd student" if base == "pd" else "resuming CD at iteration 8 of 8"
+    for line in (reused, "resuming the predictor at update 4 of 4", "reusing the latent DDPM"):
+        assert line in r2.stdout, r2.stdout[-3000:]
+    r3 = run_script("sferd.py", *common_args, "--resume", "--w", "0.5", cwd=tmp_path)   # other guidance: refused
+    err = r3.stderr.strip().splitlines()[-1]
+    assert r3.returncode == 2 and err.startswith("error:") and "w 0.3 (now 0.5)" in err, r3.stderr[-3000:]
 
 
 def test_torchrun_two_processes(fashion_dir, smoke_teacher, tmp_path):

@@ -272,19 +272,22 @@ def test_predictor_phase_resumes_exactly_and_the_latent_ddpm_counts_its_time(tmp
     class Interrupt(Exception):
         pass
 
-    calls = []
+    def counted(stop=0):
+        calls = []
 
-    def interrupted(s, x0, gen):
-        calls.append(1)
-        if len(calls) == 3:                                        # after the checkpoint at update 2 of 4
-            raise Interrupt
-        return terms(s, x0, gen)
+        def counting_terms(s, x0, gen):
+            calls.append(1)
+            if len(calls) == stop:
+                raise Interrupt
+            return terms(s, x0, gen)
+        return counting_terms, calls
     with pytest.raises(Interrupt):
-        run(tmp_path / "a", interrupted)
+        run(tmp_path / "a", counted(stop=3)[0])                    # interrupted after the checkpoint at update 2 of 4
     with pytest.raises(common.UserError, match=r"w 0.3 \(now 0.5\)"):
         run(tmp_path / "a", terms, resume=True, chain=dict(chain, w=0.5))
-    E_a, G_a, student_a, state_a = run(tmp_path / "a", terms, resume=True)
-    assert "resuming the predictor at update 2 of 4" in capsys.readouterr().out
+    rest, calls = counted()
+    E_a, G_a, student_a, state_a = run(tmp_path / "a", rest, resume=True)
+    assert len(calls) == 2 and "resuming the predictor at update 2 of 4" in capsys.readouterr().out
     E, G, student, state_b = run(tmp_path / "b", terms)
     for a, b in ((E_a, E), (G_a, G), (student_a.net, student.net)):
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -236,6 +236,11 @@ def linear_anneal(k, iters):
     return 1 - k / iters
 
 
+def stage_budget(args, N):
+    """Updates, lr and batch of the stage that ends at N steps (saved with it; a resumed chain must match)."""
+    return dict(iters=round(args.iters * (args.later_factor if N <= args.later_steps else 1)), lr=args.lr, batch=args.batch)
+
+
 def train_stage(args, pg, data, teacher, N, gen, state, out, chain, loss_fn=pd_loss, lr_factor=linear_anneal, kind="pd"):
     """Distil the frozen 2N-step teacher into an N-step student (Alg. 2, inner loop). state holds
     the run totals (images, seconds) and, when resuming mid-stage, the checkpoint to continue from.
@@ -243,7 +248,7 @@ def train_stage(args, pg, data, teacher, N, gen, state, out, chain, loss_fn=pd_l
     loss_fn(student, teacher, x, eps, i, N), lr schedule and file kind; the rest is the same."""
     student = make_student(teacher)
     opt = torch.optim.Adam(student.parameters(), lr=args.lr)                 # optimizer reset every stage
-    iters = round(args.iters * (args.later_factor if N <= args.later_steps else 1))
+    iters = stage_budget(args, N)["iters"]
     k = 0
     ck = state.pop("ckpt", None)
     if ck is not None:
@@ -278,7 +283,8 @@ def train_stage(args, pg, data, teacher, N, gen, state, out, chain, loss_fn=pd_l
             rng = pg.gather_state(gen.get_state())
             if pg.main:
                 save_checkpoint(out / "checkpoint.pt", f"{kind}-training", steps=N, iter=k, net=student.net.state_dict(),
-                                opt=opt.state_dict(), rng=rng, images=state["images"], seconds=time.time() - t0, **chain)
+                                opt=opt.state_dict(), rng=rng, images=state["images"], seconds=time.time() - t0,
+                                **stage_budget(args, N), **chain)
     bar.close()
     state["seconds"] = time.time() - t0
     pg.check_in_sync(student)
@@ -287,7 +293,7 @@ def train_stage(args, pg, data, teacher, N, gen, state, out, chain, loss_fn=pd_l
     if pg.main:
         save_checkpoint(path, f"{kind}-student", net_config=student.net.config, net=student.net.state_dict(), steps=N,
                         rng=rng, images=state["images"], seconds=state["seconds"], dataset=args.dataset,
-                        preset=args.preset, iters=iters, lr=args.lr, batch=args.batch, **chain)
+                        preset=args.preset, **stage_budget(args, N), **chain)
         pg.log(f"stage {2 * N} -> {N} steps ({kind}): {iters:,} updates of {args.batch}, last loss {loss.item():.4g}, "
                f"{state['images']:,} images and {state['seconds'] / 60:.1f} min so far; saved {path}")
     pg.barrier()
@@ -308,14 +314,14 @@ def run_chain(args, pg, data, teacher, stages, out, chain, gen, state=None, reus
         prev = teacher
         if reuse and student_path(out, N).exists():                          # a finished stage: reuse it
             teacher, done, ck = load_pd_student(args, N, out, pg.device, kind)
-            check_chain(ck, done, chain)
+            check_chain(ck, done, {**chain, **stage_budget(args, N)})
             state.update(images=ck["images"], seconds=ck["seconds"])
             pg.restore_state(gen, ck["rng"])
             pg.log(f"reusing the {N}-step {kind} student {done}")
             continue
         ck = load_checkpoint(ck_path, f"{kind}-training") if args.resume and ck_path.exists() else None
         if ck is not None and ck["steps"] == N:                               # the stage in progress
-            check_chain(ck, ck_path, chain)
+            check_chain(ck, ck_path, {**chain, **stage_budget(args, N)})
             state.update(images=ck["images"], seconds=ck["seconds"], ckpt=ck)
             pg.restore_state(gen, ck["rng"])
         teacher = train_stage(args, pg, data, wrap(teacher), N, gen, state, out, chain, **stage_kw)

@@ -220,3 +220,13 @@ def test_check_chain_refuses_a_file_of_another_chain(tmp_path):
         pd.check_chain(dict(chain, start_steps=16), tmp_path / "s.pt", chain)
     with pytest.raises(common.UserError, match="teacher"):
         pd.check_chain(dict(chain, teacher="other.pt"), tmp_path / "s.pt", chain)
+
+
+def test_resume_refuses_a_chain_trained_with_another_budget(fashion_dir, smoke_teacher, tmp_path, monkeypatch, capsys):
+    """A finished stage is reused only with the updates, lr and batch it was trained with."""
+    monkeypatch.chdir(tmp_path)
+    pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "a", "--nfe", 4))
+    with pytest.raises(common.UserError, match="iters 3 .now 5."):
+        pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "a", "--nfe", 2, "--resume", "--iters", 5))
+    with pytest.raises(common.UserError, match="lr 0.0001 .now 0.001."):
+        pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "a", "--nfe", 2, "--resume", "--lr", 1e-3))

@@ -413,10 +413,12 @@ def results_table(folder):
              "| rms DPM++(3M) | rms Euler | train min | images seen | run | papers' CIFAR-10 FID |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for nfe, variant, m, path in sorted(rows, key=lambda r: (r[0], r[1])):
+        trained = m.get("method") != "teacher"                  # the teacher's own rows: nothing distilled
         lines.append(f"| {variant} | {nfe} | {m.get('fid_n', 0)} | {num(m.get('fid'))} | {num(m.get('teacher_fid_dpm3m'))} "
                      f"| {num(m.get('teacher_fid_euler'))} | {num(m.get('teacher_rms'), '{:.4f}')} "
                      f"| {num(m.get('teacher_rms_dpm3m'), '{:.4f}')} | {num(m.get('teacher_rms_euler'), '{:.4f}')} "
-                     f"| {num(m.get('train_seconds', 0) / 60, '{:.1f}')} | {m.get('images_seen', 0):,} "
+                     f"| {num(m.get('train_seconds', 0) / 60 if trained else None, '{:.1f}')} "
+                     f"| {num(m.get('images_seen', 0) if trained else None, '{:,}')} "
                      f"| `{path.parent.relative_to(folder)}` | {paper_fid(variant, nfe)} |")
     return "\n".join(lines)
 

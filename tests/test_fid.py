@@ -242,6 +242,12 @@ def test_results_table_is_built_from_metrics_files(tmp_path):
     assert "| – |" in table[2] and "0.0432" in table[3] and "| 1.5 | 2,048 |" in table[3]
     assert table[2].endswith("| 7.64 [S] |") and table[3].endswith("| 3.24 [F] |")     # the papers' column
     assert fid.paper_fid("cd-pseudo-huber", 1) == "8.21 [S]" and fid.paper_fid("sfddm-ddim", 4) == "–"
+    (tmp_path / "rows").mkdir()                                   # the teacher's own rows: nothing trained
+    (tmp_path / "rows" / "metrics.json").write_text(json.dumps(
+        {"method": "teacher", "variant": "teacher-dpm3m", "nfe": 5, "fid_n": 500, "fid": 67.8, "teacher_rms": 0.1,
+         "train_seconds": 0, "images_seen": 0}))
+    assert fid.results_table(tmp_path).splitlines()[-1].startswith("| teacher-dpm3m | 5 | 500 | 67.80 | – | – | 0.1000 "
+                                                                   "| – | – | – | – | `rows` | 24.97 [F] |")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.json").write_text("{")
     with pytest.raises(common.UserError):

@@ -908,7 +908,7 @@ def random_batch(images, batch_size, generator):
 TEACHER_PRESETS = {
     # images: training length; warmup: lr ramp; ema: EMA half-life; all counted in images.
     "smoke": dict(images=512, batch=32, lr=2e-3, warmup=128, ema=256, ckpt_every=256, grad_clip=1.0, minutes=0.1),
-    "lab": dict(images=76_800, batch=64, lr=2e-3, warmup=5_000, ema=10_000, ckpt_every=12_800, grad_clip=1.0, minutes=16),
+    "lab": dict(images=76_800, batch=64, lr=2e-3, warmup=5_000, ema=10_000, ckpt_every=12_800, grad_clip=1.0, minutes=12),
     # EDM's CIFAR-10 recipe: 200 M images, batch 512, lr 1e-3, warmup 10 M, EMA half-life 0.5 M.
     "paper": dict(images=200_000_000, batch=512, lr=1e-3, warmup=10_000_000, ema=500_000, ckpt_every=5_000_000,
                   grad_clip=1.0, minutes=60 * 48),

@@ -90,6 +90,12 @@ def test_default_attention_block_is_highest_resolution_decoder():
     assert sferd.default_attn_block(D.net) == "dec16.1"
 
 
+def test_guidance_strength_is_the_papers_except_in_the_lab_preset():
+    """w = 0.3 (Eq. 11) in the paper and smoke presets; the lab preset's 0.1 is a documented deviation; --w wins."""
+    assert [sferd.parse_args(["--preset", p]).w for p in ("paper", "lab", "smoke")] == [0.3, 0.1, 0.3]
+    assert sferd.parse_args(["--preset", "lab", "--w", "0.3"]).w == 0.3
+
+
 def test_w0_gives_the_plain_teacher_and_w_matches_alg1_in_vp_notation():
     D = smoke_denoiser()
     x = torch.randn(2, 1, 32, 32)

@@ -116,12 +116,52 @@ def test_target_is_computed_without_gradient(metric):
     assert max((g - r).abs().max().item() for g, r in zip(grads, no_stop)) > 1e-4
 
 
+def test_loss_weighting_lambda():
+    f = cd.ConsistencyFunction(random_net(3))
+    D = common.Denoiser(random_net(4)).requires_grad_(False)
+    sigmas = common.karras_sigmas(18).float()
+    x0, z = torch.rand(4, 1, 32, 32) * 2 - 1, torch.randn(4, 1, 32, 32)
+    n = torch.tensor([0, 5, 11, 15])
+    assert torch.equal(cd.weights(n, sigmas, "uniform"), torch.ones(4))             # the paper: lambda = 1
+    lam = cd.weights(n, sigmas, "inv-gap")                                           # iCT: 1/(t_n - t_{n+1})
+    assert torch.allclose(lam, 1 / (sigmas[n] - sigmas[n + 1]))
+    assert lam[0] < 0.05 and lam[3] > 60                                             # 80 -> 57.6 vs 0.023 -> 0.0075
+    per = [cd.cd_loss(f, f, D, x0[k:k + 1], n[k:k + 1], z[k:k + 1], sigmas, "l2") for k in range(4)]
+    weighted = cd.cd_loss(f, f, D, x0, n, z, sigmas, "l2", "inv-gap")
+    assert torch.allclose(weighted, sum(l * p for l, p in zip(lam, per)) / 4, rtol=1e-4)
+
+
+def test_weighting_is_the_papers_except_in_the_lab_preset():
+    """lambda = 1 and uniform n (Eq. 7, Alg. 2) in the paper and smoke presets; the lab preset's iCT weight
+    is a documented deviation; the flags win."""
+    hps = [cd.parse_args(["--preset", p])[1] for p in ("paper", "lab", "smoke")]
+    assert [hp["weighting"] for hp in hps] == ["uniform", "inv-gap", "uniform"]
+    assert all(hp["n_dist"] == "uniform" for hp in hps)
+    _, hp = cd.parse_args(["--preset", "lab", "--weighting", "uniform", "--n-dist", "lognormal"])
+    assert (hp["weighting"], hp["n_dist"]) == ("uniform", "lognormal")
+
+
+def test_lognormal_n_follows_icts_distribution():
+    sigmas = common.karras_sigmas(18)
+    gen = torch.Generator().manual_seed(0)
+    n = cd.draw_n(18, sigmas, 200_000, gen, "lognormal")
+    assert n.min() >= 0 and n.max() <= 16
+    freq = torch.bincount(n, minlength=17).double() / len(n)
+    # p(n) = P(ln sigma in [ln t2, ln t]) for ln sigma ~ N(-1.1, 2.0^2), renormalised to the grid's range.
+    normal = torch.distributions.Normal(-1.1, 2.0)
+    p = normal.cdf(sigmas[:-1].log()) - normal.cdf(sigmas[1:].log())
+    assert torch.allclose(freq, p / p.sum(), atol=3e-3)
+    assert freq.argmax() == 12                                                       # the mode near sigma 0.3
+    uniform = torch.bincount(cd.draw_n(18, sigmas, 170_000, gen, "uniform"), minlength=17).double() / 170_000
+    assert torch.allclose(uniform, torch.full((17,), 1 / 17, dtype=torch.float64), atol=3e-3)
+
+
 def test_training_step_updates_target_and_sampling_ema():
     D = common.Denoiser(random_net(5)).requires_grad_(False)
     f = cd.ConsistencyFunction(random_net(6))
     f_target = cd.ConsistencyFunction(random_net(7)).requires_grad_(False)    # theta- != theta before the step
     f_ema = cd.ConsistencyFunction(random_net(8)).requires_grad_(False)
-    hp = dict(metric="pseudo-huber", mu=0.9, ema_rate=0.8)
+    hp = dict(metric="pseudo-huber", mu=0.9, ema_rate=0.8, weighting="uniform")
     opt = torch.optim.RAdam(f.parameters(), lr=1e-3)
     target_old = [p.clone() for p in f_target.parameters()]
     ema_old = [p.clone() for p in f_ema.parameters()]

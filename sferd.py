@@ -316,7 +316,7 @@ def pd_terms(student, teacher, x0, gen, N):
 def cd_terms(f, teacher, x0, gen, sigmas):
     """SFERD-CD terms: CD's pair (t, t2) of the Karras grid and its target (cd.cd_pair, mu = 0); t-1 is t2,
     the teacher's Heun step; weight lambda = 1."""
-    n = torch.randint(0, len(sigmas) - 1, (len(x0),), generator=gen).to(x0.device)
+    n = cd.draw_n(len(sigmas), sigmas, len(x0), gen, "uniform").to(x0.device)
     z = torch.randn(x0.shape, generator=gen).to(x0.device)
     x_t, t, t2, target = cd.cd_pair(f, teacher, x0, n, z, sigmas)
     return x_t, t, target, f(x_t, t), *vp_from_sigma(t2), torch.ones(len(x0), device=x0.device)

@@ -67,6 +67,7 @@ Run:
   torchrun:           torchrun --nproc_per_node=2 cd.py --preset smoke
   continue a run:     python cd.py --dataset fashion --nfe 4 --resume
 """
+import argparse
 import hashlib
 import math
 import time
@@ -98,6 +99,7 @@ PRESETS = {
 # 72.5 for (9, 12, 14), 74.8 for (10, 12, 14), 75.6 for (10, 12, 15), 84.2 for (11, 13, 15). (With the
 # paper's lambda = 1, whose f is worse at small sigma, (10, 12, 14) had won: 88.4 against 94.4.)
 DEFAULT_TAUS = {1: (), 2: (11,), 3: (9, 12), 4: (9, 11, 13)}
+CLIP_DEFAULT = True        # clamp x before re-noising (the authors' samplers); see the header's deviations
 
 
 def parse_args(argv=None):
@@ -118,6 +120,9 @@ def parse_args(argv=None):
                    "0..N-2 (the paper) or iCT's discretised lognormal in sigma (P_mean -1.1, P_std 2.0, Sec. 3.5)")
     p.add_argument("--taus", type=float, nargs="+", default=None, help="re-noising sigmas tau_1 > tau_2 > ... of "
                    "multistep sampling (Alg. 1), nfe - 1 values in (0.002, 80) (default: see DEFAULT_TAUS)")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=CLIP_DEFAULT, help="clamp x to [-1, 1] "
+                   "before each re-noising of multistep sampling, as the authors' samplers do (Alg. 1 does not; "
+                   f"default {'on' if CLIP_DEFAULT else 'off'}, see the header)")
     args = p.parse_args(argv)
     hp = dict(PRESETS[args.preset])
     for key in ("N", "mu", "ema_rate", "lr", "iterations", "metric", "weighting", "n_dist"):
@@ -126,7 +131,7 @@ def parse_args(argv=None):
     hp["batch"] = args.batch_size or hp["batch"]
     if hp["N"] < 2 or not 0 <= hp["mu"] < 1 or not 0 <= hp["ema_rate"] < 1 or hp["iterations"] < 1 or hp["lr"] <= 0:
         raise UserError("need --N >= 2, 0 <= --mu < 1, 0 <= --ema-rate < 1, --iterations >= 1 and --lr > 0")
-    hp["taus"] = sampling_taus(args.nfe, args.taus)
+    hp["taus"], hp["clip"] = sampling_taus(args.nfe, args.taus), args.clip        # sampling only: not checked on --resume
     return args, hp
 
 
@@ -234,12 +239,15 @@ def training_step(f, f_target, f_ema, opt, D, x0, n, z, sigmas, hp, pg):
 
 
 @torch.no_grad()
-def sample_cd(f, x, taus, noise, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, callback=None):
+def sample_cd(f, x, taus, noise, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, callback=None, clip=False):
     """Multistep consistency sampling (Alg. 1): x = f(x_T, T), then for each tau:
     x_hat = x + sqrt(tau^2 - eps^2)*z (re-noise to the marginal at tau), x = f(x_hat, tau).
-    x starts at T (x_T = T*z); noise(x) draws z; callback(i, x_hat) sees each re-noised state."""
+    x starts at T (x_T = T*z); noise(x) draws z; callback(i, x_hat) sees each re-noised state.
+    clip: x clamped to [-1, 1] before each re-noising, as the authors' samplers do (Alg. 1 does not)."""
     x = f(x, sigma_max)
     for i, tau in enumerate(taus):
+        if clip:
+            x = x.clamp(-1, 1)
         x_hat = x + math.sqrt(tau**2 - sigma_min**2) * noise(x)
         if callback:
             callback(i, x_hat)
@@ -254,24 +262,33 @@ def renoise_source(eps, seed=common.EVAL_SEED):
     return common.PerSampleNoise(seed, keys, eps.device)
 
 
-def make_sampler(f, taus):
-    """sample_fn for common.report: unit noise -> images, with re-noising that ignores batching."""
-    return lambda eps: sample_cd(f, SIGMA_MAX * eps, taus, renoise_source(eps).randn_like)
+def make_sampler(f, taus, clip=False):
+    """sample_fn for common.report: unit noise -> images (x_T = T*eps), with re-noising that ignores batching."""
+    return lambda eps: sample_cd(f, SIGMA_MAX * eps, taus, renoise_source(eps).randn_like, clip=clip)
+
+
+def consistency_nets(D, mu):
+    """(f_theta, f_theta-, f_ema), all initialised to the teacher's U-Net (training.finetune = True) and all
+    without dropout (the authors' CD config: model.dropout = 0), so the target f_theta-(x_hat_t2, t2) is
+    deterministic. mu = 0: theta- is theta itself (stopgrad)."""
+    f = ConsistencyFunction(common.student_from(D.net))
+    for m in f.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    copy = lambda: ConsistencyFunction(common.build_net(D.net.config, dropout=0.0)).to(next(f.parameters()).device)
+    f_ema = copy().requires_grad_(False)
+    f_ema.load_state_dict(f.state_dict())
+    f_target = f
+    if mu > 0:                                                   # theta- as its own network, initialised to theta
+        f_target = copy().requires_grad_(False)
+        f_target.load_state_dict(f.state_dict())
+    return f, f_target, f_ema
 
 
 def train(args, hp, pg, D, data, out):
     """Alg. 2 for hp['iterations'] steps (resumable); returns (sampling network f_ema, seconds, images)."""
     sigmas = common.karras_sigmas(hp["N"], SIGMA_MIN, SIGMA_MAX, RHO).float().to(pg.device)
-    f = ConsistencyFunction(common.student_from(D.net))
-    for m in f.modules():                                        # the authors' CD config: model.dropout = 0
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    f_ema = ConsistencyFunction(common.build_net(D.net.config)).to(pg.device).requires_grad_(False)
-    f_ema.load_state_dict(f.state_dict())
-    f_target = f
-    if hp["mu"] > 0:                                             # theta- as its own network, initialised to theta
-        f_target = ConsistencyFunction(common.build_net(D.net.config)).to(pg.device).requires_grad_(False)
-        f_target.load_state_dict(f.state_dict())
+    f, f_target, f_ema = consistency_nets(D, hp["mu"])
     opt = torch.optim.RAdam(f.parameters(), lr=hp["lr"], betas=(0.9, 0.999), eps=1e-8)
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)   # each process its own data and noise
     it, seconds, path = 0, 0.0, out / "student.pt"
@@ -348,10 +365,10 @@ def main():
     f_ema, seconds, images = train(args, hp, pg, D, data, out)
     info = dict(method="cd", variant=f"cd-{hp['metric']}", nfe=args.nfe, train_seconds=seconds, images_seen=images,
                 taus=hp["taus"], N=hp["N"], mu=hp["mu"], ema_rate=hp["ema_rate"], lr=hp["lr"], batch=hp["batch"],
-                iterations=hp["iterations"], weighting=hp["weighting"], n_dist=hp["n_dist"])
+                iterations=hp["iterations"], weighting=hp["weighting"], n_dist=hp["n_dist"], clip=hp["clip"])
     if args.nfe > 1 and pg.main:
         info.update(onestep_rms(args, pg, D, teacher_path, f_ema, data.shape[1:]))
-    common.report(args, pg, out / f"nfe{args.nfe}", D, teacher_path, make_sampler(f_ema, hp["taus"]), info, data.shape[1:])
+    common.report(args, pg, out / f"nfe{args.nfe}", D, teacher_path, make_sampler(f_ema, hp["taus"], hp["clip"]), info, data.shape[1:])
     pg.close()
 
 

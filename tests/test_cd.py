@@ -176,6 +176,58 @@ def test_training_step_updates_target_and_sampling_ema():
         assert torch.allclose(p, 0.8 * old + 0.2 * new, atol=1e-6)
 
 
+def test_loss_target_is_f_target_not_f():
+    """Eq. 7's target is f_theta-(x_hat_t2, t2): with theta- != theta the loss uses theta-, not theta."""
+    f, f_target = cd.ConsistencyFunction(random_net(3)), cd.ConsistencyFunction(random_net(7)).requires_grad_(False)
+    D = common.Denoiser(random_net(4)).requires_grad_(False)
+    sigmas = common.karras_sigmas(18).float()
+    x0, z = torch.rand(4, 1, 32, 32) * 2 - 1, torch.randn(4, 1, 32, 32)
+    n = torch.tensor([0, 5, 11, 15])
+    t, t2 = sigmas[n].reshape(-1, 1, 1, 1), sigmas[n + 1].reshape(-1, 1, 1, 1)
+    x_t = x0 + t * z
+    with torch.no_grad():
+        x_hat = cd.heun_step(D, x_t, t, t2)
+        by_target, by_f = f_target(x_hat, t2), f(x_hat, t2)
+    assert (by_target - by_f).abs().max() > 1e-2                        # the two targets differ here
+    loss = cd.cd_loss(f, f_target, D, x0, n, z, sigmas, "l2")
+    per = lambda target: ((f(x_t, t) - target) ** 2).flatten(1).mean(1).mean()
+    assert torch.allclose(loss, per(by_target), rtol=1e-5)
+    assert not torch.allclose(loss, per(by_f), rtol=1e-3)
+
+
+def test_pseudo_huber_constant_counts_every_channel():
+    """iCT's c = 0.00054*sqrt(d), d = C*H*W (3*32*32 = 3072 -> c = 0.0299), not H*W."""
+    a = torch.zeros(2, 3, 32, 32)
+    b = torch.full((2, 3, 32, 32), 0.001)
+    b[1] = 0.01
+    c = 0.00054 * math.sqrt(3 * 32 * 32)
+    sq = ((a - b) ** 2).flatten(1).sum(1)
+    assert torch.allclose(cd.distance(a, b, "pseudo-huber"), (sq + c**2).sqrt() - c, rtol=1e-5)
+    c_hw = 0.00054 * math.sqrt(32 * 32)
+    assert not torch.allclose(cd.distance(a, b, "pseudo-huber"), (sq + c_hw**2).sqrt() - c_hw, rtol=1e-2)
+    assert torch.allclose(cd.distance(a, b, "l2"), ((a - b) ** 2).flatten(1).mean(1))
+
+
+def test_target_and_sampling_networks_have_no_dropout():
+    """With the teacher's dropout (the paper net: 0.1), theta, theta- and the sampling EMA are built without it
+    (the authors' CD config: model.dropout = 0), so the target is deterministic even in train mode."""
+    torch.manual_seed(0)
+    net = common.build_net(dict(in_ch=1, res=32, **common.NET_CONFIGS["smoke"]), dropout=0.5)
+    torch.nn.init.normal_(net.conv_out.weight, std=0.2)
+    D = common.Denoiser(net).requires_grad_(False)
+    f, f_target, f_ema = cd.consistency_nets(D, mu=0.9)
+    assert f_target is not f and f_ema is not f
+    x = torch.randn(2, 1, 32, 32) * 5
+    for g in (f, f_target, f_ema):
+        assert all(m.p == 0 for m in g.modules() if isinstance(m, torch.nn.Dropout))
+        g.train()
+        with torch.no_grad():
+            assert torch.equal(g(x, 5.0), g(x, 5.0))                        # no dropout noise
+            assert torch.equal(g(x, 5.0), f(x, 5.0))                        # all start as theta = the teacher's F
+    f2, f_target2, _ = cd.consistency_nets(D, mu=0.0)
+    assert f_target2 is f2                                                  # mu = 0: stopgrad of theta itself
+
+
 # --- Multistep sampling (Alg. 1) ------------------------------------------------------------
 
 def test_multistep_renoising_variance():
@@ -193,6 +245,30 @@ def test_multistep_renoising_variance():
     cd.sample_cd(zero, torch.randn(20_000, 1, 4, 4), taus, torch.randn_like, callback=lambda i, x: seen.append(x))
     for x_hat, tau in zip(seen, taus):
         assert x_hat.std().item() == pytest.approx(math.sqrt(tau**2 - EPS**2), rel=0.01)
+
+
+def test_sampler_starts_at_sigma_max_and_clips_before_renoising():
+    """make_sampler starts at x_T = T*eps, f(x_T, T) (Alg. 1 line 1); with clip, x is clamped to [-1, 1]
+    before each re-noising (the authors' samplers), without it not."""
+    f = cd.ConsistencyFunction(random_net(9)).eval()
+    eps = common.PerSampleNoise(2, range(3)).randn(1, 32, 32)
+    with torch.no_grad():
+        one = f(cd.SIGMA_MAX * eps, cd.SIGMA_MAX)
+    assert torch.equal(cd.make_sampler(f, [])(eps), one)
+    assert not torch.allclose(cd.make_sampler(f, [])(eps), f(eps, cd.SIGMA_MAX), atol=1e-3)
+    taus = [1.09, 0.3]
+    for clip in (False, True):
+        expected = cd.sample_cd(f, cd.SIGMA_MAX * eps, taus, cd.renoise_source(eps).randn_like, clip=clip)
+        assert torch.equal(cd.make_sampler(f, taus, clip)(eps), expected)
+    wide = lambda x, s: 3 * x / (1 + torch.as_tensor(s))            # x far outside [-1, 1] after the first call
+    x_T, seen = torch.randn(2, 1, 4, 4) * cd.SIGMA_MAX, {}
+    z = torch.randn(2, 1, 4, 4)
+    for clip in (False, True):
+        cd.sample_cd(wide, x_T, [0.5], lambda x: z, clip=clip, callback=lambda i, x_hat: seen.__setitem__(clip, x_hat))
+    x0 = wide(x_T, cd.SIGMA_MAX)
+    assert x0.abs().max() > 1
+    noise = math.sqrt(0.5**2 - EPS**2) * z
+    assert torch.allclose(seen[False], x0 + noise) and torch.allclose(seen[True], x0.clamp(-1, 1) + noise)
 
 
 def test_samples_do_not_depend_on_batching():

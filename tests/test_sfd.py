@@ -259,3 +259,43 @@ def test_torchrun_two_processes_trains_first_stage_then_second(fashion_dir, smok
     assert json.loads((tmp_path / "sfd-nfe5" / "metrics.json").read_text())["nfe"] == 5      # stage 1 trained first
     assert json.loads((tmp_path / "sfd-nfe1" / "metrics.json").read_text())["nfe"] == 1
     assert "sfd-stage2 fashion NFE 1: student" in r.stdout.strip().splitlines()[-1]
+
+
+# --- --resume refuses changed settings; the run name tells thresholded runs apart ----------------
+
+def test_run_name_tells_thresholding_apart():
+    base = sfd.parse_args(["--nfe", "4"])
+    assert sfd.run_name(base, [4]) == "sfd-nfe4"
+    flip = "--no-teacher-threshold" if sfd.TEACHER_THRESHOLD else "--teacher-threshold"
+    other = sfd.parse_args(["--nfe", "4", flip])
+    assert sfd.thresholded(other) != sfd.thresholded(base)
+    assert sfd.run_name(other, [4]) == "sfd-nfe4-" + ("nothr" if sfd.TEACHER_THRESHOLD else "thr")
+    assert sfd.run_settings(other, [4])["threshold"] != sfd.run_settings(base, [4])["threshold"]
+    euler = sfd.parse_args(["--nfe", "4", "--teacher-solver", "euler", "--teacher-threshold"])
+    assert not sfd.thresholded(euler) and sfd.run_name(euler, [4]) == "sfd-nfe4-euler"   # only dpm3m thresholds
+
+
+@pytest.mark.parametrize("change,key", [(["--teacher-solver", "euler"], "solver"), (["--teacher-steps", "2"], "K"),
+                                        (["--loss", "l2"], "loss"), (["--lr", "1e-3"], "lr"),
+                                        (["--batch-size", "2"], "batch"), (["--trajectories", "12"], "trajectories"),
+                                        (["--teacher-threshold"], "threshold"), (["--no-teacher-threshold"], "threshold")])
+def test_resume_refuses_changed_settings(change, key, fashion_dir, smoke_teacher, tmp_path, monkeypatch, capsys):
+    """pd.py's chain check for SFD: every setting the student depends on is in student.pt; another is one error line,
+    and the checkpoint keeps the settings it was trained with."""
+    monkeypatch.chdir(tmp_path)
+    first = ["--teacher-threshold"] if change == ["--no-teacher-threshold"] else []
+    argv = lambda *extra: ["sfd.py", *map(str, smoke_args(fashion_dir, smoke_teacher, "run", "--nfe", "2", "--trajectories",
+                                                          "8", "--stop-after", "4", *extra))]
+    monkeypatch.setattr(sys, "argv", argv(*first))
+    sfd.main()
+    before = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
+    capsys.readouterr()
+    assert before["settings"]["trajectories"] == 8 and before["settings"]["threshold"] == bool(first)
+    monkeypatch.setattr(sys, "argv", argv("--resume", *change))
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(sfd.main)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and f"{key} " in err[0], err
+    after = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
+    assert after["settings"] == before["settings"] and after["trajectories"] == 4

@@ -8,12 +8,14 @@ What is implemented
   SFD (Alg. 2): the student takes one Euler step per interval of a short polynomial (rho 7) grid
     sigma_max = 80 -> t_min = 0.006; its first step is the analytical first step (AFS, no network
     call), so NFE = points - 2. Per batch of noise x_T the teacher (DPM-Solver++(3M)) is rolled out
-    without gradients on a finer grid with K = M+1 = 4 steps per student step; the student then steps
+    without gradients on a finer grid with K = M+1 = 4 steps per student step (the authors' order rule,
+    common.dpmpp_order; dynamic thresholding: see the deviations); the student then steps
     from its own detached state and is pulled (L1) to the teacher state at the same time, with an
     optimizer step after every student step. Adam lr 5e-5, lr/10 after half the run, no EMA.
   SFD-v (--nfe 2,3,4,5): one student for several NFEs; the NFE is drawn uniformly per batch and
     enters through its own embedding (positional -> Linear -> SiLU -> Linear -> SiLU) as the
-    zero-initialised extra condition of common.student_from, so training starts from the teacher.
+    zero-initialised extra condition of common.student_from, so training starts from the teacher (see the
+    deviations: the authors initialise it randomly).
   Second stage (--nfe 1): the teacher is the first-stage student at NFE 5 sampled with Euler+AFS
     (trained first, in its own run folder, if missing); the student starts from its weights and
     learns the one-call grid sigma_max -> AFS -> t_min.
@@ -26,7 +28,13 @@ Deviations (and why)
   - L1 is the per-pixel mean, not the per-sample sum of the authors' code: Adam is invariant to
     that constant factor. The second stage's extra LPIPS term on the last step (authors' code, EDM
     models) is left out: LPIPS weights are not available offline.
-  - SFD-v embeds the NFE (the authors embed the number of grid points = NFE + 2, same information).
+  - SFD-v embeds the NFE (the authors embed the number of grid points = NFE + 2, same information). Its
+    maps into the U-Net start at zero, so the SFD-v student equals the teacher at init (fewstep's choice);
+    the authors' step-condition layers (map_step_layer0/1 and each block's affine_step in
+    sfd-main/models/networks_edm.py) use the random xavier_uniform init of the other layers, so their
+    SFD-v starts from a perturbed teacher.
+  - --resume refuses other settings (solver, K, thresholding, loss, lr, batch, length, NFEs, t_min, AFS;
+    stored in student.pt), and the default first-stage folder of --nfe 1 must hold what `--nfe 5` trains.
   - The lab preset uses lr 2e-4 instead of 5e-5 (a 2-core CPU affords ~7k trajectories instead of
     the paper's 200k) and trains SFD-v as long as SFD (paper: 4x); the paper preset keeps the paper's values.
   - Samples end at t_min without a final denoising call, as the authors' sampler does

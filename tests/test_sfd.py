@@ -1,6 +1,7 @@
 """Tests of sfd.py: the grids, AFS, the teacher read-out, Alg. 2's detached student steps, SFD-v's
 step condition, --nfe validation, the second stage's initialisation, and the CLI end to end."""
 import json
+import math
 import sys
 
 import pytest
@@ -299,3 +300,25 @@ def test_resume_refuses_changed_settings(change, key, fashion_dir, smoke_teacher
     assert len(err) == 1 and "other settings" in err[0] and f"{key} " in err[0], err
     after = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
     assert after["settings"] == before["settings"] and after["trajectories"] == 4
+
+
+# --- DPM-Solver++(3M)'s order rule: the SFD authors' (sfd-main/solvers.py, dpm_pp_sampler) --------------------
+
+def test_dpmpp_order_rule_is_the_authors():
+    """order = i + 1 while i + 1 < max_order, else min(max_order, n - i): 3M on 2 steps is [1, 2], not Euler."""
+    authors = {1: [1], 2: [1, 2], 3: [1, 2, 1], 4: [1, 2, 2, 1], 5: [1, 2, 3, 2, 1], 6: [1, 2, 3, 3, 2, 1]}
+    assert {n: [common.dpmpp_order(i, n, 3) for i in range(n)] for n in authors} == authors
+    assert [common.dpmpp_order(i, 2, 2) for i in range(2)] == [1, 1]            # 2M on 2 steps: Euler's orders
+    # On 2 steps, the second step is DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) from the first step's D, by hand:
+    torch.manual_seed(0)
+    D, x = gaussian_denoiser(sd=0.5), 80.0 * torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    t0, t1, t2 = 80.0, 2.0, 0.05
+    D0 = D(x, t0)
+    x1 = (t1 / t0) * x + (1 - t1 / t0) * D0                                     # order 1 (= Euler)
+    h, h_prev = math.log(t1 / t2), math.log(t0 / t1)
+    D_2m = (1 + h / (2 * h_prev)) * D(x1, t1) - h / (2 * h_prev) * D0              # 2M's D: 1 + 1/(2r), r = h_prev/h
+    x2 = (t2 / t1) * x1 + (1 - t2 / t1) * D_2m
+    sigmas = torch.tensor([t0, t1, t2], dtype=torch.float64)
+    out = common.sample_dpmpp(D, x, sigmas, order=3)
+    assert torch.allclose(out, x2, rtol=1e-12)
+    assert (out - common.sample_euler(D, x, sigmas)).abs().max() > 1e-3

@@ -476,11 +476,20 @@ def dpmpp_step(x, t_cur, t_next, D0, history, order):
     return (t_next / t_cur) * x - phi1 * D0 + phi2 * D1 - phi3 * D2
 
 
+def dpmpp_order(i, n, order=3, lower_order_final=True):
+    """Order of step i (0-based) of n: the warm-up i + 1 while below `order`, then `order`, lowered to n - i on the
+    last steps (SFD authors' dpm_pp_sampler, sfd-main/solvers.py; LuChengTHU/dpm-solver's multistep warm-up)."""
+    if i + 1 < order:
+        return i + 1
+    return min(order, n - i) if lower_order_final else order
+
+
 def sample_dpmpp(D, x, sigmas, callback=None, order=3, afs=False, threshold=False, lower_order_final=True):
     """DPM-Solver++(2M/3M), data prediction, multistep (Lu et al. 2022, arXiv:2211.01095, Alg. 2).
     Order ramps up 1, 2, 3 at the start and, with lower_order_final, down at the end: that keeps
     few-step sampling stable; the first-order start and end steps make the global order 2
-    asymptotically, though each step in between is third order."""
+    asymptotically, though each step in between is third order. The order of step i of n is the
+    DPM-Solver and SFD authors' rule (dpmpp_order): 3M on 2 steps is [1, 2], not Euler's [1, 1]."""
     sigmas = [float(s) for s in sigmas]
     n = len(sigmas) - 1
     history = []                                                     # (D, h) of past steps, newest first
@@ -494,7 +503,7 @@ def sample_dpmpp(D, x, sigmas, callback=None, order=3, afs=False, threshold=Fals
             if t_next == 0:
                 x = D0                                               # lambda = inf: land on the denoised image
             else:
-                k = min(order, len(history) + 1, n - i if lower_order_final else order)
+                k = min(dpmpp_order(i, n, order, lower_order_final), len(history) + 1)
                 x = dpmpp_step(x, t_cur, t_next, D0, history, k)
                 history = [(D0, math.log(t_cur / t_next))] + history[:1]
         if callback:
@@ -1668,6 +1677,8 @@ def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device,
     cache = teacher_eval_dir(teacher_path, args)
     sigmas = teacher_sigmas(solver, nfe)
     key = f"{solver}-nfe{nfe}-to{sigmas[-1]:g}-n{n}"     # the grid's end is in the name: no stale cache
+    if solver == "dpm3m" and len(sigmas) == 3:            # 2 steps: orders [1, 2] since dpmpp_order (was Euler's [1, 1])
+        key += "-o12"
     batch = args.batch_size or 250
     samples_path = cache / f"{key}.pt"
     if samples_path.exists():

@@ -8,12 +8,14 @@ What is implemented
   SFD (Alg. 2): the student takes one Euler step per interval of a short polynomial (rho 7) grid
     sigma_max = 80 -> t_min = 0.006; its first step is the analytical first step (AFS, no network
     call), so NFE = points - 2. Per batch of noise x_T the teacher (DPM-Solver++(3M)) is rolled out
-    without gradients on a finer grid with K = M+1 = 4 steps per student step; the student then steps
+    without gradients on a finer grid with K = M+1 = 4 steps per student step (the authors' order rule,
+    common.dpmpp_order; dynamic thresholding: see the deviations); the student then steps
     from its own detached state and is pulled (L1) to the teacher state at the same time, with an
     optimizer step after every student step. Adam lr 5e-5, lr/10 after half the run, no EMA.
   SFD-v (--nfe 2,3,4,5): one student for several NFEs; the NFE is drawn uniformly per batch and
     enters through its own embedding (positional -> Linear -> SiLU -> Linear -> SiLU) as the
-    zero-initialised extra condition of common.student_from, so training starts from the teacher.
+    zero-initialised extra condition of common.student_from, so training starts from the teacher (see the
+    deviations: the authors initialise it randomly).
   Second stage (--nfe 1): the teacher is the first-stage student at NFE 5 sampled with Euler+AFS
     (trained first, in its own run folder, if missing); the student starts from its weights and
     learns the one-call grid sigma_max -> AFS -> t_min.
@@ -26,7 +28,13 @@ Deviations (and why)
   - L1 is the per-pixel mean, not the per-sample sum of the authors' code: Adam is invariant to
     that constant factor. The second stage's extra LPIPS term on the last step (authors' code, EDM
     models) is left out: LPIPS weights are not available offline.
-  - SFD-v embeds the NFE (the authors embed the number of grid points = NFE + 2, same information).
+  - SFD-v embeds the NFE (the authors embed the number of grid points = NFE + 2, same information). Its
+    maps into the U-Net start at zero, so the SFD-v student equals the teacher at init (fewstep's choice);
+    the authors' step-condition layers (map_step_layer0/1 and each block's affine_step in
+    sfd-main/models/networks_edm.py) use the random xavier_uniform init of the other layers, so their
+    SFD-v starts from a perturbed teacher.
+  - --resume refuses other settings (solver, K, thresholding, loss, lr, batch, length, NFEs, t_min, AFS;
+    stored in student.pt), and the default first-stage folder of --nfe 1 must hold what `--nfe 5` trains.
   - The lab preset uses lr 2e-4 instead of 5e-5 (a 2-core CPU affords ~7k trajectories instead of
     the paper's 200k) and trains SFD-v as long as SFD (paper: 4x); the paper preset keeps the paper's values.
   - Samples end at t_min without a final denoising call, as the authors' sampler does
@@ -72,6 +80,7 @@ PRESETS = {
 SIGMA_MAX, RHO = 80.0, 7.0     # EDM's sigma_max and polynomial grid exponent (student and teacher grids)
 MAX_NFE = 16                   # beyond this a student is no longer "few-step"; the teacher grid grows as 4*NFE
 FIRST_STAGE_NFE = 5            # second stage: teacher = the first-stage model at NFE 5 (paper, Sec. "Extensions")
+TEACHER_THRESHOLD = False      # dynamic thresholding of the dpm3m teacher by default (authors: always; see the header)
 
 
 def parse_args(argv=None):
@@ -81,8 +90,9 @@ def parse_args(argv=None):
                    help="teacher's Solver in Alg. 2 (slides' ablation: dpm3m > dpm2s > heun > euler; default: dpm3m)")
     p.add_argument("--teacher-steps", default=4, type=int,
                    help="K = M+1, teacher steps per student step on the finer grid (default: 4, i.e. M = 3)")
-    p.add_argument("--teacher-threshold", action="store_true",
-                   help="dynamic thresholding of the teacher's D (authors' DPM-Solver++ teacher option; default: off)")
+    p.add_argument("--teacher-threshold", action=argparse.BooleanOptionalAction, default=TEACHER_THRESHOLD,
+                   help="dynamic thresholding (Imagen's, q = 0.995) of the DPM-Solver++(3M) teacher's D, as the authors' "
+                        f"teacher always does (default: {'on' if TEACHER_THRESHOLD else 'off'}; see the header)")
     p.add_argument("--t-min", default=0.006, type=float, help="t_min, the last time of the grids (default: 0.006)")
     p.add_argument("--no-afs", action="store_true",
                    help="no analytical first step: the student spends a network call on t_N -> t_{N-1} (NFE = points - 1)")
@@ -228,12 +238,43 @@ def distill_trajectory(D, x_T, x_tilde, t, update, afs=True, loss="l1", cond_fn=
 # Training
 # ----------------------------------------------------------------------------------------------
 
+def thresholded(args):
+    """Whether the teacher's D is dynamically thresholded: only DPM-Solver++(3M) has the option (as in the authors' code)."""
+    return args.teacher_solver == "dpm3m" and args.teacher_threshold
+
+
 def run_name(args, nfes):
-    """sfd-nfe4, sfd-v-nfe2-3-4-5, sfd-nfe1 (second stage); ablations add a suffix (sfd-nfe4-heun-noafs)."""
+    """sfd-nfe4, sfd-v-nfe2-3-4-5, sfd-nfe1 (second stage); ablations add a suffix (sfd-nfe4-heun-noafs,
+    sfd-nfe4-thr / -nothr for a thresholding other than the default)."""
     name = "sfd-v-nfe" + "-".join(map(str, nfes)) if len(nfes) > 1 else f"sfd-nfe{nfes[0]}"
     ablations = [(args.teacher_solver != "dpm3m", args.teacher_solver), (args.teacher_steps != 4, f"K{args.teacher_steps}"),
-                 (args.t_min != 0.006, f"tmin{args.t_min:g}"), (args.no_afs, "noafs"), (args.loss != "l1", args.loss)]
+                 (args.t_min != 0.006, f"tmin{args.t_min:g}"), (args.no_afs, "noafs"), (args.loss != "l1", args.loss),
+                 (args.teacher_solver == "dpm3m" and args.teacher_threshold != TEACHER_THRESHOLD,
+                  "thr" if args.teacher_threshold else "nothr")]
     return "-".join([name] + [suffix for on, suffix in ablations if on])
+
+
+def run_settings(args, nfes):
+    """What a run's student depends on, saved in its student.pt: a --resume with other settings is refused."""
+    cfg, second_stage, variable = PRESETS[args.preset], nfes == [1], len(nfes) > 1
+    afs = not args.no_afs
+    if second_stage:                    # Euler+AFS on the stage-1 grid, at the second stage's length and lr
+        solver, K, threshold = "euler", (FIRST_STAGE_NFE + int(afs)) // (1 + int(afs)), False
+        total, lr = cfg["trajectories_2"], cfg["lr_2"]
+    else:
+        solver, K, threshold = args.teacher_solver, args.teacher_steps, thresholded(args)
+        total, lr = cfg["trajectories_v" if variable else "trajectories"], cfg["lr"]
+    return dict(nfes=nfes, afs=afs, t_min=args.t_min, solver=solver, K=K, threshold=threshold, loss=args.loss,
+                lr=args.lr if args.lr is not None else lr, batch=args.batch_size or cfg["batch"],
+                trajectories=args.trajectories if args.trajectories is not None else total)
+
+
+def check_settings(ck, path, settings):
+    """Refuse to continue (or reuse) a run trained with other settings."""
+    old = ck.get("settings") or {}
+    changed = [f"{k} {old.get(k)!r} (now {v!r})" for k, v in settings.items() if old.get(k) != v]
+    if changed:
+        raise UserError(f"{path} was trained with other settings: {', '.join(changed)}; use another --out or drop --resume")
 
 
 def with_(args, **changes):
@@ -269,6 +310,8 @@ def train(args, pg):
         raise UserError(f"--t-min {args.t_min}: must lie in (0, {SIGMA_MAX:g})")
     cfg = PRESETS[args.preset]
     afs, second_stage, variable = not args.no_afs, nfes == [1], len(nfes) > 1
+    settings = run_settings(args, nfes)
+    solver, K, threshold, total, lr, batch = (settings[k] for k in ("solver", "K", "threshold", "trajectories", "lr", "batch"))
     teacher, teacher_path = load_teacher(args, pg)               # the shared teacher: evaluation reference
     out = run_dir(args, run_name(args, nfes))
 
@@ -276,21 +319,19 @@ def train(args, pg):
         # Stage 1 (the same run as `--nfe 5`), trained first if its folder has no finished student.
         stage1 = first_stage_dir(args)
         ck_path = stage1 / "student.pt"
+        stage1_args = with_(args, nfe=str(FIRST_STAGE_NFE), out=str(stage1), resume=True, first_stage=None,
+                            lr=None, trajectories=None, stop_after=None)        # stage 1 at its preset's values
         if not (ck_path.exists() and load_checkpoint(ck_path, "sfd-student")["finished"]):
             pg.log(f"second stage: no finished first-stage model at {ck_path}; training it first (NFE {FIRST_STAGE_NFE})")
-            train(with_(args, nfe=str(FIRST_STAGE_NFE), out=str(stage1), resume=True, first_stage=None,
-                               lr=None, trajectories=None, stop_after=None), pg)   # stage 1 at its preset's values
+            train(stage1_args, pg)
         src, _, ck1 = load_student(ck_path)
+        if not args.first_stage:                                 # the default folder must hold what `--nfe 5` trains
+            check_settings(ck1, ck_path, run_settings(stage1_args, [FIRST_STAGE_NFE]))
         if ck1["embed"] is not None or ck1["afs"] != afs or ck1["t_min"] != args.t_min:
             raise UserError(f"{ck_path}: the first stage must be a plain SFD run with the same --t-min and AFS setting")
         D_teach = src.to(pg.device).eval().requires_grad_(False)
-        solver, K = "euler", (FIRST_STAGE_NFE + int(afs)) // (1 + int(afs))   # Euler+AFS on the stage-1 grid
-        total, lr = cfg["trajectories_2"], cfg["lr_2"]
     else:
-        D_teach, solver, K = teacher, args.teacher_solver, args.teacher_steps
-        total, lr = cfg["trajectories_v" if variable else "trajectories"], cfg["lr"]
-    total, lr = args.trajectories if args.trajectories is not None else total, args.lr if args.lr is not None else lr
-    batch = args.batch_size or cfg["batch"]
+        D_teach = teacher
     local = pg.batch(batch)
 
     # Student psi: a copy of its teacher's U-Net (+ SFD-v's zero-initialised step condition).
@@ -312,9 +353,7 @@ def train(args, pg):
     done, seconds, ck_path = 0, 0.0, out / "student.pt"
     if args.resume and ck_path.exists():
         _, _, ck = load_student(ck_path)
-        if ck["nfes"] != nfes or ck["afs"] != afs or ck["t_min"] != args.t_min:
-            raise UserError(f"{ck_path} was trained with --nfe {','.join(map(str, ck['nfes']))}, t_min {ck['t_min']}, "
-                            f"AFS {ck['afs']}; use another --out")
+        check_settings(ck, ck_path, settings)
         load_state(net, ck["net"], ck_path)
         if embed:
             load_state(embed, ck["embed"], ck_path)
@@ -335,7 +374,7 @@ def train(args, pg):
             save_checkpoint(ck_path, "sfd-student", net_config=net.config, net=net.state_dict(),
                             embed=embed.state_dict() if embed else None, opt=opt.state_dict(), nfes=nfes, afs=afs,
                             t_min=args.t_min, trajectories=done, seconds=seconds, rng=rng, nfe_rng=nfe_gen.get_state(),
-                            finished=finished)
+                            finished=finished, settings=settings)
 
     def update(loss):
         check_finite(loss)
@@ -357,8 +396,7 @@ def train(args, pg):
         t = grids[nfe]
         x_T = SIGMA_MAX * torch.randn((local, *shape), generator=gen).to(pg.device)  # Alg. 2 line 1
         with autocast(pg.device):
-            x_tilde = teacher_states(D_teach, x_T, fine[nfe], K, solver, afs=second_stage and afs,
-                                     threshold=args.teacher_threshold)
+            x_tilde = teacher_states(D_teach, x_T, fine[nfe], K, solver, afs=second_stage and afs, threshold=threshold)
         cond_fn = (lambda: embed(nfe, local, pg.device)) if embed else (lambda: None)
         _, losses = distill_trajectory(D, x_T, x_tilde, t, update, afs, args.loss, cond_fn)
         done += batch
@@ -388,7 +426,7 @@ def train(args, pg):
     variant = "sfd-stage2" if second_stage else ("sfd-v" if variable else "sfd")
     all_metrics = [report(args, pg, out / f"nfe{n}" if variable else out, teacher, teacher_path, sample_fn(n), dict(
         method="sfd", variant=variant, nfe=n, train_seconds=seconds, images_seen=done, trajectories=done,
-        teacher_solver="euler+afs (stage 1)" if second_stage else solver, teacher_steps_K=K,
+        teacher_solver="euler+afs (stage 1)" if second_stage else solver, teacher_steps_K=K, teacher_threshold=threshold,
         teacher_nfe_per_trajectory=(len(fine[n]) - 1) * TEACHER_SOLVERS[solver][1], t_min=args.t_min, afs=afs,
         loss=args.loss, lr=lr, batch=batch, student_grid=grids[n].tolist()), shape) for n in nfes]
     if variable and pg.main:                         # SFD-v: all NFEs side by side, one row of samples each

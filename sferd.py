@@ -5,8 +5,13 @@ Lingyun Sun, "Reducing Spatial Fitting Error in Distillation of Denoising Diffus
 arXiv:2311.03830 (Algorithms 1 and 2, Section 4, Appendix B). Authors' partial code: Sainzerjj/SFERD. Spec: ../shared/specs/METHODS.md, 4.
 
 What is implemented:
-  - The base distiller, imported: --base pd (pd.run_chain's halving stages, two-step DDIM target) or --base cd
-    (cd.py's consistency function, Heun teacher step, training loop). SFERD changes what the teacher is.
+  - The base distiller, imported: --base pd (pd.run_chain's chain of stages, DDIM) or --base cd (cd.py's
+    consistency function, Heun teacher step, training loop). SFERD changes what the teacher is.
+  - SFERD-PD's distillation speed n (Alg. 1 lines 4-6, 15-16): one student DDIM step t -> t - 1/N matches n DDIM
+    steps of the nN-step teacher (teacher_target; n = 2 is PD's Alg. 2). --schedule two-stage is App. B.1's "number
+    of distillation stages 2" with Table 6's best schedules, 1024 -> 32 -> 1 (n = 32, 32) and 1024 -> 64 -> 2
+    (n = 16, 32), generalised as start -> M -> nfe with M = 2^ceil(log2 sqrt(start*nfe)); the paper preset uses it
+    with a constant Adam lr 2e-4 (App. B.1) and 32M images per stage (Table 6). --schedule halving is PD's (n = 2).
   - Attention guidance in the teacher (Sec. 4.1, Alg. 1 lines 8-13), GuidedTeacher: A = the attention each
     position of one decoder self-attention block receives (mean over heads, summed over queries: mean 1),
     psi = 1[A > k] nearest-upsampled (Eq. 10), a hand-written separable Gaussian blur B, then lines 11-13.
@@ -17,8 +22,10 @@ What is implemented:
     zero-initialised (the student is unchanged at init). Loss: Alg. 1 line 18. The student is frozen for the
     first half of --pred-iters, then trained jointly at a low lr (Sec. 4.2).
   - "t-1" of line 18 is the TEACHER's solver step from t: line 15 is x~_{t-1} = g(x_t, x0_teacher) ("Teacher
-    Sampling"); line 16 then targets the student's s. PD: t' = t - 0.5/N (the student's t - 1/N would make
+    Sampling"); line 16 then targets the student's s. PD: t' = t - 1/(nN) (the student's t - 1/N would make
     the scale vanish on its last step); CD: the next grid point. Sampling uses the same t-1.
+  - SFERD-CD's paper preset (App. B.1, Table 3, CIFAR-10): the l2 metric (Sec. 6.2 "We unify the metric function
+    to l2"), a 40-step Heun teacher grid (N = 40), RAdam lr 2e-4, batch 256, mu = 0, EMA 0.9999, 32M images.
   - A latent DDPM over normalised z_sem of all the data (App. B.1, Table 4), so unconditional sampling works.
   - Sampling (Alg. 2): eps~ = eps_theta - c_t*G_tau, then the base's step with eps~ (through x0~).
   - Ablations: --no-guidance, --no-predictor, --k, --w, --blur-sigma, --attn-block. With both off the run
@@ -33,6 +40,17 @@ Deviations from the paper, and why:
     not Eq. 15's z_s*(t_s*GN(h)+t_b)+z_b; z enters as in Eq. 15.
   - SFERD-CD: the target is CD's own (f_theta of the guided teacher's Heun step, stop-gradient); line 18's
     squared error replaces CD's distance.
+  - SFERD-PD's time draw: t on the student's grid, t = (i+1)/N, as PD and the authors' code (train_utils.py,
+    DistillationTrainer.loss: t = (randint(S) + 1)/S); Alg. 1 lines 4-6 also draw t = s + i, i < n, between the
+    student's grid points, times the student never samples at (fewstep's choice).
+  - SFERD-PD's loss weight: PD's truncated SNR max(SNR, 1) (pd.truncated_snr_weight); the authors' partial code
+    (diffusion/gaussian_diffusion.py, distill_losses_enc) weighs by 1 + SNR (fewstep's choice: PD's own weight).
+  - Paper preset, SFERD-PD: the batch is pd.py's 128 (App. B.1 gives none for distillation), so 32M images are
+    250k updates per stage; gradient clipping at 1 as in PD (App. B.1 names none for SFERD-PD).
+  - Lab and smoke presets: SFERD-PD halves (--schedule halving, n = 2) with PD's linear lr anneal, and SFERD-CD
+    uses cd.py's lab settings (pseudo-Huber, N = 18, 600 iterations, iCT's weight): the budgets of the bases, so
+    that SFERD compares with pd.py / cd.py at equal cost. At NFE 4 from 16 steps the two schedules coincide
+    (16 -> 8 -> 4); at NFE 2 two-stage is 16 -> 8 -> 2, at NFE 1 16 -> 4 -> 1.
   - Lab preset: the bases' lab settings, a 64-d z_sem, a 4 x 256 latent MLP with EMA 0.995 (2000 updates are
     too few for Table 4's 0.9999); the predictor's length and joint lr are our choice (not in the paper).
     SFERD-PD lab starts at 16 steps, not pd.py's 32 (the guided teacher costs two calls per step; two stages,
@@ -78,6 +96,20 @@ PRESETS = {
                   latent_hidden=2048, latent_iters=100_000, latent_batch=512, latent_lr=1e-4, latent_ema=0.9999,
                   latent_steps=100, ckpt_every=5_000),
 }
+# What SFERD changes in its base's preset (the rest comes from pd.py / cd.py). schedule: "halving" (PD's stages,
+# n = 2) or "two-stage" (Table 6: start -> M -> nfe, M = the power of two nearest sqrt(start*nfe) from above,
+# 1024 -> 32 -> 1 and 1024 -> 64 -> 2); lr_schedule: "anneal" (PD's linear decay) or "constant" (App. B.1).
+BASE_PRESETS = {
+    "smoke": dict(pd=dict(schedule="halving", lr_schedule="anneal"), cd={}),
+    "lab": dict(pd=dict(start_steps=16, schedule="halving", lr_schedule="anneal"), cd={}),
+    # App. B.1: SFERD-PD from 1024 steps in two stages, Adam at a constant 2e-4, 32M images per stage (Table 6) at
+    # pd.py's batch 128. SFERD-CD (Table 3, CIFAR-10): l2 metric (Sec. 6.2), 40-step Heun teacher, RAdam 2e-4,
+    # batch 256, mu = 0, EMA 0.9999, 32M images = 125k iterations; lambda = 1 as in the CD paper.
+    "paper": dict(pd=dict(start_steps=1024, schedule="two-stage", lr_schedule="constant", lr=2e-4, iters=250_000,
+                          later_factor=1.0),
+                  cd=dict(metric="l2", N=40, batch=256, lr=2e-4, iterations=125_000, mu=0.0, ema_rate=0.9999,
+                          weighting="uniform")),
+}
 LATENT_T, LATENT_BETA = 1000, 0.008         # Table 4: T = 1000, constant beta
 
 
@@ -100,6 +132,10 @@ def parse_args(argv=None):
     p.add_argument("--g-drop", type=float, default=0.0, help="drop G_tau on this last fraction of steps (authors' code 0.3)")
     p.add_argument("--start-steps", type=int, default=None,
                    help="PD: DDIM steps of the original teacher (default: lab 16, paper 1024, smoke pd.py's)")
+    p.add_argument("--schedule", choices=["halving", "two-stage"], default=None,
+                   help="PD: halving stages (n = 2, PD's) or the paper's two stages with distillation speed n = teacher "
+                        "steps / student steps (Alg. 1 lines 4-6, Table 6: 1024 -> 32 -> 1); default: the preset's, "
+                        "paper two-stage, lab halving")
     p.add_argument("--iters", type=int, default=None, help="base updates (PD: per stage; CD: total; default: the base's)")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the base's)")
     p.add_argument("--taus", type=float, nargs="+", default=None, help="CD: re-noising sigmas (see cd.py)")
@@ -113,20 +149,75 @@ def parse_args(argv=None):
             args.hp[key] = getattr(args, key)
     if not 0 <= args.g_drop < 1 or args.blur_sigma <= 0 or args.blur_size < 1 or args.blur_size % 2 == 0:
         raise UserError("need 0 <= --g-drop < 1, --blur-sigma > 0 and an odd --blur-size")
-    if args.base == "pd":                    # pd.py's own arguments, filled from its preset (same budget as pd.py)
-        cfg = pd.PRESETS[args.preset]
-        args.start_steps = args.start_steps or {"paper": 1024, "lab": 16}.get(args.preset, cfg["start_steps"])  # App. B
+    if args.base == "pd":                    # pd.py's own arguments, filled from its preset and SFERD's changes
+        cfg = dict(pd.PRESETS[args.preset], **BASE_PRESETS[args.preset]["pd"])
+        args.start_steps = args.start_steps or cfg["start_steps"]
+        args.schedule, args.lr_schedule = args.schedule or cfg["schedule"], cfg["lr_schedule"]
         args.iters, args.lr = args.iters or cfg["iters"], args.lr or cfg["lr"]
         args.later_factor, args.later_steps, args.ckpt_every = cfg["later_factor"], cfg["later_steps"], cfg["ckpt_every"]
         args.grad_clip, args.batch = 1.0, args.batch_size or cfg["batch"]
-        if not pd.stage_steps(args.nfe, args.start_steps):
-            raise UserError(f"--nfe {args.nfe}: SFERD-PD needs at least one halving stage (--nfe < --start-steps)")
+        args.stages = pd_stages(args.nfe, args.start_steps, args.schedule)
+        if not args.stages:
+            raise UserError(f"--nfe {args.nfe}: SFERD-PD needs at least one distillation stage (--nfe < --start-steps)")
     else:
-        hp = dict(cd.PRESETS[args.preset], batch=args.batch_size or cd.PRESETS[args.preset]["batch"])
+        cfg = dict(cd.PRESETS[args.preset], **BASE_PRESETS[args.preset]["cd"])
+        hp = dict(cfg, batch=args.batch_size or cfg["batch"])
         hp.update({k: v for k, v in (("iterations", args.iters), ("lr", args.lr)) if v is not None})
         hp["taus"] = cd.sampling_taus(args.nfe, args.taus)
         args.cd_hp = hp
     return args
+
+
+# ----------------------------------------------------------------------------------------------
+# SFERD-PD's distillation speed n (Alg. 1 lines 4-6, 15-16; App. B.1, Table 6)
+# ----------------------------------------------------------------------------------------------
+
+def pd_stages(nfe, start_steps, schedule="halving"):
+    """Student steps of the stages: halving (start/2, start/4, ..., nfe; n = 2 each) or two-stage (Table 6's
+    1024 -> 32 -> 1 and 1024 -> 64 -> 2: M = 2^ceil(log2 sqrt(start*nfe)), one stage when M is not in between)."""
+    steps = pd.stage_steps(nfe, start_steps)                  # validates: powers of two, nfe <= start
+    if schedule == "halving" or not steps:
+        return steps
+    mid = 2 ** math.ceil(math.log2(math.sqrt(start_steps * nfe)) - 1e-9)
+    return [mid, nfe] if nfe < mid < start_steps else [nfe]
+
+
+def speeds(stages, start_steps):
+    """n of each stage: the teacher's steps over the student's, {student steps: n}."""
+    return {N: T // N for T, N in zip([start_steps, *stages], stages)}
+
+
+@torch.no_grad()
+def teacher_target(teacher, z_t, t, N, n):
+    """Alg. 1 lines 15-16 for PD with distillation speed n: n DDIM steps of the nN-step teacher from t to
+    t'' = t - 1/N, then the x~ for which one student DDIM step t -> t'' lands on the teacher's z_t'' (PD's Alg. 2
+    for n = 2: pd.teacher_target); where t'' = 0, the teacher's last x_hat. Returns (x~, z_t'')."""
+    alpha_t, sigma_t = pd.alpha_sigma(t, z_t)
+    z = z_t
+    for j in range(n):                                        # line 15, n times: the teacher's DDIM steps
+        alpha, sigma = pd.alpha_sigma(t - j / (n * N), z_t)
+        alpha_next, sigma_next = pd.alpha_sigma(t - (j + 1) / (n * N), z_t)
+        x_hat = common.vp_predict(teacher, z, alpha, sigma)[0]
+        z = pd.ddim_step(z, x_hat, alpha, sigma, alpha_next, sigma_next)
+    ratio = sigma_next / sigma_t
+    x_tilde = (z - ratio * z_t) / (alpha_next - ratio * alpha_t)          # line 16: the x0 target at s = t - 1/N
+    last = (t - 1 / N <= 0).reshape(-1, 1, 1, 1).to(z_t.device)
+    return torch.where(last, x_hat, x_tilde), z
+
+
+def lr_factor(args):
+    """The stage's lr schedule: PD's linear anneal to 0, or App. B.1's constant lr for SFERD-PD."""
+    return pd.linear_anneal if args.lr_schedule == "anneal" else lambda k, iters: 1.0
+
+
+def pd_loss(student, teacher, x, eps, i, N, n=2):
+    """pd.pd_loss with the n-step target: w(lambda_t)*|x~ - x_hat_theta(z_t)|^2, t = (i+1)/N on the student's grid."""
+    t = (i.double() + 1) / N
+    alpha_t, sigma_t = pd.alpha_sigma(t, x)
+    z_t = alpha_t * x + sigma_t * eps
+    x_tilde, _ = teacher_target(teacher, z_t, t, N, n)
+    x_hat = common.vp_predict(student, z_t, alpha_t, sigma_t)[0]
+    return (pd.truncated_snr_weight(alpha_t, sigma_t).flatten() * ((x_hat - x_tilde) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,17 +390,17 @@ def sample_latent(mlp, noise, steps, mean, std):
 # Training: the base with the guided teacher, then the predictor (two phases), then the latent DDPM
 # ----------------------------------------------------------------------------------------------
 
-def pd_terms(student, teacher, x0, gen, N):
-    """SFERD-PD terms of Alg. 1 lines 3-16 for a batch: t = (i+1)/N; t-1 = t' = t - 0.5/N, the teacher's step
+def pd_terms(student, teacher, x0, gen, N, n=2):
+    """SFERD-PD terms of Alg. 1 lines 3-16 for a batch: t = (i+1)/N; t-1 = t' = t - 1/(nN), the teacher's step
     (line 15), so that the scale of line 18 stays non-zero on the student's last step (t - 1/N = 0)."""
     i = torch.randint(N, (len(x0),), generator=gen)
     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
     t = (i.double() + 1) / N
     alpha_t, s_t = pd.alpha_sigma(t, x0)
     z_t = alpha_t * x0 + s_t * eps                                   # line 7
-    x0_target, _ = pd.teacher_target(teacher, z_t, t, N)             # lines 8-16 (teacher = GuidedTeacher)
+    x0_target, _ = teacher_target(teacher, z_t, t, N, n)             # lines 8-16 (teacher = GuidedTeacher)
     x0_student = common.vp_predict(student, z_t, alpha_t, s_t)[0]
-    alpha_p, s_p = pd.alpha_sigma(t - 0.5 / N, x0)
+    alpha_p, s_p = pd.alpha_sigma(t - 1 / (n * N), x0)
     return z_t / alpha_t, s_t / alpha_t, x0_target, x0_student, alpha_p, s_p, pd.truncated_snr_weight(alpha_t, s_t)
 
 
@@ -434,9 +525,9 @@ def corrected_denoiser(D, G, z_sem, sigma_prevs, mode="train", g_drop=0.0):
     return D_tilde
 
 
-def sample_sferd_pd(D, eps, N, G, z_sem, mode="train", g_drop=0.0):
-    """pd.sample_ddim with Alg. 2's x0~; step t = k/N has t-1 = (k - 0.5)/N, the teacher's step (pd_terms)."""
-    t_prev = torch.tensor([(k - 0.5) / N for k in range(N, 0, -1)], dtype=torch.float64)
+def sample_sferd_pd(D, eps, N, G, z_sem, mode="train", g_drop=0.0, n=2):
+    """pd.sample_ddim with Alg. 2's x0~; step t = k/N has t-1 = (k - 1/n)/N, the teacher's step (pd_terms)."""
+    t_prev = torch.tensor([(k - 1 / n) / N for k in range(N, 0, -1)], dtype=torch.float64)
     sigma_prev = common.sigma_from_vp(*common.cosine_alpha_sigma(t_prev)).tolist()
     return pd.sample_ddim(corrected_denoiser(D, G, z_sem, sigma_prev, mode, g_drop), eps, N)
 
@@ -461,7 +552,8 @@ def make_sampler(args, student, G=None, latent=None):
     z_sem = lambda eps: sample_latent(mlp, cd.renoise_source(eps, common.EVAL_SEED + 1).randn(args.hp["z_dim"]),
                                       args.hp["latent_steps"], mean, std)
     if args.base == "pd":
-        return lambda eps: sample_sferd_pd(student, eps, args.nfe, G, z_sem(eps), args.g_scale, args.g_drop)
+        n = speeds(args.stages, args.start_steps)[args.nfe]
+        return lambda eps: sample_sferd_pd(student, eps, args.nfe, G, z_sem(eps), args.g_scale, args.g_drop, n)
     return lambda eps: sample_sferd_cd(student, eps, args.cd_hp["taus"], G, z_sem(eps), args.cd_hp["N"], args.g_scale,
                                        args.g_drop)
 
@@ -500,14 +592,20 @@ def main(argv=None):
            f"k {args.k}, w {args.w}, blur sigma {args.blur_sigma}, {pg.world} process(es) on {pg.device}")
     # What the trained networks depend on: saved with every file of the run, a --resume with others is refused.
     chain = dict(teacher=str(teacher_path), start_steps=getattr(args, "start_steps", None), guidance=not args.no_guidance)
+    if args.base == "pd":
+        chain.update(schedule=args.schedule, lr_schedule=args.lr_schedule)
     if not args.no_guidance:
         chain.update({key: getattr(args, key) for key in ("k", "w", "blur_sigma", "blur_size", "attn_block")})
     if args.base == "pd":
         gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # as pd.main
-        student, last_teacher, state = pd.run_chain(args, pg, data, D, pd.stage_steps(args.nfe, args.start_steps),
-                                                    out, chain, gen, wrap=lambda T: guided(T, args))
+        n = speeds(args.stages, args.start_steps)                     # Alg. 1's n of each stage
+        pg.log(f"SFERD-PD stages {' -> '.join(map(str, [args.start_steps, *args.stages]))} (n = "
+               f"{', '.join(str(n[N]) for N in args.stages)}), lr {args.lr:g} {args.lr_schedule}")
+        student, last_teacher, state = pd.run_chain(args, pg, data, D, args.stages, out, chain, gen,
+                                                    wrap=lambda T: guided(T, args), lr_factor=lr_factor(args),
+                                                    loss_fn=lambda s, T, x, eps, i, N: pd_loss(s, T, x, eps, i, N, n[N]))
         teacher = guided(last_teacher, args)
-        terms = lambda s, x0, gen: pd_terms(s, teacher, x0, gen, args.nfe)
+        terms = lambda s, x0, gen: pd_terms(s, teacher, x0, gen, args.nfe, n[args.nfe])
     else:
         args.cd_hp.update(chain)                                      # saved in student.pt with CD's own settings
         if args.resume and (out / "student.pt").exists():
@@ -528,7 +626,8 @@ def main(argv=None):
                 blur_sigma=args.blur_sigma, blur_size=args.blur_size, g_scale=args.g_scale, g_drop=args.g_drop,
                 calls_per_step="student + G_tau (its own encoder pass)" if G is not None else "student",
                 latent_ddim_steps=args.hp["latent_steps"] if G is not None else 0,
-                start_steps=getattr(args, "start_steps", None), **base_run_metrics(args))
+                start_steps=getattr(args, "start_steps", None), stages=getattr(args, "stages", None),
+                schedule=getattr(args, "schedule", None), **base_run_metrics(args))
     common.report(args, pg, out, D, teacher_path, make_sampler(args, student, G, latent), info, data.shape[1:])
     pg.close()
 

@@ -1,6 +1,7 @@
 """Tests of sfd.py: the grids, AFS, the teacher read-out, Alg. 2's detached student steps, SFD-v's
 step condition, --nfe validation, the second stage's initialisation, and the CLI end to end."""
 import json
+import math
 import sys
 
 import pytest
@@ -259,3 +260,65 @@ def test_torchrun_two_processes_trains_first_stage_then_second(fashion_dir, smok
     assert json.loads((tmp_path / "sfd-nfe5" / "metrics.json").read_text())["nfe"] == 5      # stage 1 trained first
     assert json.loads((tmp_path / "sfd-nfe1" / "metrics.json").read_text())["nfe"] == 1
     assert "sfd-stage2 fashion NFE 1: student" in r.stdout.strip().splitlines()[-1]
+
+
+# --- --resume refuses changed settings; the run name tells thresholded runs apart ----------------
+
+def test_run_name_tells_thresholding_apart():
+    base = sfd.parse_args(["--nfe", "4"])
+    assert sfd.run_name(base, [4]) == "sfd-nfe4"
+    flip = "--no-teacher-threshold" if sfd.TEACHER_THRESHOLD else "--teacher-threshold"
+    other = sfd.parse_args(["--nfe", "4", flip])
+    assert sfd.thresholded(other) != sfd.thresholded(base)
+    assert sfd.run_name(other, [4]) == "sfd-nfe4-" + ("nothr" if sfd.TEACHER_THRESHOLD else "thr")
+    assert sfd.run_settings(other, [4])["threshold"] != sfd.run_settings(base, [4])["threshold"]
+    euler = sfd.parse_args(["--nfe", "4", "--teacher-solver", "euler", "--teacher-threshold"])
+    assert not sfd.thresholded(euler) and sfd.run_name(euler, [4]) == "sfd-nfe4-euler"   # only dpm3m thresholds
+
+
+@pytest.mark.parametrize("change,key", [(["--teacher-solver", "euler"], "solver"), (["--teacher-steps", "2"], "K"),
+                                        (["--loss", "l2"], "loss"), (["--lr", "1e-3"], "lr"),
+                                        (["--batch-size", "2"], "batch"), (["--trajectories", "12"], "trajectories"),
+                                        (["--teacher-threshold"], "threshold"), (["--no-teacher-threshold"], "threshold")])
+def test_resume_refuses_changed_settings(change, key, fashion_dir, smoke_teacher, tmp_path, monkeypatch, capsys):
+    """pd.py's chain check for SFD: every setting the student depends on is in student.pt; another is one error line,
+    and the checkpoint keeps the settings it was trained with."""
+    monkeypatch.chdir(tmp_path)
+    first = ["--teacher-threshold"] if change == ["--no-teacher-threshold"] else []
+    argv = lambda *extra: ["sfd.py", *map(str, smoke_args(fashion_dir, smoke_teacher, "run", "--nfe", "2", "--trajectories",
+                                                          "8", "--stop-after", "4", *extra))]
+    monkeypatch.setattr(sys, "argv", argv(*first))
+    sfd.main()
+    before = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
+    capsys.readouterr()
+    assert before["settings"]["trajectories"] == 8 and before["settings"]["threshold"] == bool(first)
+    monkeypatch.setattr(sys, "argv", argv("--resume", *change))
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(sfd.main)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and f"{key} " in err[0], err
+    after = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
+    assert after["settings"] == before["settings"] and after["trajectories"] == 4
+
+
+# --- DPM-Solver++(3M)'s order rule: the SFD authors' (sfd-main/solvers.py, dpm_pp_sampler) --------------------
+
+def test_dpmpp_order_rule_is_the_authors():
+    """order = i + 1 while i + 1 < max_order, else min(max_order, n - i): 3M on 2 steps is [1, 2], not Euler."""
+    authors = {1: [1], 2: [1, 2], 3: [1, 2, 1], 4: [1, 2, 2, 1], 5: [1, 2, 3, 2, 1], 6: [1, 2, 3, 3, 2, 1]}
+    assert {n: [common.dpmpp_order(i, n, 3) for i in range(n)] for n in authors} == authors
+    assert [common.dpmpp_order(i, 2, 2) for i in range(2)] == [1, 1]            # 2M on 2 steps: Euler's orders
+    # On 2 steps, the second step is DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) from the first step's D, by hand:
+    torch.manual_seed(0)
+    D, x = gaussian_denoiser(sd=0.5), 80.0 * torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    t0, t1, t2 = 80.0, 2.0, 0.05
+    D0 = D(x, t0)
+    x1 = (t1 / t0) * x + (1 - t1 / t0) * D0                                     # order 1 (= Euler)
+    h, h_prev = math.log(t1 / t2), math.log(t0 / t1)
+    D_2m = (1 + h / (2 * h_prev)) * D(x1, t1) - h / (2 * h_prev) * D0              # 2M's D: 1 + 1/(2r), r = h_prev/h
+    x2 = (t2 / t1) * x1 + (1 - t2 / t1) * D_2m
+    sigmas = torch.tensor([t0, t1, t2], dtype=torch.float64)
+    out = common.sample_dpmpp(D, x, sigmas, order=3)
+    assert torch.allclose(out, x2, rtol=1e-12)
+    assert (out - common.sample_euler(D, x, sigmas)).abs().max() > 1e-3

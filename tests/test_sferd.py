@@ -58,11 +58,19 @@ def test_blur_is_the_2d_gaussian_and_reflects_at_borders():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-def test_attention_summed_over_queries_has_mean_exactly_one():
-    D = smoke_denoiser()
+@pytest.mark.parametrize("heads", [1, 2])
+def test_attention_summed_over_queries_has_mean_exactly_one(heads):
+    """A = mean over heads, sum over queries; with two heads a sum over heads would have mean 2."""
+    torch.manual_seed(0)
+    net = common.UNet(in_ch=1, res=32, **dict(common.NET_CONFIGS["smoke"], heads=heads))
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, std=0.2)
+    D = common.Denoiser(net).eval().requires_grad_(False)
     x = torch.randn(3, 1, 32, 32)
     _, extras = D(x, torch.tensor([0.5, 2.0, 10.0]), attn="dec16.1")
     attn = extras["attn"]                                          # B x heads x queries x keys
+    assert attn.shape[1] == heads
     A = sferd.attention_received(attn)
     assert A.shape == (3, 16 * 16)
     ref = torch.stack([sum(attn[b, :, q, :].mean(0) for q in range(attn.shape[2])) for b in range(3)])
@@ -362,3 +370,177 @@ def test_torchrun_two_processes(fashion_dir, smoke_teacher, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert m["variant"] == "sferd-pd" and m["nfe"] == 4
+
+
+# --- SFERD-PD's distillation speed n and the paper's two-stage schedule (Alg. 1 lines 4-6, Table 6) ---------
+
+def test_two_stage_schedule_is_table6_and_the_lab_keeps_halving():
+    assert sferd.pd_stages(1, 1024, "two-stage") == [32, 1] and sferd.speeds([32, 1], 1024) == {32: 32, 1: 32}
+    assert sferd.pd_stages(2, 1024, "two-stage") == [64, 2] and sferd.speeds([64, 2], 1024) == {64: 16, 2: 32}
+    assert sferd.pd_stages(4, 16, "halving") == [8, 4] and sferd.speeds([8, 4], 16) == {8: 2, 4: 2}
+    assert sferd.pd_stages(8, 16, "two-stage") == [8]                  # no power of two strictly in between
+    paper, lab = (sferd.parse_args(["--preset", p, "--nfe", "1"]) for p in ("paper", "lab"))
+    assert (paper.start_steps, paper.stages, paper.lr, paper.lr_schedule) == (1024, [32, 1], 2e-4, "constant")
+    assert (lab.start_steps, lab.stages, lab.lr, lab.lr_schedule) == (16, [8, 4, 2, 1], 2e-4, "anneal")
+    assert [sferd.lr_factor(paper)(k, 10) for k in (0, 5, 9)] == [1.0, 1.0, 1.0]       # App. B.1: constant 2e-4
+    assert [sferd.lr_factor(lab)(k, 10) for k in (0, 5)] == [1.0, 0.5]                   # PD's linear anneal
+    assert sferd.parse_args(["--preset", "lab", "--nfe", "1", "--schedule", "two-stage"]).stages == [4, 1]
+
+
+def test_cd_base_uses_the_papers_l2_and_budget_in_the_paper_preset():
+    paper = sferd.parse_args(["--preset", "paper", "--base", "cd", "--nfe", "1"]).cd_hp
+    assert (paper["metric"], paper["N"], paper["lr"], paper["batch"], paper["iterations"] * paper["batch"]) == \
+        ("l2", 40, 2e-4, 256, 32_000_000)                          # Sec. 6.2, App. B.1, Table 3 (32M images)
+    lab = sferd.parse_args(["--preset", "lab", "--base", "cd", "--nfe", "4"]).cd_hp
+    assert {k: lab[k] for k in ("metric", "N", "iterations", "weighting")} == \
+        {k: cd.PRESETS["lab"][k] for k in ("metric", "N", "iterations", "weighting")}   # lab: cd.py's own
+
+
+def ddim_by_hand(D, z, t, s):
+    """One DDIM step t -> s written from the cosine schedule above (s = 0: the x0 prediction)."""
+    a_t, s_t = cosine(t)
+    x0 = D(z / a_t, s_t / a_t)
+    if s == 0:
+        return x0, x0
+    a_s, s_s = cosine(s)
+    return x0, a_s * x0 + s_s * (z - a_t * x0) / s_t
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_n_step_target_is_n_teacher_ddim_steps(n):
+    """Alg. 1 line 15 n times: one student DDIM step t -> t - 1/N with x~ lands where n teacher steps of size
+    1/(nN) land; n = 2 is PD's target exactly; on the last student step x~ is the teacher's last x0."""
+    D, N = smoke_denoiser(), 4
+    torch.manual_seed(0)
+    x0, eps = torch.rand(4, 1, 32, 32) * 2 - 1, torch.randn(4, 1, 32, 32)
+    i = torch.tensor([3, 2, 1, 0])
+    t = (i.double() + 1) / N
+    alpha, s = pd.alpha_sigma(t, x0)
+    z_t = alpha * x0 + s * eps
+    x_tilde, z_end = sferd.teacher_target(D, z_t, t, N, n)
+    if n == 2:
+        ref, ref_z = pd.teacher_target(D, z_t, t, N)
+        assert torch.equal(x_tilde, ref) and torch.equal(z_end, ref_z)             # bit for bit: lab rows stay
+    for b in range(4):
+        tb, z = t[b].item(), z_t[b:b + 1]
+        for j in range(n):                                         # the teacher's n DDIM steps, by hand
+            x0_teacher, z = ddim_by_hand(D, z, tb - j / (n * N), tb - (j + 1) / (n * N))
+        assert torch.allclose(z_end[b:b + 1], z, atol=1e-3)
+        if i[b] == 0:                                              # t - 1/N = 0: the teacher's last x0 prediction
+            assert torch.allclose(x_tilde[b:b + 1], x0_teacher, atol=1e-3)
+            continue
+        student_step = lambda x, sigma: x_tilde[b:b + 1]           # a student that predicts x~ ...
+        _, z_student = ddim_by_hand(student_step, z_t[b:b + 1], tb, tb - 1 / N)
+        assert torch.allclose(z_student, z, atol=1e-3)             # ... lands on the teacher's point
+    if n == 4:                                                     # and it differs from a 2-step target
+        assert (x_tilde - pd.teacher_target(D, z_t, t, N)[0]).abs().max() > 1e-3
+
+
+def test_sferd_pd_loss_uses_the_n_step_target():
+    D, S, N = smoke_denoiser(0), smoke_denoiser(1), 2
+    torch.manual_seed(0)
+    x, eps, i = torch.rand(3, 1, 32, 32) * 2 - 1, torch.randn(3, 1, 32, 32), torch.tensor([1, 0, 1])
+    assert torch.allclose(sferd.pd_loss(S, D, x, eps, i, N, 2), pd.pd_loss(S, D, x, eps, i, N), rtol=1e-5)
+    t = (i.double() + 1) / N
+    alpha, s = pd.alpha_sigma(t, x)
+    z = alpha * x + s * eps
+    x_tilde, _ = sferd.teacher_target(D, z, t, N, 4)
+    ref = (pd.truncated_snr_weight(alpha, s).flatten()
+           * ((common.vp_predict(S, z, alpha, s)[0] - x_tilde) ** 2).mean(dim=(1, 2, 3))).mean()
+    assert torch.allclose(sferd.pd_loss(S, D, x, eps, i, N, 4), ref, rtol=1e-5)
+    assert not torch.allclose(ref, pd.pd_loss(S, D, x, eps, i, N), rtol=1e-3)
+
+
+def test_pd_terms_and_the_sampler_put_t_minus_1_at_the_teachers_step_for_any_n():
+    D, x0 = smoke_denoiser(), torch.rand(4, 1, 32, 32) * 2 - 1
+    i = torch.randint(2, (4,), generator=torch.Generator().manual_seed(0))
+    _, _, _, _, alpha_p, s_p, _ = sferd.pd_terms(D, D, x0, torch.Generator().manual_seed(0), 2, 8)
+    for b in range(4):
+        a_ref, s_ref = cosine((i[b].item() + 1) / 2 - 1 / 16)
+        assert abs(alpha_p[b].item() - a_ref) < 1e-6 and abs(s_p[b].item() - s_ref) < 1e-6
+    G, z_sem, eps = nonzero_predictor(D), torch.randn(2, 8), torch.randn(2, 1, 32, 32)
+    seen = []
+    real = sferd.corrected_x0
+    try:
+        sferd.corrected_x0 = lambda x0, g, sigma, sigma_prev, mode: seen.append(sigma_prev.flatten()[0].item()) or x0
+        sferd.sample_sferd_pd(D, eps, 2, G, z_sem, n=8)
+    finally:
+        sferd.corrected_x0 = real
+    assert [round(v, 3) for v in seen] == [round(s / a, 3) for a, s in (cosine(1 - 1 / 16), cosine(0.5 - 1 / 16))]
+
+
+# --- Tests that fail when a line of the predictor, the latent DDPM or cd_terms is wrong ---------------------
+
+def nonzero_latent_mlp(z_dim=8, seed=0):
+    torch.manual_seed(seed)
+    mlp = sferd.LatentMLP(z_dim, 32, 3)
+    with torch.no_grad():
+        mlp.out.weight.normal_(std=0.5)
+        mlp.out.bias.normal_(std=0.5)
+    return mlp.eval()
+
+
+def test_latent_noising_and_loss_with_a_nonzero_network():
+    """Eq. 16 written out: z_t = sqrt(abar_t)*z + sqrt(1 - abar_t)*eps with abar_t = (1 - 0.008)^(t+1)."""
+    mlp = nonzero_latent_mlp()
+    torch.manual_seed(1)
+    z, eps, t = torch.randn(16, 8), torch.randn(16, 8), torch.randint(1000, (16,))
+    abar = (0.992 ** (t.double() + 1)).float()[:, None]
+    ref = (eps - mlp(abar.sqrt() * z + (1 - abar).sqrt() * eps, t)).abs().mean()
+    assert abs(sferd.latent_loss(mlp, z, t, eps).item() - ref.item()) < 1e-5
+    assert abs(ref.item() - eps.abs().mean().item()) > 1e-2        # the network's output matters here
+
+
+def test_latent_ddim_sampler_with_a_nonzero_network():
+    """DDIM (eta 0) by hand: z0 = (z - sqrt(1 - abar_t)*eps)/sqrt(abar_t), z <- sqrt(abar_next)*z0 + sqrt(1 - abar_next)*eps."""
+    mlp, noise = nonzero_latent_mlp(), torch.randn(5, 8)
+    mean, std = torch.full((8,), 2.0), torch.full((8,), 0.5)
+    ts = [round(999 - 999 * k / 9) for k in range(10)]
+    z = noise.double()
+    for k, t in enumerate(ts):
+        a = 0.992 ** (t + 1)
+        e = mlp(z.float(), torch.full((5,), t)).double()
+        z0 = (z - math.sqrt(1 - a) * e) / math.sqrt(a)
+        a_next = 0.992 ** (ts[k + 1] + 1) if k + 1 < len(ts) else 1.0
+        z = math.sqrt(a_next) * z0 + math.sqrt(1 - a_next) * e
+    out = sferd.sample_latent(mlp, noise, 10, mean, std)
+    assert torch.allclose(out.double(), z * 0.5 + 2.0, rtol=1e-3, atol=1e-3)
+
+
+def test_predictor_phase_one_freezes_the_student_and_encodes_x0(tmp_path, monkeypatch):
+    """Sec. 4.2: the student is frozen for the first half of the updates; Alg. 1 line 17: z_sem = E_phi(x0), not x_t."""
+    args = sferd.parse_args(["--preset", "smoke", "--nfe", "2"])      # 4 predictor updates: 2 frozen, 2 joint
+    pg, data, teacher = common.Dist("cpu"), torch.randint(0, 256, (32, 1, 32, 32), dtype=torch.uint8), smoke_denoiser(1)
+    seen_x0, encoded, after = [], [], []
+    forward = sferd.SemanticEncoder.forward
+    monkeypatch.setattr(sferd.SemanticEncoder, "forward", lambda self, x: encoded.append(x.clone()) or forward(self, x))
+    student, init = smoke_denoiser(0), [p.clone() for p in smoke_denoiser(0).net.parameters()]
+
+    def terms(s, x0, gen):
+        after.append([p.clone() for p in s.net.parameters()])      # the student before this update
+        seen_x0.append(x0.clone())
+        return sferd.pd_terms(s, teacher, x0, gen, 2)
+    args.resume = False
+    sferd.train_predictor(args, pg, data, student, terms, tmp_path, dict(images=0, seconds=0.0), dict(teacher="t"))
+    assert len(encoded) == len(seen_x0) == 4 and all(torch.equal(e, x) for e, x in zip(encoded, seen_x0))
+    for k in (1, 2):                                               # after updates 1 and 2 (the frozen phase)
+        assert all(torch.equal(p, q) for p, q in zip(after[k], init)), k
+    assert any(not torch.equal(p, q) for p, q in zip(student.net.parameters(), init))   # the joint phase trains it
+
+
+def test_cd_terms_pair_target_and_scale_at_t2():
+    """SFERD-CD: (t, t2) = (sigma_n, sigma_{n+1}), x_t = x0 + t*z, the target f(Heun step to t2, t2) without
+    gradient, and line 18's scale at t-1 = t2 (not at t)."""
+    D = smoke_denoiser()
+    f = cd.ConsistencyFunction(smoke_denoiser(2).net)
+    sigmas = common.karras_sigmas(18, cd.SIGMA_MIN, cd.SIGMA_MAX, cd.RHO).float()
+    x0 = torch.rand(6, 1, 32, 32) * 2 - 1
+    gen = torch.Generator().manual_seed(0)
+    n = cd.draw_n(18, sigmas, 6, gen, "uniform")
+    z = torch.randn(x0.shape, generator=gen)
+    x_t, t, target, f_x, alpha_p, s_p, w = sferd.cd_terms(f, D, x0, torch.Generator().manual_seed(0), sigmas)
+    t_ref, t2 = sigmas[n].view(-1, 1, 1, 1), sigmas[n + 1].view(-1, 1, 1, 1)
+    assert torch.equal(t, t_ref) and torch.allclose(x_t, x0 + t_ref * z)
+    assert torch.allclose(target, f(cd.heun_step(D, x_t, t_ref, t2), t2), atol=1e-5) and not target.requires_grad
+    assert torch.allclose(alpha_p, 1 / (1 + t2**2).sqrt()) and torch.allclose(s_p, t2 / (1 + t2**2).sqrt())
+    assert torch.equal(w, torch.ones(6))

@@ -1358,7 +1358,7 @@ class DDPMUNet(nn.Module):
     def __init__(self, unet, scheduler):
         super().__init__()
         u, s = {**DDPM_UNET_DEFAULTS, **unet}, {**DDPM_SCHEDULER_DEFAULTS, **scheduler}
-        u = {k: u[k] for k in DDPM_UNET_DEFAULTS.keys() | {"sample_size"} if k in u}
+        u = {k: u[k] for k in [*DDPM_UNET_DEFAULTS, "sample_size"] if k in u}
         s = {k: s[k] for k in DDPM_SCHEDULER_DEFAULTS}
         unsupported = {k: u[k] for k, ok in [
             ("time_embedding_type", "positional"), ("resnet_time_scale_shift", "default"), ("act_fn", "silu"),
@@ -1616,7 +1616,7 @@ def fetch_published(name):
                 download(url + file, folder / file, None)
             except UserError as e:
                 raise UserError(f"teacher {name!r} is not cached in {DOWNLOAD_DIR} and {e}; on a machine without "
-                                f"internet, fetch {url}{files[0]} yourself and pass --teacher PATH") from None
+                                f"internet, fetch {', '.join(url + f for f in files)} into {folder} yourself") from None
     return path
 
 

@@ -84,7 +84,9 @@ def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of 
     p.add_argument("--preset", default="lab", choices=["smoke", "lab", "paper"],
                    help="smoke: seconds, for tests; lab: a 2-core CPU in minutes (default); paper: the published setup, CUDA")
     p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>/<run name>)")
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the shared teacher of the preset, trained on first use)")
+    p.add_argument("--teacher", default=None, help="teacher: a fewstep teacher.pt, an EDM snapshot .pkl, a diffusers UNet2DModel "
+                   "folder, or edm | ddpm (the published CIFAR-10 checkpoints, downloaded once); default: the shared "
+                   "teacher of the preset, trained on first use (cifar10 with --preset paper: edm)")
     p.add_argument("--seed", default=0, type=int, help="random seed of training (evaluation noise is fixed separately)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--batch-size", default=None, type=int, help="global batch size (default: the preset's)")
@@ -1123,11 +1125,12 @@ def edm_group_norm(ch):
 
 class EDMConv2d(nn.Conv2d):
     """EDM's Conv2d: optional 2x up/down-sampling with the separable resample filter f f^T/(sum f)^2,
-    then the convolution. The filter is a buffer (in the snapshot's state) only where it is used."""
+    then the convolution (fused: convolution first, then the strided filter; NCSN++'s residual encoder).
+    The filter is a buffer (in the snapshot's state) only where it is used."""
 
-    def __init__(self, cin, cout, kernel, up=False, down=False, resample_filter=(1, 1)):
+    def __init__(self, cin, cout, kernel, up=False, down=False, resample_filter=(1, 1), fused_resample=False):
         super().__init__(cin, cout, kernel, padding=kernel // 2)
-        self.up, self.down = up, down
+        self.up, self.down, self.fused_resample = up, down, fused_resample
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
         self.register_buffer("resample_filter", (f.ger(f) / f.sum().square())[None, None] if up or down else None)
 
@@ -1135,6 +1138,10 @@ class EDMConv2d(nn.Conv2d):
         if self.up or self.down:
             f = self.resample_filter.to(x.dtype)
             pad = (f.shape[-1] - 1) // 2
+            if self.fused_resample and self.down:
+                x = F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2 + pad)
+                x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
+                return x + self.bias.reshape(1, -1, 1, 1)
             if self.up:
                 x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=pad)
             else:
@@ -1175,39 +1182,49 @@ class EDMBlock(nn.Module):
 
 
 class SongUNet(nn.Module):
-    """F(x, c_noise) of EDM's SongUNet (Song et al. 2021's DDPM++ as EDM writes it), built from the
-    snapshot's _init_kwargs: positional embedding (endpoint, sin/cos swapped), standard encoder and
-    decoder. Unconditional only; no attention maps, features or extra condition (fewstep extras)."""
+    """F(x, c_noise) of EDM's SongUNet (Song et al. 2021's DDPM++ and NCSN++ as EDM writes them), built
+    from the snapshot's _init_kwargs: positional (DDPM++) or Fourier (NCSN++) embedding, sin/cos swapped;
+    standard or residual (NCSN++) encoder; standard decoder. Unconditional only; no attention maps,
+    features or extra condition (fewstep extras)."""
 
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=128,
                  channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.10,
                  label_dropout=0, embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
                  decoder_type="standard", resample_filter=(1, 1), sigma_data=SIGMA_DATA):
         super().__init__()
-        if (embedding_type, encoder_type, decoder_type) != ("positional", "standard", "standard") or label_dim:
-            raise UserError(f"EDM SongUNet with embedding {embedding_type}, encoder {encoder_type}, decoder "
-                            f"{decoder_type}, label_dim {label_dim}: only the unconditional DDPM++ settings are supported")
+        if encoder_type not in ("standard", "residual") or decoder_type != "standard" or label_dim:
+            raise UserError(f"EDM SongUNet with encoder {encoder_type}, decoder {decoder_type}, label_dim {label_dim}: "
+                            "fewstep reads the unconditional DDPM++ and NCSN++ settings of EDM's checkpoints")
         self.config = dict(arch="edm-songunet", img_resolution=img_resolution, in_channels=in_channels,
                            out_channels=out_channels, augment_dim=augment_dim, model_channels=model_channels,
                            channel_mult=list(channel_mult), channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
                            attn_resolutions=list(attn_resolutions), dropout=dropout, channel_mult_noise=channel_mult_noise,
-                           resample_filter=list(resample_filter), sigma_data=sigma_data)
+                           resample_filter=list(resample_filter), embedding_type=embedding_type,
+                           encoder_type=encoder_type, sigma_data=sigma_data)
         emb_ch, noise_ch = model_channels * channel_mult_emb, model_channels * channel_mult_noise
         self.noise_ch = noise_ch
         block = lambda cin, cout, **kw: EDMBlock(cin, cout, emb_ch, dropout=dropout, resample_filter=resample_filter, **kw)
+        if embedding_type == "fourier":              # FourierEmbedding: random frequencies, a buffer of the snapshot
+            self.map_noise = nn.Module()
+            self.map_noise.register_buffer("freqs", torch.randn(noise_ch // 2) * 16)
+        self.fourier = embedding_type == "fourier"
         self.map_augment = nn.Linear(augment_dim, noise_ch, bias=False) if augment_dim else None   # unused at inference
         self.map_layer0, self.map_layer1 = nn.Linear(noise_ch, emb_ch), nn.Linear(emb_ch, emb_ch)
-        self.enc, cout = nn.ModuleDict(), in_channels
+        self.enc, cout, caux = nn.ModuleDict(), in_channels, in_channels
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
                 self.enc[f"{res}x{res}_conv"], cout = EDMConv2d(cout, model_channels, 3), model_channels
             else:
                 self.enc[f"{res}x{res}_down"] = block(cout, cout, down=True)
+                if encoder_type == "residual":
+                    self.enc[f"{res}x{res}_aux_residual"] = EDMConv2d(caux, cout, 3, down=True, resample_filter=resample_filter,
+                                                                      fused_resample=True)
+                    caux = cout
             for idx in range(num_blocks):
                 self.enc[f"{res}x{res}_block{idx}"] = block(cout, model_channels * mult, attention=res in attn_resolutions)
                 cout = model_channels * mult
-        skips = [b.out_channels for b in self.enc.values()]
+        skips = [b.out_channels for name, b in self.enc.items() if "aux" not in name]
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
@@ -1226,15 +1243,21 @@ class SongUNet(nn.Module):
     def forward(self, x, c_noise, cond=None, **extras):
         if cond is not None or extras:
             raise UserError("EDM's SongUNet takes no extra condition and gives no attention maps or features")
-        # PositionalEmbedding(endpoint=True): frequencies (1/10000)^(i/(n/2 - 1)); then sin/cos swapped.
-        freqs = (1 / 10_000) ** (torch.arange(self.noise_ch // 2, dtype=torch.float32, device=x.device) / (self.noise_ch // 2 - 1))
+        # PositionalEmbedding(endpoint=True): frequencies (1/10000)^(i/(n/2 - 1)); FourierEmbedding: 2 pi freqs.
+        if self.fourier:
+            freqs = 2 * math.pi * self.map_noise.freqs.float()
+        else:
+            freqs = (1 / 10_000) ** (torch.arange(self.noise_ch // 2, dtype=torch.float32, device=x.device) / (self.noise_ch // 2 - 1))
         emb = c_noise.float().ger(freqs)
-        emb = torch.cat([emb.sin(), emb.cos()], dim=1)
+        emb = torch.cat([emb.sin(), emb.cos()], dim=1)      # EDM's [cos, sin], swapped by SongUNet
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, EDMBlock) else block(x)
-            skips.append(x)
+        skips, aux = [], x
+        for name, block in self.enc.items():
+            if name.endswith("aux_residual"):             # NCSN++: the input's own downsampled path
+                x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
+            else:
+                x = block(x, emb) if isinstance(block, EDMBlock) else block(x)
+                skips.append(x)
         for name, block in self.dec.items():
             if name.endswith("aux_norm"):
                 x = block(x)
@@ -1344,7 +1367,7 @@ class DDPMUNet(nn.Module):
     def __init__(self, unet, scheduler):
         super().__init__()
         u, s = {**DDPM_UNET_DEFAULTS, **unet}, {**DDPM_SCHEDULER_DEFAULTS, **scheduler}
-        u = {k: u[k] for k in DDPM_UNET_DEFAULTS.keys() | {"sample_size"} if k in u}
+        u = {k: u[k] for k in [*DDPM_UNET_DEFAULTS, "sample_size"] if k in u}
         s = {k: s[k] for k in DDPM_SCHEDULER_DEFAULTS}
         unsupported = {k: u[k] for k, ok in [
             ("time_embedding_type", "positional"), ("resnet_time_scale_shift", "default"), ("act_fn", "silu"),
@@ -1602,7 +1625,7 @@ def fetch_published(name):
                 download(url + file, folder / file, None)
             except UserError as e:
                 raise UserError(f"teacher {name!r} is not cached in {DOWNLOAD_DIR} and {e}; on a machine without "
-                                f"internet, fetch {url}{files[0]} yourself and pass --teacher PATH") from None
+                                f"internet, fetch {', '.join(url + f for f in files)} into {folder} yourself") from None
     return path
 
 
@@ -1611,6 +1634,11 @@ def load_denoiser(spec, device="cpu"):
     snapshot .pkl, a diffusers UNet2DModel folder, or the names 'edm' / 'ddpm' (PUBLISHED, cached).
     D.source names the file or folder it came from."""
     path = fetch_published(spec) if str(spec) in PUBLISHED else Path(spec)
+    if str(spec) in PUBLISHED:                  # a download that does not read as its format is no use cached
+        try:
+            return load_denoiser(path, device)
+        except UserError as e:
+            raise UserError(f"{e} (the cached download; delete {path} to fetch it again)") from None
     if path.is_dir():
         net = read_diffusers_unet(path)
     elif not path.is_file():
@@ -1804,7 +1832,7 @@ def main():
     r.add_argument("--dataset", default="fashion", help="fashion | cifar10 | folder:PATH")
     r.add_argument("--data-dir", default=None, help="folder holding the dataset files")
     r.add_argument("--preset", default="lab", choices=list(TEACHER_PRESETS), help="the teacher's preset (default lab)")
-    r.add_argument("--teacher", default=None, help="teacher checkpoint (default: the preset's shared teacher)")
+    r.add_argument("--teacher", default=None, help="teacher.pt, EDM .pkl, diffusers folder, edm or ddpm (default: the preset's shared teacher)")
     r.add_argument("--nfe", default=[1, 2, 3, 4, 5], type=int, nargs="+", help="network calls (default 1 2 3 4 5)")
     r.add_argument("--solvers", default=["euler", "heun", "dpm3m"], nargs="+", choices=["euler", "heun", "dpm2m", "dpm3m"])
     r.add_argument("--fid-samples", default=None, type=int, help="N (default: the preset's)")

@@ -23,8 +23,9 @@ What is implemented
     --loss l1|l2|huber.
 
 Deviations (and why)
-  - The teacher is fewstep's shared EDM-trained teacher, not the authors' EDM checkpoints (so all
-    methods compare side by side). SFD reads no training image: images_seen counts trajectories.
+  - The teacher is fewstep's shared EDM-trained teacher (so all methods compare side by side), except
+    with --dataset cifar10 --preset paper, where it is the authors' EDM checkpoint (--teacher edm).
+    SFD reads no training image: images_seen counts trajectories.
   - L1 is the per-pixel mean, not the per-sample sum of the authors' code: Adam is invariant to
     that constant factor. The second stage's extra LPIPS term on the last step (authors' code, EDM
     models) is left out: LPIPS weights are not available offline.

@@ -110,6 +110,25 @@ def test_real_cifar10_layouts():
         assert common.count_params(net) == n
 
 
+def test_ncsnpp_settings_build_edm_ve_layout():
+    """EDM's VE checkpoints (NCSN++ settings): Fourier embedding (its frequencies are a buffer of the
+    snapshot), a residual encoder path with fused resampling, filter [1, 3, 3, 1]."""
+    net = common.SongUNet(**{**EDM_CIFAR10, "model_channels": 16, "img_resolution": 16, "num_blocks": 1, "attn_resolutions": [8],
+                             "embedding_type": "fourier", "channel_mult_noise": 2, "encoder_type": "residual",
+                             "resample_filter": [1, 3, 3, 1]}).eval()
+    state = net.state_dict()
+    assert state["map_noise.freqs"].shape == (16,)
+    assert [k for k in state if "aux_residual" in k and k.endswith("weight")] == ["enc.8x8_aux_residual.weight", "enc.4x4_aux_residual.weight"]
+    assert state["enc.8x8_aux_residual.resample_filter"].shape == (1, 1, 4, 4)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = net(x, torch.zeros(2))
+        net.enc["8x8_aux_residual"].weight.mul_(2)            # the residual path reaches the output
+        assert out.shape == x.shape and not torch.allclose(net(x, torch.zeros(2)), out)
+    with pytest.raises(common.UserError, match="encoder skip"):
+        common.SongUNet(**{**EDM_CIFAR10, "encoder_type": "skip"})
+
+
 # --- The snapshot reader never runs code; bad files give one line --------------------------------
 
 class _Touch:
@@ -270,6 +289,9 @@ def test_published_names_use_the_cache_and_paper_default(tmp_path, monkeypatch):
     assert path == common.DOWNLOAD_DIR / "edm-cifar10-32x32-uncond-vp.pkl" and common.net_arch(D.net) == "edm-songunet"
     shutil.copytree(DDPM_DIR, common.DOWNLOAD_DIR / "ddpm-cifar10-32")
     assert common.net_arch(common.load_denoiser("ddpm").net) == "ddpm-diffusers"
+    (common.DOWNLOAD_DIR / "ddpm-cifar10-32" / "config.json").write_text("{")          # a broken download
+    with pytest.raises(common.UserError, match="unreadable config.json.*delete .*ddpm-cifar10-32 to fetch it again"):
+        common.load_denoiser("ddpm")
 
 
 # --- The methods on the tiny teachers, end to end ------------------------------------------------------

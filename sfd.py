@@ -47,9 +47,10 @@ import torch
 import torch.nn as nn
 
 from common import (Denoiser, Dist, PerSampleNoise, UserError, EVAL_SEED, afs_step, autocast, build_net,
-                    check_finite, common_parser, count_params, karras_sigmas, load_checkpoint, load_state,
-                    load_teacher, main_guard, report, run_dir, sample_dpmpp, sample_euler, sample_heun,
-                    save_checkpoint, save_grid, seed_all, student_from, timestep_embedding, write_json)
+                    check_finite, check_same_teacher, common_parser, count_params, fingerprint, karras_sigmas,
+                    learning_rate, load_checkpoint, load_state, load_teacher, main_guard, report, run_dir,
+                    sample_dpmpp, sample_euler, sample_heun, save_checkpoint, save_grid, seed_all, student_from,
+                    timestep_embedding, write_json)
 
 from tqdm import tqdm
 
@@ -88,7 +89,7 @@ def parse_args(argv=None):
                    help="no analytical first step: the student spends a network call on t_N -> t_{N-1} (NFE = points - 1)")
     p.add_argument("--loss", default="l1", choices=["l1", "l2", "huber"],
                    help="distance d(x_n^psi, x~_n): l1 (default), l2 or pseudo-Huber (c = 0.00054*sqrt(dim))")
-    p.add_argument("--lr", default=None, type=float, help="eta, Adam learning rate (default: the preset's; /10 after half the run)")
+    p.add_argument("--lr", default=None, type=learning_rate, help="eta, Adam learning rate (default: the preset's; /10 after half the run)")
     p.add_argument("--trajectories", default=None, type=int, help="training length in teacher trajectories (default: the preset's)")
     p.add_argument("--first-stage", default=None,
                    help="--nfe 1: the first-stage run folder (default: <runs or --out's parent>/sfd-nfe5; trained if missing)")
@@ -270,6 +271,7 @@ def train(args, pg):
     cfg = PRESETS[args.preset]
     afs, second_stage, variable = not args.no_afs, nfes == [1], len(nfes) > 1
     teacher, teacher_path = load_teacher(args, pg)               # the shared teacher: evaluation reference
+    teacher_sha256 = fingerprint(teacher_path)                   # recorded in student.pt, checked on --resume
     out = run_dir(args, run_name(args, nfes))
 
     if second_stage:
@@ -313,6 +315,7 @@ def train(args, pg):
         if ck["nfes"] != nfes or ck["afs"] != afs or ck["t_min"] != args.t_min:
             raise UserError(f"{ck_path} was trained with --nfe {','.join(map(str, ck['nfes']))}, t_min {ck['t_min']}, "
                             f"AFS {ck['afs']}; use another --out")
+        check_same_teacher(ck, ck_path, teacher_sha256)
         load_state(net, ck["net"], ck_path)
         if embed:
             load_state(embed, ck["embed"], ck_path)
@@ -333,7 +336,7 @@ def train(args, pg):
             save_checkpoint(ck_path, "sfd-student", net_config=net.config, net=net.state_dict(),
                             embed=embed.state_dict() if embed else None, opt=opt.state_dict(), nfes=nfes, afs=afs,
                             t_min=args.t_min, trajectories=done, seconds=seconds, rng=rng, nfe_rng=nfe_gen.get_state(),
-                            finished=finished)
+                            finished=finished, teacher_sha256=teacher_sha256)
 
     def update(loss):
         check_finite(loss)

@@ -97,7 +97,7 @@ def checked(kind, ok, what):
 
 
 positive_int = checked(int, lambda v: v > 0, "a positive integer")
-learning_rate = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+learning_rate = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 fid_count = checked(int, lambda v: v == 0 or v >= 2, "0 (no FID) or at least 2 (FID needs 2 images)")
 
 

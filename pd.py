@@ -50,8 +50,8 @@ import torch
 from tqdm import tqdm
 
 from common import (RUNS, Denoiser, build_net, Dist, UserError, autocast, check_finite, common_parser, cosine_alpha_sigma,
-                    dataset_slug, fingerprint, learning_rate, load_checkpoint, load_dataset, load_state, load_teacher, main_guard,
-                    random_batch, report, run_dir, save_checkpoint, seed_all, student_from, to_float, vp_predict)
+                    dataset_slug, fingerprint, learning_rate, load_checkpoint, load_dataset, load_state, load_teacher,
+                    main_guard, random_batch, report, run_dir, save_checkpoint, seed_all, student_from, to_float, vp_predict)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments and presets

@@ -283,6 +283,7 @@ def train(args, pg):
             train(with_(args, nfe=str(FIRST_STAGE_NFE), out=str(stage1), resume=True, first_stage=None,
                                lr=None, trajectories=None, stop_after=None), pg)   # stage 1 at its preset's values
         src, _, ck1 = load_student(ck_path)
+        check_same_teacher(ck1, ck_path, teacher_sha256)            # stage 1 was distilled from this teacher
         if ck1["embed"] is not None or ck1["afs"] != afs or ck1["t_min"] != args.t_min:
             raise UserError(f"{ck_path}: the first stage must be a plain SFD run with the same --t-min and AFS setting")
         D_teach = src.to(pg.device).eval().requires_grad_(False)

@@ -847,8 +847,11 @@ def atomic_write(path, suffix=".tmp"):
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        if isinstance(e, OSError):
-            raise UserError(f"could not write {path}: {os_cause(e)} (the last good file, if any, is kept)") from None
+        cause = e                                 # torch.save's zip writer turns ENOSPC into a RuntimeError after it
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is not None:
+            raise UserError(f"could not write {path}: {os_cause(cause)} (the last good file, if any, is kept)") from None
         raise
 
 

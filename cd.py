@@ -110,7 +110,7 @@ def parse_args(argv=None):
     p.add_argument("--mu", type=float, default=None, help="mu, EMA rate of the target network theta- (Eq. 8; paper "
                    "CIFAR-10: 0 = stop-gradient of the student)")
     p.add_argument("--ema-rate", type=float, default=None, help="EMA rate of the sampling network (paper: 0.9999)")
-    p.add_argument("--lr", type=float, default=None, help="eta, RAdam learning rate (paper: 4e-4)")
+    p.add_argument("--lr", type=common.learning_rate, default=None, help="eta, RAdam learning rate (paper: 4e-4)")
     p.add_argument("--iterations", type=int, default=None, help="K, optimizer steps (paper: 800k)")
     p.add_argument("--metric", choices=["l2", "pseudo-huber"], default=None,
                    help="distance d (paper: LPIPS, not available offline; default pseudo-Huber)")
@@ -299,6 +299,7 @@ def train(args, hp, pg, D, data, out):
                             if old[k] != hp[k])
         if changed:
             raise UserError(f"{path} was trained with other settings ({changed}); use another --out or drop --resume")
+        common.check_same_teacher(ck["hp"], path, hp["teacher_sha256"])
         for module, key in ((f, "net"), (f_ema, "ema"), (f_target, "target")):
             if key in ck and (key != "target" or f_target is not f):
                 common.load_state(module.net, ck[key], path)
@@ -361,6 +362,7 @@ def main():
     common.require_arch(D.net, ("fewstep", "edm-songunet"), "CD's consistency function (Eq. 5) reuses the "
                         "teacher's EDM preconditioning F(c_in*x, c_noise)")
     common.check_data_shape(data, D, args.dataset)
+    hp["teacher_sha256"] = common.fingerprint(teacher_path)          # saved in student.pt, checked on --resume
     out = common.run_dir(args, f"cd-{args.preset}")                  # the NFE only changes sampling: nfe<N>/
     f_ema, seconds, images = train(args, hp, pg, D, data, out)
     info = dict(method="cd", variant=f"cd-{hp['metric']}", nfe=args.nfe, train_seconds=seconds, images_seen=images,

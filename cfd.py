@@ -66,8 +66,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import pd
-from common import (RUNS, Dist, UserError, check_data_shape, common_parser, dataset_slug, load_checkpoint, load_dataset, load_state,
-                    load_teacher, main_guard, report, run_dir, save_checkpoint, seed_all, to_float, vp_predict)
+from common import (RUNS, Dist, UserError, check_data_shape, common_parser, dataset_slug, fingerprint, learning_rate,
+                    load_checkpoint, load_dataset, load_state, load_teacher, main_guard, prepare_out_dir, report, run_dir,
+                    save_checkpoint, seed_all, to_float, vp_predict)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments and presets
@@ -111,7 +112,7 @@ def parse_args(argv=None):
     p.add_argument("--start-steps", type=int, default=None, help="DDIM steps of the original teacher (paper 1024)")
     p.add_argument("--iters", type=int, default=None, help="updates per stage, PD chain included (paper 10k; "
                    "default: the preset's)")
-    p.add_argument("--lr", type=float, default=None, help="Adam lr at the start of each stage, cosine-annealed in CFD "
+    p.add_argument("--lr", type=learning_rate, default=None, help="Adam lr at the start of each stage, cosine-annealed in CFD "
                    "stages, linearly in the PD chain (paper 5e-5)")
     p.add_argument("--later-factor", type=float, default=None, help="update multiplier for stages with <= --later-steps "
                    "student steps (paper 2)")
@@ -304,13 +305,13 @@ def pd_chain_dir(args):
     return RUNS / dataset_slug(args.dataset) / (f"pd-{args.preset}" if same else f"pd-{args.preset}-cfd-budget")
 
 
-def pd_metrics(folder, args, teacher_path):
-    """pd.py's metrics.json for the same NFE, chain and teacher, if there is one."""
+def pd_metrics(folder, args, teacher_sha256):
+    """pd.py's metrics.json for the same NFE, chain and teacher (by content), if there is one."""
     path = Path(folder) / f"nfe{args.nfe}" / "metrics.json"
     if not path.exists():
         return None
     m = json.loads(path.read_text())
-    if m.get("nfe") != args.nfe or m.get("start_steps") != args.start_steps or m.get("teacher") != str(teacher_path):
+    if m.get("nfe") != args.nfe or m.get("start_steps") != args.start_steps or m.get("teacher_sha256") != teacher_sha256:
         return None
     same = (m.get("iters_per_stage"), m.get("batch"), m.get("lr")) == (args.iters, args.batch, args.lr)
     return {k: m.get(k) for k in ("fid", "fid_n", "teacher_rms", "images_seen", "iters_per_stage", "lr", "batch")} | {
@@ -326,20 +327,20 @@ def main(argv=None):
     teacher, teacher_path = load_teacher(args, pg)
     check_data_shape(data, teacher, args.dataset)
     cls, cls_path, cls_acc = load_classifier(args, pg, data.shape[1])
-    out, folder = run_dir(args, f"{args.variant}-{args.preset}"), pd_chain_dir(args)
+    out, folder = run_dir(args, f"{args.variant}-{args.preset}"), prepare_out_dir(pd_chain_dir(args))
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
     hparams = {N: stage_hparams(args, N) for N in stages}
     pg.log(f"cfd: {args.dataset}, preset {args.preset}, PD {args.start_steps} -> {args.cfd_from} steps in {folder}, then "
            f"{args.variant} -> {' -> '.join(map(str, stages))} (tau, beta, gamma {hparams}); classifier {cls_path} "
            f"(test acc {cls_acc}); {args.iters:,} updates of {args.batch} per stage, {pg.world} process(es) on {pg.device}")
-    chain = dict(start_steps=args.start_steps, teacher=str(Path(teacher_path).resolve()))     # as pd.main
+    chain = dict(start_steps=args.start_steps, teacher_sha256=fingerprint(teacher_path))     # as pd.main
     try:                                     # pd.py's stage files: reused whatever --resume says
         start, _, state = pd.run_chain(args, pg, data, teacher, pd_stages, folder, chain, gen, reuse=True)
     except UserError as e:
         raise UserError(f"{e} (cfd.py's PD chain, folder {folder}: set by --pd-dir)") from None
     prefix, pd_gen = dict(state), gen.get_state()                            # for the --pd-baseline below
     chain = dict(chain, cfd_from=args.cfd_from)                               # the stages below start from it
-    cfd_chain = dict(chain, variant=args.variant, classifier=str(Path(cls_path).resolve()))
+    cfd_chain = dict(chain, variant=args.variant, classifier_sha256=fingerprint(cls_path))
     student = start                                                           # the --cfd-from-step PD student
     for N in stages:                         # eta <- theta, each CFD stage with its (tau, beta, gamma) (App. C.4)
         tau, beta, gamma = hparams[N]
@@ -348,14 +349,14 @@ def main(argv=None):
                                          lr_factor=cosine_anneal, kind="cfd")
     # Plain PD at the same stages and budget: pd.py's own run, or (--pd-baseline) one trained here from
     # the same --cfd-from-step student with the same updates, batch, lr and data/noise draws.
-    baseline = pd_metrics(folder, args, chain["teacher"])
+    baseline = pd_metrics(folder, args, chain["teacher_sha256"])
     if args.pd_baseline:
         b_out, b_gen = out / "pd-baseline", torch.Generator()
         b_gen.set_state(pd_gen)
         b, _, b_state = pd.run_chain(args, pg, data, start, stages, b_out, chain, b_gen, state=prefix)
         info = dict(method="pd", variant="pd-baseline", nfe=args.nfe, train_seconds=b_state["seconds"],
                     images_seen=b_state["images"], start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters)
-        m = report(args, pg, b_out / f"nfe{args.nfe}", teacher, chain["teacher"], lambda eps: pd.sample_ddim(b, eps, args.nfe),
+        m = report(args, pg, b_out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(b, eps, args.nfe),
                    info, data.shape[1:])
         if pg.main:
             baseline = {k: m[k] for k in ("fid", "fid_n", "teacher_rms", "images_seen")} | {
@@ -369,7 +370,7 @@ def main(argv=None):
                 iters_per_stage=args.iters, lr=args.lr, batch=args.batch, classifier=str(cls_path),
                 classifier_test_acc=cls_acc, pd_baseline=baseline, sampler="DDIM, x_hat clipped to [-1, 1]")
     # The report compares with the original teacher's solvers.
-    report(args, pg, out / f"nfe{args.nfe}", teacher, chain["teacher"], lambda eps: pd.sample_ddim(student, eps, args.nfe),
+    report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(student, eps, args.nfe),
            info, data.shape[1:])
     pg.close()
 

@@ -26,6 +26,7 @@ Command line:
 """
 import argparse
 import collections
+import errno
 import gzip
 import hashlib
 import io
@@ -37,7 +38,7 @@ import sys
 import tarfile
 import time
 import urllib.request
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -64,21 +65,70 @@ class UserError(Exception):
 
 
 def main_guard(main):
-    """Run main(); a UserError becomes one line on stderr and exit status 2."""
+    """Run main(); a UserError becomes one line on stderr and exit status 2: on a line of its own (an
+    active progress bar is closed first) and, under torchrun, printed by rank 0 only; every rank exits 2."""
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        for bar in list(getattr(tqdm, "_instances", ())):     # a bar mid-line would share the error's line
+            bar.close()
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted (checkpoints written so far are kept; rerun with --resume)", file=sys.stderr)
         sys.exit(130)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with fewstep's convention for bad input: one line (a UserError), not usage + error."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def checked(kind, ok, what):
+    """An argparse type= that parses with kind and refuses values failing ok(v) with 'must be <what>'."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} must be {what}")
+        return value
+    return parse
+
+
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+learning_rate = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+fid_count = checked(int, lambda v: v == 0 or v >= 2, "0 (no FID) or at least 2 (FID needs 2 images)")
+
+
+def device_name(text):
+    """--device: what torch.device parses (cpu, cuda, cuda:N, mps); CUDA's presence is checked by Dist."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: fewstep runs on cpu or cuda")
+    return text
+
+
+def dataset_name(text):
+    """--dataset: fashion | cifar10 | folder:PATH, checked before anything is loaded."""
+    try:
+        dataset_shape(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of function evaluations of the student"):
     """The one CLI convention of every fewstep script; a method adds its own flags after."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion", help="fashion | cifar10 | folder:PATH (default: fashion, offline)")
+    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion", type=dataset_name, help="fashion | cifar10 | folder:PATH (default: fashion, offline)")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset files (CIFAR-10 tarball or batches, Fashion-MNIST .gz)")
     p.add_argument("--nfe", default=nfe_default, type=nfe_type, help=f"{nfe_help} (default: {nfe_default})")
     p.add_argument("--preset", default="lab", choices=["smoke", "lab", "paper"],
@@ -88,10 +138,10 @@ def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of 
                    "folder, or edm | ddpm (the published CIFAR-10 checkpoints, downloaded once); default: the shared "
                    "teacher of the preset, trained on first use (cifar10 with --preset paper: edm)")
     p.add_argument("--seed", default=0, type=int, help="random seed of training (evaluation noise is fixed separately)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--batch-size", default=None, type=int, help="global batch size (default: the preset's)")
+    p.add_argument("--device", default=None, type=device_name, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--batch-size", default=None, type=positive_int, help="global batch size (default: the preset's)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    p.add_argument("--fid-samples", default=None, type=int, help="N, the number of generated images for FID (default: the preset's; 0 skips FID)")
+    p.add_argument("--fid-samples", default=None, type=fid_count, help="N, the number of generated images for FID (default: the preset's; 0 skips FID)")
     return p
 
 
@@ -569,6 +619,13 @@ FASHION_FILES = {
 }
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+# The published md5 of each extracted batch (the list torchvision and every CIFAR-10 loader carries):
+# an extracted batch is a pickle, so it is checked before it is read.
+CIFAR10_BATCH_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+}
 DOWNLOAD_DIR = Path.home() / ".cache" / "fewstep"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -640,12 +697,26 @@ def _cifar_batches(split):
     return ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 batch (a dict of bytes, lists and one uint8 numpy array) and nothing else: any
+    other global a pickle names, e.g. os.system in a crafted __reduce__, is refused before it is called."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
 def _unpickle(f, where):
     try:
-        d = pickle.load(f, encoding="bytes")
+        d = CifarUnpickler(f, encoding="bytes").load()
         return np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], np.int64)
     except Exception as e:     # a corrupt batch can fail in many ways; all mean the same to the user
-        raise UserError(f"{where}: not a CIFAR-10 python batch ({e.__class__.__name__})") from None
+        detail = f": {e}" if isinstance(e, pickle.UnpicklingError) else ""
+        raise UserError(f"{where}: not a CIFAR-10 python batch ({e.__class__.__name__}{detail})") from None
 
 
 def load_cifar10(split, data_dir=None):
@@ -657,6 +728,9 @@ def load_cifar10(split, data_dir=None):
             if all((batch_dir / b).exists() for b in _cifar_batches(split)):
                 parts = []
                 for b in _cifar_batches(split):
+                    if md5sum(batch_dir / b) != CIFAR10_BATCH_MD5[b]:    # before unpickling: never run a stranger's pickle
+                        raise UserError(f"{batch_dir / b}: checksum mismatch (expected md5 {CIFAR10_BATCH_MD5[b]}); "
+                                        "not a CIFAR-10 python batch, or a corrupt one")
                     with open(batch_dir / b, "rb") as f:
                         parts.append(_unpickle(f, batch_dir / b))
                 return _stack(parts)
@@ -708,6 +782,15 @@ def load_folder(path, res=32):
         im = im.crop((left, top, left + side, top + side)).resize((res, res), Image.BICUBIC)
         images.append(np.asarray(im).transpose(2, 0, 1))
     return torch.from_numpy(np.stack(images)), None
+
+
+def dataset_shape(name):
+    """C x H x W of a dataset's images, known without reading them; UserError on an unknown name."""
+    if name == "fashion":
+        return (1, 32, 32)
+    if name == "cifar10" or name.startswith("folder:"):
+        return (3, 32, 32)
+    raise UserError(f"unknown dataset {name!r}: use fashion, cifar10 or folder:PATH")
 
 
 def load_dataset(name, data_dir=None, split="train"):
@@ -769,14 +852,121 @@ def ema_update(ema, model, beta):
         b_ema.copy_(b)
 
 
+def os_cause(e):
+    """An OSError in the words a user acts on: no space left, read-only, permission, not a folder."""
+    return {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.EEXIST: "it exists and is not a folder"}.get(e.errno, e.strerror or str(e))
+
+
+@contextmanager
+def atomic_write(path, suffix=".tmp"):
+    """Yield a temp path next to path, renamed over path at the end: an interrupted or failed write never
+    replaces a good file. A failed one removes the temp file and is one line naming the cause."""
+    path = Path(path)
+    tmp = path.with_name(path.name + suffix)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        cause = e                                 # torch.save's zip writer turns ENOSPC into a RuntimeError after it
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is not None:
+            raise UserError(f"could not write {path}: {os_cause(cause)} (the last good file, if any, is kept)") from None
+        raise
+
+
+def prepare_out_dir(path):
+    """Create the run folder and test-write it before any work: an --out that is a file, read-only or on
+    a full disk fails in the first second with one line, not at the first checkpoint hours in."""
+    path = Path(path)
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:              # mkdir alone succeeds on a full disk; a write does not
+            f.write(b"fewstep")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise UserError(f"cannot write to the output folder {path}: {os_cause(e)}") from None
+    return path
+
+
+WEIGHT_LIMIT = math.sqrt(torch.finfo(torch.float32).max)    # ~1.8e19: its square overflows float32
+
+
+def check_weights(payload, path):
+    """Refuse to save a blow-up: every float tensor of the payload's networks (all but the optimizer
+    state) must be finite and below sqrt(float32 max), beyond which the first square of a forward pass
+    (GroupNorm's variance) is inf. A huge lr on the last update would otherwise be saved and evaluated."""
+    def tensors(value, name):
+        if torch.is_tensor(value):
+            yield name, value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                yield from tensors(v, f"{name}.{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                yield from tensors(v, f"{name}[{i}]")
+
+    for key, value in payload.items():
+        if key == "opt":
+            continue
+        for name, t in tensors(value, key):
+            if t.is_floating_point() and t.numel() and not (t.isfinite().all() and t.abs().max() < WEIGHT_LIMIT):
+                raise UserError(f"not saving {path}: {name} holds weights that are not finite (max |w| "
+                                f"{t.abs().max().item():.3g}); lower the learning rate (the last checkpoint is kept)")
+
+
 def save_checkpoint(path, kind, **payload):
     """Write a checkpoint atomically (temp file, then rename): an interrupted write never
     replaces a good file. kind names what it holds ('teacher', 'sfd-student', ...)."""
+    check_weights(payload, path)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:       # a file object: a full disk raises OSError(ENOSPC)
+        torch.save({"fewstep": CKPT_FORMAT, "kind": kind, **payload}, f)
+
+
+_FINGERPRINTS = {}
+
+
+def fingerprint(path):
+    """sha256 of a file's content (of a folder: its files' names and contents, in sorted order), cached per
+    path, size and mtime, so a 200 MB teacher is hashed once per process. Caches and resumed runs record
+    the teacher by this, not by its path: a moved checkout still matches, a retrained teacher.pt does not."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"fewstep": CKPT_FORMAT, "kind": kind, **payload}, tmp)
-    os.replace(tmp, path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    key = (str(path.resolve()), *((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for p in files:
+            if path.is_dir():
+                h.update(p.relative_to(path).as_posix().encode() + b"\0")
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        _FINGERPRINTS[key] = h.hexdigest()
+    return _FINGERPRINTS[key]
+
+
+def check_same_teacher(ck, path, teacher_sha256):
+    """--resume: refuse a checkpoint written with another teacher (checkpoints from before fingerprints
+    carry none and are not checked)."""
+    old = ck.get("teacher_sha256")
+    if old is not None and old != teacher_sha256:
+        raise UserError(f"{path} was trained with another teacher (sha256 {old[:12]}, this one {teacher_sha256[:12]}); "
+                        "use another --out, or drop --resume to start over")
 
 
 def load_checkpoint(path, kind=None):
@@ -815,19 +1005,13 @@ def save_grid(x, path, nrow=None):
         r, q = divmod(k, nrow)
         grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = x[k]
     arr = grid.permute(1, 2, 0).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, ".tmp.png") as tmp:
+        Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(tmp)
 
 
 def write_json(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 class Dist:
@@ -842,6 +1026,10 @@ class Dist:
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         elif device == "cuda":                    # each process its own GPU (torch.cuda calls need the index)
             device = f"cuda:{local}"
+        try:
+            device_name(str(device))              # --device tpu: one line, not torch's traceback
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"--device {e}") from None
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {device}: CUDA is not available on this machine")
         self.device = torch.device(device)
@@ -964,7 +1152,7 @@ def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed
     cfg = dict(TEACHER_PRESETS[preset])
     cfg["batch"] = batch_size or cfg["batch"]
     cfg["images"] = images or cfg["images"]
-    out = Path(out or teacher_dir(dataset, preset))
+    out = prepare_out_dir(out or teacher_dir(dataset, preset))
     pg = Dist(device)
     data, _ = load_dataset(dataset, data_dir)
     seed_all(seed)
@@ -977,6 +1165,10 @@ def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, "teacher-training")
+        changed = [f"{k} {ck[k]} (now {v})" for k, v in (("seed", seed), ("batch", cfg["batch"]), ("dataset", dataset))
+                   if k in ck and ck[k] != v]
+        if changed:
+            raise UserError(f"{ckpt_path} was trained with {', '.join(changed)}; use another --out or drop --resume")
         load_state(net, ck["net"], ckpt_path)
         load_state(ema, ck["ema"], ckpt_path)
         opt.load_state_dict(ck["opt"])
@@ -1018,7 +1210,8 @@ def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed
             rng = pg.gather_state(gen.get_state())
             if pg.main:
                 save_checkpoint(ckpt_path, "teacher-training", net=net.state_dict(), ema=ema.state_dict(),
-                                opt=opt.state_dict(), images=done, seconds=time.time() - t0, rng=rng)
+                                opt=opt.state_dict(), images=done, seconds=time.time() - t0, rng=rng,
+                                seed=seed, batch=cfg["batch"], dataset=dataset)
     bar.close()
     seconds = time.time() - t0
     pg.check_in_sync(ema)
@@ -1028,7 +1221,8 @@ def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed
         save_checkpoint(path, "teacher", net_config=ema.config, ema=ema.state_dict(), dataset=dataset, preset=preset,
                         images=done, seconds=seconds)
         save_checkpoint(ckpt_path, "teacher-training", net=net.state_dict(), ema=ema.state_dict(),
-                        opt=opt.state_dict(), images=done, seconds=seconds, rng=rng)
+                        opt=opt.state_dict(), images=done, seconds=seconds, rng=rng, seed=seed, batch=cfg["batch"],
+                        dataset=dataset)
         teacher = Denoiser(ema.eval())
         x = PerSampleNoise(EVAL_SEED, range(64), pg.device).randn(*data.shape[1:]) * 80.0
         with torch.no_grad():
@@ -1056,7 +1250,17 @@ def load_teacher(args, pg=None):
                   f"(about {est:g} min on a 2-core CPU for lab; once per dataset and preset)", file=sys.stderr)
             train_teacher(args.dataset, args.preset, data_dir=args.data_dir, device=getattr(args, "device", None), resume=True)
     D = load_denoiser(spec, pg.device if pg else (args.device or "cpu"))
+    check_teacher_compatible(D.source, getattr(D, "dataset", None), args.dataset)
     return D, Path(D.source)
+
+
+def check_teacher_compatible(path, teacher_dataset, dataset):
+    """A teacher must denoise this run's images: the same dataset, when its file records one (the image
+    shape is checked against the data by check_data_shape)."""
+    dataset_shape(dataset)                                   # an unknown --dataset: one line
+    if teacher_dataset and teacher_dataset != dataset and not (teacher_dataset + dataset).count("folder:") == 2:
+        raise UserError(f"{path} is a {teacher_dataset} teacher, but --dataset is {dataset}: pass a {dataset} teacher "
+                        "or drop --teacher")
 
 
 def student_from(teacher_net, cond_dim=0):
@@ -1634,6 +1838,7 @@ def load_denoiser(spec, device="cpu"):
     snapshot .pkl, a diffusers UNet2DModel folder, or the names 'edm' / 'ddpm' (PUBLISHED, cached).
     D.source names the file or folder it came from."""
     path = fetch_published(spec) if str(spec) in PUBLISHED else Path(spec)
+    dataset = None                              # the dataset a fewstep teacher.pt records (the others record none)
     if str(spec) in PUBLISHED:                  # a download that does not read as its format is no use cached
         try:
             return load_denoiser(path, device)
@@ -1653,8 +1858,9 @@ def load_denoiser(spec, device="cpu"):
             ck = load_checkpoint(path, "teacher")
             net = build_net(ck["net_config"])
             load_state(net, ck["ema"], path)
+            dataset = ck.get("dataset")
     D = Denoiser(net).to(device).eval().requires_grad_(False)
-    D.source = str(path)
+    D.source, D.dataset = str(path), dataset
     return D
 
 
@@ -1667,7 +1873,8 @@ REFERENCE_NFE = 35                                            # the teacher's "g
 
 
 def run_dir(args, name):
-    return Path(args.out) if args.out else RUNS / dataset_slug(args.dataset) / name
+    """The run folder (--out, else runs/<dataset>/<name>), created and test-written (prepare_out_dir)."""
+    return prepare_out_dir(Path(args.out) if args.out else RUNS / dataset_slug(args.dataset) / name)
 
 
 def eval_noise(n, shape, batch):
@@ -1701,26 +1908,36 @@ def teacher_eval_dir(teacher_path, args):
 
 def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device, with_fid):
     """FID and RMS-to-reference of the teacher itself with `solver` at `nfe`, computed once per
-    teacher and N and cached next to the teacher (eval/). Returns (metrics dict, samples)."""
+    teacher and N and cached next to the teacher (eval/). Each cache file records the fingerprint of
+    the teacher's content (and the FID the one of the reference statistics): a retrained teacher.pt
+    or new reference statistics rebuild it, and say so. Returns (metrics dict, samples)."""
     cache = teacher_eval_dir(teacher_path, args)
     sigmas = teacher_sigmas(solver, nfe)
     key = f"{solver}-nfe{nfe}-to{sigmas[-1]:g}-n{n}"     # the grid's end is in the name: no stale cache
     if solver == "dpm3m" and len(sigmas) == 3:            # 2 steps: orders [1, 2] since dpmpp_order (was Euler's [1, 1])
         key += "-o12"
     batch = args.batch_size or 250
-    samples_path = cache / f"{key}.pt"
-    if samples_path.exists():
-        samples = to_float(load_checkpoint(samples_path, "samples")["images"])
+    samples_path, teacher_sha256 = cache / f"{key}.pt", fingerprint(teacher_path)
+    ck = load_checkpoint(samples_path, "samples") if samples_path.exists() else None
+    if ck is not None and ck.get("teacher_sha256") == teacher_sha256:
+        samples = to_float(ck["images"])
     else:
+        if ck is not None:
+            tqdm.write(f"{samples_path}: made with another teacher than {teacher_path} (or before fingerprints); rebuilding")
         samples = generate(lambda eps: SAMPLERS[solver](teacher, eps * sigmas[0].item(), sigmas), n, shape, batch,
                            device, f"teacher {SAMPLER_NAMES[solver]} {nfe} NFE")
-        save_checkpoint(samples_path, "samples", images=to_uint8(samples))
+        save_checkpoint(samples_path, "samples", images=to_uint8(samples), teacher_sha256=teacher_sha256)
     metrics_path = cache / f"{key}.json"
     if not with_fid:
         return {"fid": None}, samples
+    import fid                                        # deferred: fid.py imports common
+    made_with = dict(teacher_sha256=teacher_sha256, ref_sha256=fid.reference_fingerprint(args.dataset, args.data_dir, device))
     if metrics_path.exists():
-        return json.loads(metrics_path.read_text()), samples
-    metrics = {"fid": fid_or_none(samples, args, device)}
+        metrics = json.loads(metrics_path.read_text())
+        if all(metrics.get(k) == v for k, v in made_with.items()):
+            return metrics, samples
+        tqdm.write(f"{metrics_path}: made with another teacher or reference statistics (or before fingerprints); rebuilding")
+    metrics = {"fid": fid_or_none(samples, args, device), **made_with}
     write_json(metrics_path, metrics)
     return metrics, samples
 
@@ -1769,6 +1986,7 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     metrics["teacher_fid_dpm3m_35"] = ref_metrics["fid"] if n >= 2 else None
     metrics["rms_n"] = n_rms
     metrics["teacher"] = str(teacher_path)
+    metrics["teacher_sha256"] = fingerprint(teacher_path)
     metrics["command"] = " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
     metrics.update(cost)
     metrics.update({k: v for k, v in info.items() if k not in metrics})
@@ -1803,7 +2021,7 @@ def teacher_rows(args, solvers, nfes):
         write_json(out / "metrics.json", {
             "method": "teacher", "variant": f"teacher-{solver}", "dataset": args.dataset, "preset": args.preset,
             "nfe": nfe, "fid_n": n if n >= 2 else 0, "fid": m["fid"], "teacher_rms": rms_distance(samples, ref),
-            "rms_n": n_rms, "teacher": str(path), "train_seconds": 0, "images_seen": 0,
+            "rms_n": n_rms, "teacher": str(path), "teacher_sha256": fingerprint(path), "train_seconds": 0, "images_seen": 0,
             "command": " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])})
         pg.log(f"teacher {SAMPLER_NAMES[solver]} {nfe} NFE: FID-{n} {m['fid']}, teacher_rms "
                f"{rms_distance(samples, ref):.4f} ({time.time() - t0:.0f} s)")
@@ -1814,31 +2032,31 @@ def teacher_rows(args, solvers, nfes):
 # ----------------------------------------------------------------------------------------------
 
 def main():
-    p = argparse.ArgumentParser(description="fewstep substrate. 'teacher' trains and caches the shared teacher "
+    p = Parser(description="fewstep substrate. 'teacher' trains and caches the shared teacher "
                                 "of a dataset with the EDM loss (Karras et al. 2022).")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("teacher", help="train the shared teacher (runs/<dataset>/teacher-<preset>/teacher.pt)")
-    t.add_argument("--dataset", default="fashion", help="fashion | cifar10 | folder:PATH")
+    t.add_argument("--dataset", default="fashion", type=dataset_name, help="fashion | cifar10 | folder:PATH")
     t.add_argument("--data-dir", default=None, help="folder holding the dataset files")
     t.add_argument("--preset", default="lab", choices=list(TEACHER_PRESETS), help="smoke | lab (CPU, default) | paper (CUDA)")
     t.add_argument("--out", default=None, help="output folder (default runs/<dataset>/teacher-<preset>)")
     t.add_argument("--seed", default=0, type=int, help="random seed")
-    t.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    t.add_argument("--batch-size", default=None, type=int, help="global batch size (default: the preset's)")
-    t.add_argument("--images", default=None, type=int, help="training length in images (default: the preset's)")
+    t.add_argument("--device", default=None, type=device_name, help="cpu | cuda (default: cuda if available)")
+    t.add_argument("--batch-size", default=None, type=positive_int, help="global batch size (default: the preset's)")
+    t.add_argument("--images", default=None, type=positive_int, help="training length in images (default: the preset's)")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     r = sub.add_parser("rows", help="the teacher's rows of the results table: Euler, Heun, DPM-Solver++(3M) at "
                        "each NFE, FID at the preset's N and teacher_rms (runs/<dataset>/teacher-<preset>-rows/)")
-    r.add_argument("--dataset", default="fashion", help="fashion | cifar10 | folder:PATH")
+    r.add_argument("--dataset", default="fashion", type=dataset_name, help="fashion | cifar10 | folder:PATH")
     r.add_argument("--data-dir", default=None, help="folder holding the dataset files")
     r.add_argument("--preset", default="lab", choices=list(TEACHER_PRESETS), help="the teacher's preset (default lab)")
     r.add_argument("--teacher", default=None, help="teacher.pt, EDM .pkl, diffusers folder, edm or ddpm (default: the preset's shared teacher)")
     r.add_argument("--nfe", default=[1, 2, 3, 4, 5], type=int, nargs="+", help="network calls (default 1 2 3 4 5)")
     r.add_argument("--solvers", default=["euler", "heun", "dpm3m"], nargs="+", choices=["euler", "heun", "dpm2m", "dpm3m"])
-    r.add_argument("--fid-samples", default=None, type=int, help="N (default: the preset's)")
+    r.add_argument("--fid-samples", default=None, type=fid_count, help="N (default: the preset's)")
     r.add_argument("--out", default=None, help="output folder (default runs/<dataset>/teacher-<preset>-rows)")
-    r.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    r.add_argument("--batch-size", default=None, type=int, help="sampling batch (default 250)")
+    r.add_argument("--device", default=None, type=device_name, help="cpu | cuda (default: cuda if available)")
+    r.add_argument("--batch-size", default=None, type=positive_int, help="sampling batch (default 250)")
     args = p.parse_args()
     if args.cmd == "rows":
         return teacher_rows(args, args.solvers, args.nfe)

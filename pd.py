@@ -49,9 +49,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (RUNS, Denoiser, build_net, Dist, UserError, autocast, check_data_shape, check_finite, common_parser, cosine_alpha_sigma,
-                    dataset_slug, load_checkpoint, load_dataset, load_state, load_teacher, main_guard,
-                    random_batch, report, run_dir, save_checkpoint, seed_all, student_from, to_float, vp_predict)
+from common import (RUNS, Denoiser, build_net, Dist, UserError, autocast, check_data_shape, check_finite, common_parser,
+                    cosine_alpha_sigma, dataset_slug, fingerprint, learning_rate, load_checkpoint, load_dataset, load_state,
+                    load_teacher, main_guard, random_batch, report, run_dir, save_checkpoint, seed_all, student_from, to_float,
+                    vp_predict)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments and presets
@@ -77,7 +78,7 @@ def parse_args(argv=None):
                    help="DDIM steps of the original teacher; the first student has half as many "
                         "(paper 8192, SFERD/CFD 1024; default: the preset's, lab 32)")
     p.add_argument("--iters", type=int, default=None, help="updates per halving stage (paper 50k; default: the preset's)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=learning_rate, default=None,
                    help="Adam learning rate gamma at the start of each stage, annealed linearly to 0 "
                         "(paper 5e-5; default: the preset's)")
     p.add_argument("--later-factor", type=float, default=None,
@@ -222,8 +223,10 @@ def load_pd_student(args, steps, folder=None, device="cpu", kind="pd"):
 
 
 def check_chain(ck, path, chain):
-    """Refuse to continue a chain from a file written with other settings (chain: what identifies it)."""
-    changed = [f"{k} {ck.get(k)!r} (now {v!r})" for k, v in chain.items() if ck.get(k) != v]
+    """Refuse to continue a chain from a file written with other settings (chain: what identifies it).
+    A *_sha256 fingerprint missing from a file written before fingerprints is not checked."""
+    changed = [f"{k} {ck.get(k)!r} (now {v!r})" for k, v in chain.items()
+               if ck.get(k) != v and not (k.endswith("_sha256") and k not in ck)]
     if changed:
         raise UserError(f"{path} belongs to another chain: {', '.join(changed)}; use another --out or drop --resume")
 
@@ -340,13 +343,13 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
     pg.log(f"pd: {args.dataset}, preset {args.preset}, {args.start_steps} -> {' -> '.join(map(str, stages)) or 'no stage'} "
            f"steps, {args.iters:,} updates of {args.batch} per stage, lr {args.lr:g}, {pg.world} process(es) on {pg.device}")
-    chain = dict(start_steps=args.start_steps, teacher=str(Path(teacher_path).resolve()))
+    chain = dict(start_steps=args.start_steps, teacher_sha256=fingerprint(teacher_path))   # by content: a moved checkout matches
     student, _, state = run_chain(args, pg, data, teacher, stages, out, chain, gen)   # the teacher itself if no stage
     info = dict(method="pd", variant="pd", nfe=args.nfe, train_seconds=state["seconds"], images_seen=state["images"],
                 start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters, lr=args.lr,
                 batch=args.batch, sampler="DDIM, x_hat clipped to [-1, 1]")
     # The report compares with the original teacher's solvers.
-    report(args, pg, out / f"nfe{args.nfe}", teacher, chain["teacher"], lambda eps: sample_ddim(student, eps, args.nfe),
+    report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: sample_ddim(student, eps, args.nfe),
            info, data.shape[1:])
     pg.close()
 

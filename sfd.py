@@ -56,9 +56,10 @@ import torch
 import torch.nn as nn
 
 from common import (Denoiser, Dist, PerSampleNoise, UserError, EVAL_SEED, afs_step, autocast, build_net,
-                    check_finite, common_parser, count_params, image_shape, karras_sigmas, load_checkpoint, load_state,
-                    load_teacher, main_guard, report, run_dir, sample_dpmpp, sample_euler, sample_heun,
-                    require_arch, save_checkpoint, save_grid, seed_all, student_from, timestep_embedding, write_json)
+                    check_finite, check_same_teacher, common_parser, count_params, fingerprint, image_shape, karras_sigmas,
+                    learning_rate, load_checkpoint, load_state, load_teacher, main_guard, report, run_dir, sample_dpmpp,
+                    sample_euler, sample_heun, require_arch, save_checkpoint, save_grid, seed_all, student_from,
+                    timestep_embedding, write_json)
 
 from tqdm import tqdm
 
@@ -99,7 +100,7 @@ def parse_args(argv=None):
                    help="no analytical first step: the student spends a network call on t_N -> t_{N-1} (NFE = points - 1)")
     p.add_argument("--loss", default="l1", choices=["l1", "l2", "huber"],
                    help="distance d(x_n^psi, x~_n): l1 (default), l2 or pseudo-Huber (c = 0.00054*sqrt(dim))")
-    p.add_argument("--lr", default=None, type=float, help="eta, Adam learning rate (default: the preset's; /10 after half the run)")
+    p.add_argument("--lr", default=None, type=learning_rate, help="eta, Adam learning rate (default: the preset's; /10 after half the run)")
     p.add_argument("--trajectories", default=None, type=int, help="training length in teacher trajectories (default: the preset's)")
     p.add_argument("--first-stage", default=None,
                    help="--nfe 1: the first-stage run folder (default: <runs or --out's parent>/sfd-nfe5; trained if missing)")
@@ -314,6 +315,7 @@ def train(args, pg):
     settings = run_settings(args, nfes)
     solver, K, threshold, total, lr, batch = (settings[k] for k in ("solver", "K", "threshold", "trajectories", "lr", "batch"))
     teacher, teacher_path = load_teacher(args, pg)               # the shared teacher: evaluation reference
+    teacher_sha256 = fingerprint(teacher_path)                   # recorded in student.pt, checked on --resume
     out = run_dir(args, run_name(args, nfes))
 
     if second_stage:
@@ -328,6 +330,7 @@ def train(args, pg):
         src, _, ck1 = load_student(ck_path)
         if not args.first_stage:                                 # the default folder must hold what `--nfe 5` trains
             check_settings(ck1, ck_path, run_settings(stage1_args, [FIRST_STAGE_NFE]))
+        check_same_teacher(ck1, ck_path, teacher_sha256)            # stage 1 was distilled from this teacher
         if ck1["embed"] is not None or ck1["afs"] != afs or ck1["t_min"] != args.t_min:
             raise UserError(f"{ck_path}: the first stage must be a plain SFD run with the same --t-min and AFS setting")
         D_teach = src.to(pg.device).eval().requires_grad_(False)
@@ -355,6 +358,7 @@ def train(args, pg):
     if args.resume and ck_path.exists():
         _, _, ck = load_student(ck_path)
         check_settings(ck, ck_path, settings)
+        check_same_teacher(ck, ck_path, teacher_sha256)
         load_state(net, ck["net"], ck_path)
         if embed:
             load_state(embed, ck["embed"], ck_path)
@@ -375,7 +379,7 @@ def train(args, pg):
             save_checkpoint(ck_path, "sfd-student", net_config=net.config, net=net.state_dict(),
                             embed=embed.state_dict() if embed else None, opt=opt.state_dict(), nfes=nfes, afs=afs,
                             t_min=args.t_min, trajectories=done, seconds=seconds, rng=rng, nfe_rng=nfe_gen.get_state(),
-                            finished=finished, settings=settings)
+                            finished=finished, settings=settings, teacher_sha256=teacher_sha256)
 
     def update(loss):
         check_finite(loss)

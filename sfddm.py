@@ -67,11 +67,11 @@ import torch
 from tqdm import tqdm
 
 from common import (EVAL_SEED, FID_SAMPLES, REFERENCE_NFE, Denoiser, Dist, UserError, autocast, build_net,
-                    check_data_shape, require_arch,
-                    check_finite, common_parser, count_params, ddpm_alpha_bar, ema_beta, ema_update, fid_or_none,
-                    generate, load_checkpoint, load_dataset, load_state, load_teacher, main_guard, random_batch,
-                    report, rms_distance, run_dir, save_checkpoint, save_grid, seed_all, sigma_from_alpha_bar,
-                    student_from, teacher_baseline, to_float, vp_predict)
+                    check_data_shape, check_finite, check_same_teacher, common_parser, count_params, ddpm_alpha_bar,
+                    ema_beta, ema_update, fid_or_none, fingerprint, generate, learning_rate, load_checkpoint, load_dataset,
+                    load_state, load_teacher, main_guard, positive_int, random_batch, report, require_arch, rms_distance,
+                    run_dir, save_checkpoint, save_grid, seed_all, sigma_from_alpha_bar, student_from, teacher_baseline,
+                    to_float, vp_predict)
 
 # images: training length; batch: global batch; ema: EMA half-life (images); ckpt_every: images.
 PRESETS = {
@@ -99,8 +99,8 @@ def parse_args(argv=None):
                    help="lambda_h, weight of the hidden-variable L1 term; 0 turns it off (default: 1)")
     p.add_argument("--init", default="teacher", choices=["teacher", "fresh"],
                    help="student init: a copy of the teacher, or fresh as in the authors' code (default: teacher)")
-    p.add_argument("--lr", default=None, type=float, help="Adam learning rate (default: the preset's; paper 2e-5)")
-    p.add_argument("--images", default=None, type=int, help="training length in images (default: the preset's)")
+    p.add_argument("--lr", default=None, type=learning_rate, help="Adam learning rate (default: the preset's; paper 2e-5)")
+    p.add_argument("--images", default=None, type=positive_int, help="training length in images (default: the preset's)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ancestral"],
                    help="sampler reported as the main result: DDIM over T' steps or Alg. 2 (default: ddim; both are evaluated)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] while sampling")
@@ -231,6 +231,7 @@ def train(args, pg, cfg, teacher, net, ema, data, alpha_bar_s, phi, out):
         ck = load_checkpoint(ckpt_path, "sfddm-training")
         if ck["phi"] != phi:
             raise UserError(f"{ckpt_path} was trained on phi = {ck['phi']}, not {phi}: use another --out")
+        check_same_teacher(ck, ckpt_path, args.teacher_sha256)
         load_state(net, ck["net"], ckpt_path)
         load_state(ema, ck["ema"], ckpt_path)
         opt.load_state_dict(ck["opt"])
@@ -249,7 +250,7 @@ def train(args, pg, cfg, teacher, net, ema, data, alpha_bar_s, phi, out):
         if pg.main:
             save_checkpoint(ckpt_path, "sfddm-training", net=net.state_dict(), ema=ema.state_dict(),
                             opt=opt.state_dict(), images=path_done, seconds=time.time() - t0, rng=rng, phi=phi,
-                            loss_start=loss_start, loss_avg=loss_avg)
+                            loss_start=loss_start, loss_avg=loss_avg, teacher_sha256=args.teacher_sha256)
 
     bar = tqdm(total=cfg["images"], initial=done, unit="img", unit_scale=True, disable=not pg.main, desc="sfddm")
     t0, next_ckpt = time.time() - seconds, done + cfg["ckpt_every"]
@@ -315,6 +316,7 @@ def main():
     if args.hidden_weight > 0:
         require_arch(teacher.net, ("fewstep",), "SFDDM's hidden-variable term (--hidden-weight > 0; "
                      "--hidden-weight 0 drops it) reads the U-Net's last hidden map")
+    args.teacher_sha256 = fingerprint(teacher_path)            # saved in the checkpoints, checked on --resume
     seed_all(args.seed)
     net = student_from(teacher.net) if args.init == "teacher" else build_net(teacher.net.config).to(pg.device).train()
     ema = build_net(net.config).to(pg.device).requires_grad_(False)
@@ -330,7 +332,8 @@ def main():
     D_ema = Denoiser(ema.eval())
     if pg.main:
         save_checkpoint(out / "student.pt", "sfddm-student", net_config=ema.config, ema=ema.state_dict(), phi=phi,
-                        alpha_bar=alpha_bar_s, teacher_steps=args.teacher_steps, dataset=args.dataset, **stats)
+                        alpha_bar=alpha_bar_s, teacher_steps=args.teacher_steps, dataset=args.dataset,
+                        teacher_sha256=args.teacher_sha256, **stats)
         pg.log(f"SFDDM: {stats['images_seen']:,} images in {stats['train_seconds'] / 60:.1f} min, loss "
                f"{stats['loss_start']:.4g} -> {stats['loss_end']:.4g}; saved {out / 'student.pt'}")
 

@@ -137,7 +137,7 @@ def parse_args(argv=None):
                         "steps / student steps (Alg. 1 lines 4-6, Table 6: 1024 -> 32 -> 1); default: the preset's, "
                         "paper two-stage, lab halving")
     p.add_argument("--iters", type=int, default=None, help="base updates (PD: per stage; CD: total; default: the base's)")
-    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the base's)")
+    p.add_argument("--lr", type=common.learning_rate, default=None, help="base learning rate (default: the base's)")
     p.add_argument("--taus", type=float, nargs="+", default=None, help="CD: re-noising sigmas (see cd.py)")
     p.add_argument("--pred-iters", type=int, default=None, help="predictor updates, student frozen for the first half")
     p.add_argument("--latent-iters", type=int, default=None, help="updates of the latent DDPM over z_sem (Table 4: 100k)")
@@ -591,7 +591,7 @@ def main(argv=None):
     pg.log(f"{variant}: {args.dataset}, preset {args.preset}, NFE {args.nfe}, attention block {args.attn_block}, "
            f"k {args.k}, w {args.w}, blur sigma {args.blur_sigma}, {pg.world} process(es) on {pg.device}")
     # What the trained networks depend on: saved with every file of the run, a --resume with others is refused.
-    chain = dict(teacher=str(teacher_path), start_steps=getattr(args, "start_steps", None), guidance=not args.no_guidance)
+    chain = dict(teacher_sha256=common.fingerprint(teacher_path), start_steps=getattr(args, "start_steps", None), guidance=not args.no_guidance)
     if args.base == "pd":
         chain.update(schedule=args.schedule, lr_schedule=args.lr_schedule)
     if not args.no_guidance:

@@ -332,12 +332,14 @@ def test_cifar_tarball_checked_and_read(tmp_path, monkeypatch):
     assert torch.equal(xt[3], torch.from_numpy(batches["test_batch"][3].reshape(3, 32, 32)))
 
 
-def test_cifar_extracted_batches(tmp_path):
+def test_cifar_extracted_batches(tmp_path, monkeypatch):
     with tarfile.open(fileobj=io.BytesIO(), mode="w"):
         pass
     cifar_tarball(tmp_path / "t.tar.gz")
     with tarfile.open(tmp_path / "t.tar.gz") as tar:
         tar.extractall(tmp_path / "x", filter="data")
+    monkeypatch.setattr(common, "CIFAR10_BATCH_MD5", {p.name: hashlib.md5(p.read_bytes()).hexdigest()   # these batches' md5
+                                                      for p in (tmp_path / "x" / "cifar-10-batches-py").iterdir()})
     x, _ = common.load_dataset("cifar10", tmp_path / "x")
     assert x.shape == (20, 3, 32, 32)
     (tmp_path / "x" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"garbage")
@@ -386,14 +388,15 @@ def test_checkpoint_atomic_and_checked(tmp_path, monkeypatch):
     good = path.read_bytes()
 
     def broken_save(obj, f):
-        open(f, "wb").write(b"half a file")
-        raise OSError("disk full")
+        f.write(b"half a file")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(common.UserError, match="no space left on device"):
         common.save_checkpoint(path, "thing", value=torch.zeros(3), step=2)
     monkeypatch.undo()
     assert path.read_bytes() == good                                     # the old file survived
+    assert not (tmp_path / "ck.pt.tmp").exists()                         # and no half-written temp file is left
     assert common.load_checkpoint(path, "thing")["step"] == 1
     with pytest.raises(common.UserError, match="holds a thing"):
         common.load_checkpoint(path, "teacher")

@@ -590,7 +590,8 @@ def md5sum(path):
 
 
 def download(url, path, md5):
-    """Fetch url to path (temp file + rename) and check its md5; UserError when offline."""
+    """Fetch url to path (temp file + rename) and check its md5 (None: the caller checks the content);
+    UserError when offline."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     try:
@@ -599,7 +600,7 @@ def download(url, path, md5):
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(f"could not download {url} ({e.__class__.__name__}: {e})") from None
-    if md5sum(tmp) != md5:
+    if md5 is not None and md5sum(tmp) != md5:
         tmp.unlink()
         raise UserError(f"{url}: checksum mismatch (expected md5 {md5}); the download is corrupt")
     os.replace(tmp, path)

@@ -135,11 +135,11 @@ def test_export_refusals(tmp_path):
 def test_fid_of_the_export_equals_the_runs_own_fid(fashion_dir, smoke_teacher, tmp_path, monkeypatch):
     run = tmp_path / "sfd-run"
     base = ["--preset", "smoke", "--data-dir", fashion_dir, "--teacher", smoke_teacher, "--out", run, "--fid-samples", 8]
-    r = run_script("sfd.py", *base, cwd=tmp_path)
+    r = run_script("sfd.py", *base, cwd=tmp_path, timeout=1800)        # 4 FID-8s and the reference: ~1 min quiet
     assert r.returncode == 0, r.stderr
     own = json.loads((run / "metrics.json").read_text())["fid"]
     for fmt, target in (("png", run / "samples-8"), ("npz", run / "samples-8.npz")):
-        r = run_script("sfd.py", *base, "--resume", "--export", 8, "--export-format", fmt, cwd=tmp_path)
+        r = run_script("sfd.py", *base, "--resume", "--export", 8, "--export-format", fmt, cwd=tmp_path, timeout=1800)
         assert r.returncode == 0 and f"exported 8 samples to {target}" in r.stdout, r.stderr
         monkeypatch.chdir(tmp_path)                         # the reference statistics the run cached (runs/ here)
         ns = argparse.Namespace(batch_size=fid.BATCH_SIZE, device="cpu", fast=False, inception=None, data_dir=fashion_dir,
@@ -148,7 +148,7 @@ def test_fid_of_the_export_equals_the_runs_own_fid(fashion_dir, smoke_teacher, t
         mu_ref, sigma_ref, _ = fid.source_stats("dataset:fashion", ns)
         assert n == 8 and abs(fid.frechet_distance(mu, sigma, mu_ref, sigma_ref) - own) < 1e-6 * max(1, own)
     # The same through fid.py's command line.
-    r = run_script("fid.py", run / "samples-8", "dataset:fashion", "--data-dir", fashion_dir, cwd=tmp_path)
+    r = run_script("fid.py", run / "samples-8", "dataset:fashion", "--data-dir", fashion_dir, cwd=tmp_path, timeout=1800)
     assert r.returncode == 0 and f"FID-8 = {own:.4f}" in r.stdout, r.stdout + r.stderr
 
 

@@ -1375,7 +1375,7 @@ def bench_table(rows, device):
     for r in rows:
         mfu = r["achieved_tflops"] * 1e12 / peak if peak and r["achieved_tflops"] else None
         lines.append(f"| {r['method']} | {r['preset']} | {r['unit']} | {r['per_step']:,} | {r['seconds_per_step']:.3f} "
-                     f"| {r['throughput']:.1f} | {num(r['peak_mem_gib'], '{:.2f}')} | {num(r['achieved_tflops'], '{:.2f}')} "
+                     f"| {r['throughput']:.4g} | {num(r['peak_mem_gib'], '{:.2f}')} | {num(r['achieved_tflops'], '{:.2f}')} "
                      f"| {num(mfu, '{:.1%}')} | {r['total']:,} | {duration(r['projected_hours'] * 3600)} |")
     return "\n".join(lines), name
 
@@ -1390,7 +1390,7 @@ def bench(args):
         rows.append(bench_method(name, args.preset, pg.device, args.channels, args.batch_size, args.steps, args.warmup,
                                  args.channels_last, args.compile))
         r = rows[-1]
-        print(f"{name}: {r['throughput']:.1f} {r['unit']}/s, {r['seconds_per_step']:.3f} s/step, projected "
+        print(f"{name}: {r['throughput']:.4g} {r['unit']}/s, {r['seconds_per_step']:.3f} s/step, projected "
               f"{duration(r['projected_hours'] * 3600)} for {r['total']:,} {r['unit']}", file=sys.stderr)
     table, device_name = bench_table(rows, pg.device)
     head = (f"bench on {device_name} ({pg.device}), torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "

@@ -366,6 +366,9 @@ def main():
     common.seed_all(args.seed)
     data, _ = common.load_dataset(args.dataset, args.data_dir)
     D, teacher_path = common.load_teacher(args, pg)
+    common.require_arch(D.net, ("fewstep", "edm-songunet"), "CD's consistency function (Eq. 5) reuses the "
+                        "teacher's EDM preconditioning F(c_in*x, c_noise)")
+    common.check_data_shape(data, D, args.dataset)
     out = common.run_dir(args, f"cd-{args.preset}")                  # the NFE only changes sampling: nfe<N>/
     f_ema, seconds, images = train(args, hp, pg, D, data, out)
     info = dict(method="cd", variant=f"cd-{hp['metric']}", nfe=args.nfe, train_seconds=seconds, images_seen=images,

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import pd
-from common import (RUNS, Dist, UserError, common_parser, dataset_slug, load_checkpoint, load_dataset, load_state,
+from common import (RUNS, Dist, UserError, check_data_shape, common_parser, dataset_slug, load_checkpoint, load_dataset, load_state,
                     load_teacher, main_guard, report, run_dir, save_checkpoint, seed_all, to_float, vp_predict)
 
 # ----------------------------------------------------------------------------------------------
@@ -357,6 +357,7 @@ def main(argv=None):
     data, _ = load_dataset(args.dataset, args.data_dir)
     seed_all(args.seed)
     teacher, teacher_path = load_teacher(args, pg)
+    check_data_shape(data, teacher, args.dataset)
     cls, cls_path, cls_acc = load_classifier(args, pg, data.shape[1])
     out, folder = run_dir(args, f"{args.variant}-{args.preset}"), pd_chain_dir(args)
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise

@@ -11,6 +11,8 @@ Sections, in reading order:
   6. Data: Fashion-MNIST, CIFAR-10, any image folder
   7. Plumbing: seeds with per-sample noise, EMA, checkpoints, image grids, DDP, autocast
   8. The shared teacher (EDM training) and the evaluation every method reports
+  8b. Published teachers (--teacher edm | ddpm | PATH): EDM's SongUNet, DDPM's U-Net in diffusers'
+     layout, an EDM snapshot reader that runs no code, load_denoiser for every teacher spec
 
 Conventions (../shared/specs/METHODS.md, section 0): images are N x C x H x W in [-1, 1]; every
 network is used as a denoiser D(x, sigma) in the variance-exploding view x = x0 + sigma*eps
@@ -24,8 +26,10 @@ Command line:
   python common.py bench [--preset paper|smoke]                # time every method's training step here
 """
 import argparse
+import collections
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -92,7 +96,9 @@ def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of 
                    help="smoke: seconds, for tests; lab: a 2-core CPU in minutes; paper: the published setup, CUDA "
                         "(default: paper for --dataset cifar10, lab for fashion and folders)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>/<run name>)")
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the shared teacher of the preset, trained on first use)")
+    p.add_argument("--teacher", default=None, help="teacher: a fewstep teacher.pt, an EDM snapshot .pkl, a diffusers UNet2DModel "
+                   "folder, or edm | ddpm (the published CIFAR-10 checkpoints, downloaded once); default: the shared "
+                   "teacher of the preset, trained on first use (cifar10 with --preset paper: edm)")
     p.add_argument("--seed", default=0, type=int, help="random seed of training (evaluation noise is fixed separately)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--batch-size", default=None, type=int, help="global batch size (default: the preset's)")
@@ -233,7 +239,7 @@ class UNet(nn.Module):
     def __init__(self, in_ch=3, res=32, ch=128, mults=(1, 2, 2, 2), blocks=2, attn_res=(16,), heads=1,
                  dropout=0.1, cond_dim=0):
         super().__init__()
-        self.config = dict(in_ch=in_ch, res=res, ch=ch, mults=tuple(mults), blocks=blocks,
+        self.config = dict(arch="fewstep", in_ch=in_ch, res=res, ch=ch, mults=tuple(mults), blocks=blocks,
                            attn_res=tuple(attn_res), heads=heads, dropout=dropout, cond_dim=cond_dim)
         emb_dim, self.ch = 4 * ch, ch
         self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -305,8 +311,13 @@ class UNet(nn.Module):
 
 
 def build_net(config, **overrides):
-    """A UNet from a stored config (a checkpoint's 'net_config'), with optional changes."""
-    return UNet(**{**config, **overrides})
+    """The network of a stored config (a checkpoint's 'net_config', any net's .config), with optional
+    changes: fewstep's UNet, EDM's SongUNet or DDPM's U-Net (section 8b), by config['arch']."""
+    arch = config.get("arch", "fewstep")
+    if arch == "ddpm-diffusers":
+        return DDPMUNet({**config["unet"], **overrides}, config["scheduler"])
+    kwargs = {k: v for k, v in {**config, **overrides}.items() if k != "arch"}
+    return SongUNet(**kwargs) if arch == "edm-songunet" else UNet(**kwargs)
 
 
 def count_params(module):
@@ -333,15 +344,22 @@ def edm_precond(sigma, sigma_data=SIGMA_DATA):
 
 
 class Denoiser(nn.Module):
-    """D(x, sigma) = c_skip*x + c_out*F(c_in*x, c_noise)  (EDM Eq. 7).
+    """D(x, sigma) = c_skip*x + c_out*F(c_in*x, c_noise)  (EDM Eq. 7), sigma_data from the net's config
+    (EDM snapshots store theirs); for DDPM's eps network (section 8b) D(x, sigma) = x - sigma*eps(z, t)
+    with z = x/sqrt(1 + sigma^2) (x = z/alpha, METHODS.md 0) and t(sigma) on its discrete table.
     Extra keywords (cond, attn, features) go to the U-Net; with attn/features it returns (D, extras)."""
 
-    def __init__(self, net, sigma_data=SIGMA_DATA):
+    def __init__(self, net, sigma_data=None):
         super().__init__()
-        self.net, self.sigma_data = net, sigma_data
+        config = getattr(net, "config", {})
+        self.net, self.sigma_data = net, sigma_data if sigma_data is not None else config.get("sigma_data", SIGMA_DATA)
+        self.predicts_eps = config.get("arch") == "ddpm-diffusers"
 
     def forward(self, x, sigma, cond=None, **extras):
         sigma = as_batch(sigma, x)
+        if self.predicts_eps:
+            eps = self.net(x / (1 + sigma**2).sqrt(), self.net.t_from_sigma(sigma.flatten()), cond, **extras)
+            return x - sigma * eps.float()
         c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
         out = self.net(c_in * x, c_noise.flatten(), cond, **extras)
         F_x, ext = out if isinstance(out, tuple) else (out, None)
@@ -590,8 +608,8 @@ def md5sum(path):
 
 
 def download(url, path, md5):
-    """Fetch url to path (temp file + rename) and check its md5 (None: the caller checks the content);
-    UserError when offline."""
+    """Fetch url to path (temp file + rename) and check its md5 (None: only the length the server
+    announced, which urlretrieve checks; the caller checks the content); UserError when offline."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     try:
@@ -977,7 +995,7 @@ def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed
     data, _ = load_dataset(dataset, data_dir)
     seed_all(seed)
     net = UNet(in_ch=data.shape[1], res=data.shape[2], **NET_CONFIGS[preset]).to(pg.device)
-    ema = UNet(**net.config).to(pg.device).requires_grad_(False)
+    ema = build_net(net.config).to(pg.device).requires_grad_(False)
     D = Denoiser(net)
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8)
     gen = torch.Generator().manual_seed(seed * 1000 + pg.rank)      # each process its own data/noise
@@ -1051,28 +1069,614 @@ def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed
 
 
 def load_teacher(args, pg=None):
-    """The frozen teacher Denoiser (EMA weights): --teacher PATH, else the cached shared teacher of
-    the preset, trained first (with a time estimate) if missing. Returns (denoiser, path)."""
-    path = Path(args.teacher) if args.teacher else teacher_dir(args.dataset, args.preset) / "teacher.pt"
-    if not args.teacher and not path.exists():
-        est = TEACHER_PRESETS[args.preset]["minutes"]
-        print(f"no cached {args.preset} teacher for {args.dataset} at {path}: training it now "
-              f"(about {est:g} min on a 2-core CPU for lab; once per dataset and preset)", file=sys.stderr)
-        train_teacher(args.dataset, args.preset, data_dir=args.data_dir, device=getattr(args, "device", None), resume=True)
-    ck = load_checkpoint(path, "teacher")
-    net = build_net(ck["net_config"])
-    load_state(net, ck["ema"], path)
-    device = pg.device if pg else (args.device or "cpu")
-    return Denoiser(net).to(device).eval().requires_grad_(False), path
+    """The frozen teacher Denoiser: --teacher SPEC (load_denoiser: teacher.pt, EDM .pkl, diffusers folder,
+    edm, ddpm); with --dataset cifar10 --preset paper EDM's published checkpoint, as the papers; else the
+    cached shared teacher of the preset, trained first (with a time estimate) if missing.
+    Returns (denoiser, path of its file or folder)."""
+    spec = args.teacher or ("edm" if args.dataset == "cifar10" and args.preset == "paper" else None)
+    if spec is None:
+        spec = teacher_dir(args.dataset, args.preset) / "teacher.pt"
+        if not spec.exists():
+            est = TEACHER_PRESETS[args.preset]["minutes"]
+            print(f"no cached {args.preset} teacher for {args.dataset} at {spec}: training it now "
+                  f"(about {est:g} min on a 2-core CPU for lab; once per dataset and preset)", file=sys.stderr)
+            train_teacher(args.dataset, args.preset, data_dir=args.data_dir, device=getattr(args, "device", None), resume=True)
+    D = load_denoiser(spec, pg.device if pg else (args.device or "cpu"))
+    return D, Path(D.source)
 
 
 def student_from(teacher_net, cond_dim=0):
     """A trainable copy of the teacher's U-Net, optionally with a zero-initialised extra condition
-    input (so it starts out computing exactly what the teacher computes)."""
-    net = build_net(teacher_net.config, cond_dim=cond_dim).to(next(teacher_net.parameters()).device)
+    input (so it starts out computing exactly what the teacher computes; fewstep's U-Net only)."""
+    if cond_dim:
+        require_arch(teacher_net, ("fewstep",), "this method feeds an extra condition through the student's U-Net")
+    net = build_net(teacher_net.config, **({"cond_dim": cond_dim} if cond_dim else {}))
+    net = net.to(next(teacher_net.parameters()).device)
     missing, unexpected = net.load_state_dict(teacher_net.state_dict(), strict=False)
     assert not unexpected and all(".cond." in k for k in missing), (missing, unexpected)
     return net.train().requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8b. Published teachers: EDM's CIFAR-10 SongUNet and DDPM's U-Net in diffusers' layout, read
+#     without their authors' code (--teacher edm | ddpm | PATH)
+# ----------------------------------------------------------------------------------------------
+
+PUBLISHED = {   # name -> (canonical URL folder, files, where they land under DOWNLOAD_DIR)
+    # Karras et al. 2022 (NVlabs/edm), CC BY-NC-SA 4.0: EDMPrecond(SongUNet), DDPM++ settings, FID 1.97 at 35 NFE.
+    "edm": ("https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/", ["edm-cifar10-32x32-uncond-vp.pkl"],
+            "edm-cifar10-32x32-uncond-vp.pkl"),
+    # Ho et al. 2020 as converted by diffusers (google/ddpm-cifar10-32), Apache-2.0: eps-prediction, 1000 steps.
+    "ddpm": ("https://huggingface.co/google/ddpm-cifar10-32/resolve/main/",
+             ["config.json", "scheduler_config.json", "diffusion_pytorch_model.bin"], "ddpm-cifar10-32"),
+}
+ARCHS = {"fewstep": "fewstep's compact U-Net", "edm-songunet": "EDM's SongUNet", "ddpm-diffusers": "DDPM's eps U-Net"}
+
+
+def net_arch(net):
+    """'fewstep' | 'edm-songunet' | 'ddpm-diffusers' (checkpoints older than this key are fewstep's)."""
+    return net.config.get("arch", "fewstep")
+
+
+def require_arch(net, archs, need):
+    """One line when a method needs what only some architectures have (attention maps, features, ...)."""
+    if net_arch(net) not in archs:
+        raise UserError(f"{need}, which {ARCHS[net_arch(net)]} does not have; use a teacher of "
+                        f"{' or '.join(ARCHS[a] for a in archs)}")
+
+
+def image_shape(net):
+    """(C, H, W) of the images a network makes, from its config."""
+    c, arch = net.config, net_arch(net)
+    if arch == "edm-songunet":
+        return (c["in_channels"], c["img_resolution"], c["img_resolution"])
+    if arch == "ddpm-diffusers":
+        return (c["unet"]["in_channels"], c["unet"]["sample_size"], c["unet"]["sample_size"])
+    return (c["in_ch"], c["res"], c["res"])
+
+
+def check_data_shape(data, D, dataset):
+    """Refuse a teacher whose images do not have the data's shape (before any training)."""
+    if tuple(data.shape[1:]) != tuple(image_shape(D.net)):
+        raise UserError(f"the teacher makes {'x'.join(map(str, image_shape(D.net)))} images but {dataset} has "
+                        f"{'x'.join(map(str, data.shape[1:]))}: pass a teacher of this dataset with --teacher")
+
+
+# --- EDM's SongUNet (NVlabs/edm training/networks.py), DDPM++ settings, EDM's parameter names ---
+
+def edm_group_norm(ch):
+    """EDM's GroupNorm: min(32, C/4) groups, eps 1e-6 as SongUNet sets it."""
+    return nn.GroupNorm(min(32, ch // 4), ch, eps=1e-6)
+
+
+class EDMConv2d(nn.Conv2d):
+    """EDM's Conv2d: optional 2x up/down-sampling with the separable resample filter f f^T/(sum f)^2,
+    then the convolution (fused: convolution first, then the strided filter; NCSN++'s residual encoder).
+    The filter is a buffer (in the snapshot's state) only where it is used."""
+
+    def __init__(self, cin, cout, kernel, up=False, down=False, resample_filter=(1, 1), fused_resample=False):
+        super().__init__(cin, cout, kernel, padding=kernel // 2)
+        self.up, self.down, self.fused_resample = up, down, fused_resample
+        f = torch.as_tensor(resample_filter, dtype=torch.float32)
+        self.register_buffer("resample_filter", (f.ger(f) / f.sum().square())[None, None] if up or down else None)
+
+    def forward(self, x):
+        if self.up or self.down:
+            f = self.resample_filter.to(x.dtype)
+            pad = (f.shape[-1] - 1) // 2
+            if self.fused_resample and self.down:
+                x = F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2 + pad)
+                x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
+                return x + self.bias.reshape(1, -1, 1, 1)
+            if self.up:
+                x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=pad)
+            else:
+                x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=pad)
+        return super().forward(x)
+
+
+class EDMBlock(nn.Module):
+    """EDM's UNetBlock as SongUNet configures it: additive embedding (adaptive_scale False),
+    skip_scale sqrt(1/2) after the residual and after the attention, one head, 1x1 resample_proj skip."""
+
+    def __init__(self, cin, cout, emb_ch, up=False, down=False, attention=False, dropout=0.0, resample_filter=(1, 1)):
+        super().__init__()
+        self.in_channels, self.out_channels, self.skip_scale, self.num_heads = cin, cout, math.sqrt(0.5), int(attention)
+        self.norm0 = edm_group_norm(cin)
+        self.conv0 = EDMConv2d(cin, cout, 3, up, down, resample_filter)
+        self.affine = nn.Linear(emb_ch, cout)
+        self.norm1 = edm_group_norm(cout)
+        self.drop = nn.Dropout(dropout)
+        self.conv1 = EDMConv2d(cout, cout, 3)
+        self.skip = EDMConv2d(cin, cout, 1, up, down, resample_filter) if cout != cin or up or down else None
+        if attention:
+            self.norm2, self.qkv, self.proj = edm_group_norm(cout), EDMConv2d(cout, 3 * cout, 1), EDMConv2d(cout, cout, 1)
+
+    def forward(self, x, emb):
+        orig = x
+        x = self.conv0(F.silu(self.norm0(x)))
+        x = F.silu(self.norm1(x + self.affine(emb)[:, :, None, None].to(x.dtype)))
+        x = self.conv1(self.drop(x))
+        x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
+        if self.num_heads:
+            # qkv is laid out per head as (C/heads, 3) in EDM: reshape, not chunk.
+            q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0] * self.num_heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
+            w = torch.einsum("ncq,nck->nqk", q.float(), (k / math.sqrt(k.shape[1])).float()).softmax(dim=2).to(q.dtype)
+            a = torch.einsum("nqk,nck->ncq", w, v)
+            x = (self.proj(a.reshape(*x.shape)) + x) * self.skip_scale
+        return x
+
+
+class SongUNet(nn.Module):
+    """F(x, c_noise) of EDM's SongUNet (Song et al. 2021's DDPM++ and NCSN++ as EDM writes them), built
+    from the snapshot's _init_kwargs: positional (DDPM++) or Fourier (NCSN++) embedding, sin/cos swapped;
+    standard or residual (NCSN++) encoder; standard decoder. Unconditional only; no attention maps,
+    features or extra condition (fewstep extras)."""
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=128,
+                 channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.10,
+                 label_dropout=0, embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
+                 decoder_type="standard", resample_filter=(1, 1), sigma_data=SIGMA_DATA):
+        super().__init__()
+        if encoder_type not in ("standard", "residual") or decoder_type != "standard" or label_dim:
+            raise UserError(f"EDM SongUNet with encoder {encoder_type}, decoder {decoder_type}, label_dim {label_dim}: "
+                            "fewstep reads the unconditional DDPM++ and NCSN++ settings of EDM's checkpoints")
+        self.config = dict(arch="edm-songunet", img_resolution=img_resolution, in_channels=in_channels,
+                           out_channels=out_channels, augment_dim=augment_dim, model_channels=model_channels,
+                           channel_mult=list(channel_mult), channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
+                           attn_resolutions=list(attn_resolutions), dropout=dropout, channel_mult_noise=channel_mult_noise,
+                           resample_filter=list(resample_filter), embedding_type=embedding_type,
+                           encoder_type=encoder_type, sigma_data=sigma_data)
+        emb_ch, noise_ch = model_channels * channel_mult_emb, model_channels * channel_mult_noise
+        self.noise_ch = noise_ch
+        block = lambda cin, cout, **kw: EDMBlock(cin, cout, emb_ch, dropout=dropout, resample_filter=resample_filter, **kw)
+        if embedding_type == "fourier":              # FourierEmbedding: random frequencies, a buffer of the snapshot
+            self.map_noise = nn.Module()
+            self.map_noise.register_buffer("freqs", torch.randn(noise_ch // 2) * 16)
+        self.fourier = embedding_type == "fourier"
+        self.map_augment = nn.Linear(augment_dim, noise_ch, bias=False) if augment_dim else None   # unused at inference
+        self.map_layer0, self.map_layer1 = nn.Linear(noise_ch, emb_ch), nn.Linear(emb_ch, emb_ch)
+        self.enc, cout, caux = nn.ModuleDict(), in_channels, in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"], cout = EDMConv2d(cout, model_channels, 3), model_channels
+            else:
+                self.enc[f"{res}x{res}_down"] = block(cout, cout, down=True)
+                if encoder_type == "residual":
+                    self.enc[f"{res}x{res}_aux_residual"] = EDMConv2d(caux, cout, 3, down=True, resample_filter=resample_filter,
+                                                                      fused_resample=True)
+                    caux = cout
+            for idx in range(num_blocks):
+                self.enc[f"{res}x{res}_block{idx}"] = block(cout, model_channels * mult, attention=res in attn_resolutions)
+                cout = model_channels * mult
+        skips = [b.out_channels for name, b in self.enc.items() if "aux" not in name]
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = block(cout, cout, attention=True)
+                self.dec[f"{res}x{res}_in1"] = block(cout, cout)
+            else:
+                self.dec[f"{res}x{res}_up"] = block(cout, cout, up=True)
+            for idx in range(num_blocks + 1):
+                self.dec[f"{res}x{res}_block{idx}"] = block(cout + skips.pop(), model_channels * mult,
+                                                            attention=idx == num_blocks and res in attn_resolutions)
+                cout = model_channels * mult
+        self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = edm_group_norm(cout)
+        self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = EDMConv2d(cout, out_channels, 3)
+
+    def forward(self, x, c_noise, cond=None, **extras):
+        if cond is not None or extras:
+            raise UserError("EDM's SongUNet takes no extra condition and gives no attention maps or features")
+        # PositionalEmbedding(endpoint=True): frequencies (1/10000)^(i/(n/2 - 1)); FourierEmbedding: 2 pi freqs.
+        if self.fourier:
+            freqs = 2 * math.pi * self.map_noise.freqs.float()
+        else:
+            freqs = (1 / 10_000) ** (torch.arange(self.noise_ch // 2, dtype=torch.float32, device=x.device) / (self.noise_ch // 2 - 1))
+        emb = c_noise.float().ger(freqs)
+        emb = torch.cat([emb.sin(), emb.cos()], dim=1)      # EDM's [cos, sin], swapped by SongUNet
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        skips, aux = [], x
+        for name, block in self.enc.items():
+            if name.endswith("aux_residual"):             # NCSN++: the input's own downsampled path
+                x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
+            else:
+                x = block(x, emb) if isinstance(block, EDMBlock) else block(x)
+                skips.append(x)
+        for name, block in self.dec.items():
+            if name.endswith("aux_norm"):
+                x = block(x)
+            elif name.endswith("aux_conv"):
+                x = block(F.silu(x))
+            else:
+                if x.shape[1] != block.in_channels:       # EDM's rule: concatenate a skip where the widths differ
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return x
+
+
+# --- DDPM's CIFAR-10 U-Net in diffusers' UNet2DModel layout (Ho et al. 2020), diffusers' names ---
+
+class DDPMResnet(nn.Module):
+    """diffusers' ResnetBlock2D (time_embedding_norm 'default'): the embedding is added after conv1."""
+
+    def __init__(self, cin, cout, emb_ch, groups, eps, dropout, output_scale_factor=1.0):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, cin, eps), nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(emb_ch, cout)
+        self.norm2, self.dropout = nn.GroupNorm(groups, cout, eps), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.output_scale_factor = output_scale_factor
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x))) + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return ((self.conv_shortcut(x) if self.conv_shortcut is not None else x) + h) / self.output_scale_factor
+
+
+class DDPMAttention(nn.Module):
+    """diffusers' Attention as converted from DDPM's attention block: GroupNorm, q/k/v/out linear maps
+    over the H*W positions, softmax(q k^T/sqrt(d)), residual, / rescale_output_factor."""
+
+    def __init__(self, ch, heads, groups, eps, rescale=1.0):
+        super().__init__()
+        self.heads, self.rescale = heads, rescale
+        self.group_norm = nn.GroupNorm(groups, ch, eps)
+        self.to_q, self.to_k, self.to_v = nn.Linear(ch, ch), nn.Linear(ch, ch), nn.Linear(ch, ch)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.group_norm(x).reshape(B, C, H * W).transpose(1, 2)
+        q, k, v = (f(h).reshape(B, H * W, self.heads, C // self.heads).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
+        return (self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W) + x) / self.rescale
+
+
+class DDPMSample(nn.Module):
+    """Downsample2D (3x3 stride-2 conv; padding 0 pads right/bottom by one, as DDPM's TF code) or
+    Upsample2D (nearest 2x, then a 3x3 conv)."""
+
+    def __init__(self, ch, down, padding=1):
+        super().__init__()
+        self.down, self.padding = down, padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2 if down else 1, padding=padding if down else 1)
+
+    def forward(self, x):
+        if not self.down:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        elif self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class DDPMLevel(nn.Module):
+    """A diffusers Down/Up block: resnets (each followed by attention in the Attn* blocks), then a resampler."""
+
+    def __init__(self, resnets, attentions, sampler, up):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        self.up, self.samplers = up, "upsamplers" if up else "downsamplers"
+        setattr(self, self.samplers, nn.ModuleList([sampler]) if sampler else None)
+
+    def forward(self, x, emb, skips):
+        outs = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1) if self.up else x, emb)
+            x = self.attentions[i](x) if self.attentions is not None else x
+            outs.append(x)
+        if getattr(self, self.samplers) is not None:
+            x = getattr(self, self.samplers)[0](x)
+            outs.append(x)
+        return x, outs
+
+
+DDPM_UNET_DEFAULTS = dict(   # diffusers' UNet2DModel defaults, for keys a config.json leaves out
+    in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional", freq_shift=0,
+    flip_sin_to_cos=True, down_block_types=["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"], block_out_channels=[224, 448, 672, 896],
+    layers_per_block=2, mid_block_scale_factor=1, downsample_padding=1, downsample_type="conv", upsample_type="conv",
+    dropout=0.0, act_fn="silu", attention_head_dim=8, norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5,
+    resnet_time_scale_shift="default", add_attention=True, class_embed_type=None, num_class_embeds=None,
+    mid_block_type="UNetMidBlock2D", time_embedding_dim=None)
+DDPM_SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                               trained_betas=None, prediction_type="epsilon")
+
+
+class DDPMUNet(nn.Module):
+    """eps(z_t, t) of diffusers' UNet2DModel with DDPM's settings, and the discrete sigma table of its
+    scheduler, so Denoiser can use it as D(x, sigma) = x - sigma*eps(x/sqrt(1 + sigma^2), t(sigma))."""
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        u, s = {**DDPM_UNET_DEFAULTS, **unet}, {**DDPM_SCHEDULER_DEFAULTS, **scheduler}
+        u = {k: u[k] for k in [*DDPM_UNET_DEFAULTS, "sample_size"] if k in u}
+        s = {k: s[k] for k in DDPM_SCHEDULER_DEFAULTS}
+        unsupported = {k: u[k] for k, ok in [
+            ("time_embedding_type", "positional"), ("resnet_time_scale_shift", "default"), ("act_fn", "silu"),
+            ("class_embed_type", None), ("num_class_embeds", None), ("downsample_type", "conv"), ("upsample_type", "conv"),
+            ("mid_block_type", "UNetMidBlock2D"), ("time_embedding_dim", None)] if u[k] != ok}
+        blocks = {"DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"}
+        if unsupported or not set(u["down_block_types"] + u["up_block_types"]) <= blocks or not u.get("sample_size"):
+            raise UserError(f"diffusers UNet2DModel settings not supported here: {unsupported or 'block types or sample_size'} "
+                            f"(fewstep reads DDPM's CIFAR-10 layout)")
+        if s["prediction_type"] != "epsilon" or s["beta_schedule"] not in ("linear", "scaled_linear"):
+            raise UserError(f"scheduler with prediction_type {s['prediction_type']}, beta_schedule {s['beta_schedule']}: "
+                            "fewstep reads eps-prediction DDPMs with linear or scaled_linear betas")
+        self.config = dict(arch="ddpm-diffusers", unet=u, scheduler=s)
+        ch, groups, eps, drop = u["block_out_channels"], u["norm_num_groups"], u["norm_eps"], u["dropout"]
+        emb_ch, n = 4 * ch[0], u["layers_per_block"]
+        heads = lambda c: 1 if u["attention_head_dim"] is None else c // u["attention_head_dim"]
+        attn = lambda c, g=groups, rescale=1.0: DDPMAttention(c, heads(c), g, eps, rescale)
+        self.conv_in = nn.Conv2d(u["in_channels"], ch[0], 3, padding=1)
+        self.time_embedding = nn.Module()
+        self.time_embedding.linear_1, self.time_embedding.linear_2 = nn.Linear(ch[0], emb_ch), nn.Linear(emb_ch, emb_ch)
+        self.down_blocks, cout = nn.ModuleList(), ch[0]
+        for i, kind in enumerate(u["down_block_types"]):
+            cin, cout, last = cout, ch[i], i == len(ch) - 1
+            self.down_blocks.append(DDPMLevel([DDPMResnet(cin if j == 0 else cout, cout, emb_ch, groups, eps, drop) for j in range(n)],
+                                              [attn(cout) for _ in range(n)] if kind.startswith("Attn") else None,
+                                              None if last else DDPMSample(cout, True, u["downsample_padding"]), up=False))
+        scale = u["mid_block_scale_factor"]
+        self.mid_block = nn.Module()
+        self.mid_block.resnets = nn.ModuleList([DDPMResnet(ch[-1], ch[-1], emb_ch, groups, eps, drop, scale) for _ in range(2)])
+        self.mid_block.attentions = nn.ModuleList([attn(ch[-1], u["attn_norm_num_groups"] or groups, scale)] if u["add_attention"] else [])
+        rev, self.up_blocks = list(reversed(ch)), nn.ModuleList()
+        for i, kind in enumerate(u["up_block_types"]):
+            prev, cout, cskip = rev[max(i - 1, 0)], rev[i], rev[min(i + 1, len(ch) - 1)]
+            self.up_blocks.append(DDPMLevel(
+                [DDPMResnet((prev if j == 0 else cout) + (cskip if j == n else cout), cout, emb_ch, groups, eps, drop) for j in range(n + 1)],
+                [attn(cout) for _ in range(n + 1)] if kind.startswith("Attn") else None,
+                None if i == len(ch) - 1 else DDPMSample(cout, False), up=True))
+        self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps)
+        self.conv_out = nn.Conv2d(ch[0], u["out_channels"], 3, padding=1)
+        # The scheduler's discrete table sigma_t = sqrt((1 - abar_t)/abar_t), t = 0..T-1 (float64).
+        T = s["num_train_timesteps"]
+        if s["trained_betas"] is not None:
+            betas = torch.tensor(s["trained_betas"], dtype=torch.float64)
+        elif s["beta_schedule"] == "linear":
+            betas = torch.linspace(s["beta_start"], s["beta_end"], T, dtype=torch.float64)
+        else:
+            betas = torch.linspace(s["beta_start"] ** 0.5, s["beta_end"] ** 0.5, T, dtype=torch.float64) ** 2
+        self.register_buffer("log_sigmas", sigma_from_alpha_bar(torch.cumprod(1 - betas, 0)).log(), persistent=False)
+
+    def t_from_sigma(self, sigma):
+        """t(sigma): linear in ln(sigma) between the table's integer steps (k-diffusion's DiscreteSchedule),
+        clamped to [0, T-1] outside the table."""
+        ls = self.log_sigmas
+        log_sigma = sigma.to(ls).log().clamp(ls[0], ls[-1])
+        i = torch.searchsorted(ls, log_sigma).clamp(1, len(ls) - 1)
+        w = (log_sigma - ls[i - 1]) / (ls[i] - ls[i - 1])
+        return (i - 1 + w).float()
+
+    def forward(self, z, t, cond=None, **extras):
+        if cond is not None or extras:
+            raise UserError("DDPM's U-Net takes no extra condition and gives no attention maps or features")
+        u = self.config["unet"]
+        if u["center_input_sample"]:
+            z = 2 * z - 1
+        # diffusers' get_timestep_embedding: exp(-ln(10^4) i/(n/2 - freq_shift)), [sin, cos] (flipped if asked).
+        half = u["block_out_channels"][0] // 2
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, dtype=torch.float32, device=z.device) / (half - u["freq_shift"]))
+        emb = t.float().reshape(-1, 1).expand(len(z), 1) * freqs[None]
+        emb = torch.cat([emb.cos(), emb.sin()] if u["flip_sin_to_cos"] else [emb.sin(), emb.cos()], dim=1)
+        emb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(emb.to(z.dtype))))
+        h = self.conv_in(z)
+        skips = [h]
+        for block in self.down_blocks:
+            h, outs = block(h, emb, None)
+            skips += outs
+        h = self.mid_block.resnets[0](h, emb)
+        if self.mid_block.attentions:
+            h = self.mid_block.attentions[0](h)
+        h = self.mid_block.resnets[1](h, emb)
+        for block in self.up_blocks:
+            h, _ = block(h, emb, skips)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+# --- Readers: an EDM snapshot pickle (no code runs), a diffusers folder, the published names ---
+
+class _Persistent:
+    """Stand-in for an object of EDM's torch_utils.persistence: its class name and state only; the
+    embedded module source is never executed."""
+
+    def __init__(self, meta=None):
+        meta = meta or {}
+        self.class_name, self.state = meta.get("class_name"), meta.get("state", {})
+
+    def __setstate__(self, state):          # torch.nn.ModuleDict, pickled by value: keep its __dict__
+        self.class_name, self.state = "ModuleDict", state
+
+
+class _EasyDict(dict):
+    """dnnlib.util.EasyDict: a dict (what dataset_kwargs and the like may be)."""
+
+
+def _np_scalar(dtype, data=None):
+    if dtype.hasobject:
+        raise UserError("the snapshot holds a numpy object scalar: refused (it could name any Python object)")
+    return _NUMPY_CORE.multiarray.scalar(dtype, data)
+
+
+def _storage_from_bytes(b):
+    """torch's Storage.__reduce__ writes each storage as a small torch.save file: read it weights-only."""
+    return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+
+
+_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core
+EDM_PICKLE_ALLOWED = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
+    ("torch.nn.modules.container", "ModuleDict"): _Persistent,
+    ("dnnlib.util", "EasyDict"): _EasyDict,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,                           # protocols < 4 spell empty sets this way
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    **{(f"numpy.{core}.multiarray", "scalar"): _np_scalar for core in ("core", "_core")},
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class EDMUnpickler(pickle.Unpickler):
+    """pickle.Unpickler whose find_class knows only EDM_PICKLE_ALLOWED: anything else is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) not in EDM_PICKLE_ALLOWED:
+            raise UserError(f"refusing {module}.{name}: an EDM snapshot needs only tensors, dicts and EDM's "
+                            "persistent classes, and this file names something else (it could run code)")
+        return EDM_PICKLE_ALLOWED[(module, name)]
+
+
+def _edm_state_dict(obj, prefix=""):
+    """Parameters and persistent buffers of a tree of stand-ins, as state_dict() would name them."""
+    state, out = obj.state, {}
+    skip = state.get("_non_persistent_buffers_set", set())
+    for kind in ("_parameters", "_buffers"):
+        for k, v in state.get(kind, {}).items():
+            if v is not None and k not in skip:
+                out[prefix + k] = v.detach() if torch.is_tensor(v) else v
+    for k, child in state.get("_modules", {}).items():
+        if child is not None:
+            out.update(_edm_state_dict(child, f"{prefix}{k}."))
+    return out
+
+
+def _plain(v):
+    """numpy scalars and tuples in stored kwargs -> Python numbers and lists (checkpoint-safe)."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def read_edm_snapshot(path):
+    """EDMPrecond(SongUNet) of an EDM snapshot (dict(ema, loss_fn, augment_pipe, dataset_kwargs) or a
+    bare network), read with EDMUnpickler; returns a SongUNet with its weights and sigma_data."""
+    try:
+        with open(path, "rb") as f:
+            data = EDMUnpickler(f).load()
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    except Exception as e:        # truncated or not a pickle: many exception types, one meaning
+        raise UserError(f"{path}: truncated or not an EDM snapshot ({e.__class__.__name__}: {e})"[:300]) from None
+    precond = data.get("ema") if isinstance(data, dict) else data
+    if not isinstance(precond, _Persistent) or not isinstance(precond.state, dict):
+        raise UserError(f"{path}: no EDM network in this pickle (expected a snapshot dict with 'ema')")
+    if precond.class_name != "EDMPrecond":
+        raise UserError(f"{path}: the network is a {precond.class_name}; fewstep reads EDMPrecond snapshots "
+                        "(c_noise = ln(sigma)/4), such as edm-cifar10-32x32-uncond-vp.pkl")
+    kw = {k: _plain(v) for k, v in precond.state.get("_init_kwargs", {}).items()}
+    model = precond.state.get("_modules", {}).get("model")
+    if kw.get("label_dim", 0):
+        raise UserError(f"{path}: a class-conditional network (label_dim {kw['label_dim']}); fewstep's methods "
+                        "distil unconditional teachers: use the uncond snapshot")
+    if kw.get("model_type", "DhariwalUNet") != "SongUNet" or model is None:
+        raise UserError(f"{path}: model_type {kw.get('model_type')}; fewstep reads EDM's SongUNet (DDPM++) snapshots")
+    net_kw = {k: _plain(v) for k, v in model.state.get("_init_kwargs", {}).items()}
+    try:
+        net = SongUNet(**net_kw, sigma_data=float(kw.get("sigma_data", SIGMA_DATA)))
+    except TypeError as e:
+        raise UserError(f"{path}: unexpected SongUNet settings ({e})") from None
+    load_state(net, _edm_state_dict(model), path)
+    return net
+
+
+def read_safetensors(path):
+    """A .safetensors file: 8-byte little-endian header length, a JSON header {name: dtype, shape,
+    data_offsets}, then the raw little-endian tensors. Plain data, nothing to execute."""
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header, body, out = json.loads(raw[8:8 + n]), memoryview(raw)[8 + n:], {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype, shape = dtypes[info["dtype"]], info["shape"]
+        if not 0 <= start <= end <= len(body) or end - start != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {name} lies outside the file or has the wrong size")
+        out[name] = torch.frombuffer(bytearray(body[start:end]), dtype=dtype).reshape(shape) if end > start else torch.zeros(shape, dtype=dtype)
+    return out
+
+
+LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def read_diffusers_unet(folder):
+    """DDPMUNet of a diffusers UNet2DModel folder: config.json, diffusion_pytorch_model.safetensors (or .bin,
+    read weights-only), scheduler_config.json here or in ../scheduler/ (else DDPM's linear 1e-4..0.02, 1000)."""
+    folder = Path(folder)
+    try:
+        unet = json.loads((folder / "config.json").read_text())
+        sched_path = next((p for p in (folder / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json")
+                           if p.is_file()), None)
+        scheduler = json.loads(sched_path.read_text()) if sched_path else {}
+    except FileNotFoundError:
+        raise UserError(f"{folder}: not a diffusers model folder (no config.json)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: unreadable config.json or scheduler_config.json ({e.__class__.__name__}: {e})") from None
+    if not isinstance(unet, dict) or unet.get("_class_name") != "UNet2DModel":
+        raise UserError(f"{folder}: config.json describes a {unet.get('_class_name') if isinstance(unet, dict) else '?'}, "
+                        "not a UNet2DModel")
+    weights = next((folder / f"diffusion_pytorch_model.{ext}" for ext in ("safetensors", "bin")
+                    if (folder / f"diffusion_pytorch_model.{ext}").is_file()), None)
+    if weights is None:
+        raise UserError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin")
+    try:
+        state = read_safetensors(weights) if weights.suffix == ".safetensors" else torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{weights}: truncated or unreadable weights ({e.__class__.__name__})") from None
+    # Older diffusers files name the attention maps query/key/value/proj_attn.
+    rename = lambda k: ".".join(LEGACY_ATTENTION_NAMES.get(p, p) if ".attentions." in k else p for p in k.split("."))
+    net = DDPMUNet(unet, scheduler)
+    load_state(net, {rename(k): v for k, v in state.items()}, weights)
+    return net
+
+
+def fetch_published(name):
+    """The cached copy of a published teacher (PUBLISHED), downloaded once (temp file + rename)."""
+    url, files, target = PUBLISHED[name]
+    path = DOWNLOAD_DIR / target
+    folder = path if len(files) > 1 else path.parent
+    for file in files:
+        if not (folder / file).exists():
+            try:
+                download(url + file, folder / file, None)
+            except UserError as e:
+                raise UserError(f"teacher {name!r} is not cached in {DOWNLOAD_DIR} and {e}; on a machine without "
+                                f"internet, fetch {', '.join(url + f for f in files)} into {folder} yourself") from None
+    return path
+
+
+def load_denoiser(spec, device="cpu"):
+    """The frozen teacher D(x, sigma) (EDM space) of any --teacher spec: a fewstep teacher.pt, an EDM
+    snapshot .pkl, a diffusers UNet2DModel folder, or the names 'edm' / 'ddpm' (PUBLISHED, cached).
+    D.source names the file or folder it came from."""
+    path = fetch_published(spec) if str(spec) in PUBLISHED else Path(spec)
+    if path.is_dir():
+        net = read_diffusers_unet(path)
+    elif not path.is_file():
+        raise UserError(f"--teacher {spec}: no such file or folder (give a teacher.pt, an EDM .pkl, a diffusers "
+                        f"folder, or one of {', '.join(PUBLISHED)})")
+    else:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+        if path.suffix == ".pkl" or magic[:1] == b"\x80":          # a plain pickle (torch.save files are zips)
+            net = read_edm_snapshot(path)
+        else:
+            ck = load_checkpoint(path, "teacher")
+            net = build_net(ck["net_config"])
+            load_state(net, ck["ema"], path)
+    D = Denoiser(net).to(device).eval().requires_grad_(False)
+    D.source = str(path)
+    return D
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1106,10 +1710,20 @@ def rms_distance(a, b):
     return ((to_uint8(a).float() - to_uint8(b).float()) ** 2).mean().sqrt().item() / 127.5
 
 
+def teacher_eval_dir(teacher_path, args):
+    """Where a teacher's own samples and FIDs are cached: eval/ beside a fewstep teacher.pt; for a
+    published or foreign teacher (whose folder may be shared or read-only) under runs/<dataset>/."""
+    path = Path(teacher_path)
+    if path.name == "teacher.pt":
+        return path.parent / "eval"
+    tag = hashlib.md5(str(path.resolve()).encode()).hexdigest()[:8]
+    return RUNS / dataset_slug(args.dataset) / f"teacher-{path.stem}-{tag}" / "eval"
+
+
 def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device, with_fid):
     """FID and RMS-to-reference of the teacher itself with `solver` at `nfe`, computed once per
     teacher and N and cached next to the teacher (eval/). Returns (metrics dict, samples)."""
-    cache = Path(teacher_path).parent / "eval"
+    cache = teacher_eval_dir(teacher_path, args)
     sigmas = teacher_sigmas(solver, nfe)
     key = f"{solver}-nfe{nfe}-to{sigmas[-1]:g}-n{n}"     # the grid's end is in the name: no stale cache
     batch = args.batch_size or 250
@@ -1200,7 +1814,7 @@ def teacher_rows(args, solvers, nfes):
     measured like a student (same N, same noise) into runs/<dataset>/teacher-<preset>-rows/."""
     pg = Dist(args.device)
     teacher, path = load_teacher(args, pg)
-    shape = (teacher.net.config["in_ch"], teacher.net.config["res"], teacher.net.config["res"])
+    shape = image_shape(teacher.net)
     n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
     n_rms = max(n, 64)
     _, ref = teacher_baseline(teacher, path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, pg.device, n >= 2)
@@ -1444,7 +2058,7 @@ def main():
     r.add_argument("--dataset", default="fashion", help="fashion | cifar10 | folder:PATH")
     r.add_argument("--data-dir", default=None, help="folder holding the dataset files")
     r.add_argument("--preset", default="lab", choices=list(TEACHER_PRESETS), help="the teacher's preset (default lab)")
-    r.add_argument("--teacher", default=None, help="teacher checkpoint (default: the preset's shared teacher)")
+    r.add_argument("--teacher", default=None, help="teacher.pt, EDM .pkl, diffusers folder, edm or ddpm (default: the preset's shared teacher)")
     r.add_argument("--nfe", default=[1, 2, 3, 4, 5], type=int, nargs="+", help="network calls (default 1 2 3 4 5)")
     r.add_argument("--solvers", default=["euler", "heun", "dpm3m"], nargs="+", choices=["euler", "heun", "dpm2m", "dpm3m"])
     r.add_argument("--fid-samples", default=None, type=int, help="N (default: the preset's)")

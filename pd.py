@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (RUNS, Denoiser, build_net, Dist, UserError, autocast, check_finite, common_parser, cosine_alpha_sigma,
+from common import (RUNS, Denoiser, build_net, Dist, UserError, autocast, check_data_shape, check_finite, common_parser, cosine_alpha_sigma,
                     dataset_slug, load_checkpoint, load_dataset, load_state, load_teacher, main_guard,
                     random_batch, report, run_dir, save_checkpoint, seed_all, student_from, to_float, vp_predict)
 
@@ -362,6 +362,7 @@ def main(argv=None):
     data, _ = load_dataset(args.dataset, args.data_dir)
     seed_all(args.seed)
     teacher, teacher_path = load_teacher(args, pg)
+    check_data_shape(data, teacher, args.dataset)
     out = pd_dir(args)
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
     pg.log(f"pd: {args.dataset}, preset {args.preset}, {args.start_steps} -> {' -> '.join(map(str, stages)) or 'no stage'} "

@@ -21,8 +21,9 @@ What is implemented
     --loss l1|l2|huber.
 
 Deviations (and why)
-  - The teacher is fewstep's shared EDM-trained teacher, not the authors' EDM checkpoints (so all
-    methods compare side by side). SFD reads no training image: images_seen counts trajectories.
+  - The teacher is fewstep's shared EDM-trained teacher (so all methods compare side by side), except
+    with --dataset cifar10 --preset paper, where it is the authors' EDM checkpoint (--teacher edm).
+    SFD reads no training image: images_seen counts trajectories.
   - L1 is the per-pixel mean, not the per-sample sum of the authors' code: Adam is invariant to
     that constant factor. The second stage's extra LPIPS term on the last step (authors' code, EDM
     models) is left out: LPIPS weights are not available offline.
@@ -47,9 +48,9 @@ import torch
 import torch.nn as nn
 
 from common import (Denoiser, Dist, PerSampleNoise, UserError, EVAL_SEED, afs_step, autocast, build_net,
-                    check_finite, common_parser, count_params, karras_sigmas, load_checkpoint, load_state,
+                    check_finite, common_parser, count_params, image_shape, karras_sigmas, load_checkpoint, load_state,
                     load_teacher, main_guard, report, run_dir, sample_dpmpp, sample_euler, sample_heun,
-                    save_checkpoint, save_grid, seed_all, student_from, timestep_embedding, write_json)
+                    require_arch, save_checkpoint, save_grid, seed_all, student_from, timestep_embedding, write_json)
 
 from tqdm import tqdm
 
@@ -295,7 +296,9 @@ def train(args, pg):
 
     # Student psi: a copy of its teacher's U-Net (+ SFD-v's zero-initialised step condition).
     seed_all(args.seed)
-    ch = D_teach.net.config["ch"]
+    if variable:
+        require_arch(D_teach.net, ("fewstep",), "SFD-v feeds the NFE through the student U-Net's extra condition")
+    ch = D_teach.net.config.get("ch")
     net = student_from(D_teach.net, cond_dim=4 * ch if variable else 0)
     D = Denoiser(net)
     embed = StepEmbedding(4 * ch, ch).to(pg.device) if variable else None
@@ -303,7 +306,7 @@ def train(args, pg):
     opt = torch.optim.Adam(params, lr=lr)
     grids = {n: student_grid(n, args.t_min, afs) for n in nfes}
     fine = {n: teacher_grid(grids[n], K) for n in nfes}
-    shape = (net.config["in_ch"], net.config["res"], net.config["res"])
+    shape = image_shape(net)
 
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)      # each process its own noise
     nfe_gen = torch.Generator().manual_seed(args.seed)                  # SFD-v's NFE draw: same on all ranks

@@ -67,6 +67,7 @@ import torch
 from tqdm import tqdm
 
 from common import (EVAL_SEED, FID_SAMPLES, REFERENCE_NFE, Denoiser, Dist, UserError, autocast, build_net,
+                    check_data_shape, require_arch,
                     check_finite, common_parser, count_params, ddpm_alpha_bar, ema_beta, ema_update, fid_or_none,
                     generate, load_checkpoint, load_dataset, load_state, load_teacher, main_guard, random_batch,
                     report, rms_distance, run_dir, save_checkpoint, save_grid, seed_all, sigma_from_alpha_bar,
@@ -338,6 +339,10 @@ def main():
     alpha_bar_s = student_alpha_bar(teacher_alpha_bar(args.teacher_steps), phi)       # Eq. 9
     data, _ = load_dataset(args.dataset, args.data_dir)
     teacher, teacher_path = load_teacher(args, pg)
+    check_data_shape(data, teacher, args.dataset)
+    if args.hidden_weight > 0:
+        require_arch(teacher.net, ("fewstep",), "SFDDM's hidden-variable term (--hidden-weight > 0; "
+                     "--hidden-weight 0 drops it) reads the U-Net's last hidden map")
     seed_all(args.seed)
     net = student_from(teacher.net) if args.init == "teacher" else build_net(teacher.net.config).to(pg.device).train()
     ema = build_net(net.config).to(pg.device).requires_grad_(False)

@@ -515,6 +515,9 @@ def main(argv=None):
     common.seed_all(args.seed)
     data, _ = common.load_dataset(args.dataset, args.data_dir)
     D, teacher_path = common.load_teacher(args, pg)
+    common.require_arch(D.net, ("fewstep",), "SFERD reads the teacher U-Net's attention maps and splits "
+                        "its encoder from its decoder")
+    common.check_data_shape(data, D, args.dataset)
     teacher_path = teacher_path.resolve()
     if not args.no_guidance:                                         # fail early on a bad --attn-block
         args.attn_block = args.attn_block or default_attn_block(D.net)

@@ -350,7 +350,7 @@ def bench_step(teacher, preset, device, batch=None):
     f_ema.load_state_dict(f.state_dict())
     opt = torch.optim.RAdam(f.parameters(), lr=hp["lr"], betas=(0.9, 0.999), eps=1e-8)
     pg, gen = common.Dist(str(device)), torch.Generator().manual_seed(0)
-    shape = (f.net.config["in_ch"], f.net.config["res"], f.net.config["res"])
+    shape = common.image_shape(f.net)
 
     def step():
         x0, z = torch.rand((batch, *shape), device=device) * 2 - 1, torch.randn((batch, *shape), device=device)

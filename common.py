@@ -1924,10 +1924,22 @@ BENCH_METHODS = ("sfd", "pd", "cd", "sfddm", "cfd", "sferd")
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}    # dense bf16 FLOP/s of the GPU (vendor sheets), for MFU
 
 
-def bench_teacher(preset, in_ch, device):
-    """The teacher network the bench times: random weights at the preset's architecture. The one place
-    to switch when another teacher network (EDM's SongUNet for SFD and CD) is the preset's."""
-    return Denoiser(UNet(in_ch=in_ch, res=32, **NET_CONFIGS[preset])).to(device).eval().requires_grad_(False)
+# EDM's CIFAR-10 network (DDPM++ settings of its edm-cifar10-32x32-uncond-vp.pkl), the teacher that the paper
+# preset on CIFAR-10 loads (--teacher edm) for the methods that accept it; SFDDM's hidden-map term and SFERD's
+# attention maps need fewstep's U-Net, so theirs is DDPM's CIFAR-10 size (NET_CONFIGS['paper']).
+EDM_CIFAR10_NET = dict(img_resolution=32, model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4, num_blocks=4,
+                       attn_resolutions=(16,), dropout=0.13, augment_dim=9, channel_mult_noise=1, resample_filter=(1, 1))
+BENCH_EDM_NET = ("sfd", "pd", "cd", "cfd")
+
+
+def bench_teacher(method, preset, in_ch, device):
+    """The teacher network the bench times, with random weights: at the paper preset EDM's SongUNet for the
+    methods in BENCH_EDM_NET, else fewstep's U-Net of the preset. The one place to change what is timed."""
+    if preset == "paper" and method in BENCH_EDM_NET:
+        net = SongUNet(in_channels=in_ch, out_channels=in_ch, **EDM_CIFAR10_NET)
+    else:
+        net = UNet(in_ch=in_ch, res=32, **NET_CONFIGS[preset])
+    return Denoiser(net).to(device).eval().requires_grad_(False)
 
 
 def bench_method(name, preset="paper", device="cpu", in_ch=3, batch=None, steps=3, warmup=1, channels_last=False,
@@ -1940,7 +1952,8 @@ def bench_method(name, preset="paper", device="cpu", in_ch=3, batch=None, steps=
     mod = importlib.import_module(name)   # (one way through the code: common <- fid <- methods)
     device = torch.device(device)
     seed_all(0)
-    b = mod.bench_step(bench_teacher(preset, in_ch, device), preset, device, batch)
+    teacher = bench_teacher(name, preset, in_ch, device)
+    b = mod.bench_step(teacher, preset, device, batch)
     for net in b["nets"]:
         if channels_last:
             net.to(memory_format=torch.channels_last)
@@ -1965,7 +1978,8 @@ def bench_method(name, preset="paper", device="cpu", in_ch=3, batch=None, steps=
             b["step"]()
         flops = counter.get_total_flops()
     throughput = b["per_step"] / seconds
-    return dict(method=name, preset=preset, unit=b["unit"], per_step=b["per_step"], seconds_per_step=seconds,
+    return dict(method=name, preset=preset, net=ARCHS[net_arch(teacher.net)], params=count_params(teacher.net),
+                unit=b["unit"], per_step=b["per_step"], seconds_per_step=seconds,
                 throughput=throughput, total=b["total"], projected_hours=b["total"] / throughput / 3600,
                 peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                 flops_per_step=flops, achieved_tflops=flops / seconds / 1e12 if flops else None)
@@ -1983,12 +1997,12 @@ def bench_table(rows, device):
     """The bench as a Markdown table, with MFU against the GPU's bf16 peak where it is known."""
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU"
     peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
-    lines = ["| method | preset | unit | per step | s/step | units/s | peak GiB | TFLOP/s | MFU (bf16) | budget | projected |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | preset | network | unit | per step | s/step | units/s | peak GiB | TFLOP/s | MFU (bf16) | budget | projected |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     num = lambda v, f: "–" if v is None else f.format(v)
     for r in rows:
         mfu = r["achieved_tflops"] * 1e12 / peak if peak and r["achieved_tflops"] else None
-        lines.append(f"| {r['method']} | {r['preset']} | {r['unit']} | {r['per_step']:,} | {r['seconds_per_step']:.3f} "
+        lines.append(f"| {r['method']} | {r['preset']} | {r['net']}, {r['params'] / 1e6:.1f} M | {r['unit']} | {r['per_step']:,} | {r['seconds_per_step']:.3f} "
                      f"| {r['throughput']:.4g} | {num(r['peak_mem_gib'], '{:.2f}')} | {num(r['achieved_tflops'], '{:.2f}')} "
                      f"| {num(mfu, '{:.1%}')} | {r['total']:,} | {duration(r['projected_hours'] * 3600)} |")
     return "\n".join(lines), name

@@ -335,13 +335,14 @@ def run_chain(args, pg, data, teacher, stages, out, chain, gen, state=None, reus
 def bench_step(teacher, preset, device, batch=None):
     """One update of a halving stage (every stage costs the same: two teacher calls, one student call
     with its backward pass). Unit: images; budget: the preset's whole chain down to 1 step."""
+    from common import image_shape
     cfg = PRESETS[preset]
     batch = batch or cfg["batch"]
     student = make_student(teacher)
     opt = torch.optim.Adam(student.parameters(), lr=cfg["lr"])
     stages = stage_steps(1, cfg["start_steps"])
     updates = sum(round(cfg["iters"] * (cfg["later_factor"] if N <= cfg["later_steps"] else 1)) for N in stages)
-    shape, N = (student.net.config["in_ch"], student.net.config["res"], student.net.config["res"]), stages[0]
+    shape, N = image_shape(student.net), stages[0]
 
     def step():
         x = torch.rand((batch, *shape), device=device) * 2 - 1

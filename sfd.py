@@ -417,7 +417,7 @@ def bench_step(teacher, preset, device, batch=None):
     net = student_from(teacher.net)
     D, opt = Denoiser(net), torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     t = student_grid(4)
-    fine, shape = teacher_grid(t, 4), (net.config["in_ch"], net.config["res"], net.config["res"])
+    fine, shape = teacher_grid(t, 4), image_shape(net)
 
     def update(loss):
         opt.zero_grad(set_to_none=True)

@@ -302,6 +302,7 @@ def evaluate_second_sampler(args, pg, out, teacher, teacher_path, sample_fn, nam
 def bench_step(teacher, preset, device, batch=None):
     """One update of Alg. 1 at T' = 16 of T = 1024 (the loss with its hidden-map term, the EMA).
     Unit: images; budget: the preset's images."""
+    from common import image_shape
     cfg = PRESETS[preset]
     batch = batch or cfg["batch"]
     phi = subsequence(1024, 16)
@@ -309,7 +310,7 @@ def bench_step(teacher, preset, device, batch=None):
     net = student_from(teacher.net)
     ema = build_net(net.config).to(device).requires_grad_(False)
     D, opt, beta = Denoiser(net), torch.optim.Adam(net.parameters(), lr=cfg["lr"]), ema_beta(batch, cfg["ema"])
-    shape = (net.config["in_ch"], net.config["res"], net.config["res"])
+    shape = image_shape(net)
 
     def step():
         x0, eps = torch.rand((batch, *shape), device=device) * 2 - 1, torch.randn((batch, *shape), device=device)

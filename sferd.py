@@ -495,7 +495,7 @@ def bench_step(teacher, preset, device, batch=None):
     opt = torch.optim.Adam(student.parameters(), lr=cfg["lr"])
     stages = pd.stage_steps(1, {"paper": 1024}.get(preset, cfg["start_steps"]))
     updates = sum(round(cfg["iters"] * (cfg["later_factor"] if N <= cfg["later_steps"] else 1)) for N in stages)
-    shape, N = (student.net.config["in_ch"], student.net.config["res"], student.net.config["res"]), stages[0]
+    shape, N = common.image_shape(student.net), stages[0]
 
     def step():
         x = torch.rand((batch, *shape), device=device) * 2 - 1

@@ -360,6 +360,7 @@ def bench_step(teacher, preset, device, batch=None):
     return dict(step=step, unit="images", per_step=batch, total=hp["iterations"] * hp["batch"],
                 nets=[teacher.net, f.net, f_ema.net])
 
+
 def main():
     args, hp = parse_args()
     pg = common.Dist(args.device)

@@ -350,6 +350,7 @@ def bench_step(teacher, preset, device, batch=None):
     return dict(step=step, unit="images", per_step=batch, total=updates * cfg["batch"],
                 nets=[teacher.net, student.net, cls])
 
+
 def main(argv=None):
     args = parse_args(argv)
     pd_stages, stages = cfd_stages(args)

@@ -356,6 +356,7 @@ def bench_step(teacher, preset, device, batch=None):
 
     return dict(step=step, unit="images", per_step=batch, total=updates * cfg["batch"], nets=[teacher.net, student.net])
 
+
 def main(argv=None):
     args = parse_args(argv)
     stages = stage_steps(args.nfe, args.start_steps)

@@ -432,6 +432,7 @@ def bench_step(teacher, preset, device, batch=None):
 
     return dict(step=step, unit="trajectories", per_step=batch, total=cfg["trajectories"], nets=[teacher.net, net])
 
+
 def main():
     args = parse_args()
     parse_nfe(args.nfe)                     # bad --nfe: one line before anything is loaded

@@ -324,6 +324,7 @@ def bench_step(teacher, preset, device, batch=None):
 
     return dict(step=step, unit="images", per_step=batch, total=cfg["images"], nets=[teacher.net, net, ema])
 
+
 def main():
     args = parse_args()
     cfg = dict(PRESETS[args.preset])

@@ -509,6 +509,7 @@ def bench_step(teacher, preset, device, batch=None):
 
     return dict(step=step, unit="images", per_step=batch, total=updates * cfg["batch"], nets=[teacher.net, student.net])
 
+
 def main(argv=None):
     args = parse_args(argv)
     pg = common.Dist(args.device)

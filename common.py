@@ -1660,6 +1660,11 @@ def load_denoiser(spec, device="cpu"):
     snapshot .pkl, a diffusers UNet2DModel folder, or the names 'edm' / 'ddpm' (PUBLISHED, cached).
     D.source names the file or folder it came from."""
     path = fetch_published(spec) if str(spec) in PUBLISHED else Path(spec)
+    if str(spec) in PUBLISHED:                  # a download that does not read as its format is no use cached
+        try:
+            return load_denoiser(path, device)
+        except UserError as e:
+            raise UserError(f"{e} (the cached download; delete {path} to fetch it again)") from None
     if path.is_dir():
         net = read_diffusers_unet(path)
     elif not path.is_file():

@@ -289,6 +289,9 @@ def test_published_names_use_the_cache_and_paper_default(tmp_path, monkeypatch):
     assert path == common.DOWNLOAD_DIR / "edm-cifar10-32x32-uncond-vp.pkl" and common.net_arch(D.net) == "edm-songunet"
     shutil.copytree(DDPM_DIR, common.DOWNLOAD_DIR / "ddpm-cifar10-32")
     assert common.net_arch(common.load_denoiser("ddpm").net) == "ddpm-diffusers"
+    (common.DOWNLOAD_DIR / "ddpm-cifar10-32" / "config.json").write_text("{")          # a broken download
+    with pytest.raises(common.UserError, match="unreadable config.json.*delete .*ddpm-cifar10-32 to fetch it again"):
+        common.load_denoiser("ddpm")
 
 
 # --- The methods on the tiny teachers, end to end ------------------------------------------------------

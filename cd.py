@@ -353,6 +353,32 @@ def onestep_rms(args, pg, teacher, teacher_path, f, shape):
     return {"onestep_teacher_rms": common.rms_distance(one, ref), "onestep_teacher_rms_euler": common.rms_distance(euler, ref)}
 
 
+# ----------------------------------------------------------------------------------------------
+# Benchmark (boilerplate): one training iteration at a preset, random weights (python common.py bench)
+# ----------------------------------------------------------------------------------------------
+
+def bench_step(teacher, preset, device, batch=None):
+    """One iteration of Alg. 2 (training_step: the teacher's Heun step, the target, the student's update,
+    the EMAs). Unit: images; budget: the preset's iterations x batch."""
+    hp = dict(PRESETS[preset])
+    batch = batch or hp["batch"]
+    sigmas = common.karras_sigmas(hp["N"], SIGMA_MIN, SIGMA_MAX, RHO).float().to(device)
+    f = ConsistencyFunction(common.student_from(teacher.net))
+    f_ema = ConsistencyFunction(common.build_net(teacher.net.config)).to(device).requires_grad_(False)
+    f_ema.load_state_dict(f.state_dict())
+    opt = torch.optim.RAdam(f.parameters(), lr=hp["lr"], betas=(0.9, 0.999), eps=1e-8)
+    pg, gen = common.Dist(str(device)), torch.Generator().manual_seed(0)
+    shape = common.image_shape(f.net)
+
+    def step():
+        x0, z = torch.rand((batch, *shape), device=device) * 2 - 1, torch.randn((batch, *shape), device=device)
+        n = draw_n(hp["N"], sigmas, batch, gen, hp["n_dist"]).to(device)
+        training_step(f, f, f_ema, opt, teacher, x0, n, z, sigmas, hp, pg)
+
+    return dict(step=step, unit="images", per_step=batch, total=hp["iterations"] * hp["batch"],
+                nets=[teacher.net, f.net, f_ema.net])
+
+
 def main():
     args, hp = parse_args()
     pg = common.Dist(args.device)

@@ -318,6 +318,40 @@ def pd_metrics(folder, args, teacher_sha256):
         "source": str(path), "same_budget": same}
 
 
+# ----------------------------------------------------------------------------------------------
+# Benchmark (boilerplate): one training iteration at a preset, random weights (python common.py bench)
+# ----------------------------------------------------------------------------------------------
+
+def bench_step(teacher, preset, device, batch=None):
+    """One update of an RCFD stage (PD's two teacher calls, the student, the classifier on both images).
+    Unit: images; budget: the preset's whole chain to 1 step, PD 1024 -> 8 and RCFD 8 -> 1, every update
+    priced at RCFD's cost (the PD updates, without the classifier, are cheaper: an upper bound)."""
+    from common import autocast, image_shape
+    cfg = PRESETS[preset]
+    batch = batch or cfg["batch"]
+    in_ch = image_shape(teacher.net)[0]
+    cls = ResNet(in_ch, 10, cfg["cls"]["width"], cfg["cls"]["blocks"]).to(device).eval().requires_grad_(False)
+    student = pd.make_student(teacher)
+    opt = torch.optim.Adam(student.parameters(), lr=cfg["lr"])
+    loss_fn = stage_loss(cls, *STAGE_HPARAMS[4])
+    stages = pd.stage_steps(cfg["cfd_from"], cfg["start_steps"]) + pd.stage_steps(1, cfg["cfd_from"])
+    updates = sum(round(cfg["iters"] * (cfg["later_factor"] if N <= cfg["later_steps"] else 1)) for N in stages)
+    shape = image_shape(student.net)
+
+    def step():
+        x = torch.rand((batch, *shape), device=device) * 2 - 1
+        eps, i = torch.randn((batch, *shape), device=device), torch.randint(4, (batch,))
+        with autocast(device):
+            loss = loss_fn(student, teacher, x, eps, i, 4)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+
+    return dict(step=step, unit="images", per_step=batch, total=updates * cfg["batch"],
+                nets=[teacher.net, student.net, cls])
+
+
 def main(argv=None):
     args = parse_args(argv)
     pd_stages, stages = cfd_stages(args)

@@ -23,6 +23,7 @@ rescaled: x = z_t/alpha_t, sigma = s_t/alpha_t.
 Command line:
   python common.py teacher --dataset fashion --preset lab      # train and cache the shared teacher
   torchrun --nproc_per_node=2 common.py teacher --preset smoke  # the same on two processes
+  python common.py bench [--preset paper|smoke]                # time every method's training step here
 """
 import argparse
 import collections
@@ -125,14 +126,25 @@ def dataset_name(text):
     return text
 
 
+class FewstepParser(Parser):
+    """common_parser's parser: after parsing, resolve_common fills in the defaults that depend on other
+    flags (--preset on --dataset) and refuses bad --export flags, so every method gets them unchanged."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        resolve_common(ns, Path(self.prog).stem, command_line=args is None)
+        return ns, rest
+
+
 def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of function evaluations of the student"):
     """The one CLI convention of every fewstep script; a method adds its own flags after."""
-    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FewstepParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion", type=dataset_name, help="fashion | cifar10 | folder:PATH (default: fashion, offline)")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset files (CIFAR-10 tarball or batches, Fashion-MNIST .gz)")
     p.add_argument("--nfe", default=nfe_default, type=nfe_type, help=f"{nfe_help} (default: {nfe_default})")
-    p.add_argument("--preset", default="lab", choices=["smoke", "lab", "paper"],
-                   help="smoke: seconds, for tests; lab: a 2-core CPU in minutes (default); paper: the published setup, CUDA")
+    p.add_argument("--preset", default=None, choices=["smoke", "lab", "paper"],
+                   help="smoke: seconds, for tests; lab: a 2-core CPU in minutes; paper: the published setup, CUDA "
+                        "(default: paper for --dataset cifar10, lab for fashion and folders)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>/<run name>)")
     p.add_argument("--teacher", default=None, help="teacher: a fewstep teacher.pt, an EDM snapshot .pkl, a diffusers UNet2DModel "
                    "folder, or edm | ddpm (the published CIFAR-10 checkpoints, downloaded once); default: the shared "
@@ -142,7 +154,30 @@ def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of 
     p.add_argument("--batch-size", default=None, type=positive_int, help="global batch size (default: the preset's)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--fid-samples", default=None, type=fid_count, help="N, the number of generated images for FID (default: the preset's; 0 skips FID)")
+    p.add_argument("--export", default=None, type=int, metavar="N",
+                   help="write N samples of the fixed evaluation noise for external FID tools (with --resume: from the "
+                        "finished run's student, no retraining) into <run folder>/samples-<N>/ or samples-<N>.npz")
+    p.add_argument("--export-format", default="png", help="png: sub-folders of 1,000 PNGs (EDM generate.py's layout, "
+                   "default); npz: one uint8 N x H x W x C array arr_0 (the ADM evaluator's format)")
+    p.add_argument("--export-dir", default=None, help="folder that receives samples-<N>[.npz] (default: the run folder)")
     return p
+
+
+def resolve_common(args, method, command_line=True):
+    """What common_parser's flags mean together, checked right after parsing, before any work:
+    the preset default of the dataset, the --export flags, and (on a script's own command line) the
+    refusal of a paper run on a machine without CUDA unless --device cpu says so."""
+    if args.preset is None:                 # the headline command `sfd.py --dataset cifar10` means the paper
+        args.preset = "paper" if args.dataset == "cifar10" else "lab"
+    if args.export is not None:
+        if args.export <= 0:
+            raise UserError(f"--export {args.export}: the number of samples must be positive")
+        if args.export_format not in EXPORT_FORMATS:
+            raise UserError(f"--export-format {args.export_format!r}: use {' or '.join(EXPORT_FORMATS)}")
+        if args.export_dir is not None:     # the place is known now: refuse before training, not after
+            check_export_target(args, args.export_dir)
+    if command_line and args.preset == "paper" and args.device is None and not torch.cuda.is_available():
+        refuse_paper_on_cpu(args, method)
 
 
 def dataset_slug(name):
@@ -640,7 +675,7 @@ def md5sum(path):
 
 def download(url, path, md5):
     """Fetch url to path (temp file + rename) and check its md5 (None: only the length the server
-    announced, which urlretrieve checks); UserError when offline."""
+    announced, which urlretrieve checks; the caller checks the content); UserError when offline."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     try:
@@ -1960,6 +1995,11 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     if not pg.main:
         pg.barrier()
         return None
+    if getattr(args, "export", None):                 # --export N: the samples for external FID tools
+        export_samples(args, out, sample_fn, shape, pg.device)
+        if args.resume and (out / "metrics.json").exists():   # a finished, evaluated run: only the export was asked
+            pg.barrier()
+            return json.loads((out / "metrics.json").read_text())
     import fid                                        # deferred: fid.py imports common
     n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
     n_rms = max(n, 64)                                # teacher_rms is measured even when FID is skipped
@@ -2028,6 +2068,222 @@ def teacher_rows(args, solvers, nfes):
 
 
 # ----------------------------------------------------------------------------------------------
+# 9b. Sample export for external FID tools (--export N, every method through report)
+# ----------------------------------------------------------------------------------------------
+
+EXPORT_FORMATS = ("png", "npz")
+
+
+def export_target(args, out):
+    """<run folder>/samples-<N>/ (png) or <run folder>/samples-<N>.npz; --export-dir replaces the run folder."""
+    root = Path(args.export_dir) if args.export_dir else Path(out)
+    return root / (f"samples-{args.export}" + (".npz" if args.export_format == "npz" else ""))
+
+
+def check_export_target(args, out):
+    """An existing, non-empty export (or a partial one) is only continued with --resume: nothing is overwritten."""
+    target = export_target(args, out)
+    partial = target.with_name(target.name + ".partial.npy")
+    if not args.resume and (target.is_file() or partial.exists() or (target.is_dir() and any(target.iterdir()))):
+        raise UserError(f"{target} exists and is not empty: pass --resume to complete it or choose another "
+                        "--export-dir (nothing was overwritten)")
+    return target
+
+
+@torch.no_grad()
+def export_samples(args, out, sample_fn, shape, device):
+    """Write args.export samples of the fixed evaluation noise (sample k from PerSampleNoise(EVAL_SEED, k),
+    the images report() scores) as EDM generate.py writes them, <target>/000000/000000.png ... in folders
+    of 1,000, or as one uint8 N x H x W x C npz array arr_0. Resumable: PNGs are written whole (temp
+    file + rename) and only missing ones are made; the npz grows in a .partial.npy with its count."""
+    n, target = args.export, check_export_target(args, out)
+    batch = args.batch_size or 250                   # the evaluation batch, so the images are report()'s
+    manifest = dict(run=str(Path(out).resolve()), n=n, format=args.export_format, eval_seed=EVAL_SEED)
+    bar = tqdm(total=n, unit="img", desc=f"export {target.name}")
+    if args.export_format == "png":
+        name = lambda k: target / f"{k - k % 1000:06d}" / f"{k:06d}.png"
+        info = target / "export.json"                # which run the folder holds (external tools read only images)
+        if info.exists() and json.loads(info.read_text()) != manifest:
+            raise UserError(f"{target} holds samples of another run or setting ({info}); choose another --export-dir")
+        write_json(info, manifest)
+        todo = [k for k in range(n) if not name(k).exists()]
+        bar.update(n - len(todo))
+        for i in range(0, len(todo), batch):
+            ks = todo[i:i + batch]
+            images = to_uint8(sample_fn(PerSampleNoise(EVAL_SEED, ks, device).randn(*shape)).clamp(-1, 1).cpu())
+            for k, im in zip(ks, images.permute(0, 2, 3, 1).numpy()):
+                name(k).parent.mkdir(parents=True, exist_ok=True)
+                tmp = name(k).with_name(name(k).stem + ".tmp.png")
+                Image.fromarray(im[:, :, 0] if im.shape[2] == 1 else im).save(tmp)
+                os.replace(tmp, name(k))
+            bar.update(len(ks))
+    elif target.is_file():                           # a finished npz: nothing left to do
+        bar.update(n)
+    else:
+        partial, count = target.with_name(target.name + ".partial.npy"), target.with_name(target.name + ".partial.json")
+        done = 0
+        if partial.exists() and count.exists():
+            state = json.loads(count.read_text())
+            if state["manifest"] != manifest:
+                raise UserError(f"{partial} holds samples of another run or setting; choose another --export-dir")
+            arr, done = np.lib.format.open_memmap(partial, mode="r+"), state["done"]
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(n, shape[1], shape[2], shape[0]))
+        bar.update(done)
+        for start in range(done, n, batch):
+            ks = range(start, min(n, start + batch))
+            images = to_uint8(sample_fn(PerSampleNoise(EVAL_SEED, ks, device).randn(*shape)).clamp(-1, 1).cpu())
+            arr[ks.start:ks.stop] = images.permute(0, 2, 3, 1).numpy()
+            arr.flush()                               # the images first, then the count that vouches for them
+            write_json(count, dict(manifest=manifest, done=ks.stop))
+            bar.update(len(ks))
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=np.asarray(arr))
+        os.replace(tmp, target)
+        del arr
+        partial.unlink()
+        count.unlink()
+    bar.close()
+    print(f"exported {n:,} samples to {target} (score them with: python fid.py {target} dataset:{args.dataset})")
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# 9c. The benchmark of every method's training step (python common.py bench), and the CPU refusal
+# ----------------------------------------------------------------------------------------------
+
+BENCH_METHODS = ("sfd", "pd", "cd", "sfddm", "cfd", "sferd")
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}    # dense bf16 FLOP/s of the GPU (vendor sheets), for MFU
+
+
+# EDM's CIFAR-10 network (DDPM++ settings of its edm-cifar10-32x32-uncond-vp.pkl), the teacher that the paper
+# preset on CIFAR-10 loads (--teacher edm) for the methods that accept it; SFDDM's hidden-map term and SFERD's
+# attention maps need fewstep's U-Net, so theirs is DDPM's CIFAR-10 size (NET_CONFIGS['paper']).
+EDM_CIFAR10_NET = dict(img_resolution=32, model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4, num_blocks=4,
+                       attn_resolutions=(16,), dropout=0.13, augment_dim=9, channel_mult_noise=1, resample_filter=(1, 1))
+BENCH_EDM_NET = ("sfd", "pd", "cd", "cfd")
+
+
+def bench_teacher(method, preset, in_ch, device):
+    """The teacher network the bench times, with random weights: at the paper preset EDM's SongUNet for the
+    methods in BENCH_EDM_NET, else fewstep's U-Net of the preset. The one place to change what is timed."""
+    if preset == "paper" and method in BENCH_EDM_NET:
+        net = SongUNet(in_channels=in_ch, out_channels=in_ch, **EDM_CIFAR10_NET)
+    else:
+        net = UNet(in_ch=in_ch, res=32, **NET_CONFIGS[preset])
+    return Denoiser(net).to(device).eval().requires_grad_(False)
+
+
+def bench_method(name, preset="paper", device="cpu", in_ch=3, batch=None, steps=3, warmup=1, channels_last=False,
+                 compile=False, count_flops=True):
+    """Time `steps` training steps of method `name` at its preset (random weights, after `warmup` steps).
+    Each method file has bench_step(teacher, preset, device, batch) -> dict(step, unit, per_step, total, nets):
+    one full training iteration, what it counts, how many per step and in the preset's whole budget.
+    Returns one row of the bench table (seconds, throughput, peak memory, projected time, FLOPs per step)."""
+    import importlib                      # deferred: common never imports a method file at import time
+    mod = importlib.import_module(name)   # (one way through the code: common <- fid <- methods)
+    device = torch.device(device)
+    seed_all(0)
+    teacher = bench_teacher(name, preset, in_ch, device)
+    b = mod.bench_step(teacher, preset, device, batch)
+    for net in b["nets"]:
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+        if compile:
+            net.compile()
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        b["step"]()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        b["step"]()
+    sync()
+    seconds = (time.perf_counter() - t0) / steps
+    flops = None
+    if count_flops and not compile:       # counted on one more step (matmuls and convs, forward and backward)
+        from torch.utils.flop_counter import FlopCounterMode
+        counter = FlopCounterMode(display=False)
+        with counter:
+            b["step"]()
+        flops = counter.get_total_flops()
+    throughput = b["per_step"] / seconds
+    return dict(method=name, preset=preset, net=ARCHS[net_arch(teacher.net)], params=count_params(teacher.net),
+                unit=b["unit"], per_step=b["per_step"], seconds_per_step=seconds,
+                throughput=throughput, total=b["total"], projected_hours=b["total"] / throughput / 3600,
+                peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                flops_per_step=flops, achieved_tflops=flops / seconds / 1e12 if flops else None)
+
+
+def duration(seconds):
+    """12.3 s, 4.5 min, 1.17 h, 31 days, 24.6 years: a projected time at a readable scale."""
+    for unit, size, digits in (("years", 365.25 * 86400, 1), ("days", 86400, 0), ("h", 3600, 2), ("min", 60, 1)):
+        if seconds >= (size if unit in ("h", "min") else 2 * size):
+            return f"{seconds / size:,.{digits}f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def bench_table(rows, device):
+    """The bench as a Markdown table, with MFU against the GPU's bf16 peak where it is known."""
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU"
+    peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
+    lines = ["| method | preset | network | unit | per step | s/step | units/s | peak GiB | TFLOP/s | MFU (bf16) | budget | projected |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    num = lambda v, f: "–" if v is None else f.format(v)
+    for r in rows:
+        mfu = r["achieved_tflops"] * 1e12 / peak if peak and r["achieved_tflops"] else None
+        lines.append(f"| {r['method']} | {r['preset']} | {r['net']}, {r['params'] / 1e6:.1f} M | {r['unit']} | {r['per_step']:,} | {r['seconds_per_step']:.3f} "
+                     f"| {r['throughput']:.4g} | {num(r['peak_mem_gib'], '{:.2f}')} | {num(r['achieved_tflops'], '{:.2f}')} "
+                     f"| {num(mfu, '{:.1%}')} | {r['total']:,} | {duration(r['projected_hours'] * 3600)} |")
+    return "\n".join(lines), name
+
+
+def bench(args):
+    """python common.py bench: every method's training step at its preset, on this device, as a table."""
+    pg = Dist(args.device)
+    if pg.device.type == "cuda" and not args.no_tf32:   # fp32 matmuls outside bf16 autocast (the method's math is kept)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    rows = []
+    for name in args.methods:
+        rows.append(bench_method(name, args.preset, pg.device, args.channels, args.batch_size, args.steps, args.warmup,
+                                 args.channels_last, args.compile))
+        r = rows[-1]
+        print(f"{name}: {r['throughput']:.4g} {r['unit']}/s, {r['seconds_per_step']:.3f} s/step, projected "
+              f"{duration(r['projected_hours'] * 3600)} for {r['total']:,} {r['unit']}", file=sys.stderr)
+    table, device_name = bench_table(rows, pg.device)
+    head = (f"bench on {device_name} ({pg.device}), torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"{args.steps} steps after {args.warmup} warm-up, bf16 autocast on CUDA, TF32 "
+            f"{'off' if args.no_tf32 or pg.device.type != 'cuda' else 'on'}, channels_last {args.channels_last}, "
+            f"compile {args.compile}, batch {args.batch_size or 'the presets'}")
+    print(head + "\n\n" + table)
+    if args.out:
+        write_json(Path(args.out).with_suffix(".json"), dict(header=head, rows=rows))
+        Path(args.out).with_suffix(".md").write_text(head + "\n\n" + table + "\n")
+    return rows
+
+
+def refuse_paper_on_cpu(args, method):
+    """A paper run where there is no CUDA would take days to years: stop before any work with an estimate,
+    measured here as one training step of batch 1 (no warm-up: a slight overestimate) times the preset's budget."""
+    if method not in BENCH_METHODS:
+        raise UserError("--preset paper needs CUDA (none on this machine); pass --device cpu to run it anyway")
+    in_ch = 1 if args.dataset == "fashion" else 3
+    r = bench_method(method, "paper", "cpu", in_ch, batch=1, steps=1, warmup=0, count_flops=False)   # ~2-15 s
+    argv, kept = sys.argv[1:], []
+    for i, a in enumerate(argv):          # the same command with --preset lab in place of the paper preset
+        if not (a == "--preset" or a.startswith("--preset=") or (i > 0 and argv[i - 1] == "--preset")):
+            kept.append(a)
+    lab = " ".join(["python", f"{method}.py", *kept, "--preset", "lab"])
+    raise UserError(f"--preset paper without CUDA: about {duration(r['projected_hours'] * 3600)} on this CPU (a step of batch 1 took "
+                    f"{r['seconds_per_step']:.1f} s here, x {r['total']:,} {r['unit']} in the preset's budget); run "
+                    f"`{lab}` instead, or pass --device cpu to run the paper preset anyway")
+
+
+# ----------------------------------------------------------------------------------------------
 # 10. Command line: python common.py teacher ... | rows ...
 # ----------------------------------------------------------------------------------------------
 
@@ -2057,7 +2313,28 @@ def main():
     r.add_argument("--out", default=None, help="output folder (default runs/<dataset>/teacher-<preset>-rows)")
     r.add_argument("--device", default=None, type=device_name, help="cpu | cuda (default: cuda if available)")
     r.add_argument("--batch-size", default=None, type=positive_int, help="sampling batch (default 250)")
+    b = sub.add_parser("bench", help="time a few training steps of every method at its preset with random weights "
+                       "on this device; a table of throughput, peak memory and the projected time of the whole budget")
+    b.add_argument("--preset", default="paper", choices=["smoke", "paper"], help="paper (default) | smoke (seconds, tests)")
+    b.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=list(BENCH_METHODS), help="default: all six")
+    b.add_argument("--channels", default=3, type=int, choices=[1, 3], help="image channels (3: CIFAR-10, default)")
+    b.add_argument("--batch-size", default=None, type=positive_int, help="global batch (default: each method's preset)")
+    b.add_argument("--steps", default=5, type=int, help="timed steps per method (default 5)")
+    b.add_argument("--warmup", default=2, type=int, help="untimed steps first (default 2)")
+    b.add_argument("--device", default=None, type=device_name, help="cpu | cuda (default: cuda if available)")
+    b.add_argument("--no-tf32", action="store_true", help="keep fp32 matmuls in full fp32 on CUDA (default: TF32)")
+    b.add_argument("--channels-last", action="store_true", help="NHWC memory format for the networks")
+    b.add_argument("--compile", action="store_true", help="torch.compile every network (no FLOP count then)")
+    b.add_argument("--out", default=None, help="also write the table to OUT.md and OUT.json")
     args = p.parse_args()
+    if args.cmd == "bench":
+        if args.steps < 1 or args.warmup < 0 or (args.batch_size is not None and args.batch_size < 1):
+            raise UserError("bench needs --steps >= 1, --warmup >= 0 and --batch-size >= 1")
+        import common             # the module the method files import (this file runs as __main__: another copy)
+        try:
+            return common.bench(args)
+        except common.UserError as e:
+            raise UserError(str(e)) from None
     if args.cmd == "rows":
         return teacher_rows(args, args.solvers, args.nfe)
     train_teacher(args.dataset, args.preset, args.out, args.data_dir, args.seed, args.device,

@@ -22,12 +22,15 @@ no 1008-class classifier head.
     python fid.py samples/ dataset:fashion             # image folder vs cached training stats
     python fid.py dataset:fashion:test dataset:fashion # sanity check: test vs train split
     python fid.py a.npz b/ --device cuda --batch-size 100
+    python fid.py --ref cifar10                        # the 50,000 CIFAR-10 training images, as the papers
+    python fid.py runs/cifar10/sfd-nfe4/samples-50000 edm:cifar10-32x32   # EDM's published reference file
 """
 import functools
 import importlib.util
 import json
 import os
 import pickle
+import re
 import sys
 import time
 import zipfile
@@ -45,6 +48,9 @@ from tqdm import tqdm
 import common
 
 REF_N = 5000  # default reference images: ~8 min once on a free 2-core CPU (~10 img/s), then cached
+REF_N_OF = {"cifar10": 0}  # ... except CIFAR-10: all 50,000 training images, as the papers (EDM's fid.py ref) use
+EDM_REFS = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"  # EDM's published statistics (mu, sigma), e.g. cifar10-32x32.npz
+FEATURES = 2048
 BATCH_SIZE = 32
 IMAGE_EXTS = tuple(sorted(common.IMAGE_SUFFIXES))  # the one list, shared with common.load_folder
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # default_1.pt, 0.1.3
@@ -347,9 +353,10 @@ def ref_path(dataset, split, n):
 def reference_stats(dataset, data_dir=None, n=None, device="cpu", split="train",
                     batch_size=BATCH_SIZE, inception=None, progress=True):
     """(mu, sigma, n) of n images of a dataset split (a fixed random subset), computed once and cached
-    under runs/<dataset>/fid/. n=None: REF_N; n=0: the whole split. Always exact (no bf16)."""
+    under runs/<dataset>/fid/. n=None: REF_N (CIFAR-10: the whole split); n=0: the whole split. Always exact (no bf16)."""
     images, _ = common.load_dataset(dataset, data_dir, split=split)
-    n = len(images) if n == 0 else min(REF_N if n is None else n, len(images))
+    n = REF_N_OF.get(dataset, REF_N) if n is None else n
+    n = len(images) if n == 0 else min(n, len(images))
     path = ref_path(dataset, split, n)
     subset = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]]
     settings = json.dumps(dict(dataset=dataset, split=split, n=n, subset="randperm(seed 0)[:n]",
@@ -430,6 +437,46 @@ def folder_batches(folder, batch_size):
     return batches(), len(files)
 
 
+def npz_stats(path, args):
+    """(mu, sigma, n) of a .npz: statistics (mu, sigma[, n]: fid.py's, EDM's fid-refs, TTUR's) or samples
+    (arr_0, uint8 N x H x W x C: the ADM evaluator's format, fewstep's --export-format npz). Read with
+    allow_pickle=False (no file runs code); anything else is refused in one line."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = set(z.files)
+            if {"mu", "sigma"} <= files:
+                mu, sigma, n = z["mu"], z["sigma"], int(z["n"]) if "n" in files else None
+                if mu.dtype.kind != "f" or sigma.dtype.kind != "f" or mu.shape != (FEATURES,) or \
+                        sigma.shape != (FEATURES, FEATURES):
+                    raise common.UserError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} {sigma.shape}; "
+                                           f"expected float ({FEATURES},) and ({FEATURES}, {FEATURES}) Inception statistics")
+                return mu, sigma, n
+            if "arr_0" in files:
+                arr = z["arr_0"]
+            else:
+                raise common.UserError(f"{path}: holds {', '.join(sorted(files)) or 'nothing'}; expected mu and sigma "
+                                       "(statistics) or arr_0 (uint8 N x H x W x C samples)")
+    except (OSError, ValueError, EOFError) as e:    # not a zip, truncated, object arrays (pickles) refused
+        raise common.UserError(f"{path}: not a readable .npz of plain arrays ({e.__class__.__name__}: {e})") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] not in (1, 3) or len(arr) < 2:
+        raise common.UserError(f"{path}: arr_0 is {arr.dtype} {arr.shape}; expected uint8 N x H x W x C samples "
+                               "(N >= 2, C = 1 or 3)")
+    batches = (torch.from_numpy(arr[i:i + args.batch_size]).permute(0, 3, 1, 2) for i in range(0, len(arr), args.batch_size))
+    return feature_stats(batches, args.device, args.fast, inception=args.inception, total=len(arr))
+
+
+def edm_ref(name):
+    """EDM's published reference statistics NAME.npz (e.g. cifar10-32x32: the 50,000 CIFAR-10 training
+    images), downloaded once from EDM's fid-refs on request into ~/.cache/fewstep/fid-refs/. There is no
+    published checksum: the file is checked by what it holds (npz_stats: float 2048 / 2048 x 2048)."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+        raise common.UserError(f"edm:{name}: edm:NAME takes the file name of one of EDM's fid-refs, e.g. edm:cifar10-32x32")
+    path = common.DOWNLOAD_DIR / "fid-refs" / f"{name}.npz"
+    if not path.is_file():
+        common.download(f"{EDM_REFS}{name}.npz", path, None)
+    return path
+
+
 def source_stats(source, args):
     """(mu, sigma, n) of one CLI argument: dataset:NAME[:SPLIT], a stats .npz, or an image folder."""
     if source.startswith("dataset:"):
@@ -437,16 +484,14 @@ def source_stats(source, args):
         if name.endswith((":train", ":test")):
             name, split = name.rsplit(":", 1)
         return reference_stats(name, args.data_dir, args.ref_n, args.device, split, args.batch_size, args.inception)
+    if source.startswith("edm:"):
+        return npz_stats(edm_ref(source.removeprefix("edm:")), args)
     if source.endswith(".npz") and Path(source).is_file():
-        try:
-            with np.load(source, allow_pickle=False) as z:  # object arrays would be pickles: refused
-                return z["mu"], z["sigma"], int(z["n"]) if "n" in z.files else None  # e.g. TTUR's files
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            raise common.UserError(f"{source}: not a .npz of FID statistics mu, sigma[, n] ({e})") from None
+        return npz_stats(source, args)
     if Path(source).is_dir():
         batches, total = folder_batches(source, args.batch_size)
         return feature_stats(batches, args.device, args.fast, inception=args.inception, total=total)
-    raise common.UserError(f"{source}: not an image folder, a .npz of statistics, or dataset:NAME")
+    raise common.UserError(f"{source}: not an image folder, a .npz (statistics or arr_0 samples), edm:NAME or dataset:NAME")
 
 
 # The papers' own CIFAR-10 FIDs (50k samples, their teachers and networks), for reference only: fewstep's
@@ -502,10 +547,12 @@ def results_table(folder):
 def main():
     p = common.Parser(description="Exact TF-Inception FID (TTUR / StyleGAN / EDM numbers), offline.")
     p.add_argument("sources", nargs="*", metavar="A B",
-                   help="two of: image folder, .npz with mu/sigma/n, dataset:NAME[:train|:test]")
+                   help="two of: image folder (also EDM's sub-folders of 1,000), .npz with mu/sigma[/n] or with uint8 "
+                        "samples arr_0 (N x H x W x C), edm:cifar10-32x32 (EDM's published statistics, downloaded "
+                        "once), dataset:NAME[:train|:test]")
     p.add_argument("--ref", metavar="NAME", help="only compute and cache the reference stats of dataset NAME")
     p.add_argument("--ref-n", type=int, default=None,
-                   help=f"reference images, a fixed random subset (default {REF_N}; 0 = the whole split)")
+                   help=f"reference images, a fixed random subset (default {REF_N}, cifar10 all 50,000; 0 = the whole split)")
     p.add_argument("--data-dir", default=None, help="dataset location passed to common.load_dataset")
     p.add_argument("--device", default="cpu", type=common.device_name, help="torch device: cpu (default), cuda, ...")
     p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE,

@@ -331,6 +331,35 @@ def run_chain(args, pg, data, teacher, stages, out, chain, gen, state=None, reus
     return teacher, prev, state
 
 
+# ----------------------------------------------------------------------------------------------
+# Benchmark (boilerplate): one training iteration at a preset, random weights (python common.py bench)
+# ----------------------------------------------------------------------------------------------
+
+def bench_step(teacher, preset, device, batch=None):
+    """One update of a halving stage (every stage costs the same: two teacher calls, one student call
+    with its backward pass). Unit: images; budget: the preset's whole chain down to 1 step."""
+    from common import image_shape
+    cfg = PRESETS[preset]
+    batch = batch or cfg["batch"]
+    student = make_student(teacher)
+    opt = torch.optim.Adam(student.parameters(), lr=cfg["lr"])
+    stages = stage_steps(1, cfg["start_steps"])
+    updates = sum(round(cfg["iters"] * (cfg["later_factor"] if N <= cfg["later_steps"] else 1)) for N in stages)
+    shape, N = image_shape(student.net), stages[0]
+
+    def step():
+        x = torch.rand((batch, *shape), device=device) * 2 - 1
+        eps, i = torch.randn((batch, *shape), device=device), torch.randint(N, (batch,))
+        with autocast(device):
+            loss = pd_loss(student, teacher, x, eps, i, N)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+
+    return dict(step=step, unit="images", per_step=batch, total=updates * cfg["batch"], nets=[teacher.net, student.net])
+
+
 def main(argv=None):
     args = parse_args(argv)
     stages = stage_steps(args.nfe, args.start_steps)

@@ -447,6 +447,34 @@ def train(args, pg):
     return all_metrics if variable else all_metrics[0]
 
 
+# ----------------------------------------------------------------------------------------------
+# Benchmark (boilerplate): one training iteration at a preset, random weights (python common.py bench)
+# ----------------------------------------------------------------------------------------------
+
+def bench_step(teacher, preset, device, batch=None):
+    """Alg. 2 for one batch of trajectories at NFE 4: the teacher's roll-out and the student's steps with
+    their updates, as train() runs them. Unit: trajectories; budget: the preset's SFD length."""
+    cfg = PRESETS[preset]
+    batch = batch or cfg["batch"]
+    net = student_from(teacher.net)
+    D, opt = Denoiser(net), torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    t = student_grid(4)
+    fine, shape = teacher_grid(t, 4), image_shape(net)
+
+    def update(loss):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def step():
+        x_T = SIGMA_MAX * torch.randn((batch, *shape), device=device)                # Alg. 2 line 1
+        with autocast(device):
+            x_tilde = teacher_states(teacher, x_T, fine, 4, "dpm3m")
+        distill_trajectory(D, x_T, x_tilde, t, update)
+
+    return dict(step=step, unit="trajectories", per_step=batch, total=cfg["trajectories"], nets=[teacher.net, net])
+
+
 def main():
     args = parse_args()
     parse_nfe(args.nfe)                     # bad --nfe: one line before anything is loaded

@@ -296,6 +296,36 @@ def evaluate_second_sampler(args, pg, out, teacher, teacher_path, sample_fn, nam
     return {f"fid_{name}": fid_or_none(samples[:n], args, pg.device), f"teacher_rms_{name}": rms_distance(samples, ref)}
 
 
+# ----------------------------------------------------------------------------------------------
+# Benchmark (boilerplate): one training iteration at a preset, random weights (python common.py bench)
+# ----------------------------------------------------------------------------------------------
+
+def bench_step(teacher, preset, device, batch=None):
+    """One update of Alg. 1 at T' = 16 of T = 1024 (the loss with its hidden-map term, the EMA).
+    Unit: images; budget: the preset's images."""
+    from common import image_shape
+    cfg = PRESETS[preset]
+    batch = batch or cfg["batch"]
+    phi = subsequence(1024, 16)
+    alpha_bar_s = student_alpha_bar(teacher_alpha_bar(1024), phi)
+    net = student_from(teacher.net)
+    ema = build_net(net.config).to(device).requires_grad_(False)
+    D, opt, beta = Denoiser(net), torch.optim.Adam(net.parameters(), lr=cfg["lr"]), ema_beta(batch, cfg["ema"])
+    shape = image_shape(net)
+
+    def step():
+        x0, eps = torch.rand((batch, *shape), device=device) * 2 - 1, torch.randn((batch, *shape), device=device)
+        t = torch.randint(1, len(phi), (batch,), device=device)
+        with autocast(device):
+            loss = sfddm_loss(teacher, D, x0, t, eps, alpha_bar_s)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema_update(ema, net, beta)
+
+    return dict(step=step, unit="images", per_step=batch, total=cfg["images"], nets=[teacher.net, net, ema])
+
+
 def main():
     args = parse_args()
     cfg = dict(PRESETS[args.preset])

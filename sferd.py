@@ -572,6 +572,36 @@ def base_run_metrics(args):
             f"`python {args.base}.py` with the same settings)"}
 
 
+# ----------------------------------------------------------------------------------------------
+# Benchmark (boilerplate): one training iteration at a preset, random weights (python common.py bench)
+# ----------------------------------------------------------------------------------------------
+
+def bench_step(teacher, preset, device, batch=None):
+    """One update of SFERD-PD's base phase: PD with the attention-guided teacher (two teacher U-Net calls
+    per teacher step, Alg. 1 lines 8-13). Unit: images; budget: its PD chain from 1024 steps (paper) to 1;
+    the predictor and latent-DDPM phases (smaller networks) are not counted."""
+    cfg = pd.PRESETS[preset]
+    batch = batch or cfg["batch"]
+    T = GuidedTeacher(teacher, w=PRESETS[preset]["w"])
+    student = pd.make_student(teacher)
+    opt = torch.optim.Adam(student.parameters(), lr=cfg["lr"])
+    stages = pd.stage_steps(1, {"paper": 1024}.get(preset, cfg["start_steps"]))
+    updates = sum(round(cfg["iters"] * (cfg["later_factor"] if N <= cfg["later_steps"] else 1)) for N in stages)
+    shape, N = common.image_shape(student.net), stages[0]
+
+    def step():
+        x = torch.rand((batch, *shape), device=device) * 2 - 1
+        eps, i = torch.randn((batch, *shape), device=device), torch.randint(N, (batch,))
+        with common.autocast(device):
+            loss = pd.pd_loss(student, T, x, eps, i, N)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+
+    return dict(step=step, unit="images", per_step=batch, total=updates * cfg["batch"], nets=[teacher.net, student.net])
+
+
 def main(argv=None):
     args = parse_args(argv)
     pg = common.Dist(args.device)

@@ -347,7 +347,7 @@ def test_fid_cli_bad_weight_file_is_one_line(fashion_dir, tmp_path, monkeypatch,
 def test_fid_bad_inputs_are_one_line(tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / "obj.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(1))
     code, _, err = main_exit(fid, [tmp_path / "obj.npz", tmp_path / "obj.npz"], monkeypatch, capsys)
-    assert code == 2 and len(err) == 1 and "not a .npz of FID statistics" in err[0], err
+    assert code == 2 and len(err) == 1 and "not a readable .npz of plain arrays" in err[0], err
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
     (tmp_path / "imgs" / "b.png").write_text("not an image")

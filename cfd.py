@@ -56,6 +56,7 @@ Run:
   python cfd.py --dataset cifar10 --preset paper --nfe 1           # CUDA: PD 1024->8, RCFD 8->4->2->1
   torchrun --nproc_per_node=2 cfd.py --preset smoke                # two processes (gloo on CPU)
 """
+import argparse
 import json
 import math
 from pathlib import Path
@@ -117,6 +118,8 @@ def parse_args(argv=None):
                    "student steps (paper 2)")
     p.add_argument("--later-steps", type=int, default=None, help="see --later-factor (default 2)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (paper 1.0)")
+    p.add_argument("--xflip", action=argparse.BooleanOptionalAction, default=True, help="flip each training image "
+                   "left-right with probability 1/2, PD chain included (the authors' RandomHorizontalFlip; default on)")
     p.add_argument("--ckpt-every", type=int, default=None, help="updates between checkpoints (default: the preset's)")
     args = p.parse_args(argv)
     cfg = PRESETS[args.preset]
@@ -310,7 +313,8 @@ def pd_metrics(folder, args, teacher_path):
     if not path.exists():
         return None
     m = json.loads(path.read_text())
-    if m.get("nfe") != args.nfe or m.get("start_steps") != args.start_steps or m.get("teacher") != str(teacher_path):
+    if (m.get("nfe"), m.get("start_steps"), m.get("teacher"), m.get("xflip")) != (args.nfe, args.start_steps,
+                                                                                str(teacher_path), args.xflip):
         return None
     same = (m.get("iters_per_stage"), m.get("batch"), m.get("lr")) == (args.iters, args.batch, args.lr)
     return {k: m.get(k) for k in ("fid", "fid_n", "teacher_rms", "images_seen", "iters_per_stage", "lr", "batch")} | {
@@ -331,7 +335,7 @@ def main(argv=None):
     pg.log(f"cfd: {args.dataset}, preset {args.preset}, PD {args.start_steps} -> {args.cfd_from} steps in {folder}, then "
            f"{args.variant} -> {' -> '.join(map(str, stages))} (tau, beta, gamma {hparams}); classifier {cls_path} "
            f"(test acc {cls_acc}); {args.iters:,} updates of {args.batch} per stage, {pg.world} process(es) on {pg.device}")
-    chain = dict(start_steps=args.start_steps, teacher=str(Path(teacher_path).resolve()))     # as pd.main
+    chain = dict(start_steps=args.start_steps, teacher=str(Path(teacher_path).resolve()), xflip=args.xflip)   # as pd.main
     try:                                     # pd.py's stage files: reused whatever --resume says
         start, _, state = pd.run_chain(args, pg, data, teacher, pd_stages, folder, chain, gen, reuse=True)
     except UserError as e:
@@ -365,7 +369,7 @@ def main(argv=None):
     info = dict(method="cfd", variant=args.variant, nfe=args.nfe, train_seconds=state["seconds"], images_seen=state["images"],
                 start_steps=args.start_steps, cfd_from=args.cfd_from, pd_dir=str(folder), pd_stages=pd_stages, stages=stages,
                 stage_hparams={N: dict(zip(("tau", "beta", "gamma"), h)) for N, h in hparams.items()},
-                iters_per_stage=args.iters, lr=args.lr, batch=args.batch, classifier=str(cls_path),
+                iters_per_stage=args.iters, lr=args.lr, batch=args.batch, xflip=args.xflip, classifier=str(cls_path),
                 classifier_test_acc=cls_acc, pd_baseline=baseline, sampler="DDIM, x_hat clipped to [-1, 1]")
     # The report compares with the original teacher's solvers.
     report(args, pg, out / f"nfe{args.nfe}", teacher, chain["teacher"], lambda eps: pd.sample_ddim(student, eps, args.nfe),

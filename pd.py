@@ -43,6 +43,7 @@ Run:
   python pd.py --dataset cifar10 --preset paper --start-steps 1024 --nfe 4   # the SFERD/CFD baseline
   torchrun --nproc_per_node=2 pd.py --preset smoke              # two processes (gloo on CPU)
 """
+import argparse
 import time
 from pathlib import Path
 
@@ -85,6 +86,8 @@ def parse_args(argv=None):
                         "(paper 2; default: the preset's)")
     p.add_argument("--later-steps", type=int, default=None, help="see --later-factor (default 2)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (paper 1.0)")
+    p.add_argument("--xflip", action=argparse.BooleanOptionalAction, default=True, help="flip each training image "
+                   "left-right with probability 1/2 (the authors' randflip = True; default on)")
     p.add_argument("--ckpt-every", type=int, default=None, help="updates between checkpoints (default: the preset's)")
     args = p.parse_args(argv)
     cfg = PRESETS[args.preset]
@@ -186,6 +189,12 @@ def sample_ddim(D, eps, N, clip=True):
     return z
 
 
+def random_xflip(x, gen):
+    """Each image flipped left-right with probability 1/2 (the authors' randflip); draws from gen."""
+    flip = (torch.rand(len(x), generator=gen) < 0.5).reshape(-1, 1, 1, 1).to(x.device)
+    return torch.where(flip, x.flip(-1), x)
+
+
 def make_student(teacher):
     """theta <- eta (Alg. 2): a trainable copy of the teacher's U-Net, dropout off (authors' config)."""
     net = student_from(teacher.net)
@@ -263,6 +272,8 @@ def train_stage(args, pg, data, teacher, N, gen, state, out, chain, loss_fn=pd_l
     loss = torch.zeros(())
     while k < iters:
         x = to_float(random_batch(data, local, gen)).to(pg.device)
+        if getattr(args, "xflip", False):                    # sferd.py's runs have no --xflip: no flips
+            x = random_xflip(x, gen)
         eps = torch.randn(x.shape, generator=gen).to(pg.device)
         i = torch.randint(N, (local,), generator=gen)
         with autocast(pg.device):
@@ -339,11 +350,11 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
     pg.log(f"pd: {args.dataset}, preset {args.preset}, {args.start_steps} -> {' -> '.join(map(str, stages)) or 'no stage'} "
            f"steps, {args.iters:,} updates of {args.batch} per stage, lr {args.lr:g}, {pg.world} process(es) on {pg.device}")
-    chain = dict(start_steps=args.start_steps, teacher=str(Path(teacher_path).resolve()))
+    chain = dict(start_steps=args.start_steps, teacher=str(Path(teacher_path).resolve()), xflip=args.xflip)
     student, _, state = run_chain(args, pg, data, teacher, stages, out, chain, gen)   # the teacher itself if no stage
     info = dict(method="pd", variant="pd", nfe=args.nfe, train_seconds=state["seconds"], images_seen=state["images"],
                 start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters, lr=args.lr,
-                batch=args.batch, sampler="DDIM, x_hat clipped to [-1, 1]")
+                batch=args.batch, xflip=args.xflip, sampler="DDIM, x_hat clipped to [-1, 1]")
     # The report compares with the original teacher's solvers.
     report(args, pg, out / f"nfe{args.nfe}", teacher, chain["teacher"], lambda eps: sample_ddim(student, eps, args.nfe),
            info, data.shape[1:])

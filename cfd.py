@@ -15,16 +15,24 @@ What is implemented (../shared/specs/METHODS.md, section 5):
     target image x^T = x~ (pd.teacher_target, Eq. 12), the student's x^S = theta(z_t); both go, in
     [-1, 1] as they are, through the frozen classifier's extractor (Eq. 3):
         L_CFD = KL(softmax(F^T/tau) || softmax(F^S))                          (Eq. 4)
-    softmax over the globally pooled feature channels, temperature on the teacher only, batch mean.
-    Gradients flow through the frozen classifier into the student.
+    softmax over the globally pooled feature channels, temperature on the teacher only, batch mean:
+    the argument order of the authors' code (diffusion.py, GaussianDiffusionSampler.RCFD:
+    F.kl_div(log_softmax(feat_S), softmax(feat_T/temp)), reduction batchmean). Gradients flow through
+    the frozen classifier into the student.
   - RCFD (default --variant rcfd), with p = softmax(cls(x^S)) (the classifier's class probabilities):
         L_entropy = mean_b(-sum_c p_c log p_c)                                 (Eq. 5)
         L_diversity = sum_c p^_c log p^_c,  p^ = mean_b p                      (Eq. 6)
         L_RCFD = L_CFD + beta*(gamma*L_entropy + (1-gamma)*L_diversity)        (Eq. 7)
+    Under torchrun, p^ is the mean over each process's share of the batch, as in the authors' code
+    (Diversity() on each GPU's batch of RCFD.py's DistributedDataParallel run).
     Per-stage tau/beta/gamma default to the paper's ResNet-18 settings (App. C.4). --variant cfd is
     beta = 0, the L_CFD-only ablation (Tables 2-3), here with the ResNet-18 classifier and its taus:
     the paper gives no ResNet-18 L_CFD-only tau (its DenseNet-201 runs use 0.9/1/0.85: --tau).
-  - Adam, cosine-annealed lr, gradient clip 1, student copied from its teacher each stage (App. C.4).
+  - Adam, cosine-annealed lr, gradient clip 1, student copied from its teacher each stage (App. C.4;
+    the authors' RCFD.py: CosineAnnealingLR over the stage); App. C.4's "20000 for 4 to 1-step" read as
+    the 4->2 and 2->1 stages (the paper preset doubles stages whose student has <= 2 steps; METHODS.md
+    reads it as 2->1 only). Training images are flipped left-right at random (--xflip, on by default:
+    RCFD.py's RandomHorizontalFlip), in the PD chain too.
   - The classifier: a ResNet-18-style net (He et al. 2016; CIFAR stem, smaller in smoke/lab), trained
     here on the dataset's labels on first use and cached in runs/<dataset>/classifier-<preset>/ with
     its test accuracy, or --classifier PATH.
@@ -37,18 +45,28 @@ What is implemented (../shared/specs/METHODS.md, section 5):
     the 4-step result. --resume after changing --teacher, --classifier, --tau/--beta/--gamma or
     --variant is refused.
 
-Deviations from the paper, and why:
+Deviations from the paper and the authors' code, and why (all fewstep's own choices):
   - Teacher: fewstep's shared EDM denoiser, called through the cosine VP adapter (as pd.py).
+  - Schedule: pd.py's continuous-time cosine log-SNR schedule (t in [0, 1], t = (i+1)/N), not the CFD
+    paper's: "the cosine schedule introduced in [8]" (Sec. 4.1), iDDPM's discrete cosine alpha_bar
+    (s = 0.008, betas clipped at 0.999) on a 1024-step integer grid (the authors' diffusion.py,
+    make_beta_cosine; t in {2, 4, ..., T} for a T-step teacher). Why: one schedule for PD and CFD, so
+    the PD chain's files are shared with pd.py and RCFD is compared with PD on the same grid. The two
+    cosines nearly agree in EDM sigma = sqrt((1 - alpha_bar)/alpha_bar) at the grid points (t = 1:
+    2.08e4 vs 2.20e4; 1016/1024: 82.2 vs 81.2; 1/2: 1.014 vs 1.000; 1/8: 0.211 vs 0.199) and differ at
+    the low-noise end (2/1024: 0.0116 vs 0.0031); for what sigma ~2e4 at t = 1 means for the shared
+    teacher, see pd.py.
   - The PD chain anneals its lr linearly (pd.py's PD), where App. C.4's common setting says cosine
     for the whole 1024 -> 4 range; its updates, batch and lr are cfd.py's (App. C.4) in every preset.
-  - Under torchrun, L_diversity (Eq. 6) averages p over each process's share of the batch.
-  - The classifier is trained without augmentation, on rank 0 only (a cheap preliminary; BatchNorm
-    statistics then need no synchronisation); lab uses a narrow 4-stage ResNet (one block per stage)
-    trained for one epoch so the 2-core CPU run stays within minutes.
+  - The classifier recipe is not the authors' (classifier/train.py: SGD momentum 0.9, lr 0.1 divided
+    by 10 at epochs 150 and 225, weight decay 5e-4, batch 128, 300 epochs, random crop with 4-pixel
+    padding, flips, AutoAugment's CIFAR-10 policy and Cutout 16): here Adam with a cosine lr, no
+    augmentation and no weight decay, on rank 0 only (a cheap preliminary; BatchNorm statistics then
+    need no synchronisation), for about 30 epochs in the paper preset; lab uses a narrow 4-stage ResNet
+    (one block per stage) trained for one epoch so the 2-core CPU run stays within minutes. The
+    classifier sees images in [-1, 1] as the diffusion model outputs them (METHODS.md 5).
   - Lab starts PD at 32 steps with pd.py's lab budget (not 1024) and trains each CFD stage for the same
     few hundred updates as a pd.py lab stage, so the two compare at equal budget.
-  - Paper App. C.4 doubles the updates "for 4 to 1-step"; METHODS.md reads this as 2 -> 1 only. The
-    paper preset doubles stages whose student has <= 2 steps (4->2 and 2->1), the literal reading.
 
 Run:
   python cfd.py --dataset fashion --nfe 4                          # CPU lab: PD 32->16->8, RCFD 8->4

@@ -160,6 +160,16 @@ def test_classifier_frozen_student_gets_gradients_and_eq7_sums(tmp_path):
     # ... not swapped, not at another tau, not on the class logits (Fig. 4's "prediction distribution").
     for wrong in (cfd.cfd_loss(F_T, F_S, tau), cfd.cfd_loss(F_S, F_T, 1.0), cfd.cfd_loss(cls.fc(F_S), cls.fc(F_T), tau)):
         assert parts["cfd"].item() != pytest.approx(wrong.item(), rel=1e-2)
+    # Eqs. 5-6 on p = softmax(cls(x^S)), the class probabilities, not on the pooled features.
+    p = torch.softmax(cls.fc(F_S), dim=1)
+    assert parts["entropy"].item() == pytest.approx(cfd.entropy_loss(p).item(), rel=1e-5)
+    assert parts["diversity"].item() == pytest.approx(cfd.diversity_loss(p).item(), rel=1e-5)
+    p_feat = torch.softmax(F_S, dim=1)
+    assert parts["entropy"].item() != pytest.approx(cfd.entropy_loss(p_feat).item(), rel=1e-2)
+    # ... and p is not detached: entropy and diversity each reach the student.
+    for term in ("entropy", "diversity"):
+        g = torch.autograd.grad(parts[term], list(student.parameters()), retain_graph=True, allow_unused=True)
+        assert sum(x.abs().sum().item() for x in g if x is not None) > 0, term
     # The feature KL alone reaches the student (through the frozen classifier).
     parts["cfd"].backward(retain_graph=True)
     grads = [p.grad for p in student.parameters() if p.grad is not None]
@@ -226,11 +236,12 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
     a = tmp_path / "a"
     m = json.loads((a / "nfe2" / "metrics.json").read_text())
     assert m["method"] == "cfd" and m["variant"] == "rcfd" and m["nfe"] == 2 and (a / "nfe2" / "samples.png").exists()
-    assert m["pd_stages"] == [4] and m["stages"] == [2] and m["teacher_rms"] > 0
+    assert m["pd_stages"] == [4] and m["stages"] == [2] and m["xflip"] is True
     assert m["images_seen"] == 2 * 3 * 8                         # PD 8->4 and RCFD 4->2, 3 updates of 8
     assert 0 <= m["classifier_test_acc"] <= 1
-    assert m["pd_baseline"]["teacher_rms"] > 0 and m["pd_baseline"]["images_seen"] == m["images_seen"]
-    assert (a / "pd-baseline" / "nfe2" / "metrics.json").exists()
+    b = json.loads((a / "pd-baseline" / "nfe2" / "metrics.json").read_text())       # the baseline run's own record
+    assert m["pd_baseline"]["teacher_rms"] == b["teacher_rms"] and b["variant"] == "pd-baseline"
+    assert m["pd_baseline"]["images_seen"] == b["images_seen"] == m["images_seen"]
     assert (tmp_path / "runs" / "fashion" / "classifier-smoke" / "classifier.pt").exists()
     assert (tmp_path / "runs" / "fashion" / "pd-smoke" / "student-4steps.pt").exists()   # pd.py's stage file
     # A second run reuses pd.py's 4-step student (and its RNG state: the CFD stage equals run a's) and
@@ -279,6 +290,24 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
     teacher2 = shutil.copy(smoke_teacher, tmp_path / "teacher2.pt")
     with pytest.raises(common.UserError, match="teacher .*--pd-dir"):
         cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd, "--resume", "--teacher", teacher2))
+
+
+def test_each_cfd_stage_trains_eq7_with_its_own_tau(fashion_dir, smoke_teacher, tmp_path, monkeypatch):
+    """main(): after the PD chain (8 -> 4), each CFD stage (4 -> 2, 2 -> 1) trains every update with Eq. 7
+    (rcfd_loss, passed to pd.train_stage), at the paper's (tau, beta, gamma) of that stage (App. C.4)."""
+    monkeypatch.chdir(tmp_path)
+    calls, real = [], cfd.rcfd_loss
+
+    def spy(student, teacher, cls, x, eps, i, N, tau, beta, gamma):
+        calls.append((N, tau, beta, gamma))
+        return real(student, teacher, cls, x, eps, i, N, tau, beta, gamma)
+
+    monkeypatch.setattr(cfd, "rcfd_loss", spy)
+    monkeypatch.setattr(cfd, "report", lambda *a, **k: None)                    # training only
+    cfd.main(["--preset", "smoke", "--data-dir", str(fashion_dir), "--teacher", str(smoke_teacher), "--out",
+              str(tmp_path / "spy"), "--nfe", "1", "--start-steps", "8", "--cfd-from", "4", "--pd-dir", str(tmp_path / "pd")])
+    iters = cfd.PRESETS["smoke"]["iters"]
+    assert calls == [(2, 0.95, 0.003, 0.75)] * iters + [(1, 0.85, 0.003, 0.5)] * iters
 
 
 def test_torchrun_two_processes(fashion_dir, smoke_teacher, tmp_path):

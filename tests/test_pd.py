@@ -160,14 +160,17 @@ def test_random_xflip_flips_the_drawn_half():
     assert torch.equal(out[flip], x[flip].flip(-1)) and torch.equal(out[~flip], x[~flip])
 
 
-def test_chain_teachers_students_lr_and_flips(fashion_dir, smoke_teacher, tmp_path, monkeypatch):
+def test_chain_teachers_students_lr_and_flips(tmp_path, monkeypatch):
     """Alg. 2's outer loop, watched from inside: stage 8 -> 4 distils the original teacher, stage 4 -> 2 the
     finished 4-step student (eta <- theta), each student starts as an exact copy of its teacher, the lr is
     annealed linearly to 0 over each stage (the authors' config), and the training images are x-flipped."""
-    args = pd.parse_args(smoke_args(fashion_dir, smoke_teacher, tmp_path / "spy", "--nfe", 2))
+    args = pd.parse_args(["--preset", "smoke", "--nfe", "2", "--out", str(tmp_path / "spy")])
     pg = common.Dist("cpu")
-    data, _ = common.load_dataset("fashion", args.data_dir)
-    teacher, path = common.load_teacher(args, pg)
+    data = torch.randint(0, 256, (16, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)                                     # a tiny teacher: the loop is under test, not the net
+    net = common.build_net(dict(in_ch=1, res=16, ch=8, mults=(1,), blocks=1, attn_res=(), heads=1, dropout=0.0))
+    torch.nn.init.normal_(net.conv_out.weight, std=0.1)
+    teacher, path = common.Denoiser(net).eval().requires_grad_(False), tmp_path / "teacher.pt"
     weights_of = lambda D: {k: v.clone() for k, v in D.net.state_dict().items()}
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
     seen, lrs = [], []

@@ -44,6 +44,7 @@ Run:
   torchrun --nproc_per_node=2 pd.py --preset smoke              # two processes (gloo on CPU)
 """
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -68,6 +69,11 @@ PRESETS = {
     # anneal), clip 1, no EMA; the paper notes the 2- and 1-step stages gain from twice the updates.
     "paper": dict(start_steps=8192, iters=50_000, batch=128, lr=5e-5, later_factor=2.0, later_steps=2, ckpt_every=5_000),
 }
+
+
+# The cosine schedule's lambda at t = 1: -2 ln 80, so that t = 1 is EDM sigma = exp(-lambda/2) = 80, the shared
+# teacher's sigma_max (the authors' -20 would put t = 1 at sigma 2.2e4, outside what an EDM teacher saw; see the header).
+LOGSNR_MIN = -2 * math.log(80.0)
 
 
 def parse_args(argv=None):
@@ -121,8 +127,9 @@ def stage_steps(nfe, start_steps):
 # ----------------------------------------------------------------------------------------------
 
 def alpha_sigma(t, like):
-    """alpha_t, sigma_t of the cosine schedule as B x 1 x 1 x 1 float tensors on like's device."""
-    alpha, sigma = cosine_alpha_sigma(t)
+    """alpha_t, sigma_t of the cosine schedule (ending at the teacher's sigma_max: LOGSNR_MIN) as
+    B x 1 x 1 x 1 float tensors on like's device."""
+    alpha, sigma = cosine_alpha_sigma(t, logsnr_min=LOGSNR_MIN)
     shape = (-1, 1, 1, 1)
     return alpha.reshape(shape).to(like.device, like.dtype), sigma.reshape(shape).to(like.device, like.dtype)
 

@@ -31,8 +31,8 @@ def gaussian_denoiser(mu=MU, var=VAR):
 
 def cosine(t):
     """The cosine schedule written out independently: (alpha_t, sigma_t, EDM sigma = sigma_t/alpha_t)."""
-    b = math.atan(math.exp(-20 / 2))
-    a = math.atan(math.exp(20 / 2)) - b
+    b = math.atan(math.exp(-20 / 2))               # lambda_max = 20
+    a = math.atan(80.0) - b                           # lambda_min = -2 ln 80: EDM sigma 80 at t = 1
     logsnr = -2 * math.log(math.tan(a * t + b))
     return math.sqrt(1 / (1 + math.exp(-logsnr))), math.sqrt(1 / (1 + math.exp(logsnr))), math.exp(-logsnr / 2)
 

@@ -25,8 +25,8 @@ def gaussian_denoiser(mu=MU, var=VAR):
 
 def cosine(t):
     """The cosine schedule written out independently: (alpha_t, sigma_t, EDM sigma = sigma_t/alpha_t)."""
-    b = math.atan(math.exp(-20 / 2))
-    a = math.atan(math.exp(20 / 2)) - b
+    b = math.atan(math.exp(-20 / 2))               # lambda_max = 20
+    a = math.atan(80.0) - b                           # lambda_min = -2 ln 80: EDM sigma 80 at t = 1
     logsnr = -2 * math.log(math.tan(a * t + b))
     alpha, sigma = math.sqrt(1 / (1 + math.exp(-logsnr))), math.sqrt(1 / (1 + math.exp(logsnr)))
     return alpha, sigma, math.exp(-logsnr / 2)
@@ -41,6 +41,16 @@ def batch(i_values, seed=0):
 
 
 # --- The method's equations -------------------------------------------------------------------
+
+def test_schedule_ends_at_the_teachers_sigma_max():
+    """t = 1 is EDM sigma 80 (the shared teacher's sigma_max), not the authors' 2.2e4; sigma grows with t."""
+    t = torch.tensor([1.0, 0.5, 0.25, 1 / 32], dtype=torch.float64)
+    alpha, sigma = pd.alpha_sigma(t, torch.zeros(1, dtype=torch.float64))
+    edm = (sigma / alpha).flatten()
+    assert edm[0].item() == pytest.approx(80.0, rel=1e-6)
+    assert torch.allclose(alpha**2 + sigma**2, torch.ones_like(alpha)) and (edm[:-1] > edm[1:]).all()
+    assert edm.tolist() == pytest.approx([cosine(tk)[2] for tk in t.tolist()], rel=1e-6)
+
 
 @pytest.mark.parametrize("N", [2, 4, 16])
 def test_target_makes_one_student_step_land_on_two_teacher_steps(N):

@@ -46,7 +46,7 @@ Deviations from the paper, and why:
     32 steps: FID-500 65.34 with -20, 65.79 truncated, but teacher_rms 0.106 against 0.055 (the
     truncated chain follows the teacher's ODE from 80); 4 steps: FID-500 78.38 against 74.58 (teacher_rms
     0.296, 0.244); 1 step: teacher_rms 0.467, 0.434. The grid then also moves: t = 31/32 is sigma 16.3,
-    not 20.4.
+    not 20.3.
 
 Run:
   python pd.py --dataset fashion --nfe 4                        # CPU lab preset: 32 -> 16 -> 8 -> 4 steps

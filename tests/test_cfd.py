@@ -293,21 +293,35 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
 
 
 def test_each_cfd_stage_trains_eq7_with_its_own_tau(fashion_dir, smoke_teacher, tmp_path, monkeypatch):
-    """main(): after the PD chain (8 -> 4), each CFD stage (4 -> 2, 2 -> 1) trains every update with Eq. 7
-    (rcfd_loss, passed to pd.train_stage), at the paper's (tau, beta, gamma) of that stage (App. C.4)."""
+    """main(): after the PD chain (8 -> 4, pd.py's loss), each CFD stage (4 -> 2, 2 -> 1) is given Eq. 7
+    (rcfd_loss, as pd.train_stage's loss_fn) at the paper's (tau, beta, gamma) of that stage (App. C.4) and
+    the cosine lr. pd.run_chain is replaced by one evaluation of the loss it is given (the loop itself is
+    test_pd's)."""
     monkeypatch.chdir(tmp_path)
     calls, real = [], cfd.rcfd_loss
 
     def spy(student, teacher, cls, x, eps, i, N, tau, beta, gamma):
-        calls.append((N, tau, beta, gamma))
+        calls.append(("rcfd", N, tau, beta, gamma))
         return real(student, teacher, cls, x, eps, i, N, tau, beta, gamma)
 
+    def one_evaluation(args, pg, data, teacher, stages, out, chain, gen, state=None, reuse=None, **kw):
+        x = common.to_float(data[:2])
+        for N in stages:
+            calls.append(("stage", N, kw.get("lr_factor", pd.linear_anneal).__name__, chain.get("tau")))
+            kw.get("loss_fn", pd.pd_loss)(teacher, teacher, x, torch.randn_like(x), torch.zeros(2, dtype=torch.long), N)
+        return teacher, teacher, dict(images=0, seconds=0.0) if state is None else state
+
     monkeypatch.setattr(cfd, "rcfd_loss", spy)
-    monkeypatch.setattr(cfd, "report", lambda *a, **k: None)                    # training only
+    monkeypatch.setattr(pd, "run_chain", one_evaluation)
+    monkeypatch.setattr(cfd, "report", lambda *a, **k: None)
+    net = cfd.ResNet(1, 10, 4, (1,))
+    common.save_checkpoint(tmp_path / "cls.pt", "cfd-classifier", config=net.config, net=net.state_dict(), test_acc=0.5)
     cfd.main(["--preset", "smoke", "--data-dir", str(fashion_dir), "--teacher", str(smoke_teacher), "--out",
-              str(tmp_path / "spy"), "--nfe", "1", "--start-steps", "8", "--cfd-from", "4", "--pd-dir", str(tmp_path / "pd")])
-    iters = cfd.PRESETS["smoke"]["iters"]
-    assert calls == [(2, 0.95, 0.003, 0.75)] * iters + [(1, 0.85, 0.003, 0.5)] * iters
+              str(tmp_path / "spy"), "--nfe", "1", "--start-steps", "8", "--cfd-from", "4", "--classifier",
+              str(tmp_path / "cls.pt")])
+    assert calls == [("stage", 4, "linear_anneal", None),
+                     ("stage", 2, "cosine_anneal", 0.95), ("rcfd", 2, 0.95, 0.003, 0.75),
+                     ("stage", 1, "cosine_anneal", 0.85), ("rcfd", 1, 0.85, 0.003, 0.5)]
 
 
 def test_torchrun_two_processes(fashion_dir, smoke_teacher, tmp_path):

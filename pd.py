@@ -191,7 +191,8 @@ def pd_loss(student, teacher, x, eps, i, N):
 
 @torch.no_grad()
 def sample_ddim(D, eps, N, clip=True):
-    """DDIM on the N-step grid t_k = k/N from z_1 = eps (the paper's start; alpha_1 ~ e^-10, not 0);
+    """DDIM on the N-step grid t_k = k/N from z_1 = eps (the paper's start; alpha_1 = 1/sqrt(1 + 80^2), not 0,
+    and the signal it would carry is dropped, as EDM's x = 80*eps drops it);
     x_hat clipped to [-1, 1] and eps_hat recomputed from it (authors' _run_model); the last step
     returns x_hat. N network calls."""
     z = eps

@@ -51,11 +51,10 @@ Deviations from the paper and the authors' code, and why (all fewstep's own choi
     paper's: "the cosine schedule introduced in [8]" (Sec. 4.1), iDDPM's discrete cosine alpha_bar
     (s = 0.008, betas clipped at 0.999) on a 1024-step integer grid (the authors' diffusion.py,
     make_beta_cosine; t in {2, 4, ..., T} for a T-step teacher). Why: one schedule for PD and CFD, so
-    the PD chain's files are shared with pd.py and RCFD is compared with PD on the same grid. The two
-    cosines nearly agree in EDM sigma = sqrt((1 - alpha_bar)/alpha_bar) at the grid points (t = 1:
-    2.08e4 vs 2.20e4; 1016/1024: 82.2 vs 81.2; 1/2: 1.014 vs 1.000; 1/8: 0.211 vs 0.199) and differ at
-    the low-noise end (2/1024: 0.0116 vs 0.0031); for what sigma ~2e4 at t = 1 means for the shared
-    teacher, see pd.py.
+    the PD chain's files are shared with pd.py and RCFD is compared with PD on the same grid. In EDM
+    sigma = sqrt((1 - alpha_bar)/alpha_bar) the authors' grid has t = 1: 2.08e4, 1016/1024: 82.2,
+    7/8: 5.07, 1/2: 1.014, 1/8: 0.211, 2/1024: 0.0116; pd.py's 80, 40.5, 4.76, 0.988, 0.197, 0.0031
+    (pd.py's ends at the shared teacher's sigma_max = 80: see its header).
   - The PD chain anneals its lr linearly (pd.py's PD), where App. C.4's common setting says cosine
     for the whole 1024 -> 4 range; its updates, batch and lr are cfd.py's (App. C.4) in every preset.
   - The classifier recipe is not the authors' (classifier/train.py: SGD momentum 0.9, lr 0.1 divided

@@ -15,16 +15,24 @@ What is implemented (../shared/specs/METHODS.md, section 5):
     target image x^T = x~ (pd.teacher_target, Eq. 12), the student's x^S = theta(z_t); both go, in
     [-1, 1] as they are, through the frozen classifier's extractor (Eq. 3):
         L_CFD = KL(softmax(F^T/tau) || softmax(F^S))                          (Eq. 4)
-    softmax over the globally pooled feature channels, temperature on the teacher only, batch mean.
-    Gradients flow through the frozen classifier into the student.
+    softmax over the globally pooled feature channels, temperature on the teacher only, batch mean:
+    the argument order of the authors' code (diffusion.py, GaussianDiffusionSampler.RCFD:
+    F.kl_div(log_softmax(feat_S), softmax(feat_T/temp)), reduction batchmean). Gradients flow through
+    the frozen classifier into the student.
   - RCFD (default --variant rcfd), with p = softmax(cls(x^S)) (the classifier's class probabilities):
         L_entropy = mean_b(-sum_c p_c log p_c)                                 (Eq. 5)
         L_diversity = sum_c p^_c log p^_c,  p^ = mean_b p                      (Eq. 6)
         L_RCFD = L_CFD + beta*(gamma*L_entropy + (1-gamma)*L_diversity)        (Eq. 7)
+    Under torchrun, p^ is the mean over each process's share of the batch, as in the authors' code
+    (Diversity() on each GPU's batch of RCFD.py's DistributedDataParallel run).
     Per-stage tau/beta/gamma default to the paper's ResNet-18 settings (App. C.4). --variant cfd is
     beta = 0, the L_CFD-only ablation (Tables 2-3), here with the ResNet-18 classifier and its taus:
     the paper gives no ResNet-18 L_CFD-only tau (its DenseNet-201 runs use 0.9/1/0.85: --tau).
-  - Adam, cosine-annealed lr, gradient clip 1, student copied from its teacher each stage (App. C.4).
+  - Adam, cosine-annealed lr, gradient clip 1, student copied from its teacher each stage (App. C.4;
+    the authors' RCFD.py: CosineAnnealingLR over the stage); App. C.4's "20000 for 4 to 1-step" read as
+    the 4->2 and 2->1 stages (the paper preset doubles stages whose student has <= 2 steps; METHODS.md
+    reads it as 2->1 only). Training images are flipped left-right at random (--xflip, on by default:
+    RCFD.py's RandomHorizontalFlip), in the PD chain too.
   - The classifier: a ResNet-18-style net (He et al. 2016; CIFAR stem, smaller in smoke/lab), trained
     here on the dataset's labels on first use and cached in runs/<dataset>/classifier-<preset>/ with
     its test accuracy, or --classifier PATH.
@@ -37,18 +45,27 @@ What is implemented (../shared/specs/METHODS.md, section 5):
     the 4-step result. --resume after changing --teacher, --classifier, --tau/--beta/--gamma or
     --variant is refused.
 
-Deviations from the paper, and why:
+Deviations from the paper and the authors' code, and why (all fewstep's own choices):
   - Teacher: fewstep's shared EDM denoiser, called through the cosine VP adapter (as pd.py).
+  - Schedule: pd.py's continuous-time cosine log-SNR schedule (t in [0, 1], t = (i+1)/N), not the CFD
+    paper's: "the cosine schedule introduced in [8]" (Sec. 4.1), iDDPM's discrete cosine alpha_bar
+    (s = 0.008, betas clipped at 0.999) on a 1024-step integer grid (the authors' diffusion.py,
+    make_beta_cosine; t in {2, 4, ..., T} for a T-step teacher). Why: one schedule for PD and CFD, so
+    the PD chain's files are shared with pd.py and RCFD is compared with PD on the same grid. In EDM
+    sigma = sqrt((1 - alpha_bar)/alpha_bar) the authors' grid has t = 1: 2.08e4, 1016/1024: 82.2,
+    7/8: 5.07, 1/2: 1.014, 1/8: 0.211, 2/1024: 0.0116; pd.py's 80, 40.5, 4.76, 0.988, 0.197, 0.0031
+    (pd.py's ends at the shared teacher's sigma_max = 80: see its header).
   - The PD chain anneals its lr linearly (pd.py's PD), where App. C.4's common setting says cosine
     for the whole 1024 -> 4 range; its updates, batch and lr are cfd.py's (App. C.4) in every preset.
-  - Under torchrun, L_diversity (Eq. 6) averages p over each process's share of the batch.
-  - The classifier is trained without augmentation, on rank 0 only (a cheap preliminary; BatchNorm
-    statistics then need no synchronisation); lab uses a narrow 4-stage ResNet (one block per stage)
-    trained for one epoch so the 2-core CPU run stays within minutes.
+  - The classifier recipe is not the authors' (classifier/train.py: SGD momentum 0.9, lr 0.1 divided
+    by 10 at epochs 150 and 225, weight decay 5e-4, batch 128, 300 epochs, random crop with 4-pixel
+    padding, flips, AutoAugment's CIFAR-10 policy and Cutout 16): here Adam with a cosine lr, no
+    augmentation and no weight decay, on rank 0 only (a cheap preliminary; BatchNorm statistics then
+    need no synchronisation), for about 30 epochs in the paper preset; lab uses a narrow 4-stage ResNet
+    (one block per stage) trained for one epoch so the 2-core CPU run stays within minutes. The
+    classifier sees images in [-1, 1] as the diffusion model outputs them (METHODS.md 5).
   - Lab starts PD at 32 steps with pd.py's lab budget (not 1024) and trains each CFD stage for the same
     few hundred updates as a pd.py lab stage, so the two compare at equal budget.
-  - Paper App. C.4 doubles the updates "for 4 to 1-step"; METHODS.md reads this as 2 -> 1 only. The
-    paper preset doubles stages whose student has <= 2 steps (4->2 and 2->1), the literal reading.
 
 Run:
   python cfd.py --dataset fashion --nfe 4                          # CPU lab: PD 32->16->8, RCFD 8->4
@@ -56,6 +73,7 @@ Run:
   python cfd.py --dataset cifar10 --preset paper --nfe 1           # CUDA: PD 1024->8, RCFD 8->4->2->1
   torchrun --nproc_per_node=2 cfd.py --preset smoke                # two processes (gloo on CPU)
 """
+import argparse
 import json
 import math
 from pathlib import Path
@@ -118,6 +136,8 @@ def parse_args(argv=None):
                    "student steps (paper 2)")
     p.add_argument("--later-steps", type=int, default=None, help="see --later-factor (default 2)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (paper 1.0)")
+    p.add_argument("--xflip", action=argparse.BooleanOptionalAction, default=True, help="flip each training image "
+                   "left-right with probability 1/2, PD chain included (the authors' RandomHorizontalFlip; default on)")
     p.add_argument("--ckpt-every", type=int, default=None, help="updates between checkpoints (default: the preset's)")
     args = p.parse_args(argv)
     cfg = PRESETS[args.preset]
@@ -311,7 +331,8 @@ def pd_metrics(folder, args, teacher_sha256):
     if not path.exists():
         return None
     m = json.loads(path.read_text())
-    if m.get("nfe") != args.nfe or m.get("start_steps") != args.start_steps or m.get("teacher_sha256") != teacher_sha256:
+    if (m.get("nfe"), m.get("start_steps"), m.get("teacher_sha256"), m.get("xflip", False)) != (
+            args.nfe, args.start_steps, teacher_sha256, args.xflip):
         return None
     same = (m.get("iters_per_stage"), m.get("batch"), m.get("lr")) == (args.iters, args.batch, args.lr)
     return {k: m.get(k) for k in ("fid", "fid_n", "teacher_rms", "images_seen", "iters_per_stage", "lr", "batch")} | {
@@ -367,7 +388,7 @@ def main(argv=None):
     pg.log(f"cfd: {args.dataset}, preset {args.preset}, PD {args.start_steps} -> {args.cfd_from} steps in {folder}, then "
            f"{args.variant} -> {' -> '.join(map(str, stages))} (tau, beta, gamma {hparams}); classifier {cls_path} "
            f"(test acc {cls_acc}); {args.iters:,} updates of {args.batch} per stage, {pg.world} process(es) on {pg.device}")
-    chain = dict(start_steps=args.start_steps, teacher_sha256=fingerprint(teacher_path))     # as pd.main
+    chain = dict(start_steps=args.start_steps, teacher_sha256=fingerprint(teacher_path), xflip=args.xflip)   # as pd.main
     try:                                     # pd.py's stage files: reused whatever --resume says
         start, _, state = pd.run_chain(args, pg, data, teacher, pd_stages, folder, chain, gen, reuse=True)
     except UserError as e:
@@ -401,7 +422,7 @@ def main(argv=None):
     info = dict(method="cfd", variant=args.variant, nfe=args.nfe, train_seconds=state["seconds"], images_seen=state["images"],
                 start_steps=args.start_steps, cfd_from=args.cfd_from, pd_dir=str(folder), pd_stages=pd_stages, stages=stages,
                 stage_hparams={N: dict(zip(("tau", "beta", "gamma"), h)) for N, h in hparams.items()},
-                iters_per_stage=args.iters, lr=args.lr, batch=args.batch, classifier=str(cls_path),
+                iters_per_stage=args.iters, lr=args.lr, batch=args.batch, xflip=args.xflip, classifier=str(cls_path),
                 classifier_test_acc=cls_acc, pd_baseline=baseline, sampler="DDIM, x_hat clipped to [-1, 1]")
     # The report compares with the original teacher's solvers.
     report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(student, eps, args.nfe),

@@ -461,9 +461,9 @@ def cosine_logsnr(t, logsnr_min=-20.0, logsnr_max=20.0):
     return -2 * torch.log(torch.tan(a * torch.as_tensor(t, dtype=torch.float64) + b))
 
 
-def cosine_alpha_sigma(t):
+def cosine_alpha_sigma(t, logsnr_min=-20.0, logsnr_max=20.0):
     """alpha_t, s_t of the cosine schedule: alpha^2 = sigmoid(logsnr), s^2 = sigmoid(-logsnr)."""
-    logsnr = cosine_logsnr(t)
+    logsnr = cosine_logsnr(t, logsnr_min, logsnr_max)
     return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
 
 

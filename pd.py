@@ -6,7 +6,8 @@ diffusion_distillation/ (dpm.py, training_losses; config/cifar_distill.py).
 
 What is implemented (../shared/specs/METHODS.md, section 1):
   - The cosine VP schedule in continuous t in [0, 1], in the paper's notation: z_t = alpha_t*x + sigma_t*eps,
-    alpha_t^2 + sigma_t^2 = 1, log-SNR lambda_t = -2 ln tan(a t + b) (common.cosine_alpha_sigma).
+    alpha_t^2 + sigma_t^2 = 1, log-SNR lambda_t = -2 ln tan(a t + b) (common.cosine_alpha_sigma) from
+    lambda_max = 20 at t = 0 to LOGSNR_MIN = -2 ln 80 at t = 1 (see the deviations).
     Here sigma_t is the paper's VP noise level; the EDM noise level of the same point is sigma_t/alpha_t.
     Every network (the shared EDM teacher, each student) is called through the VP adapter
     common.vp_predict: x_hat(z_t) = D(z_t/alpha_t, sigma_t/alpha_t).
@@ -18,8 +19,10 @@ What is implemented (../shared/specs/METHODS.md, section 1):
     teacher DDIM steps t -> t' = t - 0.5/N -> t'' = t - 1/N; the target x~ is the x_hat that makes one
     student DDIM step t -> t'' land on the teacher's z_t''; at i = 0 (t'' = 0) it is the teacher's
     last x_hat (authors' code). Loss max(SNR_t, 1)*|x_hat_theta(z_t) - x~|^2 ("truncated SNR", Sec. 4).
-  - Adam, lr annealed linearly to 0 over each stage, gradient clipping at norm 1, no EMA (authors'
-    config); stages whose student has <= --later-steps steps may train --later-factor times longer.
+  - Adam, lr annealed linearly to 0 over each stage, gradient clipping at norm 1, no EMA, dropout off in
+    the students ("same as teacher but with 0 dropout"), training images flipped left-right at random
+    (--xflip, on by default: randflip = True) - all the authors' config/cifar_distill.py; stages whose
+    student has <= --later-steps steps may train --later-factor times longer.
   - Sampling: DDIM on the student's N-step grid from z_1 = eps, x_hat clipped to [-1, 1], the last
     step returns x_hat (authors' ddim_step). NFE = N.
   - Every finished stage is kept as runs/<dataset>/pd-<preset>/student-<N>steps.pt (cfd.py starts from
@@ -34,7 +37,16 @@ Deviations from the paper, and why:
     (the paper's student predicts x or v; PD works with any parametrisation whose x_hat is defined).
   - The lab preset starts from 32 steps, not 8192 (paper) or 1024 (SFERD, CFD), and trains each stage
     for a few hundred updates at a larger learning rate than 5e-5: a 2-core CPU affords ~10 minutes.
-  - Dropout is switched off in the students (authors' config: "same as teacher but with 0 dropout").
+  - The schedule ends at lambda = -2 ln 80 (EDM sigma 80 at t = 1), not at the authors' logsnr_min = -20
+    (sigma = e^10 = 2.2e4), in every preset: the shared EDM teacher was trained on ln sigma ~ N(-1.2, 1.2^2)
+    and samples from sigma_max = 80, and at 2.2e4 its c_noise = ln(sigma)/4 lies 9 standard deviations
+    outside that range; every DDIM chain and every i = N-1 target starts at t = 1. Measured on the lab
+    teacher, its own DDIM on the cosine grid over the 500 evaluation noises (scratch script, not in the
+    repo): the first x_hat at sigma 2.2e4 differs from the one at 80 by RMS 0.071 (x_hat's own RMS 0.71);
+    32 steps: FID-500 65.34 with -20, 65.79 truncated, but teacher_rms 0.106 against 0.055 (the
+    truncated chain follows the teacher's ODE from 80); 4 steps: FID-500 78.38 against 74.58 (teacher_rms
+    0.296, 0.244); 1 step: teacher_rms 0.467, 0.434. The grid then also moves: t = 31/32 is sigma 16.3,
+    not 20.3.
 
 Run:
   python pd.py --dataset fashion --nfe 4                        # CPU lab preset: 32 -> 16 -> 8 -> 4 steps
@@ -43,6 +55,8 @@ Run:
   python pd.py --dataset cifar10 --preset paper --start-steps 1024 --nfe 4   # the SFERD/CFD baseline
   torchrun --nproc_per_node=2 pd.py --preset smoke              # two processes (gloo on CPU)
 """
+import argparse
+import math
 import time
 from pathlib import Path
 
@@ -70,6 +84,11 @@ PRESETS = {
 }
 
 
+# The cosine schedule's lambda at t = 1: -2 ln 80, so that t = 1 is EDM sigma = exp(-lambda/2) = 80, the shared
+# teacher's sigma_max (the authors' -20 would put t = 1 at sigma 2.2e4, outside what an EDM teacher saw; see the header).
+LOGSNR_MIN = -2 * math.log(80.0)
+
+
 def parse_args(argv=None):
     p = common_parser("Progressive Distillation (Salimans & Ho, ICLR 2022): halve a diffusion sampler's "
                       "DDIM steps, stage by stage.", nfe_default=4,
@@ -86,6 +105,8 @@ def parse_args(argv=None):
                         "(paper 2; default: the preset's)")
     p.add_argument("--later-steps", type=int, default=None, help="see --later-factor (default 2)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (paper 1.0)")
+    p.add_argument("--xflip", action=argparse.BooleanOptionalAction, default=True, help="flip each training image "
+                   "left-right with probability 1/2 (the authors' randflip = True; default on)")
     p.add_argument("--ckpt-every", type=int, default=None, help="updates between checkpoints (default: the preset's)")
     args = p.parse_args(argv)
     cfg = PRESETS[args.preset]
@@ -119,8 +140,9 @@ def stage_steps(nfe, start_steps):
 # ----------------------------------------------------------------------------------------------
 
 def alpha_sigma(t, like):
-    """alpha_t, sigma_t of the cosine schedule as B x 1 x 1 x 1 float tensors on like's device."""
-    alpha, sigma = cosine_alpha_sigma(t)
+    """alpha_t, sigma_t of the cosine schedule (ending at the teacher's sigma_max: LOGSNR_MIN) as
+    B x 1 x 1 x 1 float tensors on like's device."""
+    alpha, sigma = cosine_alpha_sigma(t, logsnr_min=LOGSNR_MIN)
     shape = (-1, 1, 1, 1)
     return alpha.reshape(shape).to(like.device, like.dtype), sigma.reshape(shape).to(like.device, like.dtype)
 
@@ -170,7 +192,8 @@ def pd_loss(student, teacher, x, eps, i, N):
 
 @torch.no_grad()
 def sample_ddim(D, eps, N, clip=True):
-    """DDIM on the N-step grid t_k = k/N from z_1 = eps (the paper's start; alpha_1 ~ e^-10, not 0);
+    """DDIM on the N-step grid t_k = k/N from z_1 = eps (the paper's start; alpha_1 = 1/sqrt(1 + 80^2), not 0,
+    and the signal it would carry is dropped, as EDM's x = 80*eps drops it);
     x_hat clipped to [-1, 1] and eps_hat recomputed from it (authors' _run_model); the last step
     returns x_hat. N network calls."""
     z = eps
@@ -185,6 +208,12 @@ def sample_ddim(D, eps, N, clip=True):
         alpha_s, sigma_s = alpha_sigma(s, z)
         z = ddim_step(z, x_hat, alpha_t, sigma_t, alpha_s, sigma_s)
     return z
+
+
+def random_xflip(x, gen):
+    """Each image flipped left-right with probability 1/2 (the authors' randflip); draws from gen."""
+    flip = (torch.rand(len(x), generator=gen) < 0.5).reshape(-1, 1, 1, 1).to(x.device)
+    return torch.where(flip, x.flip(-1), x)
 
 
 def make_student(teacher):
@@ -266,6 +295,8 @@ def train_stage(args, pg, data, teacher, N, gen, state, out, chain, loss_fn=pd_l
     loss = torch.zeros(())
     while k < iters:
         x = to_float(random_batch(data, local, gen)).to(pg.device)
+        if getattr(args, "xflip", False):                    # sferd.py's runs have no --xflip: no flips
+            x = random_xflip(x, gen)
         eps = torch.randn(x.shape, generator=gen).to(pg.device)
         i = torch.randint(N, (local,), generator=gen)
         with autocast(pg.device):
@@ -372,11 +403,11 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
     pg.log(f"pd: {args.dataset}, preset {args.preset}, {args.start_steps} -> {' -> '.join(map(str, stages)) or 'no stage'} "
            f"steps, {args.iters:,} updates of {args.batch} per stage, lr {args.lr:g}, {pg.world} process(es) on {pg.device}")
-    chain = dict(start_steps=args.start_steps, teacher_sha256=fingerprint(teacher_path))   # by content: a moved checkout matches
+    chain = dict(start_steps=args.start_steps, teacher_sha256=fingerprint(teacher_path), xflip=args.xflip)   # by content
     student, _, state = run_chain(args, pg, data, teacher, stages, out, chain, gen)   # the teacher itself if no stage
     info = dict(method="pd", variant="pd", nfe=args.nfe, train_seconds=state["seconds"], images_seen=state["images"],
                 start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters, lr=args.lr,
-                batch=args.batch, sampler="DDIM, x_hat clipped to [-1, 1]")
+                batch=args.batch, xflip=args.xflip, sampler="DDIM, x_hat clipped to [-1, 1]")
     # The report compares with the original teacher's solvers.
     report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: sample_ddim(student, eps, args.nfe),
            info, data.shape[1:])

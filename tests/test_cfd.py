@@ -31,8 +31,8 @@ def gaussian_denoiser(mu=MU, var=VAR):
 
 def cosine(t):
     """The cosine schedule written out independently: (alpha_t, sigma_t, EDM sigma = sigma_t/alpha_t)."""
-    b = math.atan(math.exp(-20 / 2))
-    a = math.atan(math.exp(20 / 2)) - b
+    b = math.atan(math.exp(-20 / 2))               # lambda_max = 20
+    a = math.atan(80.0) - b                           # lambda_min = -2 ln 80: EDM sigma 80 at t = 1
     logsnr = -2 * math.log(math.tan(a * t + b))
     return math.sqrt(1 / (1 + math.exp(-logsnr))), math.sqrt(1 / (1 + math.exp(logsnr))), math.exp(-logsnr / 2)
 
@@ -160,6 +160,16 @@ def test_classifier_frozen_student_gets_gradients_and_eq7_sums(tmp_path):
     # ... not swapped, not at another tau, not on the class logits (Fig. 4's "prediction distribution").
     for wrong in (cfd.cfd_loss(F_T, F_S, tau), cfd.cfd_loss(F_S, F_T, 1.0), cfd.cfd_loss(cls.fc(F_S), cls.fc(F_T), tau)):
         assert parts["cfd"].item() != pytest.approx(wrong.item(), rel=1e-2)
+    # Eqs. 5-6 on p = softmax(cls(x^S)), the class probabilities, not on the pooled features.
+    p = torch.softmax(cls.fc(F_S), dim=1)
+    assert parts["entropy"].item() == pytest.approx(cfd.entropy_loss(p).item(), rel=1e-5)
+    assert parts["diversity"].item() == pytest.approx(cfd.diversity_loss(p).item(), rel=1e-5)
+    p_feat = torch.softmax(F_S, dim=1)
+    assert parts["entropy"].item() != pytest.approx(cfd.entropy_loss(p_feat).item(), rel=1e-2)
+    # ... and p is not detached: entropy and diversity each reach the student.
+    for term in ("entropy", "diversity"):
+        g = torch.autograd.grad(parts[term], list(student.parameters()), retain_graph=True, allow_unused=True)
+        assert sum(x.abs().sum().item() for x in g if x is not None) > 0, term
     # The feature KL alone reaches the student (through the frozen classifier).
     parts["cfd"].backward(retain_graph=True)
     grads = [p.grad for p in student.parameters() if p.grad is not None]
@@ -226,11 +236,12 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
     a = tmp_path / "a"
     m = json.loads((a / "nfe2" / "metrics.json").read_text())
     assert m["method"] == "cfd" and m["variant"] == "rcfd" and m["nfe"] == 2 and (a / "nfe2" / "samples.png").exists()
-    assert m["pd_stages"] == [4] and m["stages"] == [2] and m["teacher_rms"] > 0
+    assert m["pd_stages"] == [4] and m["stages"] == [2] and m["xflip"] is True
     assert m["images_seen"] == 2 * 3 * 8                         # PD 8->4 and RCFD 4->2, 3 updates of 8
     assert 0 <= m["classifier_test_acc"] <= 1
-    assert m["pd_baseline"]["teacher_rms"] > 0 and m["pd_baseline"]["images_seen"] == m["images_seen"]
-    assert (a / "pd-baseline" / "nfe2" / "metrics.json").exists()
+    b = json.loads((a / "pd-baseline" / "nfe2" / "metrics.json").read_text())       # the baseline run's own record
+    assert m["pd_baseline"]["teacher_rms"] == b["teacher_rms"] and b["variant"] == "pd-baseline"
+    assert m["pd_baseline"]["images_seen"] == b["images_seen"] == m["images_seen"]
     assert (tmp_path / "runs" / "fashion" / "classifier-smoke" / "classifier.pt").exists()
     assert (tmp_path / "runs" / "fashion" / "pd-smoke" / "student-4steps.pt").exists()   # pd.py's stage file
     # A second run reuses pd.py's 4-step student (and its RNG state: the CFD stage equals run a's) and
@@ -279,6 +290,38 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
     teacher2 = shutil.copy(smoke_teacher, tmp_path / "teacher2.pt")
     with pytest.raises(common.UserError, match="teacher .*--pd-dir"):
         cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd, "--resume", "--teacher", teacher2))
+
+
+def test_each_cfd_stage_trains_eq7_with_its_own_tau(fashion_dir, smoke_teacher, tmp_path, monkeypatch):
+    """main(): after the PD chain (8 -> 4, pd.py's loss), each CFD stage (4 -> 2, 2 -> 1) is given Eq. 7
+    (rcfd_loss, as pd.train_stage's loss_fn) at the paper's (tau, beta, gamma) of that stage (App. C.4) and
+    the cosine lr. pd.run_chain is replaced by one evaluation of the loss it is given (the loop itself is
+    test_pd's)."""
+    monkeypatch.chdir(tmp_path)
+    calls, real = [], cfd.rcfd_loss
+
+    def spy(student, teacher, cls, x, eps, i, N, tau, beta, gamma):
+        calls.append(("rcfd", N, tau, beta, gamma))
+        return real(student, teacher, cls, x, eps, i, N, tau, beta, gamma)
+
+    def one_evaluation(args, pg, data, teacher, stages, out, chain, gen, state=None, reuse=None, **kw):
+        x = common.to_float(data[:2])
+        for N in stages:
+            calls.append(("stage", N, kw.get("lr_factor", pd.linear_anneal).__name__, chain.get("tau")))
+            kw.get("loss_fn", pd.pd_loss)(teacher, teacher, x, torch.randn_like(x), torch.zeros(2, dtype=torch.long), N)
+        return teacher, teacher, dict(images=0, seconds=0.0) if state is None else state
+
+    monkeypatch.setattr(cfd, "rcfd_loss", spy)
+    monkeypatch.setattr(pd, "run_chain", one_evaluation)
+    monkeypatch.setattr(cfd, "report", lambda *a, **k: None)
+    net = cfd.ResNet(1, 10, 4, (1,))
+    common.save_checkpoint(tmp_path / "cls.pt", "cfd-classifier", config=net.config, net=net.state_dict(), test_acc=0.5)
+    cfd.main(["--preset", "smoke", "--data-dir", str(fashion_dir), "--teacher", str(smoke_teacher), "--out",
+              str(tmp_path / "spy"), "--nfe", "1", "--start-steps", "8", "--cfd-from", "4", "--classifier",
+              str(tmp_path / "cls.pt")])
+    assert calls == [("stage", 4, "linear_anneal", None),
+                     ("stage", 2, "cosine_anneal", 0.95), ("rcfd", 2, 0.95, 0.003, 0.75),
+                     ("stage", 1, "cosine_anneal", 0.85), ("rcfd", 1, 0.85, 0.003, 0.5)]
 
 
 def test_torchrun_two_processes(fashion_dir, smoke_teacher, tmp_path):

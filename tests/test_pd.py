@@ -25,8 +25,8 @@ def gaussian_denoiser(mu=MU, var=VAR):
 
 def cosine(t):
     """The cosine schedule written out independently: (alpha_t, sigma_t, EDM sigma = sigma_t/alpha_t)."""
-    b = math.atan(math.exp(-20 / 2))
-    a = math.atan(math.exp(20 / 2)) - b
+    b = math.atan(math.exp(-20 / 2))               # lambda_max = 20
+    a = math.atan(80.0) - b                           # lambda_min = -2 ln 80: EDM sigma 80 at t = 1
     logsnr = -2 * math.log(math.tan(a * t + b))
     alpha, sigma = math.sqrt(1 / (1 + math.exp(-logsnr))), math.sqrt(1 / (1 + math.exp(logsnr)))
     return alpha, sigma, math.exp(-logsnr / 2)
@@ -41,6 +41,16 @@ def batch(i_values, seed=0):
 
 
 # --- The method's equations -------------------------------------------------------------------
+
+def test_schedule_ends_at_the_teachers_sigma_max():
+    """t = 1 is EDM sigma 80 (the shared teacher's sigma_max), not the authors' 2.2e4; sigma grows with t."""
+    t = torch.tensor([1.0, 0.5, 0.25, 1 / 32], dtype=torch.float64)
+    alpha, sigma = pd.alpha_sigma(t, torch.zeros(1, dtype=torch.float64))
+    edm = (sigma / alpha).flatten()
+    assert edm[0].item() == pytest.approx(80.0, rel=1e-6)
+    assert torch.allclose(alpha**2 + sigma**2, torch.ones_like(alpha)) and (edm[:-1] > edm[1:]).all()
+    assert edm.tolist() == pytest.approx([cosine(tk)[2] for tk in t.tolist()], rel=1e-6)
+
 
 @pytest.mark.parametrize("N", [2, 4, 16])
 def test_target_makes_one_student_step_land_on_two_teacher_steps(N):
@@ -76,7 +86,11 @@ def test_target_at_i0_is_the_teachers_last_x_hat():
     _, _, sig_p = cosine(0.5 / N)
     x_p = common.sample_euler(D, z_t[:2] / a_t, [sig_t, sig_p])          # the teacher's state at t' = 0.5/N
     assert torch.allclose(x_tilde[:2], D(x_p, sig_p), rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(x_tilde[2], D(x_p, sig_p)[0], atol=1e-3)   # i = 1 uses the closed form
+    # i = 1 uses the closed form, not its own teacher's last x_hat (at t' = 1.5/N, from the same sample).
+    a_2, _, sig_2 = cosine(2 / N)
+    _, _, sig_2p = cosine(1.5 / N)
+    x_2p = common.sample_euler(D, z_t[2:] / a_2, [sig_2, sig_2p])
+    assert not torch.allclose(x_tilde[2:], D(x_2p, sig_2p), atol=1e-3)
 
 
 def test_loss_is_truncated_snr_weighted_x_error():
@@ -119,6 +133,86 @@ def test_ddim_sampler_is_euler_on_the_cosine_grid_and_clips():
     assert out.abs().max() <= 1 and out.abs().max() == 1
 
 
+def test_ddim_clips_x_hat_at_every_step():
+    """x_hat is clipped at every DDIM step (the authors' _run_model), not only at the last one: the states
+    the network sees after the first clipped step are those of the clipped recursion."""
+    wide, N = gaussian_denoiser(mu=0.0, var=4.0), 4                     # x_hat often outside [-1, 1]
+    eps = torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def ddim_by_hand(clip_every):
+        z, inputs = eps, []
+        for k in range(N, 0, -1):
+            a_t, s_t, sig_t = cosine(k / N)
+            inputs.append(z / a_t)
+            x_hat = wide(z / a_t, sig_t)
+            if clip_every or k == 1:
+                x_hat = x_hat.clamp(-1, 1)
+            if k == 1:
+                return x_hat, inputs
+            a_s, s_s, _ = cosine((k - 1) / N)
+            z = a_s * x_hat + s_s / s_t * (z - a_t * x_hat)
+
+    seen = []
+    recorder = lambda x, sigma, cond=None: (seen.append(x.clone()), wide(x, sigma))[1]
+    out = pd.sample_ddim(recorder, eps, N)
+    x_hat, inputs = ddim_by_hand(True)
+    assert torch.allclose(out, x_hat, rtol=1e-5, atol=1e-6)
+    assert len(seen) == N and all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(seen, inputs))
+    _, unclipped = ddim_by_hand(False)
+    assert not torch.allclose(seen[-1], unclipped[-1], atol=1e-3)
+
+
+def test_random_xflip_flips_the_drawn_half():
+    x = torch.arange(6 * 2 * 3, dtype=torch.float32).reshape(6, 1, 2, 3)
+    out = pd.random_xflip(x, torch.Generator().manual_seed(1))
+    flip = torch.rand(6, generator=torch.Generator().manual_seed(1)) < 0.5
+    assert 0 < flip.sum() < 6
+    assert torch.equal(out[flip], x[flip].flip(-1)) and torch.equal(out[~flip], x[~flip])
+
+
+def test_chain_teachers_students_lr_and_flips(tmp_path, monkeypatch):
+    """Alg. 2's outer loop, watched from inside: stage 8 -> 4 distils the original teacher, stage 4 -> 2 the
+    finished 4-step student (eta <- theta), each student starts as an exact copy of its teacher, the lr is
+    annealed linearly to 0 over each stage (the authors' config), and the training images are x-flipped."""
+    args = pd.parse_args(["--preset", "smoke", "--nfe", "2", "--out", str(tmp_path / "spy")])
+    pg = common.Dist("cpu")
+    data = torch.randint(0, 256, (16, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)                                     # a tiny teacher: the loop is under test, not the net
+    net = common.build_net(dict(in_ch=1, res=16, ch=8, mults=(1,), blocks=1, attn_res=(), heads=1, dropout=0.0))
+    torch.nn.init.normal_(net.conv_out.weight, std=0.1)
+    teacher, path = common.Denoiser(net).eval().requires_grad_(False), tmp_path / "teacher.pt"
+    weights_of = lambda D: {k: v.clone() for k, v in D.net.state_dict().items()}
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
+    seen, lrs = [], []
+
+    def spy_loss(student, teacher_, x, eps, i, N):
+        seen.append(dict(N=N, teacher=weights_of(teacher_), student=weights_of(student), x=x.clone()))
+        return pd.pd_loss(student, teacher_, x, eps, i, N)
+
+    real_step = torch.optim.Adam.step
+
+    def spy_step(self, *a, **kw):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy_step)
+    out, chain = tmp_path / "spy", dict(start_steps=8, teacher=str(path), xflip=True)
+    pd.run_chain(args, pg, data, teacher, [4, 2], out, chain, torch.Generator().manual_seed(0), loss_fn=spy_loss)
+    iters = args.iters
+    assert [s["N"] for s in seen] == [4] * iters + [2] * iters
+    original, first4 = weights_of(teacher), pd.load_pd_student(args, 4, out)[0]
+    assert all(same(s["teacher"], original) for s in seen[:iters])                  # stage 1: the original teacher
+    assert all(same(s["teacher"], weights_of(first4)) for s in seen[iters:])         # stage 2: the 4-step student
+    assert not same(weights_of(first4), original)
+    for stage in (seen[0], seen[iters]):                                             # theta <- eta, exactly
+        assert same(stage["student"], stage["teacher"])
+    expected = [args.lr * (1 - k / iters) for k in range(iters)] * 2                 # linear anneal to 0, per stage
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    gen = torch.Generator().manual_seed(0)                                           # the first update's images:
+    x = common.to_float(common.random_batch(data, args.batch, gen))                  # drawn, then flipped
+    assert torch.equal(seen[0]["x"], pd.random_xflip(x, gen)) and not torch.equal(seen[0]["x"], x)
+
+
 def test_stages_and_nfe_validation():
     assert pd.stage_steps(4, 32) == [16, 8, 4]
     assert pd.stage_steps(1, 8) == [4, 2, 1]
@@ -159,7 +253,7 @@ def test_smoke_run_writes_outputs_and_resumes_at_the_right_stage(fashion_dir, sm
     a = tmp_path / "a"
     m = json.loads((a / "nfe2" / "metrics.json").read_text())
     assert m["method"] == "pd" and m["nfe"] == 2 and m["stages"] == [4, 2] and (a / "nfe2" / "samples.png").exists()
-    assert m["images_seen"] == 2 * 3 * 8 and m["teacher_rms"] > 0
+    assert m["images_seen"] == 2 * 3 * 8 and m["xflip"] is True
     assert (a / "student-4steps.pt").exists() and (a / "student-2steps.pt").exists()
     # The stage files are what cfd.py loads; the student differs from the teacher after training.
     args = pd.parse_args(["--preset", "smoke"])

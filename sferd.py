@@ -560,12 +560,14 @@ def make_sampler(args, student, G=None, latent=None):
 
 def base_run_metrics(args):
     """SFERD vs its base at the same settings (the paper's claim): this file's --no-guidance --no-predictor
-    run (exactly the base) or the base's own run (pd.py / cd.py), whichever has the same preset, NFE and start."""
+    run (exactly the base) or the base's own run (pd.py / cd.py), whichever has the same preset, NFE and stages."""
     runs = common.RUNS / common.dataset_slug(args.dataset)
     for path in (runs / f"sferd-{args.base}-noguide-nopred-nfe{args.nfe}" / "metrics.json",
                  runs / f"{args.base}-{args.preset}" / f"nfe{args.nfe}" / "metrics.json"):
         m = json.loads(path.read_text()) if path.exists() else {}
-        if [m.get(k) for k in ("preset", "nfe", "start_steps")] == [args.preset, args.nfe, getattr(args, "start_steps", None)]:
+        if [m.get(k) for k in ("preset", "nfe", "start_steps", "stages")] == [args.preset, args.nfe,
+                                                                             getattr(args, "start_steps", None),
+                                                                             getattr(args, "stages", None)]:
             keys = ("fid", "fid_n", "teacher_rms", "images_seen", "train_seconds")
             return {"base_run": str(path), **{f"base_{k}": m.get(k) for k in keys}}
     return {"base_run": None, "base_note": f"for the base, run this file with --no-guidance --no-predictor (or "

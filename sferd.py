@@ -136,8 +136,9 @@ def parse_args(argv=None):
                    help="PD: halving stages (n = 2, PD's) or the paper's two stages with distillation speed n = teacher "
                         "steps / student steps (Alg. 1 lines 4-6, Table 6: 1024 -> 32 -> 1); default: the preset's, "
                         "paper two-stage, lab halving")
-    p.add_argument("--iters", type=int, default=None, help="base updates (PD: per stage; CD: total; default: the base's)")
-    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the base's)")
+    p.add_argument("--iters", type=int, default=None, help="base updates (PD: per stage; CD: total; default: the base's preset, paper: SFERD's 32M images)")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the base's preset; paper: "
+                   "App. B.1's 2e-4, constant for SFERD-PD)")
     p.add_argument("--taus", type=float, nargs="+", default=None, help="CD: re-noising sigmas (see cd.py)")
     p.add_argument("--pred-iters", type=int, default=None, help="predictor updates, student frozen for the first half")
     p.add_argument("--latent-iters", type=int, default=None, help="updates of the latent DDPM over z_sem (Table 4: 100k)")

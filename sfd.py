@@ -38,6 +38,11 @@ Deviations (and why)
     stored in student.pt), and the default first-stage folder of --nfe 1 must hold what `--nfe 5` trains.
   - The lab preset uses lr 2e-4 instead of 5e-5 (a 2-core CPU affords ~7k trajectories instead of
     the paper's 200k) and trains SFD-v as long as SFD (paper: 4x); the paper preset keeps the paper's values.
+  - The teacher's D is not dynamically thresholded by default (--teacher-threshold turns Imagen's q = 0.995
+    thresholding on). The authors' teacher always thresholds (dpm_pp_sampler calls dynamic_thresholding_fn,
+    sfd-main/solvers.py and solver_utils.py). Measured in the lab, one seed each (README, "Lab results"):
+    off FID-500 72.90, teacher_rms 0.1094; on 74.07, 0.1189 (`python sfd.py --dataset fashion --nfe 4
+    --teacher-threshold`): worse, so fewstep keeps it off. The teacher rows (common.report) are unthresholded.
   - Samples end at t_min without a final denoising call, as the authors' sampler does
     (denoise_to_zero=False): the leftover noise of std 0.006 is below one uint8 level.
 
@@ -82,7 +87,7 @@ PRESETS = {
 SIGMA_MAX, RHO = 80.0, 7.0     # EDM's sigma_max and polynomial grid exponent (student and teacher grids)
 MAX_NFE = 16                   # beyond this a student is no longer "few-step"; the teacher grid grows as 4*NFE
 FIRST_STAGE_NFE = 5            # second stage: teacher = the first-stage model at NFE 5 (paper, Sec. "Extensions")
-TEACHER_THRESHOLD = False      # dynamic thresholding of the dpm3m teacher by default (authors: always; see the header)
+TEACHER_THRESHOLD = False      # dynamic thresholding of the dpm3m teacher (authors: always; lab: worse, see the header)
 
 
 def parse_args(argv=None):

@@ -136,8 +136,9 @@ def parse_args(argv=None):
                    help="PD: halving stages (n = 2, PD's) or the paper's two stages with distillation speed n = teacher "
                         "steps / student steps (Alg. 1 lines 4-6, Table 6: 1024 -> 32 -> 1); default: the preset's, "
                         "paper two-stage, lab halving")
-    p.add_argument("--iters", type=int, default=None, help="base updates (PD: per stage; CD: total; default: the base's)")
-    p.add_argument("--lr", type=common.learning_rate, default=None, help="base learning rate (default: the base's)")
+    p.add_argument("--iters", type=int, default=None, help="base updates (PD: per stage; CD: total; default: the base's preset, paper: SFERD's 32M images)")
+    p.add_argument("--lr", type=common.learning_rate, default=None, help="base learning rate (default: the base's preset; paper: "
+                   "App. B.1's 2e-4, constant for SFERD-PD)")
     p.add_argument("--taus", type=float, nargs="+", default=None, help="CD: re-noising sigmas (see cd.py)")
     p.add_argument("--pred-iters", type=int, default=None, help="predictor updates, student frozen for the first half")
     p.add_argument("--latent-iters", type=int, default=None, help="updates of the latent DDPM over z_sem (Table 4: 100k)")
@@ -560,12 +561,14 @@ def make_sampler(args, student, G=None, latent=None):
 
 def base_run_metrics(args):
     """SFERD vs its base at the same settings (the paper's claim): this file's --no-guidance --no-predictor
-    run (exactly the base) or the base's own run (pd.py / cd.py), whichever has the same preset, NFE and start."""
+    run (exactly the base) or the base's own run (pd.py / cd.py), whichever has the same preset, NFE and stages."""
     runs = common.RUNS / common.dataset_slug(args.dataset)
     for path in (runs / f"sferd-{args.base}-noguide-nopred-nfe{args.nfe}" / "metrics.json",
                  runs / f"{args.base}-{args.preset}" / f"nfe{args.nfe}" / "metrics.json"):
         m = json.loads(path.read_text()) if path.exists() else {}
-        if [m.get(k) for k in ("preset", "nfe", "start_steps")] == [args.preset, args.nfe, getattr(args, "start_steps", None)]:
+        if [m.get(k) for k in ("preset", "nfe", "start_steps", "stages")] == [args.preset, args.nfe,
+                                                                             getattr(args, "start_steps", None),
+                                                                             getattr(args, "stages", None)]:
             keys = ("fid", "fid_n", "teacher_rms", "images_seen", "train_seconds")
             return {"base_run": str(path), **{f"base_{k}": m.get(k) for k in keys}}
     return {"base_run": None, "base_note": f"for the base, run this file with --no-guidance --no-predictor (or "

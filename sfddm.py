@@ -18,30 +18,26 @@ What is implemented
   sqrt((1 - alpha_bar_phi_t)/alpha_bar_phi_t), so eps'_Theta(x'_t, t) is the student U-Net used as
   a denoiser at sigma_phi_t (through the same VP adapter): the index t and the level sigma_phi_t
   carry the same information, and the student is only ever queried at its T' levels.
-- Student init (--init): fresh, as in the paper and the authors' code (default). 'teacher' is
-  fewstep's own option, the method's optimum (below).
 - Loss (Alg. 1; Eq. 17 with gamma'_t = 1, App. D's L1, the authors' code's hidden term): t ~ U{1..T'},
   one x = sqrt(alpha_bar_phi_t) x0 + sqrt(1 - alpha_bar_phi_t) eps for both networks,
   L = |eps_theta(x, phi_t) - eps'_Theta(x, t)|_1 + lambda_h |h_theta - h_Theta|_1, where h is the
   last hidden map before the output conv (the authors' `get_sl` output; common's features=True).
 - --scratch: the paper's "From scratch" baseline (Sec. 4.1): the same fresh T'-step model trained on
   the data alone with Eq. 15 (gamma'_t = 1, DDPM's L2 on eps), no teacher, same budget.
-- Sampling, both reported for every run: the student's own posterior, ancestrally (Alg. 2,
-  Eq. 10, 13, 14), and DDIM (eta = 0) over its T' steps. x0_hat is clipped to [-1, 1] in both, as
-  DDPM's and the authors' samplers do (--no-clip). Rows: <run>/ddim/ and <run>/alg2/ metrics.json.
-- Ceiling rows, free (no training), beside the run in sfddm-teacher-nfe<T'>/: the teacher itself
-  on phi with DDIM, with Alg. 2, and with DPM-Solver++(3M) on the same T' levels. The first two are
-  what a perfect student would score (the distillation error is the gap to them); the third shows
-  what a better solver on the same calls buys. Computed once per teacher and phi, reused after.
+- Sampling, both reported (<run>/ddim/, <run>/alg2/): the student's posterior, ancestrally (Alg. 2,
+  Eq. 10, 13, 14), and DDIM (eta = 0) over its T' steps; x0_hat clipped to [-1, 1] in both, as
+  DDPM's and the authors' samplers do (--no-clip).
+- Ceiling rows, free, beside the run (sfddm-teacher-nfe<T'>/, once per teacher and phi): the teacher
+  on phi with DDIM and with Alg. 2 (a perfect student's scores: the gap to them is the distillation
+  error), and with DPM-Solver++(3M) on the same T' levels (what a better solver buys).
 
 Read this before reading the numbers
-- Eq. 17 is minimised by eps'_Theta(x, t) = eps_theta(x, phi_t): the teacher itself restricted to
-  the sub-sequence. A student copied from the teacher computes the same function of the same input
-  as the teacher at phi_t, so the loss and its gradient are exactly 0 and Adam leaves it bitwise
-  unchanged (the smoke/lab nets have no dropout and run in fp32 on CPU; the paper net's dropout 0.1
-  and CUDA's bf16 autocast are all that move it). So --init teacher skips training when nothing can
-  move the weights, and its rows are the ceiling rows: the teacher sampled on phi, no minutes or
-  images claimed. A fresh student (the paper's) has work to do, and its best outcome is the ceiling.
+- The student starts fresh (--init fresh), as in the paper and the authors' code. Eq. 17 is minimised
+  by eps'_Theta(x, t) = eps_theta(x, phi_t), the teacher restricted to phi: a copy of the teacher
+  (--init teacher, fewstep's option) has loss and gradient exactly 0, and Adam leaves it bitwise
+  unchanged (smoke/lab nets have no dropout and run in fp32 on CPU; the paper net's dropout 0.1 and
+  CUDA's bf16 autocast are all that move it). So --init teacher skips training when nothing can move
+  the weights; its rows are the ceiling rows (the teacher on phi, no minutes or images claimed).
 - Few steps are the paper's own limitation (Sec. 5): T' = 1 would map pure noise to the data mean
   in one posterior step and is refused; T' = 2 runs with a warning.
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import fid
 import sfddm
 from conftest import run_script
 
@@ -327,29 +328,41 @@ def cli(tmp_path, fashion_dir, smoke_teacher, out, *extra, torchrun=0):
                       "--out", tmp_path / out, *extra, cwd=tmp_path, torchrun=torchrun)
 
 
-@pytest.mark.parametrize("nfe, msg", [(1, "T' >= 2"), (2048, "T = 1024")])
-def test_bad_nfe_is_one_line(tmp_path, fashion_dir, smoke_teacher, nfe, msg):
-    r = cli(tmp_path, fashion_dir, smoke_teacher, "bad", "--nfe", nfe)
+@pytest.mark.parametrize("extra, msg", [(("--nfe", 1), "T' >= 2"), (("--nfe", 2048), "T = 1024"),
+                                        (("--scratch", "--init", "teacher"), "drop --init teacher")])
+def test_bad_arguments_are_one_line(tmp_path, fashion_dir, smoke_teacher, extra, msg):
+    r = cli(tmp_path, fashion_dir, smoke_teacher, "bad", *extra)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr
 
 
-def test_smoke_end_to_end_and_resume_continue_exactly(tmp_path, fashion_dir, smoke_teacher):
-    r = cli(tmp_path, fashion_dir, smoke_teacher, "full", "--init", "fresh", "--images", 64)
+ROW_KEYS = ("method", "variant", "dataset", "preset", "nfe", "fid", "fid_n", "teacher_fid_dpm3m", "teacher_fid_euler",
+            "train_seconds", "images_seen", "teacher_rms", "teacher_rms_dpm3m", "teacher_rms_euler")
+
+
+def test_smoke_end_to_end_rows_ceiling_and_resume_continue_exactly(tmp_path, fashion_dir, smoke_teacher):
+    r = cli(tmp_path, fashion_dir, smoke_teacher, "full", "--images", 64)
     assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    for key in ("method", "variant", "dataset", "preset", "nfe", "fid", "fid_n", "teacher_fid_dpm3m",
-                "teacher_fid_euler", "train_seconds", "images_seen", "teacher_rms", "teacher_rms_dpm3m",
-                "teacher_rms_euler", "fid_ancestral", "teacher_rms_ancestral"):
-        assert key in m, key
-    assert m["method"] == "sfddm" and m["nfe"] == 4 and m["images_seen"] == 64 and m["phi"] == [0, 256, 512, 768, 1024]
-    assert m["teacher_rms"] > 0 and m["teacher_rms_ancestral"] > 0
-    for f in ("samples.png", "samples_ancestral.png", "student.pt", "checkpoint.pt"):
+    for name in ("ddim", "alg2"):                            # both samplers, each its own row
+        m = json.loads((tmp_path / "full" / name / "metrics.json").read_text())
+        assert all(k in m for k in ROW_KEYS) and (tmp_path / "full" / name / "samples.png").exists()
+        assert m["method"] == "sfddm" and m["variant"] == f"sfddm-{name}" and m["init"] == "fresh"
+        assert m["nfe"] == 4 and m["images_seen"] == 64 and m["phi"] == PHI4 and m["teacher_rms"] > 0
+    for name in ("ddim", "alg2", "dpm3m"):                   # the ceiling rows beside the run: no training claimed
+        m = json.loads((tmp_path / "sfddm-teacher-nfe4" / name / "metrics.json").read_text())
+        assert m["method"] == "teacher" and m["variant"] == f"teacher-phi-{name}" and m["phi"] == PHI4
+        assert m["train_seconds"] == 0 and m["images_seen"] == 0 and m["nfe"] == 4
+    for f in ("student.pt", "checkpoint.pt", "loss.png"):
         assert (tmp_path / "full" / f).exists(), f
-    assert "student" in r.stdout.strip().splitlines()[-1] and "teacher_rms" in r.stdout.strip().splitlines()[-1]
-    # Stopped at 32 images and resumed to 64: the same weights as the uninterrupted run.
-    r = cli(tmp_path, fashion_dir, smoke_teacher, "split", "--init", "fresh", "--images", 32)
+    rows = list(csv.reader(open(tmp_path / "full" / "loss.csv")))
+    assert rows[0] == ["images", "loss", "loss_eps", "loss_h"] and [int(r[0]) for r in rows[1:]] == [16, 32, 48, 64]
+    out = r.stdout.strip().splitlines()
+    assert sum("student" in line and "teacher_rms" in line for line in out) == 5        # 2 rows + 3 ceiling rows
+    # Stopped at 32 images and resumed to 64: the same weights and loss curve as the uninterrupted run;
+    # the ceiling rows are already there, so they are not recomputed.
+    r = cli(tmp_path, fashion_dir, smoke_teacher, "split", "--images", 32)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = cli(tmp_path, fashion_dir, smoke_teacher, "split", "--init", "fresh", "--images", 64, "--resume")
+    assert "ceiling rows (the teacher on phi) already in" in r.stdout + r.stderr
+    r = cli(tmp_path, fashion_dir, smoke_teacher, "split", "--images", 64, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming SFDDM training at 32 images" in r.stdout + r.stderr
     full = common.load_checkpoint(tmp_path / "full" / "student.pt", "sfddm-student")
@@ -357,12 +370,27 @@ def test_smoke_end_to_end_and_resume_continue_exactly(tmp_path, fashion_dir, smo
     assert split["images_seen"] == 64
     for k, v in full["ema"].items():
         assert torch.allclose(v, split["ema"][k], atol=1e-6), k
+    curve = lambda run: np.loadtxt(tmp_path / run / "loss.csv", delimiter=",", skiprows=1)
+    assert np.allclose(curve("split"), curve("full"), rtol=1e-5)
+    # --init teacher: nothing to train, so nothing is trained; the rows are the (existing) ceiling rows.
+    r = cli(tmp_path, fashion_dir, smoke_teacher, "tinit", "--init", "teacher")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training skipped" in r.stdout + r.stderr and not (tmp_path / "tinit").exists()
+    # --scratch: the baseline's rows, its own run folder.
+    r = cli(tmp_path, fashion_dir, smoke_teacher, "scratch", "--scratch", "--images", 32)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "scratch" / "ddim" / "metrics.json").read_text())
+    assert m["variant"] == "sfddm-scratch-ddim" and m["scratch"] is True and m["images_seen"] == 32
+    # The results table has one row per metrics.json: each ceiling row once.
+    table = fid.results_table(tmp_path)
+    assert table.count("| teacher-phi-ddim |") == 1 and table.count("| sfddm-ddim |") == 2
+    assert "| sfddm-scratch-alg2 | 4 |" in table
 
 
 def test_torchrun_two_processes(tmp_path, fashion_dir, smoke_teacher):
-    r = cli(tmp_path, fashion_dir, smoke_teacher, "ddp", "--init", "fresh", "--sampler", "ancestral",
-            "--subseq", "concentrated", torchrun=2)
+    r = cli(tmp_path, fashion_dir, smoke_teacher, "ddp", "--subseq", "concentrated", torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout + r.stderr
-    m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    assert m["variant"] == "sfddm-ancestral-fresh" and "teacher_rms_ddim" in m and m["images_seen"] == 64
+    m = json.loads((tmp_path / "ddp" / "alg2" / "metrics.json").read_text())
+    assert m["variant"] == "sfddm-alg2-concentrated" and m["images_seen"] == 64 and m["subseq"] == "concentrated"
+    assert (tmp_path / "sfddm-teacher-nfe4-concentrated" / "dpm3m" / "metrics.json").exists()

@@ -22,21 +22,22 @@ What is implemented
   one x = sqrt(alpha_bar_phi_t) x0 + sqrt(1 - alpha_bar_phi_t) eps for both networks,
   L = |eps_theta(x, phi_t) - eps'_Theta(x, t)|_1 + lambda_h |h_theta - h_Theta|_1, where h is the
   last hidden map before the output conv (the authors' `get_sl` output; common's features=True).
-- Sampling: the student's own posterior, ancestrally (Alg. 2, Eq. 13-14), and DDIM (eta = 0) over
-  its T' steps. x0_hat is clipped to [-1, 1] in both, as DDPM's and the authors' samplers do
-  (--no-clip). The --sampler one is reported by common.report; the other is added to
-  metrics.json as fid_<name>, teacher_rms_<name> and saved as samples_<name>.png.
+- --scratch: the paper's "From scratch" baseline (Sec. 4.1): the same fresh T'-step model trained on
+  the data alone with Eq. 15 (gamma'_t = 1, DDPM's L2 on eps), no teacher, same budget.
+- Sampling, both reported (<run>/ddim/, <run>/alg2/): the student's posterior, ancestrally (Alg. 2,
+  Eq. 10, 13, 14), and DDIM (eta = 0) over its T' steps; x0_hat clipped to [-1, 1] in both, as
+  DDPM's and the authors' samplers do (--no-clip).
+- Ceiling rows, free, beside the run (sfddm-teacher-nfe<T'>/, once per teacher and phi): the teacher
+  on phi with DDIM and with Alg. 2 (a perfect student's scores: the gap to them is the distillation
+  error), and with DPM-Solver++(3M) on the same T' levels (what a better solver buys).
 
 Read this before reading the numbers
-- Eq. 17 is minimised by eps'_Theta(x, t) = eps_theta(x, phi_t): the teacher itself restricted to
-  the sub-sequence. With the default init from the teacher, the student at t and the teacher at
-  phi_t compute the same function of the same input, so the loss and its gradient are exactly 0
-  (smoke/lab nets have no dropout; the paper net's dropout 0.1 and bf16 autocast are all that move
-  it) and training leaves the student equal to the teacher: its samplers are the teacher's DDPM /
-  DDIM over phi. SFDDM's gain in the paper is over training a T'-step model
-  from scratch and over progressive distillation, with a fresh student (--init fresh, as the
-  authors' code): distillation then has work to do, and its best outcome is still the teacher
-  on phi. teacher_rms therefore measures how close DDIM over phi comes to the teacher's ODE.
+- The student starts fresh (--init fresh), as in the paper and the authors' code. Eq. 17 is minimised
+  by eps'_Theta(x, t) = eps_theta(x, phi_t), the teacher restricted to phi: a copy of the teacher
+  (--init teacher, fewstep's option) has loss and gradient exactly 0, and Adam leaves it bitwise
+  unchanged (smoke/lab nets have no dropout and run in fp32 on CPU; the paper net's dropout 0.1 and
+  CUDA's bf16 autocast are all that move it). So --init teacher skips training when nothing can move
+  the weights; its rows are the ceiling rows (the teacher on phi, no minutes or images claimed).
 - Few steps are the paper's own limitation (Sec. 5): T' = 1 would map pure noise to the data mean
   in one posterior step and is refused; T' = 2 runs with a warning.
 
@@ -51,39 +52,45 @@ Deviations from the paper, and why
 - 'concentrated' is our reading of Sec. 4.2: a fraction p of the interior points evenly inside a
   window of 5% of T around T/2, the rest evenly over the remaining range.
 - EMA of the student (DDPM code: 0.9999 per step), counted as a half-life in images.
-- lr: the paper's 2e-5 in the paper preset; the authors' code uses 2e-4, which smoke/lab use
-  (a CPU run is minutes, not 0.1 M steps).
+- Optimiser: the paper preset keeps App. D (Adam, fixed lr 2e-5, ~0.1 M steps). The lab trains a
+  fresh student on the teacher's own budget (76,800 images, ~1,200 updates), so it uses the shared
+  teacher's recipe (common.TEACHER_PRESETS lab: lr 2e-3, 5,000-image warm-up, grad-norm clip 1,
+  EMA half-life 10,000): then fresh SFDDM, --scratch and the teacher differ only in their targets.
 
 Run
-  CPU lab:    python sfddm.py --dataset fashion --nfe 4
-  fresh init: python sfddm.py --dataset fashion --nfe 4 --init fresh
+  CPU lab:    python sfddm.py --dataset fashion --nfe 4                 # fresh student (the paper's)
+  baseline:   python sfddm.py --dataset fashion --nfe 4 --scratch       # Eq. 15 on data, no teacher
+  ceiling:    python sfddm.py --dataset fashion --nfe 4 --init teacher  # the teacher on phi, no training
   CUDA paper: python sfddm.py --dataset cifar10 --preset paper --nfe 16
   torchrun:   torchrun --nproc_per_node=2 sfddm.py --preset smoke
 """
+import csv
+import json
 import math
 import time
 
 import torch
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from common import (EVAL_SEED, FID_SAMPLES, REFERENCE_NFE, Denoiser, Dist, UserError, autocast, build_net,
+from common import (EVAL_SEED, FID_SAMPLES, Denoiser, Dist, UserError, append_zero, autocast, build_net,
                     check_data_shape, check_finite, check_same_teacher, common_parser, count_params, ddpm_alpha_bar,
-                    ema_beta, ema_update, fid_or_none, fingerprint, generate, learning_rate, load_checkpoint, load_dataset,
-                    load_state, load_teacher, main_guard, positive_int, random_batch, report, require_arch, rms_distance,
-                    run_dir, save_checkpoint, save_grid, seed_all, sigma_from_alpha_bar, student_from, teacher_baseline,
-                    to_float, vp_predict)
+                    ema_beta, ema_update, fingerprint, learning_rate, load_checkpoint, load_dataset, load_state,
+                    load_teacher, main_guard, positive_int, random_batch, report, require_arch, run_dir, sample_dpmpp,
+                    save_checkpoint, seed_all, sigma_from_alpha_bar, student_from, to_float, vp_predict)
 
-# images: training length; batch: global batch; ema: EMA half-life (images); ckpt_every: images.
+# images: training length; batch: global batch; lr: Adam lr, reached after `warmup` images of linear
+# ramp; clip: grad-norm clip (None: off); ema: EMA half-life (images); ckpt_every: images.
 PRESETS = {
-    "smoke": dict(images=64, batch=16, lr=2e-4, ema=64, ckpt_every=32),
-    # ~3 min of a quiet 2-core CPU (evaluation of two samplers takes the rest of the 15); lr of the
-    # authors' code. From the teacher init the loss is 0 throughout (see above), so longer does nothing.
-    "lab": dict(images=12_800, batch=64, lr=2e-4, ema=5_000, ckpt_every=3_200),
-    # App. D: Adam lr 2e-5; DDPM's batch 128 and EMA 0.9999/step (half-life 6,931 steps);
+    "smoke": dict(images=64, batch=16, lr=2e-3, warmup=32, clip=1.0, ema=64, ckpt_every=32),
+    # The teacher's lab budget and optimiser (see the docstring).
+    "lab": dict(images=76_800, batch=64, lr=2e-3, warmup=5_000, clip=1.0, ema=10_000, ckpt_every=12_800),
+    # App. D: Adam lr 2e-5 fixed; DDPM's batch 128 and EMA 0.9999/step (half-life 6,931 steps);
     # ~0.1 M steps, the convergence point of Tab. 2.
-    "paper": dict(images=12_800_000, batch=128, lr=2e-5, ema=887_000, ckpt_every=640_000),
+    "paper": dict(images=12_800_000, batch=128, lr=2e-5, warmup=0, clip=None, ema=887_000, ckpt_every=640_000),
 }
 WINDOW = 0.05       # Sec. 4.2: the concentrated points lie within 5% of the chain around its midpoint
+CURVE_POINTS = 100  # loss.csv: the training loss averaged over this many equal windows
 
 
 def parse_args(argv=None):
@@ -97,18 +104,19 @@ def parse_args(argv=None):
                    help="p, fraction of interior phi_t inside the 5%% window around T/2 (default: 0.2)")
     p.add_argument("--hidden-weight", default=1.0, type=float,
                    help="lambda_h, weight of the hidden-variable L1 term; 0 turns it off (default: 1)")
-    p.add_argument("--init", default="teacher", choices=["teacher", "fresh"],
-                   help="student init: a copy of the teacher, or fresh as in the authors' code (default: teacher)")
+    p.add_argument("--init", default="fresh", choices=["fresh", "teacher"],
+                   help="student init: fresh as in the paper and the authors' code, or fewstep's copy of the teacher "
+                        "(the loss's optimum: training is skipped when it cannot move the weights) (default: fresh)")
+    p.add_argument("--scratch", action="store_true",
+                   help="the paper's 'From scratch' baseline: train the fresh T'-step model on data alone (Eq. 15)")
     p.add_argument("--lr", default=None, type=learning_rate, help="Adam learning rate (default: the preset's; paper 2e-5)")
     p.add_argument("--images", default=None, type=positive_int, help="training length in images (default: the preset's)")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ancestral"],
-                   help="sampler reported as the main result: DDIM over T' steps or Alg. 2 (default: ddim; both are evaluated)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] while sampling")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------
-# The student's chain: sub-sequence, forward process, posterior
+# The student's chain: sub-sequence, marginals, posterior
 # ----------------------------------------------------------------------------------------------
 
 def teacher_alpha_bar(T):
@@ -144,12 +152,6 @@ def student_alpha_bar(alpha_bar, phi):
     return alpha_bar[torch.as_tensor(phi)]
 
 
-def forward_step(alpha_bar_s, t):
-    """Eq. 8: q'(x'_t | x'_{t-1}) = N(sqrt(a_t/a_{t-1}) x'_{t-1}, (1 - a_t/a_{t-1}) I): (mean coef, variance)."""
-    ratio = alpha_bar_s[t] / alpha_bar_s[t - 1]
-    return ratio.sqrt(), 1 - ratio
-
-
 def posterior(alpha_bar_s, t):
     """Eq. 10: q'(x'_{t-1} | x'_t, x'_0) = N(coef_xt x'_t + coef_x0 x'_0, var I); the paper's sigma'_t is var."""
     a_t, a_prev = alpha_bar_s[t], alpha_bar_s[t - 1]
@@ -172,7 +174,7 @@ def eps_at(D, z, alpha_bar_t, features=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Distillation loss (Alg. 1) and the student's samplers (Alg. 2, DDIM)
+# Distillation loss (Alg. 1), the from-scratch loss (Eq. 15), the student's samplers (Alg. 2, DDIM)
 # ----------------------------------------------------------------------------------------------
 
 def sfddm_loss(teacher, student, x0, t, eps, alpha_bar_s, hidden_weight=1.0):
@@ -187,6 +189,16 @@ def sfddm_loss(teacher, student, x0, t, eps, alpha_bar_s, hidden_weight=1.0):
     loss_eps = (eps_teacher - eps_student).abs().mean()                              # Alg. 1, line 7 (L1)
     loss_h = (h_teacher - h_student).abs().mean() if features else torch.zeros((), device=x0.device)
     return loss_eps + hidden_weight * loss_h, loss_eps, loss_h
+
+
+def scratch_loss(student, x0, t, eps, alpha_bar_s):
+    """Eq. 15 with gamma'_t = 1 (DDPM's simple loss on the student's own chain): |eps - eps'_Theta(x'_t, t)|^2.
+    Returns (loss, loss, 0) in sfddm_loss's layout."""
+    a = alpha_bar_s.to(x0.device, torch.float32)[t]
+    x = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * eps    # Eq. 16
+    _, eps_student, _ = eps_at(student, x, a)
+    loss = ((eps - eps_student) ** 2).mean()
+    return loss, loss, torch.zeros((), device=x0.device)
 
 
 @torch.no_grad()
@@ -216,26 +228,43 @@ def sample_ddim(D, z, alpha_bar_s, clip=True):
     return z
 
 
+def phi_samplers(D, alpha_bar_s, clip):
+    """The samplers of a network on the chain phi, each unit noise -> image: DDIM and Alg. 2 (its step
+    noise drawn from a fixed generator, so every run and the ceiling see the same), DPM-Solver++(3M)
+    on the same T' levels (common's solver in x = z/alpha, ending in sigma_phi_0 = 0)."""
+    g = torch.Generator().manual_seed(EVAL_SEED + 1)
+    sigmas = append_zero(sigma_from_alpha_bar(alpha_bar_s[1:]).flip(0))
+    alpha_T = float(alpha_bar_s[-1].sqrt())
+    return {"ddim": lambda z: sample_ddim(D, z, alpha_bar_s, clip),
+            "alg2": lambda z: sample_ancestral(D, z, alpha_bar_s, clip=clip,
+                                               noise=lambda x: torch.randn(x.shape, generator=g).to(x.device)),
+            "dpm3m": lambda z: sample_dpmpp(D, z / alpha_T, sigmas)}
+
+
 # ----------------------------------------------------------------------------------------------
-# Training and evaluation
+# Training (bookkeeping around Alg. 1) and evaluation
 # ----------------------------------------------------------------------------------------------
 
 def train(args, pg, cfg, teacher, net, ema, data, alpha_bar_s, phi, out):
-    """Alg. 1 repeated for cfg['images'] images; resumable from out/checkpoint.pt. Returns a stats dict."""
+    """Alg. 1 (or Eq. 15 with --scratch) repeated for cfg['images'] images; resumable from
+    out/checkpoint.pt. Returns (stats dict, loss curve rows [images, loss, loss_eps, loss_h])."""
     D = Denoiser(net)
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)      # each process its own data/noise
-    done, seconds, loss_start, loss_avg = 0, 0.0, None, None
+    done, seconds, loss_start, loss_avg, curve, acc = 0, 0.0, None, None, [], [0.0, 0.0, 0.0]
+    mode = "scratch" if args.scratch else args.init
     ckpt_path = out / "checkpoint.pt"
     if args.resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, "sfddm-training")
-        if ck["phi"] != phi:
-            raise UserError(f"{ckpt_path} was trained on phi = {ck['phi']}, not {phi}: use another --out")
+        if ck["phi"] != phi or ck.get("mode") != mode:
+            raise UserError(f"{ckpt_path} was trained on phi = {ck['phi']} ({ck.get('mode')}), not {phi} ({mode}): "
+                            "use another --out")
         check_same_teacher(ck, ckpt_path, args.teacher_sha256)
         load_state(net, ck["net"], ckpt_path)
         load_state(ema, ck["ema"], ckpt_path)
         opt.load_state_dict(ck["opt"])
-        done, seconds, loss_start, loss_avg = ck["images"], ck["seconds"], ck["loss_start"], ck["loss_avg"]
+        done, seconds, loss_start, loss_avg, curve, acc = (ck[k] for k in ("images", "seconds", "loss_start",
+                                                                            "loss_avg", "curve", "acc"))
         pg.restore_state(gen, ck["rng"])
         pg.log(f"resuming SFDDM training at {done:,} images")
     elif args.resume:
@@ -244,13 +273,16 @@ def train(args, pg, cfg, teacher, net, ema, data, alpha_bar_s, phi, out):
     pg.broadcast(ema)
     local, T_s = pg.batch(cfg["batch"]), len(phi) - 1
     beta = ema_beta(cfg["batch"], cfg["ema"])
+    window = max(cfg["batch"], cfg["images"] // CURVE_POINTS // cfg["batch"] * cfg["batch"])
+    acc = torch.tensor(acc, dtype=torch.float64)                          # sums of (loss, eps, h) in this window
 
     def save(path_done):
         rng = pg.gather_state(gen.get_state())
         if pg.main:
             save_checkpoint(ckpt_path, "sfddm-training", net=net.state_dict(), ema=ema.state_dict(),
                             opt=opt.state_dict(), images=path_done, seconds=time.time() - t0, rng=rng, phi=phi,
-                            loss_start=loss_start, loss_avg=loss_avg, teacher_sha256=args.teacher_sha256)
+                            mode=mode, loss_start=loss_start, loss_avg=loss_avg, curve=curve, acc=acc.tolist(),
+                            teacher_sha256=args.teacher_sha256)
 
     bar = tqdm(total=cfg["images"], initial=done, unit="img", unit_scale=True, disable=not pg.main, desc="sfddm")
     t0, next_ckpt = time.time() - seconds, done + cfg["ckpt_every"]
@@ -260,20 +292,29 @@ def train(args, pg, cfg, teacher, net, ema, data, alpha_bar_s, phi, out):
         t = torch.randint(1, T_s + 1, (local,), generator=gen).to(pg.device)     # line 4: t ~ U{1..T'}
         eps = torch.randn(x0.shape, generator=gen).to(pg.device)                 # line 5
         with autocast(pg.device):
-            loss, loss_eps, loss_h = sfddm_loss(teacher, D, x0, t, eps, alpha_bar_s, args.hidden_weight)
+            if args.scratch:
+                loss, loss_eps, loss_h = scratch_loss(D, x0, t, eps, alpha_bar_s)
+            else:
+                loss, loss_eps, loss_h = sfddm_loss(teacher, D, x0, t, eps, alpha_bar_s, args.hidden_weight)
         check_finite(loss)
         if loss_start is None:
             loss_start = loss.item()
-            if loss_start == 0:
-                pg.log("loss is exactly 0: the student equals the teacher at its T' levels (the SFDDM optimum; "
-                       "see the docstring), so training cannot move it; --init fresh gives it work")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         pg.sync_grads(net.parameters())
+        for group in opt.param_groups:                                            # linear warm-up
+            group["lr"] = cfg["lr"] * min(1.0, (done + cfg["batch"]) / max(cfg["warmup"], 1))
+        if cfg["clip"]:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["clip"])
         opt.step()                                                                # line 8
         ema_update(ema, net, beta)
         done += cfg["batch"]
         loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        acc += torch.tensor([loss.item(), loss_eps.item(), loss_h.item()], dtype=torch.float64)
+        if done % window == 0 or done >= cfg["images"]:                           # one loss.csv row per window
+            n = (done - 1) % window // cfg["batch"] + 1
+            curve.append([done] + (acc / n).tolist())
+            acc.zero_()
         bar.update(cfg["batch"])
         bar.set_postfix(eps=f"{loss_eps.item():.4f}", h=f"{loss_h.item():.4f}")
         if done >= next_ckpt and done < cfg["images"]:
@@ -282,18 +323,48 @@ def train(args, pg, cfg, teacher, net, ema, data, alpha_bar_s, phi, out):
     bar.close()
     save(done)
     pg.check_in_sync(ema)
-    return dict(images_seen=done, train_seconds=time.time() - t0, loss_start=loss_start, loss_end=loss_avg)
+    return dict(images_seen=done, train_seconds=time.time() - t0, loss_start=loss_start, loss_end=loss_avg), curve
 
 
-def evaluate_second_sampler(args, pg, out, teacher, teacher_path, sample_fn, name, shape):
-    """FID-N and teacher_rms of the sampler that common.report does not see (same N and noise); rank 0."""
-    n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
-    n_rms, batch = max(n, 64), args.batch_size or 250
-    samples = generate(sample_fn, n_rms, shape, batch, pg.device, f"student {name}")
-    save_grid(samples[:64], out / f"samples_{name}.png", nrow=8)
-    _, ref = teacher_baseline(teacher, teacher_path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, pg.device,
-                              with_fid=False)
-    return {f"fid_{name}": fid_or_none(samples[:n], args, pg.device), f"teacher_rms_{name}": rms_distance(samples, ref)}
+def save_curve(out, curve):
+    """out/loss.csv (window means of the training loss on rank 0's batches) and out/loss.png (log scale)."""
+    with open(out / "loss.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["images", "loss", "loss_eps", "loss_h"]] + curve)
+    if len(curve) < 2:
+        return
+    W, H, m = 480, 240, 30
+    xs, ys = [r[0] for r in curve], [math.log10(max(r[1], 1e-12)) for r in curve]
+    lo, hi = min(ys), max(ys) + 1e-9
+    pts = [(m + (W - 2 * m) * (x - xs[0]) / (xs[-1] - xs[0]), H - m - (H - 2 * m) * (y - lo) / (hi - lo))
+           for x, y in zip(xs, ys)]
+    img = Image.new("L", (W, H), 255)
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([m, m, W - m, H - m], outline=160)
+    draw.line(pts, fill=0, width=2)
+    draw.text((m, 4), f"loss (log10) {10 ** hi:.3g} .. {10 ** lo:.3g} over {xs[0]:,}..{xs[-1]:,} images", fill=0)
+    img.save(out / "loss.png")
+
+
+def ceiling_rows(args, pg, folder, teacher, teacher_path, alpha_bar_s, phi, shape):
+    """The teacher on phi with each of phi_samplers (the ceiling rows), into folder/<sampler>/, unless
+    they are there for this teacher (sha256), phi, N and clipping."""
+    key = dict(phi=phi, teacher_sha256=fingerprint(teacher_path), clip=not args.no_clip,
+               fid_n=FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples)
+    try:
+        have = all(all(json.loads((folder / s / "metrics.json").read_text()).get(k) == v for k, v in key.items())
+                   for s in ("ddim", "alg2", "dpm3m"))
+    except (OSError, ValueError):
+        have = False
+    pg.barrier()                                     # every process decides before any writes
+    if have:
+        pg.log(f"ceiling rows (the teacher on phi) already in {folder}")
+        return
+    t0 = time.time()
+    for name, fn in phi_samplers(teacher, alpha_bar_s, not args.no_clip).items():
+        report(args, pg, folder / name, teacher, teacher_path, fn, dict(
+            method="teacher", variant=f"teacher-phi-{name}", nfe=len(phi) - 1, train_seconds=0, images_seen=0,
+            teacher_steps=args.teacher_steps, subseq=args.subseq, **key), shape)
+    pg.log(f"ceiling rows (the teacher on phi) in {(time.time() - t0) / 60:.1f} min: {folder}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,6 +406,8 @@ def main():
     if args.nfe < 2:
         raise UserError(f"--nfe {args.nfe}: SFDDM needs T' >= 2 (with T' = 1 its one posterior step maps pure "
                         "noise to E[x0 | x_T], the data mean; the paper's Sec. 5 names 1-2 steps as its limit)")
+    if args.scratch and args.init == "teacher":
+        raise UserError("--scratch trains a fresh model on data alone (the paper's baseline): drop --init teacher")
     phi = subsequence(args.teacher_steps, args.nfe, args.subseq, args.concentration)
     pg = Dist(args.device)
     if args.nfe == 2:
@@ -347,41 +420,48 @@ def main():
         require_arch(teacher.net, ("fewstep",), "SFDDM's hidden-variable term (--hidden-weight > 0; "
                      "--hidden-weight 0 drops it) reads the U-Net's last hidden map")
     args.teacher_sha256 = fingerprint(teacher_path)            # saved in the checkpoints, checked on --resume
+    shape = tuple(data.shape[1:])
+    suffix = f"-nfe{args.nfe}" + ("-concentrated" if args.subseq == "concentrated" else "")
+    kind = "scratch" if args.scratch else {"fresh": "", "teacher": "tinit"}[args.init]
+    out = run_dir(args, "sfddm" + (f"-{kind}" if kind else "") + suffix)
+    ceiling = out.parent / f"sfddm-teacher{suffix}"
+    sigmas = [round(float(s), 4) for s in sigma_from_alpha_bar(alpha_bar_s[1:]).flip(0)]
+    if args.init == "teacher" and teacher.net.config["dropout"] == 0 and pg.device.type != "cuda":
+        pg.log(f"--init teacher: the student would compute exactly the teacher's eps at its T' levels, so the "
+               f"loss and its gradient are 0 and training cannot move it (no dropout, fp32; tests pin this): "
+               f"training skipped, its rows are the teacher sampled on phi = {phi}")
+        ceiling_rows(args, pg, ceiling, teacher, teacher_path, alpha_bar_s, phi, shape)
+        pg.close()
+        return
     seed_all(args.seed)
     net = student_from(teacher.net) if args.init == "teacher" else build_net(teacher.net.config).to(pg.device).train()
     ema = build_net(net.config).to(pg.device).requires_grad_(False)
     ema.load_state_dict(net.state_dict())
-    name = f"sfddm-nfe{args.nfe}" + ("-fresh" if args.init == "fresh" else "") + \
-        ("-concentrated" if args.subseq == "concentrated" else "")
-    out = run_dir(args, name)
-    sigmas = [round(float(s), 4) for s in sigma_from_alpha_bar(alpha_bar_s[1:]).flip(0)]
-    pg.log(f"SFDDM: T = {args.teacher_steps} -> T' = {args.nfe}, phi = {phi}, student sigmas {sigmas}; "
-           f"{count_params(net) / 1e6:.2f} M params ({args.init} init), {cfg['images']:,} images, batch "
-           f"{cfg['batch']}, lr {cfg['lr']:g}, lambda_h {args.hidden_weight:g}, {pg.world} process(es) on {pg.device}")
-    stats = train(args, pg, cfg, teacher, net, ema, data, alpha_bar_s, phi, out)
+    pg.log(f"SFDDM{' from scratch (Eq. 15)' if args.scratch else ''}: T = {args.teacher_steps} -> T' = {args.nfe}, "
+           f"phi = {phi}, student sigmas {sigmas}; {count_params(net) / 1e6:.2f} M params ({args.init} init), "
+           f"{cfg['images']:,} images, batch {cfg['batch']}, lr {cfg['lr']:g}, lambda_h {args.hidden_weight:g}, "
+           f"{pg.world} process(es) on {pg.device}")
+    stats, curve = train(args, pg, cfg, teacher, net, ema, data, alpha_bar_s, phi, out)
     D_ema = Denoiser(ema.eval())
     if pg.main:
         save_checkpoint(out / "student.pt", "sfddm-student", net_config=ema.config, ema=ema.state_dict(), phi=phi,
                         alpha_bar=alpha_bar_s, teacher_steps=args.teacher_steps, dataset=args.dataset,
                         teacher_sha256=args.teacher_sha256, **stats)
-        pg.log(f"SFDDM: {stats['images_seen']:,} images in {stats['train_seconds'] / 60:.1f} min, loss "
-               f"{stats['loss_start']:.4g} -> {stats['loss_end']:.4g}; saved {out / 'student.pt'}")
+        save_curve(out, curve)
+        pg.log(f"SFDDM: {stats['images_seen']:,} images in {stats['train_seconds'] / 60:.1f} min "
+               f"({stats['images_seen'] / stats['train_seconds']:.0f} img/s), loss {stats['loss_start']:.4g} -> "
+               f"{stats['loss_end']:.4g}; saved {out / 'student.pt'}, {out / 'loss.csv'}")
 
-    # Evaluation: z = x'_T' ~ N(0, I) is the unit noise itself. The --sampler one goes through report().
-    clip = not args.no_clip
-    g = torch.Generator().manual_seed(EVAL_SEED + 1)                # the ancestral steps' noise, fixed
-    samplers = {"ddim": lambda eps: sample_ddim(D_ema, eps, alpha_bar_s, clip),
-                "ancestral": lambda eps: sample_ancestral(D_ema, eps, alpha_bar_s, clip=clip,
-                                                          noise=lambda z: torch.randn(z.shape, generator=g).to(z.device))}
-    other = "ancestral" if args.sampler == "ddim" else "ddim"
-    shape = tuple(data.shape[1:])
-    info = dict(method="sfddm", variant=f"sfddm-{args.sampler}" + ("-fresh" if args.init == "fresh" else ""),
-                nfe=args.nfe, sampler=args.sampler, teacher_steps=args.teacher_steps, subseq=args.subseq, phi=phi,
-                student_sigmas=sigmas, init=args.init, hidden_weight=args.hidden_weight, lr=cfg["lr"],
-                batch=cfg["batch"], clip=clip, **stats)
-    if pg.main:
-        info.update(evaluate_second_sampler(args, pg, out, teacher, teacher_path, samplers[other], other, shape))
-    report(args, pg, out, teacher, teacher_path, samplers[args.sampler], info, shape)
+    # Evaluation: z = x'_T' ~ N(0, I) is the unit noise itself; both samplers, then the ceiling rows.
+    samplers = phi_samplers(D_ema, alpha_bar_s, not args.no_clip)
+    for name in ("ddim", "alg2"):
+        info = dict(method="sfddm", variant="sfddm" + (f"-{kind}" if kind else "") + f"-{name}" +
+                    ("-concentrated" if args.subseq == "concentrated" else ""), nfe=args.nfe, sampler=name,
+                    teacher_steps=args.teacher_steps, subseq=args.subseq, phi=phi, student_sigmas=sigmas,
+                    init=args.init, scratch=args.scratch, hidden_weight=args.hidden_weight, lr=cfg["lr"],
+                    batch=cfg["batch"], clip=not args.no_clip, **stats)
+        report(args, pg, out / name, teacher, teacher_path, samplers[name], info, shape)
+    ceiling_rows(args, pg, ceiling, teacher, teacher_path, alpha_bar_s, phi, shape)
     pg.close()
 
 

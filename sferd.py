@@ -529,7 +529,7 @@ def corrected_denoiser(D, G, z_sem, sigma_prevs, mode="train", g_drop=0.0):
 def sample_sferd_pd(D, eps, N, G, z_sem, mode="train", g_drop=0.0, n=2):
     """pd.sample_ddim with Alg. 2's x0~; step t = k/N has t-1 = (k - 1/n)/N, the teacher's step (pd_terms)."""
     t_prev = torch.tensor([(k - 1 / n) / N for k in range(N, 0, -1)], dtype=torch.float64)
-    sigma_prev = common.sigma_from_vp(*common.cosine_alpha_sigma(t_prev)).tolist()
+    sigma_prev = common.sigma_from_vp(*common.cosine_alpha_sigma(t_prev, logsnr_min=pd.LOGSNR_MIN)).tolist()
     return pd.sample_ddim(corrected_denoiser(D, G, z_sem, sigma_prev, mode, g_drop), eps, N)
 
 

@@ -28,9 +28,9 @@ def smoke_denoiser(seed=0):
 
 
 def cosine(t):
-    """alpha_t, s_t of the cosine schedule, written out independently (lmin = -20, lmax = 20)."""
+    """alpha_t, s_t of the cosine schedule, written out independently (lmin = -2 ln 80, lmax = 20: pd.py's)."""
     b = math.atan(math.exp(-10))
-    a = math.atan(math.exp(10)) - b
+    a = math.atan(80.0) - b
     logsnr = -2 * math.log(math.tan(a * t + b))
     return math.sqrt(1 / (1 + math.exp(-logsnr))), math.sqrt(1 / (1 + math.exp(logsnr)))
 

@@ -259,7 +259,7 @@ def train(args, pg, cfg, teacher, net, ema, data, alpha_bar_s, phi, out):
         if ck["phi"] != phi or ck.get("mode") != mode:
             raise UserError(f"{ckpt_path} was trained on phi = {ck['phi']} ({ck.get('mode')}), not {phi} ({mode}): "
                             "use another --out")
-        check_same_teacher(ck, ckpt_path, args.teacher_sha256)
+        check_same_teacher(ck, ckpt_path, getattr(args, "teacher_sha256", None))
         load_state(net, ck["net"], ckpt_path)
         load_state(ema, ck["ema"], ckpt_path)
         opt.load_state_dict(ck["opt"])
@@ -282,7 +282,7 @@ def train(args, pg, cfg, teacher, net, ema, data, alpha_bar_s, phi, out):
             save_checkpoint(ckpt_path, "sfddm-training", net=net.state_dict(), ema=ema.state_dict(),
                             opt=opt.state_dict(), images=path_done, seconds=time.time() - t0, rng=rng, phi=phi,
                             mode=mode, loss_start=loss_start, loss_avg=loss_avg, curve=curve, acc=acc.tolist(),
-                            teacher_sha256=args.teacher_sha256)
+                            teacher_sha256=getattr(args, "teacher_sha256", None))
 
     bar = tqdm(total=cfg["images"], initial=done, unit="img", unit_scale=True, disable=not pg.main, desc="sfddm")
     t0, next_ckpt = time.time() - seconds, done + cfg["ckpt_every"]
@@ -446,7 +446,7 @@ def main():
     if pg.main:
         save_checkpoint(out / "student.pt", "sfddm-student", net_config=ema.config, ema=ema.state_dict(), phi=phi,
                         alpha_bar=alpha_bar_s, teacher_steps=args.teacher_steps, dataset=args.dataset,
-                        teacher_sha256=args.teacher_sha256, **stats)
+                        teacher_sha256=getattr(args, "teacher_sha256", None), **stats)
         save_curve(out, curve)
         pg.log(f"SFDDM: {stats['images_seen']:,} images in {stats['train_seconds'] / 60:.1f} min "
                f"({stats['images_seen'] / stats['train_seconds']:.0f} img/s), loss {stats['loss_start']:.4g} -> "

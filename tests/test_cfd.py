@@ -6,7 +6,6 @@ chain reuse, plain-PD baseline, --resume mid-stage in the PD chain and in a CFD 
 changed chain), and torchrun with two processes."""
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -20,6 +19,17 @@ from conftest import run_script
 torch.set_num_threads(2)
 MU, VAR = 0.3, 0.2 ** 2
 
+
+
+def altered_copy(src, dst):
+    """A copy of a checkpoint with one weight changed: another network to fewstep, which knows networks by
+    content (common.fingerprint), not by path."""
+    ck = torch.load(src, weights_only=True)
+    state = next(v for v in ck.values() if isinstance(v, dict) and any(torch.is_tensor(t) for t in v.values()))
+    key = next(k for k, t in state.items() if torch.is_tensor(t) and t.is_floating_point())
+    state[key] = state[key] + 1e-3
+    torch.save(ck, dst)
+    return dst
 
 def gaussian_denoiser(mu=MU, var=VAR):
     """E[x0 | x0 + sigma*n] for x0 ~ N(mu, var): the exact D(x, sigma) of Gaussian data."""
@@ -284,11 +294,11 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
     # --resume with another tau, classifier or teacher is refused, naming what changed.
     with pytest.raises(common.UserError, match=r"tau 0\.95 \(now 0\.5\)"):
         cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd, "--resume", "--tau", 0.5))
-    other = shutil.copy(tmp_path / "runs" / "fashion" / "classifier-smoke" / "classifier.pt", tmp_path / "other.pt")
+    other = altered_copy(tmp_path / "runs" / "fashion" / "classifier-smoke" / "classifier.pt", tmp_path / "other.pt")
     with pytest.raises(common.UserError, match="classifier"):
         cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd, "--resume", "--classifier", other))
-    teacher2 = shutil.copy(smoke_teacher, tmp_path / "teacher2.pt")
-    with pytest.raises(common.UserError, match="teacher .*--pd-dir"):
+    teacher2 = altered_copy(smoke_teacher, tmp_path / "teacher2.pt")     # a byte-identical copy is the same teacher
+    with pytest.raises(common.UserError, match="teacher_sha256 .*--pd-dir"):
         cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd, "--resume", "--teacher", teacher2))
 
 

@@ -392,6 +392,7 @@ def bench_step(teacher, preset, device, batch=None):
 def main():
     args, hp = parse_args()
     pg = common.Dist(args.device)
+    out = common.run_dir(args, f"cd-{args.preset}")                  # the NFE only changes sampling: nfe<N>/
     common.seed_all(args.seed)
     data, _ = common.load_dataset(args.dataset, args.data_dir)
     D, teacher_path = common.load_teacher(args, pg)
@@ -399,7 +400,6 @@ def main():
                         "teacher's EDM preconditioning F(c_in*x, c_noise)")
     common.check_data_shape(data, D, args.dataset)
     hp["teacher_sha256"] = common.fingerprint(teacher_path)          # saved in student.pt, checked on --resume
-    out = common.run_dir(args, f"cd-{args.preset}")                  # the NFE only changes sampling: nfe<N>/
     f_ema, seconds, images = train(args, hp, pg, D, data, out)
     info = dict(method="cd", variant=f"cd-{hp['metric']}", nfe=args.nfe, train_seconds=seconds, images_seen=images,
                 taus=hp["taus"], N=hp["N"], mu=hp["mu"], ema_rate=hp["ema_rate"], lr=hp["lr"], batch=hp["batch"],

@@ -377,12 +377,12 @@ def main(argv=None):
     args = parse_args(argv)
     pd_stages, stages = cfd_stages(args)
     pg = Dist(args.device)
+    out, folder = run_dir(args, f"{args.variant}-{args.preset}"), prepare_out_dir(pd_chain_dir(args))
     data, _ = load_dataset(args.dataset, args.data_dir)
     seed_all(args.seed)
     teacher, teacher_path = load_teacher(args, pg)
     check_data_shape(data, teacher, args.dataset)
     cls, cls_path, cls_acc = load_classifier(args, pg, data.shape[1])
-    out, folder = run_dir(args, f"{args.variant}-{args.preset}"), prepare_out_dir(pd_chain_dir(args))
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
     hparams = {N: stage_hparams(args, N) for N in stages}
     pg.log(f"cfd: {args.dataset}, preset {args.preset}, PD {args.start_steps} -> {args.cfd_from} steps in {folder}, then "

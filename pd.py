@@ -395,11 +395,11 @@ def main(argv=None):
     args = parse_args(argv)
     stages = stage_steps(args.nfe, args.start_steps)
     pg = Dist(args.device)
+    out = pd_dir(args)
     data, _ = load_dataset(args.dataset, args.data_dir)
     seed_all(args.seed)
     teacher, teacher_path = load_teacher(args, pg)
     check_data_shape(data, teacher, args.dataset)
-    out = pd_dir(args)
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
     pg.log(f"pd: {args.dataset}, preset {args.preset}, {args.start_steps} -> {' -> '.join(map(str, stages)) or 'no stage'} "
            f"steps, {args.iters:,} updates of {args.batch} per stage, lr {args.lr:g}, {pg.world} process(es) on {pg.device}")

@@ -318,10 +318,10 @@ def train(args, pg):
     cfg = PRESETS[args.preset]
     afs, second_stage, variable = not args.no_afs, nfes == [1], len(nfes) > 1
     settings = run_settings(args, nfes)
+    out = run_dir(args, run_name(args, nfes))
     solver, K, threshold, total, lr, batch = (settings[k] for k in ("solver", "K", "threshold", "trajectories", "lr", "batch"))
     teacher, teacher_path = load_teacher(args, pg)               # the shared teacher: evaluation reference
     teacher_sha256 = fingerprint(teacher_path)                   # recorded in student.pt, checked on --resume
-    out = run_dir(args, run_name(args, nfes))
 
     if second_stage:
         # Stage 1 (the same run as `--nfe 5`), trained first if its folder has no finished student.

@@ -410,6 +410,9 @@ def main():
         raise UserError("--scratch trains a fresh model on data alone (the paper's baseline): drop --init teacher")
     phi = subsequence(args.teacher_steps, args.nfe, args.subseq, args.concentration)
     pg = Dist(args.device)
+    suffix = f"-nfe{args.nfe}" + ("-concentrated" if args.subseq == "concentrated" else "")
+    kind = "scratch" if args.scratch else {"fresh": "", "teacher": "tinit"}[args.init]
+    out = run_dir(args, "sfddm" + (f"-{kind}" if kind else "") + suffix)
     if args.nfe == 2:
         pg.log("warning: SFDDM is not meant for 2 steps (paper Sec. 5); expect blurry samples")
     alpha_bar_s = student_alpha_bar(teacher_alpha_bar(args.teacher_steps), phi)       # Eq. 9
@@ -421,9 +424,6 @@ def main():
                      "--hidden-weight 0 drops it) reads the U-Net's last hidden map")
     args.teacher_sha256 = fingerprint(teacher_path)            # saved in the checkpoints, checked on --resume
     shape = tuple(data.shape[1:])
-    suffix = f"-nfe{args.nfe}" + ("-concentrated" if args.subseq == "concentrated" else "")
-    kind = "scratch" if args.scratch else {"fresh": "", "teacher": "tinit"}[args.init]
-    out = run_dir(args, "sfddm" + (f"-{kind}" if kind else "") + suffix)
     ceiling = out.parent / f"sfddm-teacher{suffix}"
     sigmas = [round(float(s), 4) for s in sigma_from_alpha_bar(alpha_bar_s[1:]).flip(0)]
     if args.init == "teacher" and teacher.net.config["dropout"] == 0 and pg.device.type != "cuda":

@@ -608,6 +608,8 @@ def bench_step(teacher, preset, device, batch=None):
 def main(argv=None):
     args = parse_args(argv)
     pg = common.Dist(args.device)
+    variant = f"sferd-{args.base}" + "-noguide" * args.no_guidance + "-nopred" * args.no_predictor
+    out = common.run_dir(args, f"{variant}-nfe{args.nfe}")
     common.seed_all(args.seed)
     data, _ = common.load_dataset(args.dataset, args.data_dir)
     D, teacher_path = common.load_teacher(args, pg)
@@ -619,8 +621,6 @@ def main(argv=None):
         args.attn_block = args.attn_block or default_attn_block(D.net)
         if args.attn_block not in D.net.attn_names:
             raise UserError(f"--attn-block {args.attn_block}: the teacher has {', '.join(D.net.attn_names)}")
-    variant = f"sferd-{args.base}" + "-noguide" * args.no_guidance + "-nopred" * args.no_predictor
-    out = common.run_dir(args, f"{variant}-nfe{args.nfe}")
     pg.log(f"{variant}: {args.dataset}, preset {args.preset}, NFE {args.nfe}, attention block {args.attn_block}, "
            f"k {args.k}, w {args.w}, blur sigma {args.blur_sigma}, {pg.world} process(es) on {pg.device}")
     # What the trained networks depend on: saved with every file of the run, a --resume with others is refused.

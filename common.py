@@ -996,10 +996,15 @@ def fingerprint(path):
 
 
 def check_same_teacher(ck, path, teacher_sha256):
-    """--resume: refuse a checkpoint written with another teacher (checkpoints from before fingerprints
-    carry none and are not checked)."""
+    """--resume: refuse a checkpoint written with another teacher, or with no record of its teacher
+    (one from before fingerprints: it cannot be matched, so it is not trusted)."""
     old = ck.get("teacher_sha256")
-    if old is not None and old != teacher_sha256:
+    if teacher_sha256 is None:              # a direct call that names no teacher (tests): nothing to compare
+        return
+    if old is None:
+        raise UserError(f"{path} records no teacher fingerprint (written by an older fewstep), so its teacher "
+                        "cannot be checked; use another --out, or drop --resume to start over")
+    if old != teacher_sha256:
         raise UserError(f"{path} was trained with another teacher (sha256 {old[:12]}, this one {teacher_sha256[:12]}); "
                         "use another --out, or drop --resume to start over")
 

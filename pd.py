@@ -273,11 +273,14 @@ def stage_budget(args, N):
     return dict(iters=round(args.iters * (args.later_factor if N <= args.later_steps else 1)), lr=args.lr, batch=args.batch)
 
 
-def train_stage(args, pg, data, teacher, N, gen, state, out, chain, loss_fn=pd_loss, lr_factor=linear_anneal, kind="pd"):
+def train_stage(args, pg, data, teacher, N, gen, state, out, chain, loss_fn=pd_loss, lr_factor=linear_anneal, kind="pd",
+                speed=lambda N: 2):
     """Distil the frozen 2N-step teacher into an N-step student (Alg. 2, inner loop). state holds
     the run totals (images, seconds) and, when resuming mid-stage, the checkpoint to continue from.
     chain: settings saved with every file of the chain (checked on resume). cfd.py passes its own
-    loss_fn(student, teacher, x, eps, i, N), lr schedule and file kind; the rest is the same."""
+    loss_fn(student, teacher, x, eps, i, N), lr schedule and file kind, sferd.py its speed(N) (teacher
+    steps per student step; 2 in PD; only for the log); the rest is the same."""
+    stage = f"{speed(N) * N} -> {N} steps"
     student = make_student(teacher)
     opt = torch.optim.Adam(student.parameters(), lr=args.lr)                 # optimizer reset every stage
     iters = stage_budget(args, N)["iters"]
@@ -287,11 +290,11 @@ def train_stage(args, pg, data, teacher, N, gen, state, out, chain, loss_fn=pd_l
         load_state(student.net, ck["net"], out / "checkpoint.pt")
         opt.load_state_dict(ck["opt"])
         k = ck["iter"]
-        pg.log(f"resuming the {2 * N} -> {N} steps {kind} stage at update {k:,} of {iters:,}")
+        pg.log(f"resuming the {stage} {kind} stage at update {k:,} of {iters:,}")
     pg.broadcast(student)
     local = pg.batch(args.batch)
     t0 = time.time() - state["seconds"]
-    bar = tqdm(total=iters, initial=k, unit="it", disable=not pg.main, desc=f"{kind} {2 * N}->{N} steps")
+    bar = tqdm(total=iters, initial=k, unit="it", disable=not pg.main, desc=f"{kind} {stage}")
     loss = torch.zeros(())
     while k < iters:
         x = to_float(random_batch(data, local, gen)).to(pg.device)
@@ -328,7 +331,7 @@ def train_stage(args, pg, data, teacher, N, gen, state, out, chain, loss_fn=pd_l
         save_checkpoint(path, f"{kind}-student", net_config=student.net.config, net=student.net.state_dict(), steps=N,
                         rng=rng, images=state["images"], seconds=state["seconds"], dataset=args.dataset,
                         preset=args.preset, **stage_budget(args, N), **chain)
-        pg.log(f"stage {2 * N} -> {N} steps ({kind}): {iters:,} updates of {args.batch}, last loss {loss.item():.4g}, "
+        pg.log(f"stage {stage} ({kind}): {iters:,} updates of {args.batch}, last loss {loss.item():.4g}, "
                f"{state['images']:,} images and {state['seconds'] / 60:.1f} min so far; saved {path}")
     pg.barrier()
     return student.eval().requires_grad_(False)

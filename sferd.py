@@ -635,7 +635,7 @@ def main(argv=None):
         pg.log(f"SFERD-PD stages {' -> '.join(map(str, [args.start_steps, *args.stages]))} (n = "
                f"{', '.join(str(n[N]) for N in args.stages)}), lr {args.lr:g} {args.lr_schedule}")
         student, last_teacher, state = pd.run_chain(args, pg, data, D, args.stages, out, chain, gen,
-                                                    wrap=lambda T: guided(T, args), lr_factor=lr_factor(args),
+                                                    wrap=lambda T: guided(T, args), lr_factor=lr_factor(args), speed=n.get,
                                                     loss_fn=lambda s, T, x, eps, i, N: pd_loss(s, T, x, eps, i, N, n[N]))
         teacher = guided(last_teacher, args)
         terms = lambda s, x0, gen: pd_terms(s, teacher, x0, gen, args.nfe, n[args.nfe])

@@ -177,6 +177,26 @@ def test_resume_with_another_teacher_is_refused(module, first, smoke_teacher, ot
     assert code == 2 and len(err) == 1 and "another teacher" in err[0], err
 
 
+def drop_fingerprints(obj):
+    """A checkpoint as an older fewstep wrote it: no teacher_sha256 anywhere in it."""
+    if isinstance(obj, dict):
+        return {k: drop_fingerprints(v) for k, v in obj.items() if k != "teacher_sha256"}
+    return obj
+
+
+@pytest.mark.parametrize("module,first", [(sfd, ["--nfe", "2", "--stop-after", "4"]), (cd, ["--iterations", "4"]),
+                                          (sfddm, ["--nfe", "2"])])
+def test_resume_of_a_checkpoint_without_fingerprint_is_refused(module, first, smoke_teacher, fashion_dir, tmp_path,
+                                                              monkeypatch, capsys):
+    out = tmp_path / "run"
+    code, _, err = main_exit(module, smoke(fashion_dir, smoke_teacher, out, *first), monkeypatch, capsys)
+    assert code == 0, err
+    for path in out.rglob("*.pt"):
+        torch.save(drop_fingerprints(torch.load(path, weights_only=True)), path)
+    code, _, err = main_exit(module, smoke(fashion_dir, smoke_teacher, out, *first, "--resume"), monkeypatch, capsys)
+    assert code == 2 and len(err) == 1 and "records no teacher fingerprint" in err[0], err
+
+
 def test_pd_chain_compares_teachers_by_content(smoke_teacher, other_teacher, fashion_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "chain"
     pd.main(smoke(fashion_dir, smoke_teacher, out, "--nfe", "4"))

@@ -55,6 +55,8 @@ Deviations from the paper, and why:
     too few for Table 4's 0.9999); the predictor's length and joint lr are our choice (not in the paper).
     SFERD-PD lab starts at 16 steps, not pd.py's 32 (the guided teacher costs two calls per step; two stages,
     as the paper's Table 6 prefers, fit 15 CPU minutes): its same-budget base is --no-guidance --no-predictor.
+    Training images are not flipped (pd.py flips them, --xflip, as PD's authors do; fewstep's choice here: the
+    comparison that matters is with that base, which sees the same unflipped images).
     Lab guidance is w = 0.1, not 0.3: on the lab teacher (one 8x8 attention block) w = 0.3 made SFERD-PD worse
     than its base (FID-500 79.35 vs 72.05), w = 0.1 did not (71.43); only these two values were tried, judged
     by the same FID-500 the README reports. The paper preset keeps 0.3.

@@ -393,6 +393,7 @@ def main():
     args, hp = parse_args()
     pg = common.Dist(args.device)
     out = common.run_dir(args, f"cd-{args.preset}")                  # the NFE only changes sampling: nfe<N>/
+    common.check_exports(args, out / f"nfe{args.nfe}")
     common.seed_all(args.seed)
     data, _ = common.load_dataset(args.dataset, args.data_dir)
     D, teacher_path = common.load_teacher(args, pg)

@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import pd
-from common import (RUNS, Dist, UserError, check_data_shape, common_parser, dataset_slug, fingerprint, learning_rate,
+from common import (check_exports, RUNS, Dist, UserError, check_data_shape, common_parser, dataset_slug, fingerprint, learning_rate,
                     load_checkpoint, load_dataset, load_state, load_teacher, main_guard, prepare_out_dir, report, run_dir,
                     save_checkpoint, seed_all, to_float, vp_predict)
 
@@ -378,6 +378,7 @@ def main(argv=None):
     pd_stages, stages = cfd_stages(args)
     pg = Dist(args.device)
     out, folder = run_dir(args, f"{args.variant}-{args.preset}"), prepare_out_dir(pd_chain_dir(args))
+    check_exports(args, out / f"nfe{args.nfe}")
     data, _ = load_dataset(args.dataset, args.data_dir)
     seed_all(args.seed)
     teacher, teacher_path = load_teacher(args, pg)

@@ -2095,6 +2095,14 @@ def check_export_target(args, out):
     return target
 
 
+def check_exports(args, *folders):
+    """--export into the run's own evaluation folders (no --export-dir): known as soon as the run folder
+    is, so an existing export there is refused before training, not after it."""
+    if getattr(args, "export", None) and args.export_dir is None:
+        for folder in folders:
+            check_export_target(args, folder)
+
+
 @torch.no_grad()
 def export_samples(args, out, sample_fn, shape, device):
     """Write args.export samples of the fixed evaluation noise (sample k from PerSampleNoise(EVAL_SEED, k),

@@ -63,7 +63,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (RUNS, Denoiser, build_net, Dist, UserError, autocast, check_data_shape, check_finite, common_parser,
+from common import (check_exports, RUNS, Denoiser, build_net, Dist, UserError, autocast, check_data_shape, check_finite, common_parser,
                     cosine_alpha_sigma, dataset_slug, fingerprint, learning_rate, load_checkpoint, load_dataset, load_state,
                     load_teacher, main_guard, random_batch, report, run_dir, save_checkpoint, seed_all, student_from, to_float,
                     vp_predict)
@@ -399,6 +399,7 @@ def main(argv=None):
     stages = stage_steps(args.nfe, args.start_steps)
     pg = Dist(args.device)
     out = pd_dir(args)
+    check_exports(args, out / f"nfe{args.nfe}")
     data, _ = load_dataset(args.dataset, args.data_dir)
     seed_all(args.seed)
     teacher, teacher_path = load_teacher(args, pg)

@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import (Denoiser, Dist, PerSampleNoise, UserError, EVAL_SEED, afs_step, autocast, build_net,
+from common import (check_exports, Denoiser, Dist, PerSampleNoise, UserError, EVAL_SEED, afs_step, autocast, build_net,
                     check_finite, check_same_teacher, common_parser, count_params, fingerprint, image_shape, karras_sigmas,
                     learning_rate, load_checkpoint, load_state, load_teacher, main_guard, report, run_dir, sample_dpmpp,
                     sample_euler, sample_heun, require_arch, save_checkpoint, save_grid, seed_all, student_from,
@@ -319,6 +319,7 @@ def train(args, pg):
     afs, second_stage, variable = not args.no_afs, nfes == [1], len(nfes) > 1
     settings = run_settings(args, nfes)
     out = run_dir(args, run_name(args, nfes))
+    check_exports(args, *([out / f"nfe{n}" for n in nfes] if variable else [out]))
     solver, K, threshold, total, lr, batch = (settings[k] for k in ("solver", "K", "threshold", "trajectories", "lr", "batch"))
     teacher, teacher_path = load_teacher(args, pg)               # the shared teacher: evaluation reference
     teacher_sha256 = fingerprint(teacher_path)                   # recorded in student.pt, checked on --resume

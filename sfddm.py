@@ -73,7 +73,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from common import (EVAL_SEED, FID_SAMPLES, Denoiser, Dist, UserError, append_zero, autocast, build_net,
+from common import (check_exports, EVAL_SEED, FID_SAMPLES, Denoiser, Dist, UserError, append_zero, autocast, build_net,
                     check_data_shape, check_finite, check_same_teacher, common_parser, count_params, ddpm_alpha_bar,
                     ema_beta, ema_update, fingerprint, learning_rate, load_checkpoint, load_dataset, load_state,
                     load_teacher, main_guard, positive_int, random_batch, report, require_arch, run_dir, sample_dpmpp,
@@ -413,6 +413,7 @@ def main():
     suffix = f"-nfe{args.nfe}" + ("-concentrated" if args.subseq == "concentrated" else "")
     kind = "scratch" if args.scratch else {"fresh": "", "teacher": "tinit"}[args.init]
     out = run_dir(args, "sfddm" + (f"-{kind}" if kind else "") + suffix)
+    check_exports(args, out / "ddim", out / "alg2")
     if args.nfe == 2:
         pg.log("warning: SFDDM is not meant for 2 steps (paper Sec. 5); expect blurry samples")
     alpha_bar_s = student_alpha_bar(teacher_alpha_bar(args.teacher_steps), phi)       # Eq. 9

@@ -612,6 +612,7 @@ def main(argv=None):
     pg = common.Dist(args.device)
     variant = f"sferd-{args.base}" + "-noguide" * args.no_guidance + "-nopred" * args.no_predictor
     out = common.run_dir(args, f"{variant}-nfe{args.nfe}")
+    common.check_exports(args, out)
     common.seed_all(args.seed)
     data, _ = common.load_dataset(args.dataset, args.data_dir)
     D, teacher_path = common.load_teacher(args, pg)

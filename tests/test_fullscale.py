@@ -131,6 +131,21 @@ def test_export_refusals(tmp_path):
         common.export_samples(export_args(tmp_path, export=2, resume=True), tmp_path / "b", noise_images([]), (1, 8, 8), "cpu")
 
 
+@pytest.mark.parametrize("script,folder", [("sfd.py", "."), ("pd.py", "nfe4"), ("sfddm.py", "ddim"), ("cd.py", "nfe4")])
+def test_export_into_the_run_folder_is_refused_before_training(script, folder, fashion_dir, smoke_teacher, tmp_path):
+    """Without --export-dir the export lands in the run's evaluation folder: an existing one there is
+    refused in the first seconds (the folder is known then), not after training."""
+    run = tmp_path / "run"
+    (run / folder / "samples-4").mkdir(parents=True)
+    (run / folder / "samples-4" / "mine.png").write_text("keep")
+    r = run_script(script, "--preset", "smoke", "--data-dir", fashion_dir, "--teacher", smoke_teacher, "--out", run,
+                   "--export", 4, cwd=tmp_path)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "samples-4 exists and is not empty" in err[0], r.stderr[-2000:]
+    assert "it/s" not in r.stderr and "img/s" not in r.stderr                  # no training started
+    assert sorted(p.name for p in run.rglob("*") if p.is_file()) == ["mine.png"]
+
+
 @pytest.mark.fid
 def test_fid_of_the_export_equals_the_runs_own_fid(fashion_dir, smoke_teacher, tmp_path, monkeypatch):
     run = tmp_path / "sfd-run"

@@ -14,11 +14,10 @@ import torch.nn as nn
 import cfd
 import common
 import pd
-from conftest import run_script
+from conftest import gaussian_denoiser, run_script
 
 torch.set_num_threads(2)
 MU, VAR = 0.3, 0.2 ** 2
-
 
 
 def altered_copy(src, dst):
@@ -30,13 +29,6 @@ def altered_copy(src, dst):
     state[key] = state[key] + 1e-3
     torch.save(ck, dst)
     return dst
-
-def gaussian_denoiser(mu=MU, var=VAR):
-    """E[x0 | x0 + sigma*n] for x0 ~ N(mu, var): the exact D(x, sigma) of Gaussian data."""
-    def D(x, sigma, cond=None):
-        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1) if torch.is_tensor(sigma) else sigma
-        return mu + var / (var + sigma**2) * (x - mu)
-    return D
 
 
 def cosine(t):
@@ -117,7 +109,7 @@ class Recorder(nn.Module):
 
 def test_image_target_is_pds_target():
     torch.manual_seed(0)
-    teacher, student, N = gaussian_denoiser(), gaussian_denoiser(mu=-0.1, var=0.3), 4
+    teacher, student, N = gaussian_denoiser(MU, VAR), gaussian_denoiser(mu=-0.1, var=0.3), 4
     cls = Recorder(cfd.ResNet(1, 10, 4, (1,)).double().eval().requires_grad_(False))
     g = torch.Generator().manual_seed(3)
     x = torch.rand(4, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import common
-from conftest import ROOT, make_fashion, run_script
+from conftest import ROOT, gaussian_denoiser, make_fashion, run_script
 
 torch.set_num_threads(2)
 
@@ -126,11 +126,7 @@ def test_heun_euler_last_skips_only_the_last_corrector():
 # --- Samplers on an analytic Gaussian ------------------------------------------------------
 
 MU, C = 0.3, 0.4        # data = N(MU, C^2) per pixel: D(x, sigma) = MU + C^2/(C^2 + sigma^2) (x - MU) exactly
-
-
-def gaussian_D(x, sigma):
-    sigma = torch.as_tensor(sigma, dtype=x.dtype)
-    return MU + C**2 / (C**2 + sigma**2) * (x - MU)
+gaussian_D = gaussian_denoiser(MU, C**2)
 
 
 def exact_ode(x, sigma_from, sigma_to):

@@ -83,9 +83,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import fid
 import pd
 from common import (RUNS, Dist, UserError, check_data_shape, common_parser, dataset_slug, fingerprint, learning_rate,
-                    load_checkpoint, load_dataset, load_state, load_teacher, main_guard, prepare_out_dir, report, run_dir,
+                    load_checkpoint, load_dataset, load_state, load_teacher, main_guard, prepare_out_dir, run_dir,
                     save_checkpoint, seed_all, to_float, vp_predict)
 
 # ----------------------------------------------------------------------------------------------
@@ -411,8 +412,8 @@ def main(argv=None):
         b, _, b_state = pd.run_chain(args, pg, data, start, stages, b_out, chain, b_gen, state=prefix)
         info = dict(method="pd", variant="pd-baseline", nfe=args.nfe, train_seconds=b_state["seconds"],
                     images_seen=b_state["images"], start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters)
-        m = report(args, pg, b_out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(b, eps, args.nfe),
-                   info, data.shape[1:])
+        m = fid.report(args, pg, b_out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(b, eps, args.nfe),
+                       info, data.shape[1:])
         if pg.main:
             baseline = {k: m[k] for k in ("fid", "fid_n", "teacher_rms", "images_seen")} | {
                 "source": str(b_out / f"nfe{args.nfe}" / "metrics.json"), "same_budget": True}
@@ -425,8 +426,8 @@ def main(argv=None):
                 iters_per_stage=args.iters, lr=args.lr, batch=args.batch, xflip=args.xflip, classifier=str(cls_path),
                 classifier_test_acc=cls_acc, pd_baseline=baseline, sampler="DDIM, x_hat clipped to [-1, 1]")
     # The report compares with the original teacher's solvers.
-    report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(student, eps, args.nfe),
-           info, data.shape[1:])
+    fid.report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(student, eps, args.nfe),
+               info, data.shape[1:])
     pg.close()
 
 

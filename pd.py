@@ -63,10 +63,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import fid
 from common import (RUNS, Denoiser, build_net, Dist, UserError, autocast, check_data_shape, check_finite, common_parser,
-                    cosine_alpha_sigma, dataset_slug, fingerprint, learning_rate, load_checkpoint, load_dataset, load_state,
-                    load_teacher, main_guard, random_batch, report, run_dir, save_checkpoint, seed_all, student_from, to_float,
-                    vp_predict)
+                    cosine_alpha_sigma, dataset_slug, fingerprint, learning_rate, load_checkpoint, load_dataset,
+                    load_state, load_teacher, main_guard, random_batch, run_dir, save_checkpoint, seed_all,
+                    student_from, to_float, vp_predict)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments and presets
@@ -409,8 +410,8 @@ def main(argv=None):
                 start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters, lr=args.lr,
                 batch=args.batch, xflip=args.xflip, sampler="DDIM, x_hat clipped to [-1, 1]")
     # The report compares with the original teacher's solvers.
-    report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: sample_ddim(student, eps, args.nfe),
-           info, data.shape[1:])
+    fid.report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: sample_ddim(student, eps, args.nfe),
+               info, data.shape[1:])
     pg.close()
 
 

@@ -42,7 +42,7 @@ Deviations (and why)
     thresholding on). The authors' teacher always thresholds (dpm_pp_sampler calls dynamic_thresholding_fn,
     sfd-main/solvers.py and solver_utils.py). Measured in the lab, one seed each (README, "Lab results"):
     off FID-500 72.90, teacher_rms 0.1094; on 74.07, 0.1189 (`python sfd.py --dataset fashion --nfe 4
-    --teacher-threshold`): worse, so fewstep keeps it off. The teacher rows (common.report) are unthresholded.
+    --teacher-threshold`): worse, so fewstep keeps it off. The teacher rows (fid.report) are unthresholded.
   - Samples end at t_min without a final denoising call, as the authors' sampler does
     (denoise_to_zero=False): the leftover noise of std 0.006 is below one uint8 level.
 
@@ -60,9 +60,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import (Denoiser, Dist, PerSampleNoise, UserError, EVAL_SEED, afs_step, autocast, build_net,
-                    check_finite, check_same_teacher, common_parser, count_params, fingerprint, image_shape, karras_sigmas,
-                    learning_rate, load_checkpoint, load_state, load_teacher, main_guard, report, run_dir, sample_dpmpp,
+import fid
+from common import (Denoiser, Dist, PerSampleNoise, UserError, EVAL_SEED, afs_step, autocast, build_net, check_finite,
+                    check_same_teacher, common_parser, count_params, fingerprint, image_shape, karras_sigmas,
+                    learning_rate, load_checkpoint, load_state, load_teacher, main_guard, run_dir, sample_dpmpp,
                     sample_euler, sample_heun, require_arch, save_checkpoint, save_grid, seed_all, student_from,
                     timestep_embedding, write_json)
 
@@ -434,7 +435,7 @@ def train(args, pg):
         return lambda eps: sample_euler(lambda x, s: D(x, s, cond(len(x))), SIGMA_MAX * eps, grids[n], afs=afs)
 
     variant = "sfd-stage2" if second_stage else ("sfd-v" if variable else "sfd")
-    all_metrics = [report(args, pg, out / f"nfe{n}" if variable else out, teacher, teacher_path, sample_fn(n), dict(
+    all_metrics = [fid.report(args, pg, out / f"nfe{n}" if variable else out, teacher, teacher_path, sample_fn(n), dict(
         method="sfd", variant=variant, nfe=n, train_seconds=seconds, images_seen=done, trajectories=done,
         teacher_solver="euler+afs (stage 1)" if second_stage else solver, teacher_steps_K=K, teacher_threshold=threshold,
         teacher_nfe_per_trajectory=(len(fine[n]) - 1) * TEACHER_SOLVERS[solver][1], t_min=args.t_min, afs=afs,

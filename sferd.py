@@ -79,6 +79,7 @@ from tqdm import tqdm
 
 import cd
 import common
+import fid
 import pd
 from common import UserError, as_batch, vp_from_sigma
 
@@ -543,7 +544,7 @@ def sample_sferd_cd(f, eps, taus, G, z_sem, N, mode="train", g_drop=0.0):
 
 
 def make_sampler(args, student, G=None, latent=None):
-    """sample_fn for common.report: unit noise -> images; z_sem drawn from the latent DDPM (Alg. 2, unconditional)
+    """sample_fn for fid.report: unit noise -> images; z_sem drawn from the latent DDPM (Alg. 2, unconditional)
     with noise keyed by each sample's starting noise (cd.renoise_source, another seed)."""
     if G is None and args.base == "pd":
         return lambda eps: pd.sample_ddim(student, eps, args.nfe)
@@ -661,7 +662,7 @@ def main(argv=None):
                 latent_ddim_steps=args.hp["latent_steps"] if G is not None else 0,
                 start_steps=getattr(args, "start_steps", None), stages=getattr(args, "stages", None),
                 schedule=getattr(args, "schedule", None), **base_run_metrics(args))
-    common.report(args, pg, out, D, teacher_path, make_sampler(args, student, G, latent), info, data.shape[1:])
+    fid.report(args, pg, out, D, teacher_path, make_sampler(args, student, G, latent), info, data.shape[1:])
     pg.close()
 
 

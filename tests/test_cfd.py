@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import cfd
 import common
+import fid
 import pd
 from conftest import gaussian_denoiser, run_script
 
@@ -315,7 +316,7 @@ def test_each_cfd_stage_trains_eq7_with_its_own_tau(fashion_dir, smoke_teacher, 
 
     monkeypatch.setattr(cfd, "rcfd_loss", spy)
     monkeypatch.setattr(pd, "run_chain", one_evaluation)
-    monkeypatch.setattr(cfd, "report", lambda *a, **k: None)
+    monkeypatch.setattr(fid, "report", lambda *a, **k: None)
     net = cfd.ResNet(1, 10, 4, (1,))
     common.save_checkpoint(tmp_path / "cls.pt", "cfd-classifier", config=net.config, net=net.state_dict(), test_acc=0.5)
     cfd.main(["--preset", "smoke", "--data-dir", str(fashion_dir), "--teacher", str(smoke_teacher), "--out",

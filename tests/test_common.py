@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import common
+import fid
 from conftest import ROOT, gaussian_denoiser, make_fashion, run_script
 
 torch.set_num_threads(2)
@@ -457,10 +458,10 @@ def test_report_measures_rms_to_the_teachers_reference(smoke_teacher, fashion_di
                                                  "--teacher", str(smoke_teacher)])
     pg = common.Dist("cpu")
     D, path = common.load_teacher(args, pg)
-    ref = common.teacher_sigmas("dpm3m", common.REFERENCE_NFE)
+    ref = common.teacher_sigmas("dpm3m", fid.REFERENCE_NFE)
     same = lambda eps: common.sample_dpmpp(D, eps * 80.0, ref)
     info = dict(method="teacher", nfe=2, train_seconds=0, images_seen=0)
-    m = common.report(args, pg, tmp_path / "run", D, path, same, info, (1, 32, 32))
+    m = fid.report(args, pg, tmp_path / "run", D, path, same, info, (1, 32, 32))
     assert m["teacher_rms"] == 0 and m["fid"] is None and m["fid_n"] == 0 and m["rms_n"] == 64
     assert m["teacher_rms_euler"] > 0.01 and m["teacher_rms_dpm3m"] > 0
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -470,10 +471,10 @@ def test_report_measures_rms_to_the_teachers_reference(smoke_teacher, fashion_di
 
 
 def test_teacher_rows_for_the_results_table(smoke_teacher, fashion_dir, tmp_path):
-    """`common.py rows`: one metrics.json per solver and NFE it can spend; the 35-NFE DPM-Solver++(3M)
+    """`fid.py --rows`: one metrics.json per solver and NFE it can spend; the 35-NFE DPM-Solver++(3M)
     row is the reference itself (teacher_rms 0), fewer calls are further from it, and fid.py's
     table printer lists the rows."""
-    r = run_script("common.py", "rows", "--preset", "smoke", "--data-dir", fashion_dir, "--teacher", smoke_teacher,
+    r = run_script("fid.py", "--rows", "fashion", "--preset", "smoke", "--data-dir", fashion_dir, "--teacher", smoke_teacher,
                    "--nfe", "1", "2", "3", "35", "--solvers", "euler", "heun", "dpm3m", "--out", tmp_path / "rows",
                    "--fid-samples", "0", "--device", "cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -482,5 +483,4 @@ def test_teacher_rows_for_the_results_table(smoke_teacher, fashion_dir, tmp_path
                      "euler-nfe35", "heun-nfe3", "heun-nfe35"]          # no even-NFE Heun, no 1-NFE duplicates
     rms = {name: json.loads((tmp_path / "rows" / name / "metrics.json").read_text())["teacher_rms"] for name in found}
     assert rms["dpm3m-nfe35"] == 0 and rms["euler-nfe1"] > rms["euler-nfe3"] > rms["euler-nfe35"] > 0
-    import fid
     assert "| teacher-heun | 3 |" in fid.results_table(tmp_path / "rows")

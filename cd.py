@@ -114,7 +114,7 @@ CLIP_DEFAULT = True        # clamp x before re-noising (the authors' samplers); 
 
 
 def parse_args(argv=None):
-    p = common.common_parser(__doc__.split("\n\n")[0], nfe_default=4,
+    p = common.common_parser(common.first_paragraph(__doc__), nfe_default=4,
                              nfe_help="student steps = network calls: 1, or 2-4 with the default re-noising sigmas, "
                                       "or 1 + the number of --taus")
     p.add_argument("--N", type=int, default=None, help="N, points of the Karras training grid (paper: 18 on CIFAR-10)")

@@ -1,4 +1,5 @@
-"""cfd.py: Classifier-based Feature Distillation (CFD) and its regularised form (RCFD), one file.
+"""cfd.py: Classifier-based Feature Distillation (CFD, Sun et al., ICME 2023) and its regularised form
+(RCFD), one file: progressive distillation with a frozen classifier's feature KL (+ entropy/diversity for RCFD).
 
 Paper: Wujie Sun, Defang Chen, Can Wang, Deshi Ye, Yan Feng, Chun Chen, "Accelerating Diffusion
 Sampling with Classifier-based Feature Distillation", ICME 2023, arXiv:2211.12039.
@@ -85,9 +86,9 @@ from tqdm import tqdm
 
 import fid
 import pd
-from common import (RUNS, Dist, UserError, check_data_shape, common_parser, dataset_slug, fingerprint, learning_rate,
-                    load_checkpoint, load_dataset, load_state, load_teacher, main_guard, prepare_out_dir, run_dir,
-                    save_checkpoint, seed_all, to_float, vp_predict)
+from common import (RUNS, Dist, UserError, check_data_shape, common_parser, dataset_slug, fingerprint, first_paragraph,
+                    learning_rate, load_checkpoint, load_dataset, load_state, load_teacher, main_guard, prepare_out_dir,
+                    run_dir, save_checkpoint, seed_all, to_float, vp_predict)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments and presets
@@ -111,8 +112,7 @@ STAGE_HPARAMS = {4: (0.95, 0.003, 0.75), 2: (0.95, 0.003, 0.75), 1: (0.85, 0.003
 
 
 def parse_args(argv=None):
-    p = common_parser("Classifier-based Feature Distillation (Sun et al., ICME 2023): progressive distillation "
-                      "with a frozen classifier's feature KL (+ entropy/diversity for RCFD).", nfe_default=4,
+    p = common_parser(first_paragraph(__doc__), nfe_default=4,
                       nfe_help="N, the final student's DDIM steps (a power of two below --cfd-from)")
     p.add_argument("--variant", default="rcfd", choices=["rcfd", "cfd"], help="rcfd: Eq. 7 (default); cfd: Eq. 4 only (beta = 0)")
     p.add_argument("--tau", type=float, default=None, help="teacher softmax temperature tau of Eq. 4 for every "

@@ -138,6 +138,11 @@ class FewstepParser(Parser):
         return ns, rest
 
 
+def first_paragraph(doc):
+    """A script's --help description: its docstring up to the first blank line (the rest is for the reader of the file)."""
+    return doc.strip().split("\n\n")[0]
+
+
 def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of function evaluations of the student"):
     """The one CLI convention of every fewstep script; a method adds its own flags after."""
     p = FewstepParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -2128,8 +2133,7 @@ def refuse_paper_on_cpu(args, method):
 # ----------------------------------------------------------------------------------------------
 
 def main():
-    p = Parser(description="fewstep substrate. 'teacher' trains and caches the shared teacher "
-                                "of a dataset with the EDM loss (Karras et al. 2022).")
+    p = Parser(description=first_paragraph(__doc__))
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("teacher", help="train the shared teacher (runs/<dataset>/teacher-<preset>/teacher.pt)")
     t.add_argument("--dataset", default="fashion", type=dataset_name, help="fashion | cifar10 | folder:PATH")

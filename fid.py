@@ -706,7 +706,7 @@ def source_stats(source, args):
 
 
 def main():
-    p = common.Parser(description="Exact TF-Inception FID (TTUR / StyleGAN / EDM numbers), offline.")
+    p = common.Parser(description=common.first_paragraph(__doc__))
     p.add_argument("sources", nargs="*", metavar="A B",
                    help="two of: image folder (also EDM's sub-folders of 1,000), .npz with mu/sigma[/n] or with uint8 "
                         "samples arr_0 (N x H x W x C), edm:cifar10-32x32 (EDM's published statistics, downloaded "

@@ -1,4 +1,5 @@
-"""pd.py: Progressive Distillation, one file.
+"""pd.py: Progressive Distillation (Salimans & Ho, ICLR 2022), one file: halve a diffusion sampler's DDIM
+steps, stage by stage.
 
 Paper: Tim Salimans, Jonathan Ho, "Progressive Distillation for Fast Sampling of Diffusion Models",
 ICLR 2022, arXiv:2202.00512 (Algorithm 2). Authors' code: google-research/google-research,
@@ -65,9 +66,9 @@ from tqdm import tqdm
 
 import fid
 from common import (RUNS, Denoiser, build_net, Dist, UserError, autocast, check_data_shape, check_finite, common_parser,
-                    cosine_alpha_sigma, dataset_slug, fingerprint, learning_rate, load_checkpoint, load_dataset,
-                    load_state, load_teacher, main_guard, random_batch, run_dir, save_checkpoint, seed_all,
-                    student_from, to_float, vp_predict)
+                    cosine_alpha_sigma, dataset_slug, fingerprint, first_paragraph, learning_rate, load_checkpoint,
+                    load_dataset, load_state, load_teacher, main_guard, random_batch, run_dir, save_checkpoint,
+                    seed_all, student_from, to_float, vp_predict)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments and presets
@@ -91,8 +92,7 @@ LOGSNR_MIN = -2 * math.log(80.0)
 
 
 def parse_args(argv=None):
-    p = common_parser("Progressive Distillation (Salimans & Ho, ICLR 2022): halve a diffusion sampler's "
-                      "DDIM steps, stage by stage.", nfe_default=4,
+    p = common_parser(first_paragraph(__doc__), nfe_default=4,
                       nfe_help="N, the final student's DDIM steps (a power of two, at most --start-steps)")
     p.add_argument("--start-steps", type=int, default=None,
                    help="DDIM steps of the original teacher; the first student has half as many "

@@ -62,10 +62,10 @@ import torch.nn as nn
 
 import fid
 from common import (Denoiser, Dist, PerSampleNoise, UserError, EVAL_SEED, afs_step, autocast, build_net, check_finite,
-                    check_same_teacher, common_parser, count_params, fingerprint, image_shape, karras_sigmas,
-                    learning_rate, load_checkpoint, load_state, load_teacher, main_guard, run_dir, sample_dpmpp,
-                    sample_euler, sample_heun, require_arch, save_checkpoint, save_grid, seed_all, student_from,
-                    timestep_embedding, write_json)
+                    check_same_teacher, common_parser, count_params, fingerprint, first_paragraph, image_shape,
+                    karras_sigmas, learning_rate, load_checkpoint, load_state, load_teacher, main_guard, run_dir,
+                    sample_dpmpp, sample_euler, sample_heun, require_arch, save_checkpoint, save_grid, seed_all,
+                    student_from, timestep_embedding, write_json)
 
 from tqdm import tqdm
 
@@ -92,7 +92,7 @@ TEACHER_THRESHOLD = False      # dynamic thresholding of the dpm3m teacher (auth
 
 
 def parse_args(argv=None):
-    p = common_parser(__doc__, nfe_default="4", nfe_type=str,
+    p = common_parser(first_paragraph(__doc__), nfe_default="4", nfe_type=str,
                       nfe_help="student NFE: N (SFD), a comma list like 2,3,4,5 (SFD-v, one model), or 1 (second stage)")
     p.add_argument("--teacher-solver", default="dpm3m", choices=list(TEACHER_SOLVERS),
                    help="teacher's Solver in Alg. 2 (slides' ablation: dpm3m > dpm2s > heun > euler; default: dpm3m)")

@@ -76,9 +76,9 @@ from tqdm import tqdm
 import fid
 from common import (EVAL_SEED, Denoiser, Dist, UserError, append_zero, autocast, build_net, check_data_shape,
                     check_finite, check_same_teacher, common_parser, count_params, ddpm_alpha_bar, ema_beta, ema_update,
-                    fingerprint, learning_rate, load_checkpoint, load_dataset, load_state, load_teacher, main_guard,
-                    positive_int, random_batch, require_arch, run_dir, sample_dpmpp, save_checkpoint, seed_all,
-                    sigma_from_alpha_bar, student_from, to_float, vp_predict)
+                    fingerprint, first_paragraph, learning_rate, load_checkpoint, load_dataset, load_state,
+                    load_teacher, main_guard, positive_int, random_batch, require_arch, run_dir, sample_dpmpp,
+                    save_checkpoint, seed_all, sigma_from_alpha_bar, student_from, to_float, vp_predict)
 
 # images: training length; batch: global batch; lr: Adam lr, reached after `warmup` images of linear
 # ramp; clip: grad-norm clip (None: off); ema: EMA half-life (images); ckpt_every: images.
@@ -95,7 +95,7 @@ CURVE_POINTS = 100  # loss.csv: the training loss averaged over this many equal 
 
 
 def parse_args(argv=None):
-    p = common_parser(__doc__.split("\n")[0], nfe_default=4,
+    p = common_parser(first_paragraph(__doc__), nfe_default=4,
                       nfe_help="T', the student's number of steps = network calls (>= 2; the paper targets 16-128)")
     p.add_argument("--teacher-steps", default=1024, type=int, help="T, the teacher DDPM's number of steps (default: 1024)")
     p.add_argument("--subseq", default="scattered", choices=["scattered", "concentrated"],

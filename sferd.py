@@ -1,4 +1,5 @@
-"""sferd.py: SFERD, Spatial Fitting-Error Reduction Distillation, on top of PD or CD.
+"""sferd.py: SFERD, Spatial Fitting-Error Reduction Distillation (Zhou et al., AAAI 2024), on top of PD or CD:
+an attention-guided teacher + a semantic gradient predictor.
 
 Paper: Shengzhe Zhou, Zejian Li, Shengyuan Zhang, Lefan Hou, Changyuan Yang, Guang Yang, Zhiyuan Yang,
 Lingyun Sun, "Reducing Spatial Fitting Error in Distillation of Denoising Diffusion Models", AAAI 2024,
@@ -115,9 +116,8 @@ LATENT_T, LATENT_BETA = 1000, 0.008         # Table 4: T = 1000, constant beta
 
 
 def parse_args(argv=None):
-    p = common.common_parser("SFERD (Zhou et al., AAAI 2024): attention-guided teacher + semantic gradient predictor "
-                             "on PD or CD.", nfe_default=4, nfe_help="student steps (PD: power of two below "
-                             "--start-steps; CD: 1-4 or 1 + len(--taus))")
+    p = common.common_parser(common.first_paragraph(__doc__), nfe_default=4,
+                             nfe_help="student steps (PD: power of two below --start-steps; CD: 1-4 or 1 + len(--taus))")
     p.add_argument("--base", choices=["pd", "cd"], default="pd", help="base distiller: SFERD-PD or SFERD-CD (default pd)")
     p.add_argument("--no-guidance", action="store_true", help="ablation: plain teacher (no attention guidance)")
     p.add_argument("--no-predictor", action="store_true", help="ablation: no E_phi / G_tau / latent DDPM")

@@ -1,9 +1,11 @@
 """Tests of the substrate's math and behaviour (common.py)."""
 import hashlib
+import importlib
 import io
 import json
 import math
 import pickle
+import sys
 import tarfile
 
 import numpy as np
@@ -440,6 +442,19 @@ def test_load_teacher_trains_when_missing(fashion_dir, tmp_path, monkeypatch):
 def test_cli_bad_input_is_one_line(tmp_path):
     r = run_script("common.py", "teacher", "--dataset", "nope", "--preset", "smoke", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown dataset" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["common", "fid", "sfd", "pd", "cd", "sfddm", "cfd", "sferd"])
+def test_help_prints_the_headers_first_paragraph(name, monkeypatch, capsys):
+    """--help describes a script by its docstring's first paragraph; the rest of the header is for the reader of the file."""
+    mod = importlib.import_module(name)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
+    with pytest.raises(SystemExit) as e:
+        mod.parse_args() if hasattr(mod, "parse_args") else mod.main()
+    out = " ".join(capsys.readouterr().out.split())
+    head, rest = mod.__doc__.split("\n\n", 1)
+    assert e.value.code == 0 and " ".join(head.split()) in out
+    assert " ".join(rest.split("\n\n")[0].split()) not in out
 
 
 def test_torchrun_two_processes_stay_in_sync(fashion_dir, tmp_path):

@@ -60,7 +60,7 @@ Deviations and why:
     2-step 80 -> 0.585 is sigma_11 of the 18-point grid); the defaults below are points of the
     same grid, chosen by FID on validation noise with the lab student (see DEFAULT_TAUS), the
     way the paper chose its 2-step sigma. Any others: --taus.
-  - Evaluation: common.report's teacher_rms compares with the teacher's deterministic 35-NFE
+  - Evaluation: fid.report's teacher_rms compares with the teacher's deterministic 35-NFE
     samples from the same noise. CD reproduces that deterministic map only at one step; with
     re-noising, later steps draw fresh noise, so at NFE > 1 teacher_rms mixes the first step's
     fidelity with the re-noising's randomness. The one-step student's teacher_rms is therefore
@@ -86,6 +86,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import fid
 from common import SIGMA_DATA, UserError
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0       # eps, T and rho of the Karras grid (paper App. C)
@@ -113,7 +114,7 @@ CLIP_DEFAULT = True        # clamp x before re-noising (the authors' samplers); 
 
 
 def parse_args(argv=None):
-    p = common.common_parser(__doc__.split("\n\n")[0], nfe_default=4,
+    p = common.common_parser(common.first_paragraph(__doc__), nfe_default=4,
                              nfe_help="student steps = network calls: 1, or 2-4 with the default re-noising sigmas, "
                                       "or 1 + the number of --taus")
     p.add_argument("--N", type=int, default=None, help="N, points of the Karras training grid (paper: 18 on CIFAR-10)")
@@ -273,7 +274,7 @@ def renoise_source(eps, seed=common.EVAL_SEED):
 
 
 def make_sampler(f, taus, clip=False):
-    """sample_fn for common.report: unit noise -> images (x_T = T*eps), with re-noising that ignores batching."""
+    """sample_fn for fid.report: unit noise -> images (x_T = T*eps), with re-noising that ignores batching."""
     return lambda eps: sample_cd(f, SIGMA_MAX * eps, taus, renoise_source(eps).randn_like, clip=clip)
 
 
@@ -354,13 +355,13 @@ def train(args, hp, pg, D, data, out):
 @torch.no_grad()
 def onestep_rms(args, pg, teacher, teacher_path, f, shape):
     """teacher_rms of the ONE-step student (and of the teacher's 1-NFE Euler), the deterministic measure."""
-    n = common.FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
+    n = fid.FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
     n, batch = max(n, 64), args.batch_size or 250
-    _, ref = common.teacher_baseline(teacher, teacher_path, args, "dpm3m", common.REFERENCE_NFE, n, shape, pg.device,
-                                       with_fid=False)
-    one = common.generate(lambda eps: f(SIGMA_MAX * eps, SIGMA_MAX), n, shape, batch, pg.device, "student 1 step")
-    euler = common.generate(lambda eps: teacher(SIGMA_MAX * eps, SIGMA_MAX), n, shape, batch, pg.device, "teacher 1 NFE")
-    return {"onestep_teacher_rms": common.rms_distance(one, ref), "onestep_teacher_rms_euler": common.rms_distance(euler, ref)}
+    _, ref = fid.teacher_baseline(teacher, teacher_path, args, "dpm3m", fid.REFERENCE_NFE, n, shape, pg.device,
+                                    with_fid=False)
+    one = fid.generate(lambda eps: f(SIGMA_MAX * eps, SIGMA_MAX), n, shape, batch, pg.device, "student 1 step")
+    euler = fid.generate(lambda eps: teacher(SIGMA_MAX * eps, SIGMA_MAX), n, shape, batch, pg.device, "teacher 1 NFE")
+    return {"onestep_teacher_rms": fid.rms_distance(one, ref), "onestep_teacher_rms_euler": fid.rms_distance(euler, ref)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,7 +408,7 @@ def main():
                 iterations=hp["iterations"], weighting=hp["weighting"], n_dist=hp["n_dist"], clip=hp["clip"])
     if args.nfe > 1 and pg.main:
         info.update(onestep_rms(args, pg, D, teacher_path, f_ema, data.shape[1:]))
-    common.report(args, pg, out / f"nfe{args.nfe}", D, teacher_path, make_sampler(f_ema, hp["taus"], hp["clip"]), info, data.shape[1:])
+    fid.report(args, pg, out / f"nfe{args.nfe}", D, teacher_path, make_sampler(f_ema, hp["taus"], hp["clip"]), info, data.shape[1:])
     pg.close()
 
 

@@ -1,4 +1,5 @@
-"""cfd.py: Classifier-based Feature Distillation (CFD) and its regularised form (RCFD), one file.
+"""cfd.py: Classifier-based Feature Distillation (CFD, Sun et al., ICME 2023) and its regularised form
+(RCFD), one file: progressive distillation with a frozen classifier's feature KL (+ entropy/diversity for RCFD).
 
 Paper: Wujie Sun, Defang Chen, Can Wang, Deshi Ye, Yan Feng, Chun Chen, "Accelerating Diffusion
 Sampling with Classifier-based Feature Distillation", ICME 2023, arXiv:2211.12039.
@@ -83,10 +84,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import fid
 import pd
-from common import (check_exports, RUNS, Dist, UserError, check_data_shape, common_parser, dataset_slug, fingerprint, learning_rate,
-                    load_checkpoint, load_dataset, load_state, load_teacher, main_guard, prepare_out_dir, report, run_dir,
-                    save_checkpoint, seed_all, to_float, vp_predict)
+from common import (RUNS, Dist, UserError, check_data_shape, check_exports, common_parser, dataset_slug, fingerprint,
+                    first_paragraph, learning_rate, load_checkpoint, load_dataset, load_state, load_teacher,
+                    main_guard, prepare_out_dir, run_dir, save_checkpoint, seed_all, to_float, vp_predict)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments and presets
@@ -110,8 +112,7 @@ STAGE_HPARAMS = {4: (0.95, 0.003, 0.75), 2: (0.95, 0.003, 0.75), 1: (0.85, 0.003
 
 
 def parse_args(argv=None):
-    p = common_parser("Classifier-based Feature Distillation (Sun et al., ICME 2023): progressive distillation "
-                      "with a frozen classifier's feature KL (+ entropy/diversity for RCFD).", nfe_default=4,
+    p = common_parser(first_paragraph(__doc__), nfe_default=4,
                       nfe_help="N, the final student's DDIM steps (a power of two below --cfd-from)")
     p.add_argument("--variant", default="rcfd", choices=["rcfd", "cfd"], help="rcfd: Eq. 7 (default); cfd: Eq. 4 only (beta = 0)")
     p.add_argument("--tau", type=float, default=None, help="teacher softmax temperature tau of Eq. 4 for every "
@@ -412,8 +413,8 @@ def main(argv=None):
         b, _, b_state = pd.run_chain(args, pg, data, start, stages, b_out, chain, b_gen, state=prefix)
         info = dict(method="pd", variant="pd-baseline", nfe=args.nfe, train_seconds=b_state["seconds"],
                     images_seen=b_state["images"], start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters)
-        m = report(args, pg, b_out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(b, eps, args.nfe),
-                   info, data.shape[1:])
+        m = fid.report(args, pg, b_out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(b, eps, args.nfe),
+                       info, data.shape[1:])
         if pg.main:
             baseline = {k: m[k] for k in ("fid", "fid_n", "teacher_rms", "images_seen")} | {
                 "source": str(b_out / f"nfe{args.nfe}" / "metrics.json"), "same_budget": True}
@@ -426,8 +427,8 @@ def main(argv=None):
                 iters_per_stage=args.iters, lr=args.lr, batch=args.batch, xflip=args.xflip, classifier=str(cls_path),
                 classifier_test_acc=cls_acc, pd_baseline=baseline, sampler="DDIM, x_hat clipped to [-1, 1]")
     # The report compares with the original teacher's solvers.
-    report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(student, eps, args.nfe),
-           info, data.shape[1:])
+    fid.report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(student, eps, args.nfe),
+               info, data.shape[1:])
     pg.close()
 
 

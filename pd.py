@@ -1,4 +1,5 @@
-"""pd.py: Progressive Distillation, one file.
+"""pd.py: Progressive Distillation (Salimans & Ho, ICLR 2022), one file: halve a diffusion sampler's DDIM
+steps, stage by stage.
 
 Paper: Tim Salimans, Jonathan Ho, "Progressive Distillation for Fast Sampling of Diffusion Models",
 ICLR 2022, arXiv:2202.00512 (Algorithm 2). Authors' code: google-research/google-research,
@@ -63,10 +64,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (check_exports, RUNS, Denoiser, build_net, Dist, UserError, autocast, check_data_shape, check_finite, common_parser,
-                    cosine_alpha_sigma, dataset_slug, fingerprint, learning_rate, load_checkpoint, load_dataset, load_state,
-                    load_teacher, main_guard, random_batch, report, run_dir, save_checkpoint, seed_all, student_from, to_float,
-                    vp_predict)
+import fid
+from common import (RUNS, Denoiser, build_net, Dist, UserError, autocast, check_data_shape, check_exports,
+                    check_finite, common_parser, cosine_alpha_sigma, dataset_slug, fingerprint, first_paragraph,
+                    learning_rate, load_checkpoint, load_dataset, load_state, load_teacher, main_guard, random_batch,
+                    run_dir, save_checkpoint, seed_all, student_from, to_float, vp_predict)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments and presets
@@ -90,8 +92,7 @@ LOGSNR_MIN = -2 * math.log(80.0)
 
 
 def parse_args(argv=None):
-    p = common_parser("Progressive Distillation (Salimans & Ho, ICLR 2022): halve a diffusion sampler's "
-                      "DDIM steps, stage by stage.", nfe_default=4,
+    p = common_parser(first_paragraph(__doc__), nfe_default=4,
                       nfe_help="N, the final student's DDIM steps (a power of two, at most --start-steps)")
     p.add_argument("--start-steps", type=int, default=None,
                    help="DDIM steps of the original teacher; the first student has half as many "
@@ -413,8 +414,8 @@ def main(argv=None):
                 start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters, lr=args.lr,
                 batch=args.batch, xflip=args.xflip, sampler="DDIM, x_hat clipped to [-1, 1]")
     # The report compares with the original teacher's solvers.
-    report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: sample_ddim(student, eps, args.nfe),
-           info, data.shape[1:])
+    fid.report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: sample_ddim(student, eps, args.nfe),
+               info, data.shape[1:])
     pg.close()
 
 

@@ -42,7 +42,7 @@ Deviations (and why)
     thresholding on). The authors' teacher always thresholds (dpm_pp_sampler calls dynamic_thresholding_fn,
     sfd-main/solvers.py and solver_utils.py). Measured in the lab, one seed each (README, "Lab results"):
     off FID-500 72.90, teacher_rms 0.1094; on 74.07, 0.1189 (`python sfd.py --dataset fashion --nfe 4
-    --teacher-threshold`): worse, so fewstep keeps it off. The teacher rows (common.report) are unthresholded.
+    --teacher-threshold`): worse, so fewstep keeps it off. The teacher rows (fid.report) are unthresholded.
   - Samples end at t_min without a final denoising call, as the authors' sampler does
     (denoise_to_zero=False): the leftover noise of std 0.006 is below one uint8 level.
 
@@ -60,11 +60,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import (check_exports, Denoiser, Dist, PerSampleNoise, UserError, EVAL_SEED, afs_step, autocast, build_net,
-                    check_finite, check_same_teacher, common_parser, count_params, fingerprint, image_shape, karras_sigmas,
-                    learning_rate, load_checkpoint, load_state, load_teacher, main_guard, report, run_dir, sample_dpmpp,
-                    sample_euler, sample_heun, require_arch, save_checkpoint, save_grid, seed_all, student_from,
-                    timestep_embedding, write_json)
+import fid
+from common import (Denoiser, Dist, PerSampleNoise, UserError, EVAL_SEED, afs_step, autocast, build_net, check_finite,
+                    check_same_teacher, check_exports, common_parser, count_params, fingerprint, first_paragraph,
+                    image_shape, karras_sigmas, learning_rate, load_checkpoint, load_state, load_teacher, main_guard,
+                    run_dir, sample_dpmpp, sample_euler, sample_heun, require_arch, save_checkpoint, save_grid,
+                    seed_all, student_from, timestep_embedding, write_json)
 
 from tqdm import tqdm
 
@@ -91,7 +92,7 @@ TEACHER_THRESHOLD = False      # dynamic thresholding of the dpm3m teacher (auth
 
 
 def parse_args(argv=None):
-    p = common_parser(__doc__, nfe_default="4", nfe_type=str,
+    p = common_parser(first_paragraph(__doc__), nfe_default="4", nfe_type=str,
                       nfe_help="student NFE: N (SFD), a comma list like 2,3,4,5 (SFD-v, one model), or 1 (second stage)")
     p.add_argument("--teacher-solver", default="dpm3m", choices=list(TEACHER_SOLVERS),
                    help="teacher's Solver in Alg. 2 (slides' ablation: dpm3m > dpm2s > heun > euler; default: dpm3m)")
@@ -435,7 +436,7 @@ def train(args, pg):
         return lambda eps: sample_euler(lambda x, s: D(x, s, cond(len(x))), SIGMA_MAX * eps, grids[n], afs=afs)
 
     variant = "sfd-stage2" if second_stage else ("sfd-v" if variable else "sfd")
-    all_metrics = [report(args, pg, out / f"nfe{n}" if variable else out, teacher, teacher_path, sample_fn(n), dict(
+    all_metrics = [fid.report(args, pg, out / f"nfe{n}" if variable else out, teacher, teacher_path, sample_fn(n), dict(
         method="sfd", variant=variant, nfe=n, train_seconds=seconds, images_seen=done, trajectories=done,
         teacher_solver="euler+afs (stage 1)" if second_stage else solver, teacher_steps_K=K, teacher_threshold=threshold,
         teacher_nfe_per_trajectory=(len(fine[n]) - 1) * TEACHER_SOLVERS[solver][1], t_min=args.t_min, afs=afs,

@@ -73,11 +73,12 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from common import (check_exports, EVAL_SEED, FID_SAMPLES, Denoiser, Dist, UserError, append_zero, autocast, build_net,
-                    check_data_shape, check_finite, check_same_teacher, common_parser, count_params, ddpm_alpha_bar,
-                    ema_beta, ema_update, fingerprint, learning_rate, load_checkpoint, load_dataset, load_state,
-                    load_teacher, main_guard, positive_int, random_batch, report, require_arch, run_dir, sample_dpmpp,
-                    save_checkpoint, seed_all, sigma_from_alpha_bar, student_from, to_float, vp_predict)
+import fid
+from common import (EVAL_SEED, Denoiser, Dist, UserError, append_zero, autocast, build_net, check_data_shape,
+                    check_exports, check_finite, check_same_teacher, common_parser, count_params, ddpm_alpha_bar,
+                    ema_beta, ema_update, fingerprint, first_paragraph, learning_rate, load_checkpoint, load_dataset,
+                    load_state, load_teacher, main_guard, positive_int, random_batch, require_arch, run_dir,
+                    sample_dpmpp, save_checkpoint, seed_all, sigma_from_alpha_bar, student_from, to_float, vp_predict)
 
 # images: training length; batch: global batch; lr: Adam lr, reached after `warmup` images of linear
 # ramp; clip: grad-norm clip (None: off); ema: EMA half-life (images); ckpt_every: images.
@@ -94,7 +95,7 @@ CURVE_POINTS = 100  # loss.csv: the training loss averaged over this many equal 
 
 
 def parse_args(argv=None):
-    p = common_parser(__doc__.split("\n")[0], nfe_default=4,
+    p = common_parser(first_paragraph(__doc__), nfe_default=4,
                       nfe_help="T', the student's number of steps = network calls (>= 2; the paper targets 16-128)")
     p.add_argument("--teacher-steps", default=1024, type=int, help="T, the teacher DDPM's number of steps (default: 1024)")
     p.add_argument("--subseq", default="scattered", choices=["scattered", "concentrated"],
@@ -349,7 +350,7 @@ def ceiling_rows(args, pg, folder, teacher, teacher_path, alpha_bar_s, phi, shap
     """The teacher on phi with each of phi_samplers (the ceiling rows), into folder/<sampler>/, unless
     they are there for this teacher (sha256), phi, N and clipping."""
     key = dict(phi=phi, teacher_sha256=fingerprint(teacher_path), clip=not args.no_clip,
-               fid_n=FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples)
+               fid_n=fid.FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples)
     try:
         have = all(all(json.loads((folder / s / "metrics.json").read_text()).get(k) == v for k, v in key.items())
                    for s in ("ddim", "alg2", "dpm3m"))
@@ -361,7 +362,7 @@ def ceiling_rows(args, pg, folder, teacher, teacher_path, alpha_bar_s, phi, shap
         return
     t0 = time.time()
     for name, fn in phi_samplers(teacher, alpha_bar_s, not args.no_clip).items():
-        report(args, pg, folder / name, teacher, teacher_path, fn, dict(
+        fid.report(args, pg, folder / name, teacher, teacher_path, fn, dict(
             method="teacher", variant=f"teacher-phi-{name}", nfe=len(phi) - 1, train_seconds=0, images_seen=0,
             teacher_steps=args.teacher_steps, subseq=args.subseq, **key), shape)
     pg.log(f"ceiling rows (the teacher on phi) in {(time.time() - t0) / 60:.1f} min: {folder}")
@@ -461,7 +462,7 @@ def main():
                     teacher_steps=args.teacher_steps, subseq=args.subseq, phi=phi, student_sigmas=sigmas,
                     init=args.init, scratch=args.scratch, hidden_weight=args.hidden_weight, lr=cfg["lr"],
                     batch=cfg["batch"], clip=not args.no_clip, **stats)
-        report(args, pg, out / name, teacher, teacher_path, samplers[name], info, shape)
+        fid.report(args, pg, out / name, teacher, teacher_path, samplers[name], info, shape)
     ceiling_rows(args, pg, ceiling, teacher, teacher_path, alpha_bar_s, phi, shape)
     pg.close()
 

@@ -1,4 +1,5 @@
-"""sferd.py: SFERD, Spatial Fitting-Error Reduction Distillation, on top of PD or CD.
+"""sferd.py: SFERD, Spatial Fitting-Error Reduction Distillation (Zhou et al., AAAI 2024), on top of PD or CD:
+an attention-guided teacher + a semantic gradient predictor.
 
 Paper: Shengzhe Zhou, Zejian Li, Shengyuan Zhang, Lefan Hou, Changyuan Yang, Guang Yang, Zhiyuan Yang,
 Lingyun Sun, "Reducing Spatial Fitting Error in Distillation of Denoising Diffusion Models", AAAI 2024,
@@ -81,6 +82,7 @@ from tqdm import tqdm
 
 import cd
 import common
+import fid
 import pd
 from common import UserError, as_batch, vp_from_sigma
 
@@ -116,9 +118,8 @@ LATENT_T, LATENT_BETA = 1000, 0.008         # Table 4: T = 1000, constant beta
 
 
 def parse_args(argv=None):
-    p = common.common_parser("SFERD (Zhou et al., AAAI 2024): attention-guided teacher + semantic gradient predictor "
-                             "on PD or CD.", nfe_default=4, nfe_help="student steps (PD: power of two below "
-                             "--start-steps; CD: 1-4 or 1 + len(--taus))")
+    p = common.common_parser(common.first_paragraph(__doc__), nfe_default=4,
+                             nfe_help="student steps (PD: power of two below --start-steps; CD: 1-4 or 1 + len(--taus))")
     p.add_argument("--base", choices=["pd", "cd"], default="pd", help="base distiller: SFERD-PD or SFERD-CD (default pd)")
     p.add_argument("--no-guidance", action="store_true", help="ablation: plain teacher (no attention guidance)")
     p.add_argument("--no-predictor", action="store_true", help="ablation: no E_phi / G_tau / latent DDPM")
@@ -545,7 +546,7 @@ def sample_sferd_cd(f, eps, taus, G, z_sem, N, mode="train", g_drop=0.0):
 
 
 def make_sampler(args, student, G=None, latent=None):
-    """sample_fn for common.report: unit noise -> images; z_sem drawn from the latent DDPM (Alg. 2, unconditional)
+    """sample_fn for fid.report: unit noise -> images; z_sem drawn from the latent DDPM (Alg. 2, unconditional)
     with noise keyed by each sample's starting noise (cd.renoise_source, another seed)."""
     if G is None and args.base == "pd":
         return lambda eps: pd.sample_ddim(student, eps, args.nfe)
@@ -664,7 +665,7 @@ def main(argv=None):
                 latent_ddim_steps=args.hp["latent_steps"] if G is not None else 0,
                 start_steps=getattr(args, "start_steps", None), stages=getattr(args, "stages", None),
                 schedule=getattr(args, "schedule", None), **base_run_metrics(args))
-    common.report(args, pg, out, D, teacher_path, make_sampler(args, student, G, latent), info, data.shape[1:])
+    fid.report(args, pg, out, D, teacher_path, make_sampler(args, student, G, latent), info, data.shape[1:])
     pg.close()
 
 

@@ -1,5 +1,6 @@
 """Shared test fixtures: small generated datasets in the real on-disk formats (never a download,
-never the cached lab teacher), and a way to run a fewstep script as a user would."""
+never the cached lab teacher), a way to run a fewstep script as a user would, and the analytic
+Gaussian denoiser the math tests check samplers and targets against."""
 import gzip
 import os
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,6 +34,19 @@ def make_fashion(folder, n_train=64, n_test=16, seed=0):
         write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(folder / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n).astype(np.uint8))
     return folder
+
+
+def gaussian_denoiser(mu=0.0, var=1.0, calls=None):
+    """The exact D(x, sigma) = E[x0 | x0 + sigma*n] of Gaussian data x0 ~ N(mu, var) per pixel:
+    mu + var/(var + sigma^2) (x - mu). sigma: a number, or a tensor (one level, or one per sample);
+    calls: a list that records the sigma of every call."""
+    def D(x, sigma, cond=None):
+        if calls is not None:
+            calls.append(float(sigma))
+        if torch.is_tensor(sigma):                   # in x's dtype, one level per sample broadcast over the rest
+            sigma = sigma.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1)) if sigma.ndim else sigma.to(x.dtype)
+        return mu + var / (var + sigma**2) * (x - mu)
+    return D
 
 
 def pytest_configure(config):

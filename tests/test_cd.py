@@ -8,7 +8,7 @@ import torch
 
 import cd
 import common
-from conftest import run_script
+from conftest import gaussian_denoiser, run_script
 
 torch.set_num_threads(2)
 EPS, SD = cd.SIGMA_MIN, common.SIGMA_DATA
@@ -67,7 +67,7 @@ def test_heun_step_is_two_teacher_evaluations():
 def test_heun_step_is_second_order_on_gaussian_data():
     # Data N(0, SD^2): D(x, s) = x*SD^2/(s^2 + SD^2), and the ODE's exact solution is
     # x(t2) = x(t)*sqrt(t2^2 + SD^2)/sqrt(t^2 + SD^2). Heun's local error is O(h^3) (Euler: O(h^2)).
-    D = lambda x, s: x * SD**2 / (s**2 + SD**2)
+    D = gaussian_denoiser(var=SD**2)
     x = torch.ones(1, dtype=torch.float64)
     t = 1.0
     errors = []

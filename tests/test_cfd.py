@@ -13,12 +13,12 @@ import torch.nn as nn
 
 import cfd
 import common
+import fid
 import pd
-from conftest import run_script
+from conftest import gaussian_denoiser, run_script
 
 torch.set_num_threads(2)
 MU, VAR = 0.3, 0.2 ** 2
-
 
 
 def altered_copy(src, dst):
@@ -30,13 +30,6 @@ def altered_copy(src, dst):
     state[key] = state[key] + 1e-3
     torch.save(ck, dst)
     return dst
-
-def gaussian_denoiser(mu=MU, var=VAR):
-    """E[x0 | x0 + sigma*n] for x0 ~ N(mu, var): the exact D(x, sigma) of Gaussian data."""
-    def D(x, sigma, cond=None):
-        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1) if torch.is_tensor(sigma) else sigma
-        return mu + var / (var + sigma**2) * (x - mu)
-    return D
 
 
 def cosine(t):
@@ -117,7 +110,7 @@ class Recorder(nn.Module):
 
 def test_image_target_is_pds_target():
     torch.manual_seed(0)
-    teacher, student, N = gaussian_denoiser(), gaussian_denoiser(mu=-0.1, var=0.3), 4
+    teacher, student, N = gaussian_denoiser(MU, VAR), gaussian_denoiser(mu=-0.1, var=0.3), 4
     cls = Recorder(cfd.ResNet(1, 10, 4, (1,)).double().eval().requires_grad_(False))
     g = torch.Generator().manual_seed(3)
     x = torch.rand(4, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
@@ -323,7 +316,7 @@ def test_each_cfd_stage_trains_eq7_with_its_own_tau(fashion_dir, smoke_teacher, 
 
     monkeypatch.setattr(cfd, "rcfd_loss", spy)
     monkeypatch.setattr(pd, "run_chain", one_evaluation)
-    monkeypatch.setattr(cfd, "report", lambda *a, **k: None)
+    monkeypatch.setattr(fid, "report", lambda *a, **k: None)
     net = cfd.ResNet(1, 10, 4, (1,))
     common.save_checkpoint(tmp_path / "cls.pt", "cfd-classifier", config=net.config, net=net.state_dict(), test_acc=0.5)
     cfd.main(["--preset", "smoke", "--data-dir", str(fashion_dir), "--teacher", str(smoke_teacher), "--out",

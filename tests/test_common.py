@@ -1,9 +1,11 @@
 """Tests of the substrate's math and behaviour (common.py)."""
 import hashlib
+import importlib
 import io
 import json
 import math
 import pickle
+import sys
 import tarfile
 
 import numpy as np
@@ -12,7 +14,8 @@ import torch
 from PIL import Image
 
 import common
-from conftest import ROOT, make_fashion, run_script
+import fid
+from conftest import ROOT, gaussian_denoiser, make_fashion, run_script
 
 torch.set_num_threads(2)
 
@@ -126,11 +129,7 @@ def test_heun_euler_last_skips_only_the_last_corrector():
 # --- Samplers on an analytic Gaussian ------------------------------------------------------
 
 MU, C = 0.3, 0.4        # data = N(MU, C^2) per pixel: D(x, sigma) = MU + C^2/(C^2 + sigma^2) (x - MU) exactly
-
-
-def gaussian_D(x, sigma):
-    sigma = torch.as_tensor(sigma, dtype=x.dtype)
-    return MU + C**2 / (C**2 + sigma**2) * (x - MU)
+gaussian_D = gaussian_denoiser(MU, C**2)
 
 
 def exact_ode(x, sigma_from, sigma_to):
@@ -445,6 +444,19 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown dataset" in r.stderr
 
 
+@pytest.mark.parametrize("name", ["common", "fid", "sfd", "pd", "cd", "sfddm", "cfd", "sferd"])
+def test_help_prints_the_headers_first_paragraph(name, monkeypatch, capsys):
+    """--help describes a script by its docstring's first paragraph; the rest of the header is for the reader of the file."""
+    mod = importlib.import_module(name)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
+    with pytest.raises(SystemExit) as e:
+        mod.parse_args() if hasattr(mod, "parse_args") else mod.main()
+    out = " ".join(capsys.readouterr().out.split())
+    head, rest = mod.__doc__.split("\n\n", 1)
+    assert e.value.code == 0 and " ".join(head.split()) in out
+    assert " ".join(rest.split("\n\n")[0].split()) not in out
+
+
 def test_torchrun_two_processes_stay_in_sync(fashion_dir, tmp_path):
     r = run_script("common.py", "teacher", "--preset", "smoke", "--data-dir", fashion_dir, "--images", 128,
                    "--out", tmp_path / "t", cwd=tmp_path, torchrun=2)
@@ -461,10 +473,10 @@ def test_report_measures_rms_to_the_teachers_reference(smoke_teacher, fashion_di
                                                  "--teacher", str(smoke_teacher)])
     pg = common.Dist("cpu")
     D, path = common.load_teacher(args, pg)
-    ref = common.teacher_sigmas("dpm3m", common.REFERENCE_NFE)
+    ref = common.teacher_sigmas("dpm3m", fid.REFERENCE_NFE)
     same = lambda eps: common.sample_dpmpp(D, eps * 80.0, ref)
     info = dict(method="teacher", nfe=2, train_seconds=0, images_seen=0)
-    m = common.report(args, pg, tmp_path / "run", D, path, same, info, (1, 32, 32))
+    m = fid.report(args, pg, tmp_path / "run", D, path, same, info, (1, 32, 32))
     assert m["teacher_rms"] == 0 and m["fid"] is None and m["fid_n"] == 0 and m["rms_n"] == 64
     assert m["teacher_rms_euler"] > 0.01 and m["teacher_rms_dpm3m"] > 0
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -474,10 +486,10 @@ def test_report_measures_rms_to_the_teachers_reference(smoke_teacher, fashion_di
 
 
 def test_teacher_rows_for_the_results_table(smoke_teacher, fashion_dir, tmp_path):
-    """`common.py rows`: one metrics.json per solver and NFE it can spend; the 35-NFE DPM-Solver++(3M)
+    """`fid.py --rows`: one metrics.json per solver and NFE it can spend; the 35-NFE DPM-Solver++(3M)
     row is the reference itself (teacher_rms 0), fewer calls are further from it, and fid.py's
     table printer lists the rows."""
-    r = run_script("common.py", "rows", "--preset", "smoke", "--data-dir", fashion_dir, "--teacher", smoke_teacher,
+    r = run_script("fid.py", "--rows", "fashion", "--preset", "smoke", "--data-dir", fashion_dir, "--teacher", smoke_teacher,
                    "--nfe", "1", "2", "3", "35", "--solvers", "euler", "heun", "dpm3m", "--out", tmp_path / "rows",
                    "--fid-samples", "0", "--device", "cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -486,5 +498,4 @@ def test_teacher_rows_for_the_results_table(smoke_teacher, fashion_dir, tmp_path
                      "euler-nfe35", "heun-nfe3", "heun-nfe35"]          # no even-NFE Heun, no 1-NFE duplicates
     rms = {name: json.loads((tmp_path / "rows" / name / "metrics.json").read_text())["teacher_rms"] for name in found}
     assert rms["dpm3m-nfe35"] == 0 and rms["euler-nfe1"] > rms["euler-nfe3"] > rms["euler-nfe35"] > 0
-    import fid
     assert "| teacher-heun | 3 |" in fid.results_table(tmp_path / "rows")

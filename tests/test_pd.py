@@ -9,18 +9,10 @@ import torch
 
 import common
 import pd
-from conftest import run_script
+from conftest import gaussian_denoiser, run_script
 
 torch.set_num_threads(2)
 MU, VAR = 0.3, 0.2 ** 2          # data ~ N(MU, VAR) per pixel: the exact denoiser is known
-
-
-def gaussian_denoiser(mu=MU, var=VAR):
-    """E[x0 | x0 + sigma*n] for x0 ~ N(mu, var): the exact D(x, sigma) of Gaussian data."""
-    def D(x, sigma, cond=None):
-        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1) if torch.is_tensor(sigma) else sigma
-        return mu + var / (var + sigma**2) * (x - mu)
-    return D
 
 
 def cosine(t):
@@ -54,7 +46,7 @@ def test_schedule_ends_at_the_teachers_sigma_max():
 
 @pytest.mark.parametrize("N", [2, 4, 16])
 def test_target_makes_one_student_step_land_on_two_teacher_steps(N):
-    D = gaussian_denoiser()
+    D = gaussian_denoiser(MU, VAR)
     i_values = list(range(1, N))                                   # i = 0 is tested separately
     x, eps, i = batch(i_values)
     t = (i.double() + 1) / N
@@ -77,7 +69,7 @@ def test_target_makes_one_student_step_land_on_two_teacher_steps(N):
 
 
 def test_target_at_i0_is_the_teachers_last_x_hat():
-    D, N = gaussian_denoiser(), 4
+    D, N = gaussian_denoiser(MU, VAR), 4
     x, eps, i = batch([0, 0, 1])
     t = (i.double() + 1) / N
     z_t = torch.stack([cosine(tk)[0] * x[k] + cosine(tk)[1] * eps[k] for k, tk in enumerate(t.tolist())])
@@ -95,7 +87,7 @@ def test_target_at_i0_is_the_teachers_last_x_hat():
 
 def test_loss_is_truncated_snr_weighted_x_error():
     N = 8
-    teacher, student = gaussian_denoiser(), gaussian_denoiser(mu=-0.1, var=0.3)
+    teacher, student = gaussian_denoiser(MU, VAR), gaussian_denoiser(mu=-0.1, var=0.3)
     i_values = list(range(N))                     # SNR > 1 for t < 1/2, < 1 above: both branches of max
     x, eps, i = batch(i_values, seed=1)
     loss = pd.pd_loss(student, teacher, x, eps, i, N)
@@ -123,7 +115,7 @@ def test_loss_is_truncated_snr_weighted_x_error():
 
 
 def test_ddim_sampler_is_euler_on_the_cosine_grid_and_clips():
-    D, N = gaussian_denoiser(), 4
+    D, N = gaussian_denoiser(MU, VAR), 4
     eps = torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     sig = [cosine(k / N)[2] for k in range(N, 0, -1)]                   # sigma at t = 1, 3/4, ..., 1/N
     x_last = common.sample_euler(D, eps / cosine(1.0)[0], sig)          # z_1 = eps, x = z/alpha

@@ -122,7 +122,7 @@ def test_retrained_teacher_invalidates_its_caches(smoke_teacher, other_teacher, 
 
     def baseline(with_fid=False):
         D, p = common.load_teacher(args)
-        return common.teacher_baseline(D, p, args, "euler", 2, n, shape, "cpu", with_fid)
+        return fid.teacher_baseline(D, p, args, "euler", 2, n, shape, "cpu", with_fid)
 
     _, a = baseline()
     _, again = baseline()
@@ -132,12 +132,12 @@ def test_retrained_teacher_invalidates_its_caches(smoke_teacher, other_teacher, 
     _, b = baseline()
     assert "rebuilding" in capsys.readouterr().out
     D_b, _ = common.load_teacher(args)
-    fresh = common.generate(lambda eps: common.sample_euler(D_b, eps * 80.0, common.teacher_sigmas("euler", 2)),
-                            n, shape, 250, "cpu", "fresh")
+    fresh = fid.generate(lambda eps: common.sample_euler(D_b, eps * 80.0, common.teacher_sigmas("euler", 2)),
+                         n, shape, 250, "cpu", "fresh")
     assert not torch.equal(a, b) and torch.equal(common.to_uint8(b), common.to_uint8(fresh))
     # The cached FID is keyed by the teacher and by the reference statistics' content.
     calls, ref = [], ["ref-1"]
-    monkeypatch.setattr(common, "fid_or_none", lambda samples, a, d: calls.append(1) or float(len(calls)))
+    monkeypatch.setattr(fid, "fid_or_none", lambda samples, a, d: calls.append(1) or float(len(calls)))
     monkeypatch.setattr(fid, "reference_fingerprint", lambda *a, **k: ref[0])
     assert baseline(True)[0]["fid"] == 1.0 and baseline(True)[0]["fid"] == 1.0          # computed once
     ref[0] = "ref-2"                                                                   # new reference statistics

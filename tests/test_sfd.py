@@ -9,7 +9,7 @@ import torch
 
 import common
 import sfd
-from conftest import run_script
+from conftest import gaussian_denoiser, run_script
 
 
 @pytest.fixture(autouse=True)
@@ -20,15 +20,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def gaussian_denoiser(sd=1.0, calls=None):
-    """The exact D(x, sigma) for data ~ N(0, sd^2 I): sd^2/(sd^2 + sigma^2) * x."""
-    def D(x, sigma, cond=None):
-        if calls is not None:
-            calls.append(float(sigma))
-        return sd**2 / (sd**2 + float(sigma) ** 2) * x
-    return D
 
 
 def exact_ode(x_T, T, t, sd=1.0):
@@ -311,7 +302,7 @@ def test_dpmpp_order_rule_is_the_authors():
     assert [common.dpmpp_order(i, 2, 2) for i in range(2)] == [1, 1]            # 2M on 2 steps: Euler's orders
     # On 2 steps, the second step is DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) from the first step's D, by hand:
     torch.manual_seed(0)
-    D, x = gaussian_denoiser(sd=0.5), 80.0 * torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    D, x = gaussian_denoiser(var=0.5**2), 80.0 * torch.randn(2, 1, 4, 4, dtype=torch.float64)
     t0, t1, t2 = 80.0, 2.0, 0.05
     D0 = D(x, t0)
     x1 = (t1 / t0) * x + (1 - t1 / t0) * D0                                     # order 1 (= Euler)

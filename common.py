@@ -134,7 +134,7 @@ class FewstepParser(Parser):
 
     def parse_known_args(self, args=None, namespace=None):
         ns, rest = super().parse_known_args(args, namespace)
-        resolve_common(ns, Path(self.prog).stem, command_line=args is None)
+        resolve_common(ns, Path(self.prog).stem, command_line=args is None, presets=getattr(self, "presets", None))
         return ns, rest
 
 
@@ -143,9 +143,18 @@ def first_paragraph(doc):
     return doc.strip().split("\n\n")[0]
 
 
-def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of function evaluations of the student"):
-    """The one CLI convention of every fewstep script; a method adds its own flags after."""
+def shown(value):
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else (
+        f"{value:g}" if isinstance(value, float) else str(value))
+
+
+def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of function evaluations of the student",
+                  presets=None):
+    """The one CLI convention of every fewstep script; a method adds its own flags after. presets: the
+    method's PRESETS ({preset: {key: value}}); every key becomes an attribute of the parsed args, a flag
+    left unset (None) taking the preset's value (batch: --batch-size); add them with preset_flag."""
     p = FewstepParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.presets = presets
     p.add_argument("--dataset", default="fashion", type=dataset_name, help="fashion | cifar10 | folder:PATH (default: fashion, offline)")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset files (CIFAR-10 tarball or batches, Fashion-MNIST .gz)")
     p.add_argument("--nfe", default=nfe_default, type=nfe_type, help=f"{nfe_help} (default: {nfe_default})")
@@ -170,12 +179,30 @@ def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of 
     return p
 
 
-def resolve_common(args, method, command_line=True):
+def preset_flag(p, key, type, help, flag=None):
+    """A flag whose default comes from the preset: --help shows it as "lab X, paper Y"."""
+    lab, paper = (shown(p.presets[name][key]) for name in ("lab", "paper"))
+    p.add_argument(flag or "--" + key.replace("_", "-"), dest=key, type=type, default=None,
+                   help=f"{help} (default: the preset's, lab {lab}, paper {paper})".replace("%", "%%"))
+
+
+def fill_presets(args, presets):
+    """Every preset key becomes an attribute of args unless its flag was given (batch: --batch-size)."""
+    for key, value in presets[args.preset].items():
+        if key == "batch":
+            args.batch = args.batch_size or value
+        elif getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def resolve_common(args, method, command_line=True, presets=None):
     """What common_parser's flags mean together, checked right after parsing, before any work:
     the preset default of the dataset, the --export flags, and (on a script's own command line) the
     refusal of a paper run on a machine without CUDA unless --device cpu says so."""
     if args.preset is None:                 # the headline command `sfd.py --dataset cifar10` means the paper
         args.preset = "paper" if args.dataset == "cifar10" else "lab"
+    if presets:
+        fill_presets(args, presets)
     if args.export is not None:
         if args.export <= 0:
             raise UserError(f"--export {args.export}: the number of samples must be positive")
@@ -1171,6 +1198,137 @@ def random_batch(images, batch_size, generator):
 
 
 # ----------------------------------------------------------------------------------------------
+# 7b. The training loop: every method's and the teacher's (EDM's training_loop / loss split)
+# ----------------------------------------------------------------------------------------------
+
+def constant_lr(lr, done, total):
+    return lr
+
+
+def warmup_lr(warmup, batch):
+    """EDM's lr_rampup: the lr grows linearly over the first `warmup` images (counted after the step)."""
+    return lambda lr, done, total: lr * min(1.0, (done + batch) / max(warmup, 1))
+
+
+def check_settings(ck, path, settings):
+    """--resume: refuse a checkpoint of another teacher, of no recorded teacher, or of other settings
+    (settings: what the weights depend on; saved in every checkpoint of the run)."""
+    old = ck.get("settings")
+    if old is None or "step" not in ck:
+        raise UserError(f"{path} was written by an older fewstep (another checkpoint layout); use another --out, "
+                        "or drop --resume to start over")
+    if "teacher_sha256" in settings:
+        check_same_teacher(old, path, settings["teacher_sha256"])
+    changed = [f"{k} {old.get(k)!r} (now {v!r})" for k, v in settings.items()
+               if k != "teacher_sha256" and old.get(k) != v]
+    if changed:
+        raise UserError(f"{path} was trained with other settings: {', '.join(changed)}; use another --out or drop --resume")
+
+
+def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None, noise=None, student=None,
+               teacher=None, emas=(), shared_rngs=None, resume=None, totals=None, before_step=None, desc="train"):
+    """Run loss's updates for budget; returns the run's totals (see the end). The loop owns what every
+    method shares: drawing the batch, lr schedule, backward, gradient sync (DDP), clipping, optimizer
+    step, EMAs, progress bar, loss curve and checkpoints (with the settings check on resume).
+
+    loss(student, teacher, x, gen): the method's algorithm for one batch x (training images in [-1, 1]
+        from data, or unit noise of shape noise); it draws the rest from gen. Returns a loss, (loss, {name:
+        part}), or yields losses, one optimizer step each (SFD steps after every student step).
+    budget: a plain dict: total (in unit), unit ("images", "trajectories" or "updates"), batch (global), lr (one per param
+        group, or one for all), schedule(lr, done, total) -> lr, clip (max grad norm, or None), ckpt_every
+        (in unit), stop_after (None, or stop early, resumable: time-sliced runs, tests).
+    nets: {name: module}, saved in every checkpoint and broadcast from rank 0 at the start.
+    emas: (ema, model, beta) updated in order after each step. shared_rngs: {name: generator} drawn
+        alike on every rank (saved; gen, the per-rank one, is saved per rank).
+    resume: a checkpoint of this loop to continue from (checked against settings) or None.
+    totals: dict(images, seconds) carried over from earlier stages (PD's chain). before_step(step): a hook."""
+    shared_rngs = shared_rngs or {}
+    lrs = budget["lr"] if isinstance(budget["lr"], (list, tuple)) else [budget["lr"]] * len(opt.param_groups)
+    schedule, params = budget.get("schedule", constant_lr), [p for g in opt.param_groups for p in g["params"]]
+    per_step = 1 if budget["unit"] == "updates" else budget["batch"]     # images, trajectories: one per sample
+    s = dict(step=0, done=0, images=0, seconds=0.0, loss_start=None, loss_avg=None, curve=[], acc={}, **(totals or {}))
+    if resume is not None:
+        check_settings(resume, path, settings)
+        for name, module in nets.items():
+            load_state(module, resume[name], path)
+        opt.load_state_dict(resume["opt"])
+        s.update({k: resume[k] for k in s})
+        pg.restore_state(gen, resume["rng"])
+        for name, g in shared_rngs.items():
+            g.set_state(resume[name])
+        pg.log(f"resuming {desc} at {s['done']:,} of {budget['total']:,} {budget['unit']}")
+    for module in nets.values():
+        pg.broadcast(module)
+    total, local = budget["total"], pg.batch(budget["batch"])
+    stop = total if budget.get("stop_after") is None else min(total, budget["stop_after"])
+    window = max(1, -(-total // per_step) // 100)               # loss curve: about 100 window means
+
+    def checkpoint(finished):
+        rng = pg.gather_state(gen.get_state())
+        if pg.main:
+            save_checkpoint(path, kind, **{k: m.state_dict() for k, m in nets.items()}, opt=opt.state_dict(), rng=rng,
+                            **{k: g.get_state() for k, g in shared_rngs.items()}, **s, finished=finished,
+                            settings=settings)
+
+    bar = tqdm(total=total, initial=s["done"], unit={"images": "img", "updates": "it"}.get(budget["unit"], "traj"),
+               disable=not pg.main, desc=desc, unit_scale=per_step > 1)
+    t0, next_ckpt = time.time() - s["seconds"], s["done"] + budget["ckpt_every"]
+    while s["done"] < stop:
+        if before_step:
+            before_step(s["step"])
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = schedule(lr, s["done"], total)
+        if data is not None:
+            x = random_batch(data, local, gen)
+            x = (to_float(x) if x.dtype == torch.uint8 else x).to(pg.device)
+        else:
+            x = torch.randn((local, *noise), generator=gen).to(pg.device)
+        with autocast(pg.device):
+            out = loss(student, teacher, x, gen)
+        steps = out if not (torch.is_tensor(out) or isinstance(out, tuple)) else iter([out])
+        values, parts = [], {}
+        while True:
+            with autocast(pg.device):
+                out = next(steps, None)
+            if out is None:
+                break
+            l, parts = out if isinstance(out, tuple) else (out, {})
+            check_finite(l)
+            opt.zero_grad(set_to_none=True)
+            l.backward()
+            pg.sync_grads(params)
+            if budget.get("clip"):
+                torch.nn.utils.clip_grad_norm_(params, budget["clip"])
+            opt.step()
+            for ema, model, beta in emas:
+                ema_update(ema, model, beta)
+            values.append(l.item())
+        value = sum(values) / max(len(values), 1)
+        s["step"] += 1
+        s["done"] += per_step
+        s["images"] += budget["batch"]
+        s["loss_start"] = value if s["loss_start"] is None else s["loss_start"]
+        s["loss_avg"] = value if s["loss_avg"] is None else 0.95 * s["loss_avg"] + 0.05 * value
+        for name, v in {"loss": value, **{k: p.item() for k, p in parts.items()}}.items():
+            s["acc"][name] = s["acc"].get(name, 0.0) + v
+        if s["step"] % window == 0 or s["done"] >= total:          # one loss.csv row per window
+            n = (s["step"] - 1) % window + 1
+            s["curve"].append([s["images"]] + [v / n for v in s["acc"].values()])
+            s["acc"] = {}
+        s["seconds"] = time.time() - t0
+        bar.update(per_step)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in {"loss": value, **{k: p.item() for k, p in parts.items()}}.items()})
+        if s["done"] >= next_ckpt and s["done"] < stop:
+            next_ckpt += budget["ckpt_every"]
+            checkpoint(False)
+    bar.close()
+    for module in nets.values():
+        pg.check_in_sync(module)
+    checkpoint(s["done"] >= total)
+    return dict(s, finished=s["done"] >= total)
+
+
+# ----------------------------------------------------------------------------------------------
 # 8. The shared teacher: EDM training (EDM Sec. 5, Table 1 "Ours")
 # ----------------------------------------------------------------------------------------------
 
@@ -1214,68 +1372,24 @@ def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed
     D = Denoiser(net)
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8)
     gen = torch.Generator().manual_seed(seed * 1000 + pg.rank)      # each process its own data/noise
-    done, seconds = 0, 0.0
     ckpt_path = out / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, "teacher-training")
-        changed = [f"{k} {ck[k]} (now {v})" for k, v in (("seed", seed), ("batch", cfg["batch"]), ("dataset", dataset))
-                   if k in ck and ck[k] != v]
-        if changed:
-            raise UserError(f"{ckpt_path} was trained with {', '.join(changed)}; use another --out or drop --resume")
-        load_state(net, ck["net"], ckpt_path)
-        load_state(ema, ck["ema"], ckpt_path)
-        opt.load_state_dict(ck["opt"])
-        done, seconds = ck["images"], ck["seconds"]
-        pg.restore_state(gen, ck["rng"])
-        pg.log(f"resuming teacher training at {done:,} images")
-    elif resume:
+    resume_from = load_checkpoint(ckpt_path, "teacher-training") if resume and ckpt_path.exists() else None
+    if resume and resume_from is None:
         pg.log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
-    if done == 0:
-        ema.load_state_dict(net.state_dict())
-    pg.broadcast(net)
-    pg.broadcast(ema)
-    local = pg.batch(cfg["batch"])
+    ema.load_state_dict(net.state_dict())
     pg.log(f"teacher: {dataset}, preset {preset}, {count_params(net) / 1e6:.2f} M params, "
            f"{cfg['images']:,} images, batch {cfg['batch']}, {pg.world} process(es) on {pg.device}")
-    bar = tqdm(total=cfg["images"], initial=done, unit="img", unit_scale=True, disable=not pg.main, desc="teacher")
-    beta = ema_beta(cfg["batch"], cfg["ema"])
-    t0 = time.time() - seconds
-    next_ckpt = done + cfg["ckpt_every"]
+    budget = dict(total=cfg["images"], unit="images", batch=cfg["batch"], lr=cfg["lr"], clip=cfg["grad_clip"],
+                  schedule=warmup_lr(cfg["warmup"], cfg["batch"]), ckpt_every=cfg["ckpt_every"])
     net.train()
-    while done < cfg["images"]:
-        x0 = to_float(random_batch(data, local, gen)).to(pg.device)
-        with autocast(pg.device):
-            loss = edm_loss(D, x0, gen)
-        check_finite(loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        pg.sync_grads(net.parameters())
-        for group in opt.param_groups:        # linear warm-up (EDM: lr_rampup_kimg)
-            group["lr"] = cfg["lr"] * min(1.0, (done + cfg["batch"]) / cfg["warmup"])
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["grad_clip"])
-        opt.step()
-        ema_update(ema, net, beta)
-        done += cfg["batch"]
-        bar.update(cfg["batch"])
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if done >= next_ckpt and done < cfg["images"]:
-            next_ckpt += cfg["ckpt_every"]
-            rng = pg.gather_state(gen.get_state())
-            if pg.main:
-                save_checkpoint(ckpt_path, "teacher-training", net=net.state_dict(), ema=ema.state_dict(),
-                                opt=opt.state_dict(), images=done, seconds=time.time() - t0, rng=rng,
-                                seed=seed, batch=cfg["batch"], dataset=dataset)
-    bar.close()
-    seconds = time.time() - t0
-    pg.check_in_sync(ema)
+    run = train_loop(pg, lambda D, _, x0, gen: edm_loss(D, x0, gen), budget, opt, dict(net=net, ema=ema), ckpt_path,
+                     "teacher-training", dict(seed=seed, batch=cfg["batch"], dataset=dataset), gen, data=data,
+                     student=D, emas=[(ema, net, ema_beta(cfg["batch"], cfg["ema"]))], resume=resume_from, desc="teacher")
+    done, seconds = run["images"], run["seconds"]
     path = out / "teacher.pt"
-    rng = pg.gather_state(gen.get_state())
     if pg.main:
         save_checkpoint(path, "teacher", net_config=ema.config, ema=ema.state_dict(), dataset=dataset, preset=preset,
                         images=done, seconds=seconds)
-        save_checkpoint(ckpt_path, "teacher-training", net=net.state_dict(), ema=ema.state_dict(),
-                        opt=opt.state_dict(), images=done, seconds=seconds, rng=rng, seed=seed, batch=cfg["batch"],
-                        dataset=dataset)
         teacher = Denoiser(ema.eval())
         x = PerSampleNoise(EVAL_SEED, range(64), pg.device).randn(*data.shape[1:]) * 80.0
         with torch.no_grad():

@@ -1225,6 +1225,30 @@ def check_settings(ck, path, settings):
         raise UserError(f"{path} was trained with other settings: {', '.join(changed)}; use another --out or drop --resume")
 
 
+def optimizer_steps(pg, out, opt, params, clip=None, emas=()):
+    """The update(s) of one batch: out is what a method's loss returned (a loss, (loss, parts) or an
+    iterator of losses, stepped one by one). Backward, gradient sync (DDP), clipping, step, EMAs.
+    Returns (the loss values, the last parts dict)."""
+    steps = iter([out]) if torch.is_tensor(out) or isinstance(out, tuple) else out
+    values, parts = [], {}
+    while True:
+        with autocast(params[0].device):
+            out = next(steps, None)
+        if out is None:
+            return values, parts
+        loss, parts = out if isinstance(out, tuple) else (out, {})
+        check_finite(loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        pg.sync_grads(params)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        for ema, model, beta in emas:
+            ema_update(ema, model, beta)
+        values.append(loss.item())
+
+
 def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None, noise=None, student=None,
                teacher=None, emas=(), shared_rngs=None, resume=None, totals=None, before_step=None, desc="train"):
     """Run loss's updates for budget; returns the run's totals (see the end). The loop owns what every
@@ -1285,24 +1309,7 @@ def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None
             x = torch.randn((local, *noise), generator=gen).to(pg.device)
         with autocast(pg.device):
             out = loss(student, teacher, x, gen)
-        steps = out if not (torch.is_tensor(out) or isinstance(out, tuple)) else iter([out])
-        values, parts = [], {}
-        while True:
-            with autocast(pg.device):
-                out = next(steps, None)
-            if out is None:
-                break
-            l, parts = out if isinstance(out, tuple) else (out, {})
-            check_finite(l)
-            opt.zero_grad(set_to_none=True)
-            l.backward()
-            pg.sync_grads(params)
-            if budget.get("clip"):
-                torch.nn.utils.clip_grad_norm_(params, budget["clip"])
-            opt.step()
-            for ema, model, beta in emas:
-                ema_update(ema, model, beta)
-            values.append(l.item())
+        values, parts = optimizer_steps(pg, out, opt, params, budget.get("clip"), emas)
         value = sum(values) / max(len(values), 1)
         s["step"] += 1
         s["done"] += per_step

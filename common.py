@@ -37,6 +37,7 @@ import json
 import math
 import os
 import pickle
+import subprocess
 import sys
 import tarfile
 import time
@@ -2155,18 +2156,37 @@ def bench_teacher(method, preset, in_ch, device):
     return Denoiser(net).to(device).eval().requires_grad_(False)
 
 
+BENCH_CHILD = ("import json, sys, common; a = json.loads(sys.argv[1]); "
+               "print(json.dumps(common.time_bench_step(__import__(a['name']).bench_step, **a)))")
+
+
 def bench_method(name, preset="paper", device="cpu", in_ch=3, batch=None, steps=3, warmup=1, channels_last=False,
-                 compile=False, count_flops=True):
-    """Time `steps` training steps of method `name` at its preset (random weights, after `warmup` steps).
+                 compile=False, count_flops=True, tf32=False):
+    """One row of the bench table for method `name`, measured by time_bench_step in a process of its own
+    (`python -c`, from this folder): the method file is imported there, never by common (imports run
+    common <- fid <- methods), and each method's peak memory and compiled graphs are its own."""
+    spec = dict(name=name, preset=preset, device=str(device), in_ch=in_ch, batch=batch, steps=steps, warmup=warmup,
+                channels_last=channels_last, compile=compile, count_flops=count_flops, tf32=tf32)
+    r = subprocess.run([sys.executable, "-c", BENCH_CHILD, json.dumps(spec)], cwd=Path(__file__).resolve().parent,
+                       capture_output=True, text=True)
+    if r.returncode:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"bench of {name} failed: {last}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def time_bench_step(bench_step, name, preset="paper", device="cpu", in_ch=3, batch=None, steps=3, warmup=1,
+                    channels_last=False, compile=False, count_flops=True, tf32=False):
+    """Time `steps` training steps of a method at its preset (random weights, after `warmup` steps).
     Each method file has bench_step(teacher, preset, device, batch) -> dict(step, unit, per_step, total, nets):
     one full training iteration, what it counts, how many per step and in the preset's whole budget.
     Returns one row of the bench table (seconds, throughput, peak memory, projected time, FLOPs per step)."""
-    import importlib                      # deferred: common never imports a method file at import time
-    mod = importlib.import_module(name)   # (one way through the code: common <- fid <- methods)
     device = torch.device(device)
+    if device.type == "cuda" and tf32:      # fp32 matmuls outside bf16 autocast (the method's math is kept)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     seed_all(0)
     teacher = bench_teacher(name, preset, in_ch, device)
-    b = mod.bench_step(teacher, preset, device, batch)
+    b = bench_step(teacher, preset, device, batch)
     for net in b["nets"]:
         if channels_last:
             net.to(memory_format=torch.channels_last)
@@ -2224,12 +2244,10 @@ def bench_table(rows, device):
 def bench(args):
     """python common.py bench: every method's training step at its preset, on this device, as a table."""
     pg = Dist(args.device)
-    if pg.device.type == "cuda" and not args.no_tf32:   # fp32 matmuls outside bf16 autocast (the method's math is kept)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     rows = []
     for name in args.methods:
         rows.append(bench_method(name, args.preset, pg.device, args.channels, args.batch_size, args.steps, args.warmup,
-                                 args.channels_last, args.compile))
+                                 args.channels_last, args.compile, tf32=not args.no_tf32))
         r = rows[-1]
         print(f"{name}: {r['throughput']:.4g} {r['unit']}/s, {r['seconds_per_step']:.3f} s/step, projected "
               f"{duration(r['projected_hours'] * 3600)} for {r['total']:,} {r['unit']}", file=sys.stderr)

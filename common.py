@@ -55,7 +55,8 @@ from tqdm import tqdm
 
 RUNS = Path("runs")            # every output lands under runs/<dataset>/ (git-ignored)
 SIGMA_DATA = 0.5               # EDM's sigma_data: the std of the (scaled) images
-CKPT_FORMAT = 1                # bumped when the checkpoint layout changes
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0   # EDM's time grid (Eq. 5): every method's noise levels lie in it
+CKPT_FORMAT = 1                # bumped when a saved model's layout changes (check_settings refuses older training layouts)
 EVAL_SEED = 1_000_000          # the noise every evaluation uses, so runs compare sample by sample
 
 
@@ -479,7 +480,7 @@ def vp_predict(D, z, alpha, s, cond=None, **extras):
 # 4. Noise schedules
 # ----------------------------------------------------------------------------------------------
 
-def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+def karras_sigmas(n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
     """EDM Eq. 5: n points from sigma_max (i = 0) down to sigma_min (i = n-1), float64."""
     i = torch.arange(n, dtype=torch.float64)
     return (sigma_max ** (1 / rho) + i / max(n - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
@@ -661,7 +662,7 @@ SAMPLERS = {
 SAMPLER_NAMES = {"euler": "Euler", "heun": "Heun", "dpm2m": "DPM-Solver++(2M)", "dpm3m": "DPM-Solver++(3M)", "ddpm": "DDPM"}
 
 
-def teacher_sigmas(sampler, nfe, sigma_min=0.002, sigma_max=80.0):
+def teacher_sigmas(sampler, nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX):
     """The Karras grid sigma_max -> sigma_min that spends exactly nfe network calls with this sampler:
     nfe steps (Heun: (nfe+1)/2 steps, two calls each but the last), ending at sigma_min without a final
     denoising call, the few-step convention of DPM-Solver and SFD (denoise_to_zero=False). EDM's extra
@@ -1399,7 +1400,7 @@ def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed
         save_checkpoint(path, "teacher", net_config=ema.config, ema=ema.state_dict(), dataset=dataset, preset=preset,
                         images=done, seconds=seconds)
         teacher = Denoiser(ema.eval())
-        x = PerSampleNoise(EVAL_SEED, range(64), pg.device).randn(*data.shape[1:]) * 80.0
+        x = PerSampleNoise(EVAL_SEED, range(64), pg.device).randn(*data.shape[1:]) * SIGMA_MAX
         with torch.no_grad():
             grid = sample_dpmpp(teacher, x, teacher_sigmas("dpm3m", 35))
         save_grid(grid, out / "samples.png", nrow=8)

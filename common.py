@@ -522,54 +522,38 @@ def sigma_from_alpha_bar(alpha_bar):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Samplers: sampler(D, x, sigmas, callback=None, **options) -> x at sigmas[-1]
+# 5. Samplers: sampler(D, x, sigmas, callback=None, **solver options) -> x at sigmas[-1]
 #    x starts at sigmas[0] (x = sigma_max*eps for pure noise); sigmas decrease, may end in 0.
-#    callback(i, x) is called after step i.
+#    callback(i, x) is called after step i. No method's idea in here: a method's own first step or
+#    a wrapper around D lives in its file (SFD's analytical first step and thresholding: sfd.py).
 # ----------------------------------------------------------------------------------------------
 
-def afs_step(x, sigma_cur, sigma_next):
-    """SFD's analytical first step: no network call, slope d = x/sqrt(1 + sigma^2)."""
-    return x + (sigma_next - sigma_cur) * x / math.sqrt(1 + float(sigma_cur) ** 2)
-
-
-def sample_euler(D, x, sigmas, callback=None, afs=False):
+def sample_euler(D, x, sigmas, callback=None):
     """Euler = DDIM (eta 0) in sigma: d = (x - D(x, s_i))/s_i; x <- x + (s_{i+1} - s_i)*d."""
     sigmas = [float(s) for s in sigmas]
     for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        if afs and i == 0:
-            x = afs_step(x, t_cur, t_next)
-        else:
-            d = (x - D(x, t_cur)) / t_cur
-            x = x + (t_next - t_cur) * d                    # Euler step.
+        d = (x - D(x, t_cur)) / t_cur
+        x = x + (t_next - t_cur) * d                        # Euler step.
         if callback:
             callback(i, x)
     return x
 
 
-def sample_heun(D, x, sigmas, callback=None, afs=False, euler_last=False):
+def sample_heun(D, x, sigmas, callback=None, euler_last=False):
     """EDM Algorithm 1 (deterministic): Euler predictor, trapezoidal corrector unless s_{i+1} = 0.
     euler_last: no corrector on the last step either (EDM's rule for its step to 0, carried over to a
     grid that ends at sigma_min: a corrector there divides the network's error by sigma_min)."""
     sigmas = [float(s) for s in sigmas]
     for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        if afs and i == 0:
-            x = afs_step(x, t_cur, t_next)
-        else:
-            d_cur = (x - D(x, t_cur)) / t_cur
-            x_next = x + (t_next - t_cur) * d_cur           # Euler step.
-            if t_next > 0 and not (euler_last and i == len(sigmas) - 2):   # Apply 2nd order correction.
-                d_prime = (x_next - D(x_next, t_next)) / t_next
-                x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
-            x = x_next
+        d_cur = (x - D(x, t_cur)) / t_cur
+        x_next = x + (t_next - t_cur) * d_cur               # Euler step.
+        if t_next > 0 and not (euler_last and i == len(sigmas) - 2):   # Apply 2nd order correction.
+            d_prime = (x_next - D(x_next, t_next)) / t_next
+            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+        x = x_next
         if callback:
             callback(i, x)
     return x
-
-
-def dynamic_threshold(x0, quantile=0.995):
-    """Imagen's dynamic thresholding (used by the SFD authors' teacher): s = max(q(|x0|), 1)."""
-    s = x0.abs().flatten(1).quantile(quantile, dim=1).clamp(min=1).reshape(-1, 1, 1, 1)
-    return x0.clamp(-s, s) / s
 
 
 def dpmpp_step(x, t_cur, t_next, D0, history, order):
@@ -607,7 +591,7 @@ def dpmpp_order(i, n, order=3, lower_order_final=True):
     return min(order, n - i) if lower_order_final else order
 
 
-def sample_dpmpp(D, x, sigmas, callback=None, order=3, afs=False, threshold=False, lower_order_final=True):
+def sample_dpmpp(D, x, sigmas, callback=None, order=3, lower_order_final=True):
     """DPM-Solver++(2M/3M), data prediction, multistep (Lu et al. 2022, arXiv:2211.01095, Alg. 2).
     Order ramps up 1, 2, 3 at the start and, with lower_order_final, down at the end: that keeps
     few-step sampling stable; the first-order start and end steps make the global order 2
@@ -617,18 +601,13 @@ def sample_dpmpp(D, x, sigmas, callback=None, order=3, afs=False, threshold=Fals
     n = len(sigmas) - 1
     history = []                                                     # (D, h) of past steps, newest first
     for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        if afs and i == 0:
-            x = afs_step(x, t_cur, t_next)
+        D0 = D(x, t_cur)
+        if t_next == 0:
+            x = D0                                                   # lambda = inf: land on the denoised image
         else:
-            D0 = D(x, t_cur)
-            if threshold:
-                D0 = dynamic_threshold(D0)
-            if t_next == 0:
-                x = D0                                               # lambda = inf: land on the denoised image
-            else:
-                k = min(dpmpp_order(i, n, order, lower_order_final), len(history) + 1)
-                x = dpmpp_step(x, t_cur, t_next, D0, history, k)
-                history = [(D0, math.log(t_cur / t_next))] + history[:1]
+            k = min(dpmpp_order(i, n, order, lower_order_final), len(history) + 1)
+            x = dpmpp_step(x, t_cur, t_next, D0, history, k)
+            history = [(D0, math.log(t_cur / t_next))] + history[:1]
         if callback:
             callback(i, x)
     return x

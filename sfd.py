@@ -1,73 +1,41 @@
-"""SFD: Simple and Fast Distillation of Diffusion Models.
-
-Zhenyu Zhou, Defang Chen, Can Wang, Chun Chen, Siwei Lyu. NeurIPS 2024. arXiv:2409.19681.
-Source: ../shared/papers/sfd-slides.md (Algorithm 2, the ablation table), ../shared/specs/METHODS.md
-section 3, and the authors' code (zju-pi/diff-sampler, sfd-main/training/{loss,training_loop}.py).
-
-What is implemented
-  SFD (Alg. 2): the student takes one Euler step per interval of a short polynomial (rho 7) grid
-    sigma_max = 80 -> t_min = 0.006; its first step is the analytical first step (AFS, no network
-    call), so NFE = points - 2. Per batch of noise x_T the teacher (DPM-Solver++(3M)) is rolled out
-    without gradients on a finer grid with K = M+1 = 4 steps per student step (the authors' order rule,
-    common.dpmpp_order; dynamic thresholding: see the deviations); the student then steps
-    from its own detached state and is pulled (L1) to the teacher state at the same time, with an
-    optimizer step after every student step. Adam lr 5e-5, lr/10 after half the run, no EMA.
-  SFD-v (--nfe 2,3,4,5): one student for several NFEs; the NFE is drawn uniformly per batch and
-    enters through its own embedding (positional -> Linear -> SiLU -> Linear -> SiLU) as the
-    zero-initialised extra condition of common.student_from, so training starts from the teacher (see the
-    deviations: the authors initialise it randomly).
-  Second stage (--nfe 1): the teacher is the first-stage student at NFE 5 sampled with Euler+AFS
-    (trained first, in its own run folder, if missing); the student starts from its weights and
-    learns the one-call grid sigma_max -> AFS -> t_min.
-  Ablations of the slides' table: --teacher-solver euler|heun|dpm2s|dpm3m, --t-min, --no-afs,
-    --loss l1|l2|huber.
-
-Deviations (and why)
-  - The teacher is fewstep's shared EDM-trained teacher (so all methods compare side by side), except
-    with --dataset cifar10 --preset paper, where it is the authors' EDM checkpoint (--teacher edm).
-    SFD reads no training image: images_seen counts trajectories.
-  - L1 is the per-pixel mean, not the per-sample sum of the authors' code: Adam is invariant to
-    that constant factor. The second stage's extra LPIPS term on the last step (authors' code, EDM
-    models) is left out: LPIPS weights are not available offline.
-  - SFD-v embeds the NFE (the authors embed the number of grid points = NFE + 2, same information). Its
-    maps into the U-Net start at zero, so the SFD-v student equals the teacher at init (fewstep's choice);
-    the authors' step-condition layers (map_step_layer0/1 and each block's affine_step in
-    sfd-main/models/networks_edm.py) use the random xavier_uniform init of the other layers, so their
-    SFD-v starts from a perturbed teacher.
-  - --resume refuses other settings (solver, K, thresholding, loss, lr, batch, length, NFEs, t_min, AFS;
-    stored in student.pt), and the default first-stage folder of --nfe 1 must hold what `--nfe 5` trains.
-  - The lab preset uses lr 2e-4 instead of 5e-5 (a 2-core CPU affords ~7k trajectories instead of
-    the paper's 200k) and trains SFD-v as long as SFD (paper: 4x); the paper preset keeps the paper's values.
-  - The teacher's D is not dynamically thresholded by default (--teacher-threshold turns Imagen's q = 0.995
-    thresholding on). The authors' teacher always thresholds (dpm_pp_sampler calls dynamic_thresholding_fn,
-    sfd-main/solvers.py and solver_utils.py). Measured in the lab, one seed each (README, "Lab results"):
-    off FID-500 72.90, teacher_rms 0.1094; on 74.07, 0.1189 (`python sfd.py --dataset fashion --nfe 4
-    --teacher-threshold`): worse, so fewstep keeps it off. The teacher rows (fid.report) are unthresholded.
-  - Samples end at t_min without a final denoising call, as the authors' sampler does
-    (denoise_to_zero=False): the leftover noise of std 0.006 is below one uint8 level.
+"""SFD: Simple and Fast Distillation of diffusion models into a few-step Euler student (Zhou, Chen, Wang,
+Chen, Lyu, NeurIPS 2024, arXiv:2409.19681).
 
 Run
   CPU lab (default preset):  python sfd.py --dataset fashion --nfe 4
   CUDA paper:                python sfd.py --dataset cifar10 --nfe 4 --preset paper
   SFD-v / second stage:      python sfd.py --nfe 2,3,4,5        python sfd.py --nfe 1
   Several processes:         torchrun --nproc_per_node=2 sfd.py --preset smoke
+
+What is implemented (../shared/papers/sfd-slides.md, ../shared/specs/METHODS.md 3, zju-pi/diff-sampler sfd-main)
+  - SFD, Alg. 2 (sfd_loss): one Euler step per interval of a polynomial (rho 7) grid 80 -> t_min = 0.006, the
+    first one the analytical first step (AFS, no network call: NFE = points - 2). The teacher (DPM-Solver++(3M))
+    runs without gradients on a grid K = 4 times finer; the student steps from its own detached state, is pulled
+    (L1) to the teacher's state, with an optimizer step after every student step. Adam, lr/10 after half the run.
+  - SFD-v (--nfe 2,3,4,5): one student for several NFEs, drawn per batch, fed through a step embedding.
+  - Second stage (--nfe 1): the teacher is the first-stage NFE-5 student with Euler+AFS (trained first if missing).
+  - The slides' ablations: --teacher-solver euler|heun|dpm2s|dpm3m, --t-min, --no-afs, --loss l1|l2|huber.
+
+Deviations (and why)
+  - The teacher is fewstep's shared one (so all methods compare), the authors' EDM checkpoint with --dataset
+    cifar10 --preset paper. SFD reads no training image: images_seen counts trajectories.
+  - L1 is the per-pixel mean, not the authors' per-sample sum (Adam ignores the factor); the second stage's LPIPS
+    term on the last step is left out (no LPIPS weights offline).
+  - SFD-v embeds the NFE (authors: NFE + 2 grid points) and its maps into the U-Net start at zero, so it starts as
+    the teacher (authors: random xavier init, a perturbed teacher).
+  - The teacher's D is not dynamically thresholded unless --teacher-threshold (the authors' always is; in the lab
+    it was worse). The lab preset uses 4x the paper's lr for a run 28x shorter, and SFD-v as long as SFD (paper: 4x).
+  - Samples end at t_min without a final denoising call, as the authors' (denoise_to_zero=False).
 """
 import argparse
 import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+import common
 import fid
-from common import (Denoiser, Dist, PerSampleNoise, UserError, EVAL_SEED, afs_step, autocast, build_net, check_finite,
-                    check_same_teacher, check_exports, common_parser, count_params, fingerprint, first_paragraph,
-                    image_shape, karras_sigmas, learning_rate, load_checkpoint, load_state, load_teacher, main_guard,
-                    run_dir, sample_dpmpp, sample_euler, sample_heun, require_arch, save_checkpoint, save_grid,
-                    seed_all, student_from, timestep_embedding, write_json)
-
-from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------
 # Arguments
@@ -77,10 +45,8 @@ PRESETS = {
     # trajectories: training length in teacher trajectories (= noise images); ckpt_every likewise.
     # *_v: SFD-v (several NFEs, one model); *_2: the second stage (--nfe 1).
     "smoke": dict(batch=4, trajectories=8, trajectories_v=8, trajectories_2=8, lr=1e-4, lr_2=1e-3, ckpt_every=4),
-    # 2-core CPU: ~11 min of training at NFE 4 (~10.6 trajectories/s); 4x the paper's lr for a run 28x shorter.
-    # 7,040 trajectories gave FID-500 72.90 / teacher_rms 0.1094 against 74.18 / 0.1142 for 3,840 (2026-11-29).
-    "lab": dict(batch=32, trajectories=7040, trajectories_v=7040, trajectories_2=7040, lr=2e-4, lr_2=5e-4,
-                ckpt_every=1760),
+    # A 2-core CPU in minutes: 4x the paper's lr for a run 28x shorter.
+    "lab": dict(batch=32, trajectories=7040, trajectories_v=7040, trajectories_2=7040, lr=2e-4, lr_2=5e-4, ckpt_every=1760),
     # METHODS.md 3: batch 128, Adam 5e-5; 200k trajectories (SFD), 800k (SFD-v), 2M at lr 5e-4 (2nd stage).
     "paper": dict(batch=128, trajectories=200_000, trajectories_v=800_000, trajectories_2=2_000_000, lr=5e-5,
                   lr_2=5e-4, ckpt_every=10_000),
@@ -88,13 +54,13 @@ PRESETS = {
 SIGMA_MAX, RHO = 80.0, 7.0     # EDM's sigma_max and polynomial grid exponent (student and teacher grids)
 MAX_NFE = 16                   # beyond this a student is no longer "few-step"; the teacher grid grows as 4*NFE
 FIRST_STAGE_NFE = 5            # second stage: teacher = the first-stage model at NFE 5 (paper, Sec. "Extensions")
-TEACHER_THRESHOLD = False      # dynamic thresholding of the dpm3m teacher (authors: always; lab: worse, see the header)
+TEACHER_THRESHOLD = False      # dynamic thresholding of the dpm3m teacher (authors: always; lab: worse)
 
 
 def parse_args(argv=None):
-    p = common_parser(first_paragraph(__doc__), nfe_default="4", nfe_type=str,
-                      nfe_help="student NFE: N (SFD), a comma list like 2,3,4,5 (SFD-v, one model), or 1 (second stage)")
-    p.add_argument("--teacher-solver", default="dpm3m", choices=list(TEACHER_SOLVERS),
+    p = common.common_parser(common.first_paragraph(__doc__), nfe_default="4", nfe_type=str, presets=PRESETS,
+                             nfe_help="student NFE: N (SFD), a comma list like 2,3,4,5 (SFD-v, one model), or 1 (second stage)")
+    p.add_argument("--teacher-solver", default="dpm3m", choices=["euler", "heun", "dpm2s", "dpm3m"],
                    help="teacher's Solver in Alg. 2 (slides' ablation: dpm3m > dpm2s > heun > euler; default: dpm3m)")
     p.add_argument("--teacher-steps", default=4, type=int,
                    help="K = M+1, teacher steps per student step on the finer grid (default: 4, i.e. M = 3)")
@@ -106,8 +72,11 @@ def parse_args(argv=None):
                    help="no analytical first step: the student spends a network call on t_N -> t_{N-1} (NFE = points - 1)")
     p.add_argument("--loss", default="l1", choices=["l1", "l2", "huber"],
                    help="distance d(x_n^psi, x~_n): l1 (default), l2 or pseudo-Huber (c = 0.00054*sqrt(dim))")
-    p.add_argument("--lr", default=None, type=learning_rate, help="eta, Adam learning rate (default: the preset's; /10 after half the run)")
-    p.add_argument("--trajectories", default=None, type=int, help="training length in teacher trajectories (default: the preset's)")
+    common.preset_flag(p, "lr", common.learning_rate, "eta, Adam learning rate of SFD and SFD-v (/10 after half the run)")
+    common.preset_flag(p, "lr_2", common.learning_rate, "eta of the second stage (--nfe 1)")
+    common.preset_flag(p, "trajectories", int, "SFD's training length in teacher trajectories (also the first stage's)")
+    common.preset_flag(p, "trajectories_v", int, "SFD-v's training length in teacher trajectories")
+    common.preset_flag(p, "trajectories_2", int, "the second stage's training length in trajectories")
     p.add_argument("--first-stage", default=None,
                    help="--nfe 1: the first-stage run folder (default: <runs or --out's parent>/sfd-nfe5; trained if missing)")
     p.add_argument("--stop-after", default=None, type=int,
@@ -120,22 +89,22 @@ def parse_nfe(text):
     try:
         nfes = sorted({int(v) for v in text.split(",")})
     except ValueError:
-        raise UserError(f"--nfe {text!r}: expected an integer or a comma list of integers such as 2,3,4,5") from None
+        raise common.UserError(f"--nfe {text!r}: expected an integer or a comma list of integers such as 2,3,4,5") from None
     if nfes[0] < 1 or nfes[-1] > MAX_NFE:
-        raise UserError(f"--nfe {text}: SFD needs 1 <= NFE <= {MAX_NFE}")
+        raise common.UserError(f"--nfe {text}: SFD needs 1 <= NFE <= {MAX_NFE}")
     if len(nfes) > 1 and nfes[0] == 1:
-        raise UserError("--nfe 1 is the second stage (distilled from the NFE-5 model); pass it alone, not in an SFD-v list")
+        raise common.UserError("--nfe 1 is the second stage (distilled from the NFE-5 model); pass it alone, not in an SFD-v list")
     return nfes
 
 
 # ----------------------------------------------------------------------------------------------
-# Time grids (METHODS.md 3)
+# Time grids (METHODS.md 3) and SFD's additions to the shared samplers: AFS, the thresholded teacher
 # ----------------------------------------------------------------------------------------------
 
 def student_grid(nfe, t_min=0.006, afs=True):
     """t_N = sigma_max > ... > t_0 = t_min, polynomial with rho 7 (EDM Eq. 5). AFS costs no network
     call, so NFE = points - 2 with AFS (NFE 2 -> 80, 10.929, 0.670, 0.006) and points - 1 without."""
-    return karras_sigmas(nfe + 1 + int(afs), t_min, SIGMA_MAX, RHO)
+    return common.karras_sigmas(nfe + 1 + int(afs), t_min, SIGMA_MAX, RHO)
 
 
 def teacher_grid(t, K):
@@ -149,51 +118,66 @@ def teacher_grid(t, K):
     return torch.cat([fine.flatten(), t[-1:]])
 
 
-# ----------------------------------------------------------------------------------------------
-# Teacher: a multistep solver on the finer grid, kept at the student times (Alg. 2 line 4)
-# ----------------------------------------------------------------------------------------------
+def afs_step(x, sigma_cur, sigma_next):
+    """The analytical first step (AFS): no network call, slope d = x/sqrt(1 + sigma^2) (exact at sigma_max to 1e-4)."""
+    return x + (sigma_next - sigma_cur) * x / math.sqrt(1 + float(sigma_cur) ** 2)
 
-def sample_dpm2s(D, x, sigmas, callback=None, afs=False):
+
+def afs_then(sampler):
+    """AFS as the first step of the grid, then sampler on the rest; callback(i, x) counts steps of the whole grid."""
+    def sample(D, x, sigmas, callback=None):
+        x = afs_step(x, float(sigmas[0]), float(sigmas[1]))
+        if callback:
+            callback(0, x)
+        return sampler(D, x, sigmas[1:], (lambda i, x_i: callback(i + 1, x_i)) if callback else None)
+    return sample
+
+
+def dynamic_threshold(x0, quantile=0.995):
+    """Imagen's dynamic thresholding (the SFD authors' teacher): s = max(q(|x0|), 1), x0 <- clamp(x0, -s, s)/s."""
+    s = x0.abs().flatten(1).quantile(quantile, dim=1).clamp(min=1).reshape(-1, 1, 1, 1)
+    return x0.clamp(-s, s) / s
+
+
+def thresholded_denoiser(D):
+    """D with dynamic thresholding of its output: a wrapper, so the shared solvers stay as they are."""
+    return lambda x, sigma: dynamic_threshold(D(x, sigma))
+
+
+def sample_dpm2s(D, x, sigmas, callback=None):
     """DPM-Solver-2 (Lu et al. 2022), the slides' DPM(2S): Euler to the geometric midpoint
     t_mid = sqrt(t_cur*t_next), then the whole step with the midpoint's slope (authors' r = 0.5)."""
     sigmas = [float(s) for s in sigmas]
     for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        if afs and i == 0:
-            x = afs_step(x, t_cur, t_next)
-        else:
-            d_cur = (x - D(x, t_cur)) / t_cur
-            t_mid = math.sqrt(t_cur * t_next)
-            x_mid = x + (t_mid - t_cur) * d_cur
-            x = x + (t_next - t_cur) * (x_mid - D(x_mid, t_mid)) / t_mid
+        d_cur = (x - D(x, t_cur)) / t_cur
+        t_mid = math.sqrt(t_cur * t_next)
+        x_mid = x + (t_mid - t_cur) * d_cur
+        x = x + (t_next - t_cur) * (x_mid - D(x_mid, t_mid)) / t_mid
         if callback:
             callback(i, x)
     return x
 
 
-TEACHER_SOLVERS = {   # name -> (sampler(D, x, sigmas, callback, afs, threshold), network calls per step)
-    "euler": (lambda D, x, s, cb, afs, thr: sample_euler(D, x, s, cb, afs=afs), 1),
-    "heun": (lambda D, x, s, cb, afs, thr: sample_heun(D, x, s, cb, afs=afs), 2),
-    "dpm2s": (lambda D, x, s, cb, afs, thr: sample_dpm2s(D, x, s, cb, afs=afs), 2),
-    "dpm3m": (lambda D, x, s, cb, afs, thr: sample_dpmpp(D, x, s, cb, order=3, afs=afs, threshold=thr), 1),
+TEACHER_SOLVERS = {   # name -> (sampler(D, x, sigmas, callback), network calls per step)
+    "euler": (common.sample_euler, 1),
+    "heun": (common.sample_heun, 2),
+    "dpm2s": (sample_dpm2s, 2),
+    "dpm3m": (lambda D, x, sigmas, callback=None: common.sample_dpmpp(D, x, sigmas, callback, order=3), 1),
+    "euler+afs": (afs_then(common.sample_euler), 1),     # the student's sampler: the second stage's teacher
 }
 
 
 @torch.no_grad()
-def teacher_states(teacher, x_T, t_fine, K, solver="dpm3m", afs=False, threshold=False):
+def teacher_states(teacher, x_T, t_fine, K, solver="dpm3m"):
     """x~_n of Alg. 2: the teacher's trajectory from x_T on the finer grid, read out at every K-th
-    point, i.e. at the student times t_1 (after x_T) .. t_min. Returns a list, one state per student step."""
-    states = []
-
-    def keep(i, x):                     # x is the state at t_fine[i + 1]
-        if (i + 1) % K == 0:
-            states.append(x)
-
-    TEACHER_SOLVERS[solver][0](teacher, x_T, t_fine, keep, afs, threshold)
-    return states
+    point, i.e. at the student times t_{N-1} .. t_0 = t_min. Returns a list, one state per student step."""
+    states = []                                                    # states[i]: the state at t_fine[i + 1]
+    TEACHER_SOLVERS[solver][0](teacher, x_T, t_fine, lambda i, x: states.append(x))
+    return states[K - 1::K]
 
 
 # ----------------------------------------------------------------------------------------------
-# Student: one Euler step per interval; SFD-v's step condition
+# The student: one Euler step per interval; SFD-v's step condition; SFD's Algorithm 2
 # ----------------------------------------------------------------------------------------------
 
 class StepEmbedding(nn.Module):
@@ -206,7 +190,7 @@ class StepEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(pos_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim), nn.SiLU())
 
     def forward(self, nfe, batch, device):
-        return self.mlp(timestep_embedding(torch.full((batch,), float(nfe), device=device), self.pos_dim))
+        return self.mlp(common.timestep_embedding(torch.full((batch,), float(nfe), device=device), self.pos_dim))
 
 
 def euler_step(D, x, t_cur, t_next, cond=None):
@@ -225,25 +209,29 @@ def distance(name, a, b):
     return (((a - b) ** 2).flatten(1).sum(1) + c**2).sqrt().sub(c).mean()
 
 
-def distill_trajectory(D, x_T, x_tilde, t, update, afs=True, loss="l1", cond_fn=lambda: None):
-    """Alg. 2, the inner loop over n = N-1 .. 0 for one batch of trajectories. update(loss) does
-    backward + optimizer step. Returns the student's final state and the losses."""
-    x, losses = x_T, []
-    for k, (t_cur, t_next) in enumerate(zip(t[:-1].tolist(), t[1:].tolist())):
+def sfd_loss(student, teacher, eps, gen, nfes, nfe_gen, embed=None, K=4, solver="dpm3m", afs=True, loss="l1",
+             t_min=0.006):
+    """SFD's Alg. 2 for one batch of unit noise eps, as a generator: it yields d(x_n^psi, x~_n) of each student
+    step n = N-1 .. 0, and the loop (common.optimizer_steps) takes line 5's step psi <- psi - eta grad before
+    the next, which then runs the updated student. gen is not needed: the loop drew eps, and SFD-v's NFE
+    comes from nfe_gen, drawn alike on every process."""
+    nfe = nfes[torch.randint(len(nfes), (1,), generator=nfe_gen).item()]     # SFD-v: NFE ~ U(nfes) per batch
+    t = student_grid(nfe, t_min, afs)                                        # t_N = sigma_max > ... > t_0 = t_min
+    x_T = SIGMA_MAX * eps                                                    # line 1: x_T ~ N(0, T^2 I)
+    x_tilde = teacher_states(teacher, x_T, teacher_grid(t, K), K, solver)    # line 4: Solver(x_T, t_N -> t_n; phi)
+    x = x_T
+    for k, (t_cur, t_next) in enumerate(zip(t[:-1].tolist(), t[1:].tolist())):   # line 2: n = N-1 .. 0 (n = N-1-k)
         if afs and k == 0:
-            x = afs_step(x, t_cur, t_next)                       # AFS: no network, nothing to learn
+            x = afs_step(x, t_cur, t_next)                                   # AFS: no network, nothing to learn
             continue
-        with autocast(x.device):
-            x_psi = euler_step(D, x, t_cur, t_next, cond_fn())   # line 3
-        l = distance(loss, x_psi.float(), x_tilde[k])            # line 5: d(x_n^psi, x~_n)
-        update(l)                                                # line 5: psi <- psi - eta grad
-        x = x_psi.detach()                                       # line 6: x_n <- detach(x_n^psi)
-        losses.append(l.item())
-    return x, losses
+        cond = embed(nfe, len(x), x.device) if embed else None              # SFD-v's condition (updated weights)
+        x_psi = euler_step(student, x, t_cur, t_next, cond)                  # line 3: x_n^psi = Euler(x_{n+1}; psi)
+        yield distance(loss, x_psi.float(), x_tilde[k])                      # line 5: d(x_n^psi, x~_n), psi updated
+        x = x_psi.detach()                                                   # line 6: x_n <- detach(x_n^psi)
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Training (boilerplate: run name, settings, the second stage's first stage, evaluation)
 # ----------------------------------------------------------------------------------------------
 
 def thresholded(args):
@@ -263,189 +251,111 @@ def run_name(args, nfes):
 
 
 def run_settings(args, nfes):
-    """What a run's student depends on, saved in its student.pt: a --resume with other settings is refused."""
-    cfg, second_stage, variable = PRESETS[args.preset], nfes == [1], len(nfes) > 1
+    """What a run's student depends on, saved in its checkpoint: a --resume with other settings is refused."""
     afs = not args.no_afs
-    if second_stage:                    # Euler+AFS on the stage-1 grid, at the second stage's length and lr
-        solver, K, threshold = "euler", (FIRST_STAGE_NFE + int(afs)) // (1 + int(afs)), False
-        total, lr = cfg["trajectories_2"], cfg["lr_2"]
+    if nfes == [1]:                     # the stage-1 student with its own sampler (Euler+AFS) on its own grid
+        solver, K, threshold = "euler+afs" if afs else "euler", (FIRST_STAGE_NFE + int(afs)) // (1 + int(afs)), False
+        total, lr = args.trajectories_2, args.lr_2
     else:
         solver, K, threshold = args.teacher_solver, args.teacher_steps, thresholded(args)
-        total, lr = cfg["trajectories_v" if variable else "trajectories"], cfg["lr"]
+        total, lr = args.trajectories_v if len(nfes) > 1 else args.trajectories, args.lr
     return dict(nfes=nfes, afs=afs, t_min=args.t_min, solver=solver, K=K, threshold=threshold, loss=args.loss,
-                lr=args.lr if args.lr is not None else lr, batch=args.batch_size or cfg["batch"],
-                trajectories=args.trajectories if args.trajectories is not None else total)
-
-
-def check_settings(ck, path, settings):
-    """Refuse to continue (or reuse) a run trained with other settings."""
-    old = ck.get("settings") or {}
-    changed = [f"{k} {old.get(k)!r} (now {v!r})" for k, v in settings.items() if old.get(k) != v]
-    if changed:
-        raise UserError(f"{path} was trained with other settings: {', '.join(changed)}; use another --out or drop --resume")
+                lr=lr, batch=args.batch, trajectories=total)
 
 
 def with_(args, **changes):
     return argparse.Namespace(**{**vars(args), **changes})
 
 
-def first_stage_dir(args):
-    """--nfe 1: where the first stage lives (the folder a plain `--nfe 5` run with the same flags writes)."""
-    if args.first_stage:
-        return Path(args.first_stage)
+def first_stage(args, pg, teacher, teacher_sha256):
+    """--nfe 1: the first-stage student, from --first-stage or else from the folder a plain `--nfe 5` run with the
+    same flags writes (it must hold what that run trains); trained first if the folder holds no finished one."""
     name = run_name(args, [FIRST_STAGE_NFE])
-    return Path(args.out).parent / name if args.out else run_dir(with_(args, out=None), name)
-
-
-def load_student(path):
-    """(Denoiser, StepEmbedding or None, checkpoint) of a finished or partial SFD run."""
-    ck = load_checkpoint(path, "sfd-student")
-    net = build_net(ck["net_config"])
-    load_state(net, ck["net"], path)
-    embed = None
-    if ck["embed"] is not None:
-        embed = StepEmbedding(ck["net_config"]["cond_dim"], ck["net_config"]["ch"])
-        load_state(embed, ck["embed"], path)
-    return Denoiser(net), embed, ck
+    folder = args.first_stage or (Path(args.out).parent / name if args.out else common.run_dir(with_(args, out=None), name))
+    path = Path(folder) / "student.pt"
+    stage1_args = with_(args, nfe=str(FIRST_STAGE_NFE), out=str(path.parent), resume=True, first_stage=None, stop_after=None)
+    if not (path.exists() and common.load_checkpoint(path, "sfd-student")["finished"]):
+        pg.log(f"second stage: no finished first-stage model at {path}; training it first (NFE {FIRST_STAGE_NFE})")
+        train(stage1_args, pg)
+    ck = common.load_checkpoint(path, "sfd-student")
+    same = {} if args.first_stage else run_settings(stage1_args, [FIRST_STAGE_NFE])   # the default folder: `--nfe 5`'s,
+    common.check_settings(ck, path, dict(same, teacher_sha256=teacher_sha256))       # distilled from this teacher
+    if "embed" in ck or ck["settings"]["afs"] != (not args.no_afs) or ck["settings"]["t_min"] != args.t_min:
+        raise common.UserError(f"{path}: the first stage must be a plain SFD run with the same --t-min and AFS setting")
+    net = common.student_from(teacher.net)
+    common.load_state(net, ck["net"], path)
+    return common.Denoiser(net).eval().requires_grad_(False)
 
 
 def train(args, pg):
     """Distil and evaluate one run (SFD, SFD-v or the second stage); returns its metrics."""
     nfes = parse_nfe(args.nfe)
     if args.teacher_steps < 1:
-        raise UserError(f"--teacher-steps {args.teacher_steps}: K must be >= 1")
+        raise common.UserError(f"--teacher-steps {args.teacher_steps}: K must be >= 1")
     if not 0 < args.t_min < SIGMA_MAX:
-        raise UserError(f"--t-min {args.t_min}: must lie in (0, {SIGMA_MAX:g})")
-    cfg = PRESETS[args.preset]
+        raise common.UserError(f"--t-min {args.t_min}: must lie in (0, {SIGMA_MAX:g})")
     afs, second_stage, variable = not args.no_afs, nfes == [1], len(nfes) > 1
     settings = run_settings(args, nfes)
-    out = run_dir(args, run_name(args, nfes))
-    check_exports(args, *([out / f"nfe{n}" for n in nfes] if variable else [out]))
-    solver, K, threshold, total, lr, batch = (settings[k] for k in ("solver", "K", "threshold", "trajectories", "lr", "batch"))
-    teacher, teacher_path = load_teacher(args, pg)               # the shared teacher: evaluation reference
-    teacher_sha256 = fingerprint(teacher_path)                   # recorded in student.pt, checked on --resume
-
-    if second_stage:
-        # Stage 1 (the same run as `--nfe 5`), trained first if its folder has no finished student.
-        stage1 = first_stage_dir(args)
-        ck_path = stage1 / "student.pt"
-        stage1_args = with_(args, nfe=str(FIRST_STAGE_NFE), out=str(stage1), resume=True, first_stage=None,
-                            lr=None, trajectories=None, stop_after=None)        # stage 1 at its preset's values
-        if not (ck_path.exists() and load_checkpoint(ck_path, "sfd-student")["finished"]):
-            pg.log(f"second stage: no finished first-stage model at {ck_path}; training it first (NFE {FIRST_STAGE_NFE})")
-            train(stage1_args, pg)
-        src, _, ck1 = load_student(ck_path)
-        if not args.first_stage:                                 # the default folder must hold what `--nfe 5` trains
-            check_settings(ck1, ck_path, run_settings(stage1_args, [FIRST_STAGE_NFE]))
-        check_same_teacher(ck1, ck_path, teacher_sha256)            # stage 1 was distilled from this teacher
-        if ck1["embed"] is not None or ck1["afs"] != afs or ck1["t_min"] != args.t_min:
-            raise UserError(f"{ck_path}: the first stage must be a plain SFD run with the same --t-min and AFS setting")
-        D_teach = src.to(pg.device).eval().requires_grad_(False)
-    else:
-        D_teach = teacher
-    local = pg.batch(batch)
+    solver, K, total, lr, batch = (settings[k] for k in ("solver", "K", "trajectories", "lr", "batch"))
+    out = common.run_dir(args, run_name(args, nfes))
+    common.check_exports(args, *([out / f"nfe{n}" for n in nfes] if variable else [out]))
+    teacher, teacher_path = common.load_teacher(args, pg)               # the shared teacher: evaluation reference
+    settings["teacher_sha256"] = common.fingerprint(teacher_path)      # checked on --resume
+    source = first_stage(args, pg, teacher, settings["teacher_sha256"]) if second_stage else teacher
 
     # Student psi: a copy of its teacher's U-Net (+ SFD-v's zero-initialised step condition).
-    seed_all(args.seed)
+    common.seed_all(args.seed)
     if variable:
-        require_arch(D_teach.net, ("fewstep",), "SFD-v feeds the NFE through the student U-Net's extra condition")
-    ch = D_teach.net.config.get("ch")
-    net = student_from(D_teach.net, cond_dim=4 * ch if variable else 0)
-    D = Denoiser(net)
+        common.require_arch(source.net, ("fewstep",), "SFD-v feeds the NFE through the student U-Net's extra condition")
+    ch = source.net.config.get("ch")
+    net = common.student_from(source.net, cond_dim=4 * ch if variable else 0)
+    D = common.Denoiser(net)
     embed = StepEmbedding(4 * ch, ch).to(pg.device) if variable else None
-    params = list(net.parameters()) + (list(embed.parameters()) if embed else [])
-    opt = torch.optim.Adam(params, lr=lr)
-    grids = {n: student_grid(n, args.t_min, afs) for n in nfes}
-    fine = {n: teacher_grid(grids[n], K) for n in nfes}
-    shape = image_shape(net)
+    nets = dict(net=net, embed=embed) if embed else dict(net=net)
+    opt = torch.optim.Adam([p for m in nets.values() for p in m.parameters()], lr=lr)
+    rollout = thresholded_denoiser(source) if settings["threshold"] else source       # the teacher phi of Alg. 2
 
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)      # each process its own noise
-    nfe_gen = torch.Generator().manual_seed(args.seed)                  # SFD-v's NFE draw: same on all ranks
-    done, seconds, ck_path = 0, 0.0, out / "student.pt"
-    if args.resume and ck_path.exists():
-        _, _, ck = load_student(ck_path)
-        check_settings(ck, ck_path, settings)
-        check_same_teacher(ck, ck_path, teacher_sha256)
-        load_state(net, ck["net"], ck_path)
-        if embed:
-            load_state(embed, ck["embed"], ck_path)
-        opt.load_state_dict(ck["opt"])
-        done, seconds = ck["trajectories"], ck["seconds"]
-        pg.restore_state(gen, ck["rng"])
-        nfe_gen.set_state(ck["nfe_rng"])
-        pg.log(f"resuming {out.name} at {done:,} trajectories")
-    elif args.resume:
+    nfe_gen = torch.Generator().manual_seed(args.seed)                  # SFD-v's NFE draw: alike on every process
+    ck_path = out / "student.pt"
+    resume = common.load_checkpoint(ck_path, "sfd-student") if args.resume and ck_path.exists() else None
+    if args.resume and resume is None:
         pg.log(f"--resume: no checkpoint at {ck_path}, starting from scratch")
-    pg.broadcast(net)
-    if embed:
-        pg.broadcast(embed)
-
-    def checkpoint(finished):
-        rng = pg.gather_state(gen.get_state())
-        if pg.main:
-            save_checkpoint(ck_path, "sfd-student", net_config=net.config, net=net.state_dict(),
-                            embed=embed.state_dict() if embed else None, opt=opt.state_dict(), nfes=nfes, afs=afs,
-                            t_min=args.t_min, trajectories=done, seconds=seconds, rng=rng, nfe_rng=nfe_gen.get_state(),
-                            finished=finished, settings=settings, teacher_sha256=teacher_sha256)
-
-    def update(loss):
-        check_finite(loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        pg.sync_grads(params)
-        opt.step()
-
-    pg.log(f"{out.name}: student NFE {','.join(map(str, nfes))}, {count_params(net) / 1e6:.2f} M params, teacher "
-           f"{'stage-1 Euler+AFS' if second_stage else solver} with K = {K}, {total:,} trajectories, batch {batch}, "
-           f"lr {lr:g}, {pg.world} process(es) on {pg.device}")
-    stop = min(total, args.stop_after) if args.stop_after is not None else total
-    bar = tqdm(total=total, initial=done, unit="traj", disable=not pg.main, desc="sfd")
-    t0, next_ckpt = time.time() - seconds, done + cfg["ckpt_every"]
-    while done < stop:
-        for group in opt.param_groups:                                   # lr/10 after half the run
-            group["lr"] = lr if done < total / 2 else lr / 10
-        nfe = nfes[torch.randint(len(nfes), (1,), generator=nfe_gen).item()]  # SFD-v: NFE ~ U per iteration
-        t = grids[nfe]
-        x_T = SIGMA_MAX * torch.randn((local, *shape), generator=gen).to(pg.device)  # Alg. 2 line 1
-        with autocast(pg.device):
-            x_tilde = teacher_states(D_teach, x_T, fine[nfe], K, solver, afs=second_stage and afs, threshold=threshold)
-        cond_fn = (lambda: embed(nfe, local, pg.device)) if embed else (lambda: None)
-        _, losses = distill_trajectory(D, x_T, x_tilde, t, update, afs, args.loss, cond_fn)
-        done += batch
-        seconds = time.time() - t0
-        bar.update(batch)
-        bar.set_postfix(nfe=nfe, loss=f"{sum(losses) / max(len(losses), 1):.4f}")
-        if done >= next_ckpt and done < stop:
-            next_ckpt += cfg["ckpt_every"]
-            checkpoint(False)
-    bar.close()
-    pg.check_in_sync(net)
-    if embed:
-        pg.check_in_sync(embed)
-    checkpoint(done >= total)
-    if done < total:
+    pg.log(f"{out.name}: student NFE {','.join(map(str, nfes))}, {common.count_params(net) / 1e6:.2f} M params, teacher "
+           f"{'stage-1 ' * second_stage}{solver} with K = {K}, {total:,} trajectories, batch {batch}, lr {lr:g}, "
+           f"{pg.world} process(es) on {pg.device}")
+    budget = dict(total=total, unit="trajectories", batch=batch, lr=lr, ckpt_every=args.ckpt_every, stop_after=args.stop_after,
+                  schedule=lambda lr, done, total: lr if done < total / 2 else lr / 10)      # lr/10 after half the run
+    loss = lambda student, teacher, eps, gen: sfd_loss(student, teacher, eps, gen, nfes, nfe_gen, embed, K, solver,
+                                                       afs, args.loss, args.t_min)
+    run = common.train_loop(pg, loss, budget, opt, nets, ck_path, "sfd-student", settings, gen, noise=common.image_shape(net),
+                            student=D, teacher=rollout, shared_rngs=dict(nfe_rng=nfe_gen), resume=resume, desc="sfd")
+    done, seconds = run["done"], run["seconds"]
+    if not run["finished"]:
         pg.log(f"stopped at {done:,} of {total:,} trajectories; continue with --resume")
         pg.barrier()
         return None
 
-    # Evaluation: Euler (with AFS) over the student grid from x = sigma_max*eps, as the authors sample.
+    # Evaluation: the student's sampler, Euler (with AFS) over its grid from x = sigma_max*eps, as the authors sample.
     net.eval()
+    sampler, shape = TEACHER_SOLVERS["euler+afs" if afs else "euler"][0], common.image_shape(net)
+    grids = {n: student_grid(n, args.t_min, afs) for n in nfes}
 
     def sample_fn(n):
         cond = (lambda b: embed(n, b, pg.device)) if embed else (lambda b: None)
-        return lambda eps: sample_euler(lambda x, s: D(x, s, cond(len(x))), SIGMA_MAX * eps, grids[n], afs=afs)
+        return lambda eps: sampler(lambda x, s: D(x, s, cond(len(x))), SIGMA_MAX * eps, grids[n])
 
     variant = "sfd-stage2" if second_stage else ("sfd-v" if variable else "sfd")
     all_metrics = [fid.report(args, pg, out / f"nfe{n}" if variable else out, teacher, teacher_path, sample_fn(n), dict(
         method="sfd", variant=variant, nfe=n, train_seconds=seconds, images_seen=done, trajectories=done,
-        teacher_solver="euler+afs (stage 1)" if second_stage else solver, teacher_steps_K=K, teacher_threshold=threshold,
-        teacher_nfe_per_trajectory=(len(fine[n]) - 1) * TEACHER_SOLVERS[solver][1], t_min=args.t_min, afs=afs,
-        loss=args.loss, lr=lr, batch=batch, student_grid=grids[n].tolist()), shape) for n in nfes]
+        teacher_solver=f"{solver} (stage 1)" if second_stage else solver, teacher_steps_K=K,
+        teacher_threshold=settings["threshold"], teacher_nfe_per_trajectory=K * (len(grids[n]) - 1) * TEACHER_SOLVERS[solver][1],
+        t_min=args.t_min, afs=afs, loss=args.loss, lr=lr, batch=batch, student_grid=grids[n].tolist()), shape) for n in nfes]
     if variable and pg.main:                         # SFD-v: all NFEs side by side, one row of samples each
-        write_json(out / "metrics-all.json", all_metrics)       # each nfe<N>/metrics.json is one row
-        eps = PerSampleNoise(EVAL_SEED, range(8), pg.device).randn(*shape)
+        common.write_json(out / "metrics-all.json", all_metrics)       # each nfe<N>/metrics.json is one row
+        eps = common.PerSampleNoise(common.EVAL_SEED, range(8), pg.device).randn(*shape)
         with torch.no_grad():
-            save_grid(torch.cat([sample_fn(n)(eps) for n in nfes]).clamp(-1, 1), out / "samples.png", nrow=8)
+            common.save_grid(torch.cat([sample_fn(n)(eps) for n in nfes]).clamp(-1, 1), out / "samples.png", nrow=8)
         col = lambda key, fmt: "/".join("n/a" if m.get(key) is None else fmt.format(m[key]) for m in all_metrics)
         print(f"sfd-v {args.dataset} NFE {'/'.join(map(str, nfes))}: student FID {col('fid', '{:.2f}')} vs teacher "
               f"DPM-Solver++(3M) {col('teacher_fid_dpm3m', '{:.2f}')}; teacher_rms student {col('teacher_rms', '{:.4f}')} "
@@ -463,21 +373,13 @@ def bench_step(teacher, preset, device, batch=None):
     their updates, as train() runs them. Unit: trajectories; budget: the preset's SFD length."""
     cfg = PRESETS[preset]
     batch = batch or cfg["batch"]
-    net = student_from(teacher.net)
-    D, opt = Denoiser(net), torch.optim.Adam(net.parameters(), lr=cfg["lr"])
-    t = student_grid(4)
-    fine, shape = teacher_grid(t, 4), image_shape(net)
-
-    def update(loss):
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    net = common.student_from(teacher.net)
+    D, opt = common.Denoiser(net), torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    pg, nfe_gen, shape = common.Dist(str(device)), torch.Generator(), common.image_shape(net)
 
     def step():
-        x_T = SIGMA_MAX * torch.randn((batch, *shape), device=device)                # Alg. 2 line 1
-        with autocast(device):
-            x_tilde = teacher_states(teacher, x_T, fine, 4, "dpm3m")
-        distill_trajectory(D, x_T, x_tilde, t, update)
+        eps = torch.randn((batch, *shape), device=device)
+        common.optimizer_steps(pg, sfd_loss(D, teacher, eps, None, [4], nfe_gen), opt, list(net.parameters()))
 
     return dict(step=step, unit="trajectories", per_step=batch, total=cfg["trajectories"], nets=[teacher.net, net])
 
@@ -485,7 +387,7 @@ def bench_step(teacher, preset, device, batch=None):
 def main():
     args = parse_args()
     parse_nfe(args.nfe)                     # bad --nfe: one line before anything is loaded
-    pg = Dist(args.device)
+    pg = common.Dist(args.device)
     try:
         train(args, pg)
     finally:
@@ -493,4 +395,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    common.main_guard(main)

@@ -1,5 +1,6 @@
-"""Tests of sfd.py: the grids, AFS, the teacher read-out, Alg. 2's detached student steps, SFD-v's
-step condition, --nfe validation, the second stage's initialisation, and the CLI end to end."""
+"""Tests of sfd.py: the grids, AFS and the thresholded teacher (SFD's additions to the shared samplers), the
+teacher read-out, Alg. 2's detached student steps with an update after each, SFD-v's step condition, --nfe
+validation, the preset flags, the second stage's initialisation, and the CLI end to end."""
 import json
 import math
 import sys
@@ -64,16 +65,45 @@ def test_afs_slope():
     # AFS replaces the first network call by the slope d = x/sqrt(1 + t^2) ...
     calls, x = [], torch.randn(3, 1, 8, 8, dtype=torch.float64)
     t = sfd.student_grid(4)
-    x1 = common.sample_euler(gaussian_denoiser(calls=calls), x, t[:2], afs=True)
+    euler_afs = sfd.TEACHER_SOLVERS["euler+afs"][0]                 # the student's sampler
+    x1 = euler_afs(gaussian_denoiser(calls=calls), x, t[:2])
     t0, t1 = float(t[0]), float(t[1])
     assert calls == [] and torch.allclose(x1, x + (t1 - t0) * x / (1 + t0**2) ** 0.5, rtol=1e-14)
+    assert torch.equal(x1, sfd.afs_step(x, t0, t1))
     # ... which is the exact ODE slope (x - D(x))/t = t*x/(sd^2 + t^2) of unit-variance data at t = 80, to 1e-4.
     exact_slope = t0 / (1 + t0**2)
     assert abs(1 / (1 + t0**2) ** 0.5 / exact_slope - 1) < 1e-4
     # A whole AFS sampling run spends NFE = points - 2 network calls.
     calls.clear()
-    common.sample_euler(gaussian_denoiser(calls=calls), x, t, afs=True)
+    euler_afs(gaussian_denoiser(calls=calls), x, t)
     assert len(calls) == len(t) - 2 == 4 and calls == t[1:-1].tolist()
+
+
+@pytest.mark.parametrize("name,saved", [("euler", 1), ("heun", 2), ("dpm3m", 1)])
+def test_afs_then_is_afs_and_the_plain_sampler_on_the_rest(name, saved):
+    """AFS sits in front of a shared sampler: the same as that sampler from the AFS state on the rest of the
+    grid, one network call (Heun: one step, two calls) fewer than the sampler on the whole grid; the callback
+    still counts the steps of the whole grid."""
+    D, x, t = gaussian_denoiser(0.1, 0.25), torch.randn(4, 1, 4, 4, dtype=torch.float64), sfd.student_grid(4)
+    sampler, calls, plain = common.SAMPLERS[name], [], []
+    seen = []
+    out = sfd.afs_then(sampler)(gaussian_denoiser(0.1, 0.25, calls), x, t, lambda i, x_i: seen.append((i, x_i)))
+    assert torch.equal(out, sampler(D, sfd.afs_step(x, float(t[0]), float(t[1])), t[1:]))
+    sampler(gaussian_denoiser(0.1, 0.25, plain), x, t)
+    assert len(calls) == len(plain) - saved
+    assert [i for i, _ in seen] == list(range(len(t) - 1)) and torch.equal(seen[-1][1], out)
+
+
+def test_dynamic_threshold():
+    x = torch.tensor([[0.5, -0.2]]).reshape(1, 2, 1, 1)
+    assert torch.equal(sfd.dynamic_threshold(x), x)                # within [-1, 1]: untouched
+    y = torch.linspace(-3, 3, 1000).reshape(1, 1, 10, 100)
+    out = sfd.dynamic_threshold(y)
+    assert out.abs().max() <= 1 + 1e-6 and out.abs().max() > 0.99
+    # The thresholded teacher is a wrapper around D: every D(x, sigma) the solver sees is thresholded.
+    D = lambda x, sigma: 3 * x
+    z = torch.randn(2, 1, 4, 4)
+    assert torch.equal(sfd.thresholded_denoiser(D)(z, 1.0), sfd.dynamic_threshold(3 * z))
 
 
 # --- the teacher: multistep solver on the finer grid, read out at the student times -----------
@@ -88,6 +118,13 @@ def test_teacher_states_are_the_solver_at_student_times():
     assert len(states) == len(t) - 1
     for k, x_k in enumerate(states):                     # state k = Euler run up to fine point K*(k+1) = t_{k+1}
         assert torch.allclose(x_k, common.sample_euler(D, x_T, fine[: K * (k + 1) + 1]), rtol=1e-12)
+    # The second stage's teacher samples with Euler + AFS: the read-out counts AFS as the grid's first step.
+    for K1 in (1, 3):
+        fine1 = sfd.teacher_grid(t, K1)
+        states = sfd.teacher_states(D, x_T, fine1, K1, "euler+afs")
+        assert len(states) == len(t) - 1
+        for k, x_k in enumerate(states):
+            assert torch.equal(x_k, sfd.afs_then(common.sample_euler)(D, x_T, fine1[: K1 * (k + 1) + 1]))
     # DPM-Solver++(3M) (the default teacher) tracks the exact ODE at every student time ...
     states = sfd.teacher_states(D, x_T, fine, K, "dpm3m")
     assert torch.equal(states[-1], common.sample_dpmpp(D, x_T, fine, order=3))
@@ -101,30 +138,33 @@ def test_teacher_states_are_the_solver_at_student_times():
 
 # --- Alg. 2: the student steps from its own detached state, one update per step ----------------
 
-def test_gradients_flow_only_through_the_current_student_step():
-    net = small_net()
-    D = common.Denoiser(common.student_from(net))
-    params = list(D.parameters())
+def alg2_batch(seed=1):
+    """A student, a teacher (another small net), a batch of noise and the teacher's states, for the Alg. 2 tests."""
+    D = common.Denoiser(common.student_from(small_net()))
+    teacher = common.Denoiser(small_net(seed=7)).eval().requires_grad_(False)
+    eps = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
     t = sfd.student_grid(4)
-    torch.manual_seed(1)
-    x_T = 80.0 * torch.randn(2, 1, 32, 32)
-    x_tilde = [torch.randn(2, 1, 32, 32) * float(s) for s in t[1:]]
-    recorded = []
+    x_tilde = sfd.teacher_states(teacher, 80.0 * eps, sfd.teacher_grid(t, 4), 4, "dpm3m")
+    return D, teacher, eps, t, x_tilde
 
-    def update(loss):                                    # record grads; no step, so psi stays fixed
-        grads = torch.autograd.grad(loss, params)
-        recorded.append([g.clone() for g in grads])
 
-    x_end, losses = sfd.distill_trajectory(D, x_T, x_tilde, t, update, afs=True, loss="l1")
+def test_gradients_flow_only_through_the_current_student_step():
+    D, teacher, eps, t, x_tilde = alg2_batch()
+    params = list(D.parameters())
+    recorded, losses = [], []
+    for loss in sfd.sfd_loss(D, teacher, eps, None, [4], torch.Generator()):   # no optimizer step: psi stays fixed
+        recorded.append([g.clone() for g in torch.autograd.grad(loss, params)])
+        losses.append(loss.item())
     assert len(recorded) == len(t) - 2                   # an optimizer step per student network step, none for AFS
     # Independent computation: the student's states without any graph, then each step's loss alone.
+    x_T = 80.0 * eps
     with torch.no_grad():
-        xs = [x_T, common.afs_step(x_T, float(t[0]), float(t[1]))]
+        xs = [x_T, x_T + (float(t[1]) - 80.0) * x_T / math.sqrt(1 + 80.0**2)]          # AFS
         for k in range(1, len(t) - 1):
             xs.append(sfd.euler_step(D, xs[-1], float(t[k]), float(t[k + 1])))
-    assert torch.allclose(x_end, xs[-1])
+    assert (xs[-1] - x_tilde[-1]).abs().max() > 1e-3     # the student is not the teacher: the losses are not zero
     for k in range(1, len(t) - 1):
-        loss = (sfd.euler_step(D, xs[k], float(t[k]), float(t[k + 1])) - x_tilde[k]).abs().mean()
+        loss = (sfd.euler_step(D, xs[k], float(t[k]), float(t[k + 1])) - x_tilde[k]).abs().mean()     # L1 to x~_n
         assert abs(loss.item() - losses[k - 1]) < 1e-6
         for g_alg, g_ref in zip(recorded[k - 1], torch.autograd.grad(loss, params)):
             assert torch.allclose(g_alg, g_ref, rtol=1e-5, atol=1e-8)
@@ -134,6 +174,28 @@ def test_gradients_flow_only_through_the_current_student_step():
         x = sfd.euler_step(D, x, float(t[k]), float(t[k + 1]))      # no detach
     leaky = torch.autograd.grad((x - x_tilde[-1]).abs().mean(), params)
     assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(leaky, recorded[-1]))
+
+
+def test_each_student_step_runs_the_updated_student():
+    """Alg. 2 line 5 inside the loop over n: the loop's optimizer_steps takes one step per yielded loss, and the
+    next student step runs the updated psi from the detached state (written out by hand with SGD)."""
+    D, teacher, eps, t, x_tilde = alg2_batch()
+    ref = common.Denoiser(common.student_from(small_net()))
+    opt, opt_ref = torch.optim.SGD(D.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    values, _ = common.optimizer_steps(common.Dist("cpu"), sfd.sfd_loss(D, teacher, eps, None, [4], torch.Generator()),
+                                       opt, list(D.parameters()))
+    x, by_hand = sfd.afs_step(80.0 * eps, float(t[0]), float(t[1])), []
+    for k in range(1, len(t) - 1):
+        x_psi = sfd.euler_step(ref, x, float(t[k]), float(t[k + 1]))
+        loss = (x_psi - x_tilde[k]).abs().mean()
+        opt_ref.zero_grad()
+        loss.backward()
+        opt_ref.step()
+        by_hand.append(loss.item())
+        x = x_psi.detach()
+    assert values == by_hand and len(set(values)) == len(values)
+    assert all(torch.equal(a, b) for a, b in zip(D.parameters(), ref.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(D.parameters(), common.student_from(small_net()).parameters()))
 
 
 def test_distances():
@@ -206,7 +268,7 @@ def test_smoke_end_to_end_and_second_stage_init(fashion_dir, smoke_teacher, tmp_
 
     # Second stage with lr 0: its student must still hold exactly the first stage's weights.
     mtime = (tmp_path / "sfd-nfe5" / "student.pt").stat().st_mtime
-    r = run_script("sfd.py", *smoke_args(fashion_dir, smoke_teacher, tmp_path / "sfd-nfe1", "--nfe", "1", "--lr", "0"),
+    r = run_script("sfd.py", *smoke_args(fashion_dir, smoke_teacher, tmp_path / "sfd-nfe1", "--nfe", "1", "--lr-2", "0"),
                    cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "sfd-nfe5" / "student.pt").stat().st_mtime == mtime            # reused, not retrained
@@ -221,21 +283,22 @@ def test_resume_equals_uninterrupted_run(fashion_dir, smoke_teacher, tmp_path, m
 
     def run(out, *extra):
         monkeypatch.setattr(sys, "argv", ["sfd.py", *map(str, smoke_args(fashion_dir, smoke_teacher, out, "--nfe", "2,3",
-                                                                          "--trajectories", "16", *extra))])
+                                                                          "--trajectories-v", "16", *extra))])
         sfd.main()
         return torch.load(tmp_path / out / "student.pt", weights_only=True)
 
     full = run("a", "--stop-after", "12")
     run("b", "--stop-after", "4")
     resumed = run("b", "--stop-after", "12", "--resume")
-    assert resumed["trajectories"] == full["trajectories"] == 12 and not resumed["finished"]
+    assert resumed["done"] == full["done"] == 12 and not resumed["finished"]
+    assert torch.equal(resumed["nfe_rng"], full["nfe_rng"])                     # SFD-v's NFE draw continues too
     for part in ("net", "embed"):
         for k in full[part]:
             assert torch.equal(full[part][k], resumed[part][k]), (part, k)
     # Finishing the SFD-v run evaluates every NFE: one folder (one metrics.json row) per NFE, and the
     # list of all of them in metrics-all.json, which the table printer does not read.
     finished = run("b", "--resume")
-    assert finished["finished"] and finished["trajectories"] == 16
+    assert finished["finished"] and finished["done"] == 16 and finished["settings"]["trajectories"] == 16
     assert not (tmp_path / "b" / "metrics.json").exists()
     assert [json.loads((tmp_path / "b" / f"nfe{n}" / "metrics.json").read_text())["nfe"] for n in (2, 3)] == [2, 3]
     metrics = json.loads((tmp_path / "b" / "metrics-all.json").read_text())
@@ -267,6 +330,25 @@ def test_run_name_tells_thresholding_apart():
     assert not sfd.thresholded(euler) and sfd.run_name(euler, [4]) == "sfd-nfe4-euler"   # only dpm3m thresholds
 
 
+def test_preset_flags_per_variant():
+    """Each training length and lr has its flag (--help shows the lab and paper values); a flag sets only its
+    own variant's (SFD and the first stage: --lr, --trajectories; SFD-v: --trajectories-v; 2nd stage: *-2)."""
+    smoke = sfd.PRESETS["smoke"]
+    args = sfd.parse_args(["--preset", "smoke", "--trajectories-v", "16", "--lr-2", "0"])
+    assert [sfd.run_settings(args, n)["trajectories"] for n in ([4], [2, 3], [1])] == [smoke["trajectories"], 16,
+                                                                                        smoke["trajectories_2"]]
+    assert [sfd.run_settings(args, n)["lr"] for n in ([4], [2, 3], [1])] == [smoke["lr"], smoke["lr"], 0.0]
+    assert sfd.run_settings(args, [1])["solver"] == "euler+afs" and sfd.run_settings(args, [1])["K"] == 3
+
+
+def test_help_shows_the_preset_values(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["sfd.py", "--help"])
+    with pytest.raises(SystemExit):
+        sfd.parse_args()
+    out = " ".join(capsys.readouterr().out.split())
+    assert "lab 7,040, paper 800,000" in out and "lab 0.0005, paper 0.0005" in out and "lab 0.0002, paper 5e-05" in out
+
+
 @pytest.mark.parametrize("change,key", [(["--teacher-solver", "euler"], "solver"), (["--teacher-steps", "2"], "K"),
                                         (["--loss", "l2"], "loss"), (["--lr", "1e-3"], "lr"),
                                         (["--batch-size", "2"], "batch"), (["--trajectories", "12"], "trajectories"),
@@ -290,7 +372,7 @@ def test_resume_refuses_changed_settings(change, key, fashion_dir, smoke_teacher
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other settings" in err[0] and f"{key} " in err[0], err
     after = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
-    assert after["settings"] == before["settings"] and after["trajectories"] == 4
+    assert after["settings"] == before["settings"] and after["done"] == 4
 
 
 # --- DPM-Solver++(3M)'s order rule: the SFD authors' (sfd-main/solvers.py, dpm_pp_sampler) --------------------

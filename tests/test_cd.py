@@ -80,14 +80,26 @@ def test_heun_step_is_second_order_on_gaussian_data():
 
 # --- The loss: target without gradient (Eq. 7), EMA updates (Eq. 8) ---------------------------
 
+def drawn(seed, x0, sigmas, n_dist="uniform"):
+    """What cd_loss draws from a generator seeded with seed, in its order: n (Alg. 2 line 3), then z (line 4)."""
+    g = torch.Generator().manual_seed(seed)
+    n = cd.draw_n(len(sigmas), sigmas, len(x0), g, n_dist)
+    return n, torch.randn(x0.shape, generator=g)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
 @pytest.mark.parametrize("metric", ["l2", "pseudo-huber"])
 def test_target_is_computed_without_gradient(metric):
     f = cd.ConsistencyFunction(random_net(3))
     D = common.Denoiser(random_net(4)).requires_grad_(False)
     sigmas = common.karras_sigmas(18).float()
-    x0, z = torch.rand(4, 1, 32, 32) * 2 - 1, torch.randn(4, 1, 32, 32)
-    n = torch.tensor([0, 5, 11, 15])                                    # t2 > eps: the target depends on theta
-    loss = cd.cd_loss(f, f, D, x0, n, z, sigmas, metric)                # mu = 0: theta- is theta itself
+    x0 = torch.rand(4, 1, 32, 32) * 2 - 1
+    n, z = drawn(0, x0, sigmas)
+    assert (n < 16).sum() == 3 and n[3] == 16              # t2 > eps: the target depends on theta (t2 = eps: it is x_hat)
+    loss = cd.cd_loss(f, D, x0, gen(0), f_target=f, sigmas=sigmas, metric=metric)   # mu = 0: theta- is theta itself
     grads = torch.autograd.grad(loss, list(f.parameters()))
 
     def independent(detach):
@@ -120,25 +132,34 @@ def test_loss_weighting_lambda():
     f = cd.ConsistencyFunction(random_net(3))
     D = common.Denoiser(random_net(4)).requires_grad_(False)
     sigmas = common.karras_sigmas(18).float()
-    x0, z = torch.rand(4, 1, 32, 32) * 2 - 1, torch.randn(4, 1, 32, 32)
     n = torch.tensor([0, 5, 11, 15])
     assert torch.equal(cd.weights(n, sigmas, "uniform"), torch.ones(4))             # the paper: lambda = 1
     lam = cd.weights(n, sigmas, "inv-gap")                                           # iCT: 1/(t_n - t_{n+1})
     assert torch.allclose(lam, 1 / (sigmas[n] - sigmas[n + 1]))
     assert lam[0] < 0.05 and lam[3] > 60                                             # 80 -> 57.6 vs 0.023 -> 0.0075
-    per = [cd.cd_loss(f, f, D, x0[k:k + 1], n[k:k + 1], z[k:k + 1], sigmas, "l2") for k in range(4)]
-    weighted = cd.cd_loss(f, f, D, x0, n, z, sigmas, "l2", "inv-gap")
+    x0 = torch.rand(4, 1, 32, 32) * 2 - 1
+    n, z = drawn(1, x0, sigmas)
+    lam = 1 / (sigmas[n] - sigmas[n + 1])
+    per = []
+    for k in range(4):                                  # each sample's unweighted l2 term with cd_pair's target
+        x_t, t, _, target = cd.cd_pair(f, D, x0[k:k + 1], n[k:k + 1], z[k:k + 1], sigmas)
+        per.append(((f(x_t, t) - target) ** 2).mean())
+    weighted = cd.cd_loss(f, D, x0, gen(1), f_target=f, sigmas=sigmas, metric="l2", weighting="inv-gap")
     assert torch.allclose(weighted, sum(l * p for l, p in zip(lam, per)) / 4, rtol=1e-4)
+    uniform = cd.cd_loss(f, D, x0, gen(1), f_target=f, sigmas=sigmas, metric="l2")
+    assert torch.allclose(uniform, sum(per) / 4, rtol=1e-4) and not torch.allclose(uniform, weighted, rtol=1e-2)
 
 
 def test_weighting_is_the_papers_except_in_the_lab_preset():
     """lambda = 1 and uniform n (Eq. 7, Alg. 2) in the paper and smoke presets; the lab preset's iCT weight
     is a documented deviation; the flags win."""
-    hps = [cd.parse_args(["--preset", p])[1] for p in ("paper", "lab", "smoke")]
-    assert [hp["weighting"] for hp in hps] == ["uniform", "inv-gap", "uniform"]
-    assert all(hp["n_dist"] == "uniform" for hp in hps)
-    _, hp = cd.parse_args(["--preset", "lab", "--weighting", "uniform", "--n-dist", "lognormal"])
-    assert (hp["weighting"], hp["n_dist"]) == ("uniform", "lognormal")
+    runs = [cd.parse_args(["--preset", p]) for p in ("paper", "lab", "smoke")]
+    assert [a.weighting for a in runs] == ["uniform", "inv-gap", "uniform"]
+    assert all(a.n_dist == "uniform" for a in runs)
+    a = cd.parse_args(["--preset", "lab", "--weighting", "uniform", "--n-dist", "lognormal"])
+    assert (a.weighting, a.n_dist) == ("uniform", "lognormal")
+    with pytest.raises(common.UserError, match="--metric"):
+        cd.parse_args(["--metric", "lpips"])
 
 
 def test_lognormal_n_follows_icts_distribution():
@@ -157,17 +178,21 @@ def test_lognormal_n_follows_icts_distribution():
 
 
 def test_training_step_updates_target_and_sampling_ema():
+    """One iteration as train_loop runs it: the step of theta on cd_loss (Alg. 2 line 7), then ema_updates:
+    theta- (line 8, Eq. 8), then the sampling EMA; with mu = 0 only the sampling EMA (theta- is theta)."""
     D = common.Denoiser(random_net(5)).requires_grad_(False)
     f = cd.ConsistencyFunction(random_net(6))
     f_target = cd.ConsistencyFunction(random_net(7)).requires_grad_(False)    # theta- != theta before the step
     f_ema = cd.ConsistencyFunction(random_net(8)).requires_grad_(False)
-    hp = dict(metric="pseudo-huber", mu=0.9, ema_rate=0.8, weighting="uniform")
     opt = torch.optim.RAdam(f.parameters(), lr=1e-3)
     target_old = [p.clone() for p in f_target.parameters()]
     ema_old = [p.clone() for p in f_ema.parameters()]
     theta_old = [p.clone() for p in f.parameters()]
-    x0, z, n = torch.rand(4, 1, 32, 32) * 2 - 1, torch.randn(4, 1, 32, 32), torch.tensor([1, 4, 9, 16])
-    cd.training_step(f, f_target, f_ema, opt, D, x0, n, z, common.karras_sigmas(18).float(), hp, common.Dist("cpu"))
+    x0 = torch.rand(4, 1, 32, 32) * 2 - 1
+    emas = cd.ema_updates(f, f_target, f_ema, 0.9, 0.8)
+    assert [e[0] for e in emas] == [f_target, f_ema] and cd.ema_updates(f, f, f_ema, 0.0, 0.8) == [(f_ema, f, 0.8)]
+    loss = cd.cd_loss(f, D, x0, gen(0), f_target=f_target, sigmas=common.karras_sigmas(18).float(), metric="pseudo-huber")
+    common.optimizer_steps(common.Dist("cpu"), loss, opt, list(f.parameters()), emas=emas)
     theta = list(f.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(theta, theta_old))                 # the student moved
     for p, old, new in zip(f_target.parameters(), target_old, theta):                  # Eq. 8
@@ -181,18 +206,21 @@ def test_loss_target_is_f_target_not_f():
     f, f_target = cd.ConsistencyFunction(random_net(3)), cd.ConsistencyFunction(random_net(7)).requires_grad_(False)
     D = common.Denoiser(random_net(4)).requires_grad_(False)
     sigmas = common.karras_sigmas(18).float()
-    x0, z = torch.rand(4, 1, 32, 32) * 2 - 1, torch.randn(4, 1, 32, 32)
-    n = torch.tensor([0, 5, 11, 15])
+    x0 = torch.rand(4, 1, 32, 32) * 2 - 1
+    n, z = drawn(2, x0, sigmas)
     t, t2 = sigmas[n].reshape(-1, 1, 1, 1), sigmas[n + 1].reshape(-1, 1, 1, 1)
     x_t = x0 + t * z
     with torch.no_grad():
         x_hat = cd.heun_step(D, x_t, t, t2)
         by_target, by_f = f_target(x_hat, t2), f(x_hat, t2)
     assert (by_target - by_f).abs().max() > 1e-2                        # the two targets differ here
-    loss = cd.cd_loss(f, f_target, D, x0, n, z, sigmas, "l2")
+    loss = cd.cd_loss(f, D, x0, gen(2), f_target=f_target, sigmas=sigmas, metric="l2")
     per = lambda target: ((f(x_t, t) - target) ** 2).flatten(1).mean(1).mean()
     assert torch.allclose(loss, per(by_target), rtol=1e-5)
     assert not torch.allclose(loss, per(by_f), rtol=1e-3)
+    # cd_pair (sferd.py's CD terms) is cd_loss's x_t and target for the same n and z.
+    x_t2, t_, t2_, target = cd.cd_pair(f_target, D, x0, n, z, sigmas)
+    assert torch.equal(x_t2, x_t) and torch.equal(t_, t) and torch.equal(t2_, t2) and torch.equal(target, by_target)
 
 
 def test_pseudo_huber_constant_counts_every_channel():
@@ -341,14 +369,15 @@ def test_other_nfe_reuses_the_finished_student(full_run, fashion_dir, smoke_teac
     r = run_script("cd.py", *common_args(fashion_dir, smoke_teacher, out), "--iterations", "8", "--nfe", "1",
                    "--resume", cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming CD at iteration 8 of 8" in r.stdout + r.stderr and "NFE 1" in r.stdout.strip().splitlines()[-1]
+    assert "resuming CD at 8 of 8 updates" in r.stdout + r.stderr and "NFE 1" in r.stdout.strip().splitlines()[-1]
     m1 = json.loads((out / "nfe1" / "metrics.json").read_text())
     assert m1["nfe"] == 1 and m1["taus"] == [] and m1["images_seen"] == 8 * 8
     assert (out / "nfe4" / "metrics.json").read_text() == before
     after = common.load_checkpoint(out / "student.pt", "cd-student")["ema"]
     assert all(torch.equal(weights[k], after[k]) for k in weights)
     r = run_script("cd.py", *common_args(fashion_dir, smoke_teacher, out), "--lr", "1e-3", "--resume", cwd=work)
-    assert r.returncode == 2 and "other settings (lr" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "other settings: lr 0.0004 (now 0.001)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_resume_continues_exactly(full_run, fashion_dir, smoke_teacher, work):
@@ -356,13 +385,13 @@ def test_resume_continues_exactly(full_run, fashion_dir, smoke_teacher, work):
     args = common_args(fashion_dir, smoke_teacher, out)
     r = run_script("cd.py", *args, "--iterations", "4", cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert common.load_checkpoint(out / "student.pt", "cd-student")["iteration"] == 4
+    assert common.load_checkpoint(out / "student.pt", "cd-student")["step"] == 4
     r = run_script("cd.py", *args, "--iterations", "8", "--resume", cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming CD at iteration 4" in r.stdout + r.stderr
+    assert "resuming CD at 4 of 8 updates" in r.stdout + r.stderr
     resumed = common.load_checkpoint(out / "student.pt", "cd-student")
     straight = common.load_checkpoint(full_run[0] / "student.pt", "cd-student")
-    assert resumed["iteration"] == straight["iteration"] == 8
+    assert resumed["step"] == straight["step"] == 8
     for key in ("net", "ema"):
         for name in straight[key]:
             assert torch.equal(resumed[key][name], straight[key][name]), (key, name)

@@ -32,7 +32,7 @@ def test_preset_defaults_to_paper_for_cifar10_and_lab_otherwise():
     assert sfd.parse_args(["--dataset", "cifar10"]).preset == "paper"        # the headline command is the paper's
     assert sfd.parse_args([]).preset == "lab" and sfd.parse_args(["--dataset", "folder:/x"]).preset == "lab"
     assert sfd.parse_args(["--dataset", "cifar10", "--preset", "lab"]).preset == "lab"      # an explicit preset wins
-    assert cd.parse_args(["--dataset", "cifar10"])[1]["batch"] == cd.PRESETS["paper"]["batch"]   # resolved before use
+    assert cd.parse_args(["--dataset", "cifar10"]).batch == cd.PRESETS["paper"]["batch"]   # resolved before use
     assert pd.parse_args(["--dataset", "fashion"]).iters == pd.PRESETS["lab"]["iters"]
     assert "paper for --dataset cifar10" in " ".join(common.common_parser("x").format_help().split())   # --help says so
 

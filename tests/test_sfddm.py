@@ -203,15 +203,32 @@ def test_ceiling_dpm3m_spends_its_calls_on_the_phi_levels():
 
 # --- Alg. 1: the loss, its hidden-variable term, and its optimum -------------------------------
 
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def drawn(seed, x0, a_s):
+    """What the losses draw from a generator seeded with seed, in Alg. 1's order: t ~ U{1..T'} (line 4), eps (line 5)."""
+    g = gen(seed)
+    t = torch.randint(1, len(a_s), (len(x0),), generator=g)
+    return t, torch.randn(x0.shape, generator=g)
+
+
+def sfddm_loss(teacher, student, x0, seed, a_s, hidden_weight=1.0):
+    loss, parts = sfddm.sfddm_loss(student, teacher, x0, gen(seed), alpha_bar_s=a_s, hidden_weight=hidden_weight)
+    return loss, parts["loss_eps"], parts["loss_h"]
+
+
 def test_loss_terms_and_features_before_the_output_conv():
     teacher = small_denoiser(0).requires_grad_(False)
     student = common.Denoiser(common.student_from(teacher.net))
     a_s = sfddm.student_alpha_bar(sfddm.teacher_alpha_bar(1024), [0, 256, 512, 768, 1024])
     g = torch.Generator().manual_seed(2)
-    x0, eps = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1, torch.randn(4, 1, 32, 32, generator=g)
-    t = torch.tensor([1, 2, 3, 4])
+    x0 = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
+    t, eps = drawn(7, x0, a_s)
+    assert sorted(t.tolist()) == [1, 2, 3, 4]                   # every student step once in this batch
     # The teacher is SFDDM's optimum: a student copied from it has exactly zero loss.
-    loss, loss_eps, loss_h = sfddm.sfddm_loss(teacher, student, x0, t, eps, a_s)
+    loss, loss_eps, loss_h = sfddm_loss(teacher, student, x0, 7, a_s)
     assert loss.item() == 0 and loss_eps.item() == 0 and loss_h.item() == 0
     with torch.no_grad():
         for p in student.net.parameters():
@@ -219,7 +236,7 @@ def test_loss_terms_and_features_before_the_output_conv():
     seen = {}
     hooks = [net.conv_out.register_forward_pre_hook(lambda m, inp, k=k: seen.__setitem__(k, inp[0].detach()))
              for k, net in (("teacher", teacher.net), ("student", student.net))]
-    loss, loss_eps, loss_h = sfddm.sfddm_loss(teacher, student, x0, t, eps, a_s, hidden_weight=0.5)
+    loss, loss_eps, loss_h = sfddm_loss(teacher, student, x0, 7, a_s, hidden_weight=0.5)
     for h in hooks:
         h.remove()
     # The hidden term is the L1 between the maps that enter the output conv.
@@ -237,7 +254,7 @@ def test_loss_terms_and_features_before_the_output_conv():
     # Gradients reach the student only; hidden_weight 0 drops the term.
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters()) and student.net.conv_in.weight.grad.abs().sum() > 0
-    loss0, _, loss_h0 = sfddm.sfddm_loss(teacher, student, x0, t, eps, a_s, hidden_weight=0)
+    loss0, _, loss_h0 = sfddm_loss(teacher, student, x0, 7, a_s, hidden_weight=0)
     assert loss_h0.item() == 0 and torch.allclose(loss0, loss_eps)
 
 
@@ -245,9 +262,11 @@ def test_scratch_loss_is_eq15_on_data():
     student = small_denoiser(1)
     a_s = sfddm.student_alpha_bar(sfddm.teacher_alpha_bar(1024), [0, 256, 512, 768, 1024])
     g = torch.Generator().manual_seed(2)
-    x0, eps = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1, torch.randn(4, 1, 32, 32, generator=g)
-    t = torch.tensor([4, 3, 2, 1])
-    loss, loss_eps, loss_h = sfddm.scratch_loss(student, x0, t, eps, a_s)
+    x0 = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
+    t, eps = drawn(3, x0, a_s)
+    loss, parts = sfddm.scratch_loss(student, None, x0, gen(3), alpha_bar_s=a_s)        # no teacher
+    loss_eps, loss_h = parts["loss_eps"], parts["loss_h"]
+    assert loss_eps is loss
     a = a_s[t].float().view(-1, 1, 1, 1)
     x = a.sqrt() * x0 + (1 - a).sqrt() * eps                                  # Eq. 16
     with torch.no_grad():
@@ -261,25 +280,23 @@ PHI4 = [0, 256, 512, 768, 1024]
 
 
 def train_smoke(tmp_path, teacher, net, images, **flags):
-    """sfddm.train on the smoke preset, in this process; returns (ema, stats, curve)."""
-    args = SimpleNamespace(seed=0, resume=False, scratch=False, init="fresh", hidden_weight=1.0)
+    """sfddm.train on the smoke preset, in this process; returns (ema, train_loop's totals)."""
+    args = SimpleNamespace(seed=0, resume=False, scratch=False, init="fresh", hidden_weight=1.0,
+                           **dict(sfddm.PRESETS["smoke"], images=images))
     vars(args).update(flags)
     ema = common.build_net(net.config).requires_grad_(False)
     ema.load_state_dict(net.state_dict())
     data = common.to_uint8(torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1)
     a_s = sfddm.student_alpha_bar(sfddm.teacher_alpha_bar(1024), PHI4)
-    cfg = dict(sfddm.PRESETS["smoke"], images=images)
-    stats, curve = sfddm.train(args, common.Dist("cpu"), cfg, teacher, net, ema, data, a_s, PHI4, tmp_path)
-    return ema, stats, curve
+    return ema, sfddm.train(args, common.Dist("cpu"), teacher, net, ema, data, a_s, PHI4, tmp_path)
 
 
 def fixed_batch_loss(teacher, net):
-    """Alg. 1's loss (total, eps term) of net on one fixed batch: no sampling noise between two calls."""
-    g = torch.Generator().manual_seed(123)
-    x0, eps = torch.rand(32, 1, 32, 32, generator=g) * 2 - 1, torch.randn(32, 1, 32, 32, generator=g)
+    """Alg. 1's loss (total, eps term) of net on one fixed batch: the same seed, so the same t and eps each call."""
+    x0 = torch.rand(32, 1, 32, 32, generator=gen(123)) * 2 - 1
     a_s = sfddm.student_alpha_bar(sfddm.teacher_alpha_bar(1024), PHI4)
     with torch.no_grad():
-        loss, loss_eps, _ = sfddm.sfddm_loss(teacher, common.Denoiser(net), x0, torch.arange(32) % 4 + 1, eps, a_s)
+        loss, loss_eps, _ = sfddm_loss(teacher, common.Denoiser(net), x0, 124, a_s)
     return loss.item(), loss_eps.item()
 
 
@@ -291,13 +308,14 @@ def test_fresh_student_learns(tmp_path):
     torch.manual_seed(0)
     net = common.build_net(teacher.net.config).train()
     before = fixed_batch_loss(teacher, net)
-    _, stats, curve = train_smoke(tmp_path, teacher, net, 320)
+    _, run = train_smoke(tmp_path, teacher, net, 320)
+    curve = run["curve"]
     after = fixed_batch_loss(teacher, net)
     # On a fixed batch an unchanged student scores exactly its start (ratio 1). 20 updates at the smoke
     # lr gave ratios (total, eps) of about (0.5, 0.82) for init seeds 0-2; the bounds sit between those
     # and 1, so they fail when training does not reach the weights but not on seed-to-seed variation.
     assert after[0] < 0.75 * before[0] and after[1] < 0.95 * before[1], (before, after)
-    assert stats["images_seen"] == 320 and [r[0] for r in curve] == list(range(16, 321, 16))
+    assert run["images"] == 320 and [r[0] for r in curve] == list(range(16, 321, 16))
     assert curve[-1][1] < curve[0][1]                                     # and the logged curve falls
 
 
@@ -306,8 +324,8 @@ def test_teacher_start_leaves_the_weights_bitwise_unchanged(tmp_path):
     # gradient are exactly 0 at every input, so Adam, the warm-up, clipping and the EMA change nothing.
     teacher = small_denoiser(99).requires_grad_(False)
     net = common.student_from(teacher.net)
-    ema, stats, curve = train_smoke(tmp_path, teacher, net, 64, init="teacher")
-    assert stats["loss_start"] == 0 and all(r[1:] == [0.0, 0.0, 0.0] for r in curve)
+    ema, run = train_smoke(tmp_path, teacher, net, 64, init="teacher")
+    assert run["loss_start"] == 0 and all(r[1:] == [0.0, 0.0, 0.0] for r in run["curve"])
     for k, v in teacher.net.state_dict().items():
         assert torch.equal(net.state_dict()[k], v) and torch.equal(ema.state_dict()[k], v), k
 
@@ -316,8 +334,8 @@ def test_scratch_trains_without_a_teacher(tmp_path):
     torch.manual_seed(0)
     net = common.build_net(small_denoiser().net.config).train()
     start = {k: v.clone() for k, v in net.state_dict().items()}
-    _, stats, curve = train_smoke(tmp_path, None, net, 64, scratch=True)      # teacher None: never called
-    assert stats["images_seen"] == 64 and all(r[3] == 0 for r in curve)
+    _, run = train_smoke(tmp_path, None, net, 64, scratch=True)      # teacher None: never called
+    assert run["images"] == 64 and all(r[3] == 0 for r in run["curve"])
     assert any(not torch.equal(start[k], v) for k, v in net.state_dict().items())
 
 
@@ -364,7 +382,7 @@ def test_smoke_end_to_end_rows_ceiling_and_resume_continue_exactly(tmp_path, fas
     assert "ceiling rows (the teacher on phi) already in" in r.stdout + r.stderr
     r = cli(tmp_path, fashion_dir, smoke_teacher, "split", "--images", 64, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming SFDDM training at 32 images" in r.stdout + r.stderr
+    assert "resuming sfddm at 32 of 64 images" in r.stdout + r.stderr
     full = common.load_checkpoint(tmp_path / "full" / "student.pt", "sfddm-student")
     split = common.load_checkpoint(tmp_path / "split" / "student.pt", "sfddm-student")
     assert split["images_seen"] == 64

@@ -1317,6 +1317,48 @@ def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None
 
 
 # ----------------------------------------------------------------------------------------------
+# 7c. Resuming, and a chain of stages (pd.py's halving stages, cfd.py's, SFERD-PD's): one train_loop run
+#     per stage, whose checkpoint is the stage's file: read back when finished, continued when not
+# ----------------------------------------------------------------------------------------------
+
+def resume_from(path, kind, resume):
+    """train_loop's resume: the checkpoint at path when --resume and it exists, else None (start over)."""
+    return load_checkpoint(path, kind) if resume and Path(path).exists() else None
+
+
+def stage_path(folder, N):
+    """The file of the stage that ends at an N-step student."""
+    return Path(folder) / f"student-{N}steps.pt"
+
+
+def stage_budget(args, N, schedule):
+    """train_loop's budget of the stage that ends at N steps: --iters updates (times --later-factor where
+    N <= --later-steps) of the batch, the lr under schedule, args.grad_clip and args.ckpt_every."""
+    return dict(total=round(args.iters * (args.later_factor if N <= args.later_steps else 1)), unit="updates",
+                batch=args.batch, lr=args.lr, schedule=schedule, clip=args.grad_clip, ckpt_every=args.ckpt_every)
+
+
+def train_stage(pg, loss, budget, opt, student, path, kind, settings, gen, reuse, resume, totals, **loop):
+    """One stage of a chain: train_loop on student (saved as "net") with the stage file path as its
+    checkpoint. A finished file is read back instead of trained when reuse, an unfinished one continued
+    when resume, else the stage starts over; a file read back must match settings (with the budget's
+    updates, lr and batch). Each file counts its own stage's images and seconds; totals: the chain's
+    before this stage. loop: train_loop's other arguments (data, teacher, desc). Returns the chain's totals
+    after it; the student is left frozen, the next stage's teacher."""
+    ck = resume_from(path, kind, reuse or resume)
+    if ck is not None and not (reuse if ck.get("finished") else resume):
+        ck = None
+    settings = dict(settings, iters=budget["total"], lr=budget["lr"], batch=budget["batch"])
+    run = train_loop(pg, loss, budget, opt, dict(net=student.net), path, kind, settings, gen, student=student,
+                     resume=ck, **loop)
+    totals = {k: totals[k] + run[k] for k in ("images", "seconds")}
+    pg.log(f"{loop.get('desc', kind)}: {run['step']:,} updates of {budget['batch']}, {totals['images']:,} images and "
+           f"{totals['seconds'] / 60:.1f} min so far; saved {path}")
+    student.eval().requires_grad_(False)
+    return totals
+
+
+# ----------------------------------------------------------------------------------------------
 # 8. The shared teacher: EDM training (EDM Sec. 5, Table 1 "Ours")
 # ----------------------------------------------------------------------------------------------
 

@@ -108,20 +108,27 @@ class Recorder(nn.Module):
         return self.cls(x)
 
 
+def draws(x, seed, N):
+    """The (eps, i) rcfd_loss draws from a generator seeded with seed (no flips): pd.pd_loss's order."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(x.shape, generator=g), torch.randint(N, (len(x),), generator=g)
+
+
 def test_image_target_is_pds_target():
     torch.manual_seed(0)
     teacher, student, N = gaussian_denoiser(MU, VAR), gaussian_denoiser(mu=-0.1, var=0.3), 4
     cls = Recorder(cfd.ResNet(1, 10, 4, (1,)).double().eval().requires_grad_(False))
-    g = torch.Generator().manual_seed(3)
-    x = torch.rand(4, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
-    eps = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
-    i = torch.tensor([0, 1, 2, 3])
-    cfd.rcfd_loss(student, teacher, cls, x, eps, i, N, 0.95, 0.003, 0.75)
+    x = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 - 1
+    cfd.rcfd_loss(student, teacher, x, torch.Generator().manual_seed(4), N, cls, 0.95, 0.003, 0.75)
+    eps, i = draws(x, 4, N)
+    assert set(i.tolist()) == {0, 1, 2, 3}
     t = (i.double() + 1) / N
     alpha_t, sigma_t = pd.alpha_sigma(t, x)
     z_t = alpha_t * x + sigma_t * eps
     assert torch.equal(cls.seen["extr"], pd.teacher_target(teacher, z_t, t, N)[0])
-    for k in range(1, 4):                                        # and independently, Eq. 12 (i >= 1)
+    for k in range(len(x)):                                      # and independently, Eq. 12 (i >= 1)
+        if i[k] == 0:
+            continue
         a_t, s_t, sig_t = cosine(t[k].item())
         a_pp, s_pp, sig_pp = cosine(t[k].item() - 1 / N)
         x_pp = common.sample_euler(teacher, z_t[k:k + 1] / a_t, [sig_t, cosine(t[k].item() - 0.5 / N)[2], sig_pp])
@@ -129,6 +136,14 @@ def test_image_target_is_pds_target():
         assert torch.allclose(cls.seen["extr"][k:k + 1], x_T, rtol=1e-5, atol=1e-6)
     # The classifier's other input is the student's x^S = theta(z_t), unclipped.
     assert torch.allclose(cls.seen["cls"], student(z_t / alpha_t, sigma_t / alpha_t), rtol=1e-6, atol=1e-7)
+    # With --xflip the images are flipped first (pd.pd_loss's first draw), then eps and i follow.
+    cfd.rcfd_loss(student, teacher, x, torch.Generator().manual_seed(4), N, cls, 0.95, 0.003, 0.75, xflip=True)
+    g = torch.Generator().manual_seed(4)
+    xf = pd.random_xflip(x, g)
+    eps, i = torch.randn(x.shape, generator=g), torch.randint(N, (len(x),), generator=g)
+    t = (i.double() + 1) / N
+    z_t = pd.alpha_sigma(t, x)[0] * xf + pd.alpha_sigma(t, x)[1] * eps
+    assert not torch.equal(xf, x) and torch.equal(cls.seen["extr"], pd.teacher_target(teacher, z_t, t, N)[0])
 
 
 def test_classifier_frozen_student_gets_gradients_and_eq7_sums(tmp_path):
@@ -148,9 +163,10 @@ def test_classifier_frozen_student_gets_gradients_and_eq7_sums(tmp_path):
     assert acc == 0.5 and not any(m.training for m in cls.modules())
     assert not any(p.requires_grad for p in cls.parameters())
     before = {k: v.clone() for k, v in cls.state_dict().items()}
-    x, eps = torch.rand(6, 1, 32, 32) * 2 - 1, torch.randn(6, 1, 32, 32)
-    i, N, tau, beta, gamma = torch.tensor([0, 1, 2, 3, 1, 0]), 4, 0.9, 0.5, 0.25
-    loss, parts = cfd.rcfd_loss(student, teacher, cls, x, eps, i, N, tau, beta, gamma)
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+    N, tau, beta, gamma = 4, 0.9, 0.5, 0.25
+    loss, parts = cfd.rcfd_loss(student, teacher, x, torch.Generator().manual_seed(3), N, cls, tau, beta, gamma)
+    eps, i = draws(x, 3, N)                          # i = 2, 1, 0, 0, 1, 3: every grid point
     # Eq. 4 on the classifier's features of x^S and x^T, tau on the teacher's (not swapped).
     t = (i.double() + 1) / N
     alpha_t, sigma_t = pd.alpha_sigma(t, x)
@@ -186,14 +202,15 @@ def test_classifier_frozen_student_gets_gradients_and_eq7_sums(tmp_path):
     assert all(p.grad is None for p in teacher.parameters())
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum().item() for g in grads) > 0
-    # The loss a stage trains with (pd.train_stage's loss_fn) is Eq. 7 with that stage's hyperparameters:
-    # at 1 step, --variant cfd, it is Eq. 4 alone at the paper's tau = 0.85.
+    # The loss a stage trains with is Eq. 7 with that stage's hyperparameters: at 1 step, --variant cfd, it is
+    # Eq. 4 alone at the paper's tau = 0.85.
     hp = cfd.stage_hparams(cfd.parse_args(["--variant", "cfd"]), 1)
     assert hp == (0.85, 0.0, 0.5)
     t1 = torch.ones(6, dtype=torch.float64)
+    eps, _ = draws(x, 6, 1)
     z_1 = pd.alpha_sigma(t1, x)[0] * x + pd.alpha_sigma(t1, x)[1] * eps
     with torch.no_grad():
-        stage = cfd.stage_loss(cls, *hp)(student, teacher, x, eps, torch.zeros(6, dtype=torch.long), 1)
+        stage, _ = cfd.rcfd_loss(student, teacher, x, torch.Generator().manual_seed(6), 1, cls, *hp)
         a1, s1 = pd.alpha_sigma(t1, x)
         F_S1 = cls.extr(student(z_1 / a1, (s1 / a1).flatten()))
         F_T1 = cls.extr(pd.teacher_target(teacher, z_1, t1, 1)[0])
@@ -222,10 +239,11 @@ def test_nfe_validation(tmp_path, capsys):
     for bad in ("6", "64"):                                                           # lab starts at 32 steps
         with pytest.raises(common.UserError, match=f"^--cfd-from {bad}:"):
             cfd.cfd_stages(cfd.parse_args(["--preset", "lab", "--cfd-from", bad]))
-    # The PD chain shares pd.py's folder only at pd.py's preset budget (lab); paper (10k updates) has its own.
+    # The PD chain shares pd.py's folder only at pd.py's preset budget (lab, unchanged); paper (10k updates) has its own.
     assert cfd.pd_chain_dir(cfd.parse_args([])) == common.RUNS / "fashion" / "pd-lab"
     assert cfd.pd_chain_dir(cfd.parse_args(["--preset", "paper"])) == common.RUNS / "fashion" / "pd-paper-cfd-budget"
-    assert cfd.pd_chain_dir(cfd.parse_args(["--preset", "paper", "--iters", "50000"])) == common.RUNS / "fashion" / "pd-paper"
+    assert cfd.pd_chain_dir(cfd.parse_args(["--iters", "500"])) == common.RUNS / "fashion" / "pd-lab-cfd-budget"
+    assert {k: cfd.PRESETS["lab"][k] for k in cfd.BUDGET} == {k: pd.PRESETS["lab"][k] for k in cfd.BUDGET}   # shared_pd
 
 
 def smoke_args(fashion_dir, smoke_teacher, out, *extra):
@@ -252,33 +270,33 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
     capsys.readouterr()
     cfd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "b"))
     log = capsys.readouterr()
-    assert "reusing the 4-step pd student" in log.out + log.err and "classifier:" not in log.out + log.err
+    assert "resuming pd 8 -> 4 steps at 3 of 3 updates" in log.out + log.err and "classifier:" not in log.out + log.err
     weights = lambda run: common.load_checkpoint(tmp_path / run / "student-2steps.pt", "cfd-student")["net"]
     wa, wb = weights("a"), weights("b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "reusing a PD stage file must continue its RNG"
     # Interrupted after the first checkpoint of the PD stage (own --pd-dir), then after the RCFD stage's:
     # each --resume continues at that update, and the end is where the straight runs were.
     c, c_pd = tmp_path / "c", tmp_path / "c-pd"
-    real_save, stopped = pd.save_checkpoint, set()
+    real_save, stopped = common.save_checkpoint, set()
 
     def save_then_stop(path, kind, **payload):
         real_save(path, kind, **payload)
-        if kind in ("pd-training", "cfd-training") and kind not in stopped:
+        if kind in ("pd-student", "cfd-student") and payload.get("finished") is False and kind not in stopped:
             stopped.add(kind)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pd, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(common, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd))
     capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
         cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd, "--resume"))
     log = capsys.readouterr()
-    assert "resuming the 8 -> 4 steps pd stage at update 2" in log.out + log.err
-    monkeypatch.setattr(pd, "save_checkpoint", real_save)
+    assert "resuming pd 8 -> 4 steps at 2 of 3 updates" in log.out + log.err
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
     cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd, "--resume"))
     log = capsys.readouterr()
-    assert "resuming the 4 -> 2 steps cfd stage at update 2" in log.out + log.err
+    assert "resuming cfd 4 -> 2 steps at 2 of 3 updates" in log.out + log.err
     p4 = common.load_checkpoint(tmp_path / "runs" / "fashion" / "pd-smoke" / "student-4steps.pt", "pd-student")["net"]
     c4 = common.load_checkpoint(c_pd / "student-4steps.pt", "pd-student")["net"]
     assert all(torch.equal(p4[k], c4[k]) for k in p4), "a resumed PD stage must equal an uninterrupted one"
@@ -291,31 +309,30 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
     with pytest.raises(common.UserError, match="classifier"):
         cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd, "--resume", "--classifier", other))
     teacher2 = altered_copy(smoke_teacher, tmp_path / "teacher2.pt")     # a byte-identical copy is the same teacher
-    with pytest.raises(common.UserError, match="teacher_sha256 .*--pd-dir"):
+    with pytest.raises(common.UserError, match="another teacher.*--pd-dir"):
         cfd.main(smoke_args(fashion_dir, smoke_teacher, c, "--pd-dir", c_pd, "--resume", "--teacher", teacher2))
 
 
 def test_each_cfd_stage_trains_eq7_with_its_own_tau(fashion_dir, smoke_teacher, tmp_path, monkeypatch):
-    """main(): after the PD chain (8 -> 4, pd.py's loss), each CFD stage (4 -> 2, 2 -> 1) is given Eq. 7
-    (rcfd_loss, as pd.train_stage's loss_fn) at the paper's (tau, beta, gamma) of that stage (App. C.4) and
-    the cosine lr. pd.run_chain is replaced by one evaluation of the loss it is given (the loop itself is
-    test_pd's)."""
+    """main(): after the PD chain (8 -> 4, pd.py's loss, linear lr), each CFD stage (4 -> 2, 2 -> 1) is given Eq. 7
+    (rcfd_loss) at the paper's (tau, beta, gamma) of that stage (App. C.4) and the cosine lr. common.train_stage is
+    replaced by one evaluation of the loss it is given (the loop itself is test_pd's)."""
     monkeypatch.chdir(tmp_path)
     calls, real = [], cfd.rcfd_loss
 
-    def spy(student, teacher, cls, x, eps, i, N, tau, beta, gamma):
+    def spy(student, teacher, x, gen, N, cls, tau, beta, gamma, xflip=False):
         calls.append(("rcfd", N, tau, beta, gamma))
-        return real(student, teacher, cls, x, eps, i, N, tau, beta, gamma)
+        return real(student, teacher, x, gen, N, cls, tau, beta, gamma, xflip)
 
-    def one_evaluation(args, pg, data, teacher, stages, out, chain, gen, state=None, reuse=None, **kw):
-        x = common.to_float(data[:2])
-        for N in stages:
-            calls.append(("stage", N, kw.get("lr_factor", pd.linear_anneal).__name__, chain.get("tau")))
-            kw.get("loss_fn", pd.pd_loss)(teacher, teacher, x, torch.randn_like(x), torch.zeros(2, dtype=torch.long), N)
-        return teacher, teacher, dict(images=0, seconds=0.0) if state is None else state
+    def one_evaluation(pg, loss, budget, opt, student, path, kind, settings, gen, reuse, resume, totals, **loop):
+        calls.append(("stage", int(path.stem[len("student-"):-len("steps")]), budget["schedule"].__name__,
+                      settings.get("tau")))
+        loss(student, loop["teacher"], common.to_float(loop["data"][:2]), gen)
+        student.eval().requires_grad_(False)
+        return totals
 
     monkeypatch.setattr(cfd, "rcfd_loss", spy)
-    monkeypatch.setattr(pd, "run_chain", one_evaluation)
+    monkeypatch.setattr(common, "train_stage", one_evaluation)
     monkeypatch.setattr(fid, "report", lambda *a, **k: None)
     net = cfd.ResNet(1, 10, 4, (1,))
     common.save_checkpoint(tmp_path / "cls.pt", "cfd-classifier", config=net.config, net=net.state_dict(), test_acc=0.5)

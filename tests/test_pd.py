@@ -1,6 +1,6 @@
 """Tests of pd.py: Progressive Distillation's target, loss weight and sampler against independent
 computations (an analytic Gaussian teacher, EDM-space Euler = DDIM), and the CLI: --nfe validation,
-end-to-end smoke run, resume at the right stage, torchrun with two processes."""
+end-to-end smoke run, resume at the right stage and refusal of another chain, torchrun with two processes."""
 import json
 import math
 
@@ -86,29 +86,36 @@ def test_target_at_i0_is_the_teachers_last_x_hat():
 
 
 def test_loss_is_truncated_snr_weighted_x_error():
-    N = 8
+    """Alg. 2 for one batch: the flips (if any), then eps, then i ~ U{0..N-1} drawn from gen, in that order, and
+    the mean over the batch of max(SNR_t, 1)*|x_hat_student(z_t) - x~|^2 at t = (i+1)/N."""
+    N, B = 8, 48
     teacher, student = gaussian_denoiser(MU, VAR), gaussian_denoiser(mu=-0.1, var=0.3)
-    i_values = list(range(N))                     # SNR > 1 for t < 1/2, < 1 above: both branches of max
-    x, eps, i = batch(i_values, seed=1)
-    loss = pd.pd_loss(student, teacher, x, eps, i, N)
-    expected, weights = [], []
-    for k, ik in enumerate(i_values):
-        tk = (ik + 1) / N
-        a_t, s_t, sig_t = cosine(tk)
-        z_t = a_t * x[k:k + 1] + s_t * eps[k:k + 1]
-        _, _, sig_p = cosine(tk - 0.5 / N)
-        a_pp, s_pp, sig_pp = cosine(tk - 1 / N)
-        x_state = z_t / a_t
-        if ik == 0:
-            target = teacher(common.sample_euler(teacher, x_state, [sig_t, sig_p]), sig_p)
-        else:
-            z_pp = a_pp * common.sample_euler(teacher, x_state, [sig_t, sig_p, sig_pp])
-            target = (z_pp - s_pp / s_t * z_t) / (a_pp - s_pp / s_t * a_t)
-        w = max(a_t**2 / s_t**2, 1.0)
-        weights.append(w)
-        expected.append(w * ((student(x_state, sig_t) - target) ** 2).mean().item())
-    assert min(weights) == 1.0 and max(weights) > 10
-    assert loss.item() == pytest.approx(sum(expected) / N, rel=1e-5)
+    x = torch.rand(B, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    for xflip in (False, True):
+        loss = pd.pd_loss(student, teacher, x, torch.Generator().manual_seed(7), N, xflip)
+        g = torch.Generator().manual_seed(7)                   # the same draws, by hand
+        xs = pd.random_xflip(x, g) if xflip else x
+        eps, i = torch.randn(x.shape, generator=g), torch.randint(N, (B,), generator=g)
+        assert 0 in i.tolist() and N - 1 in i.tolist()        # SNR > 1 for t < 1/2, < 1 above: both branches of max
+        expected, weights = [], []
+        for k, ik in enumerate(i.tolist()):
+            tk = (ik + 1) / N
+            a_t, s_t, sig_t = cosine(tk)
+            z_t = a_t * xs[k:k + 1] + s_t * eps[k:k + 1]
+            _, _, sig_p = cosine(tk - 0.5 / N)
+            a_pp, s_pp, sig_pp = cosine(tk - 1 / N)
+            x_state = z_t / a_t
+            if ik == 0:
+                target = teacher(common.sample_euler(teacher, x_state, [sig_t, sig_p]), sig_p)
+            else:
+                z_pp = a_pp * common.sample_euler(teacher, x_state, [sig_t, sig_p, sig_pp])
+                target = (z_pp - s_pp / s_t * z_t) / (a_pp - s_pp / s_t * a_t)
+            w = max(a_t**2 / s_t**2, 1.0)
+            weights.append(w)
+            expected.append(w * ((student(x_state, sig_t) - target) ** 2).mean().item())
+        assert min(weights) == 1.0 and max(weights) > 10
+        assert loss.item() == pytest.approx(sum(expected) / B, rel=1e-5)
+    assert not torch.equal(pd.random_xflip(x, torch.Generator().manual_seed(7)), x)   # the flips did something
     # The weight function itself: max(SNR, 1) at SNR = 4 and SNR = 1/4.
     a, s = torch.tensor([2.0, 1.0]) / math.sqrt(5), torch.tensor([1.0, 2.0]) / math.sqrt(5)
     assert torch.allclose(pd.truncated_snr_weight(a, s), torch.tensor([4.0, 1.0]))
@@ -163,23 +170,23 @@ def test_random_xflip_flips_the_drawn_half():
 
 
 def test_chain_teachers_students_lr_and_flips(tmp_path, monkeypatch):
-    """Alg. 2's outer loop, watched from inside: stage 8 -> 4 distils the original teacher, stage 4 -> 2 the
-    finished 4-step student (eta <- theta), each student starts as an exact copy of its teacher, the lr is
-    annealed linearly to 0 over each stage (the authors' config), and the training images are x-flipped."""
+    """Alg. 2's outer loop (pd.distil), watched from inside: stage 8 -> 4 distils the original teacher, stage 4 -> 2
+    the finished 4-step student (eta <- theta), each student starts as an exact copy of its teacher, the lr is
+    annealed linearly to 0 over each stage (the authors' config), and the loss gets the drawn images and --xflip."""
     args = pd.parse_args(["--preset", "smoke", "--nfe", "2", "--out", str(tmp_path / "spy")])
     pg = common.Dist("cpu")
     data = torch.randint(0, 256, (16, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)                                     # a tiny teacher: the loop is under test, not the net
     net = common.build_net(dict(in_ch=1, res=16, ch=8, mults=(1,), blocks=1, attn_res=(), heads=1, dropout=0.0))
     torch.nn.init.normal_(net.conv_out.weight, std=0.1)
-    teacher, path = common.Denoiser(net).eval().requires_grad_(False), tmp_path / "teacher.pt"
+    teacher = common.Denoiser(net).eval().requires_grad_(False)
     weights_of = lambda D: {k: v.clone() for k, v in D.net.state_dict().items()}
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
-    seen, lrs = [], []
+    seen, lrs, real_loss = [], [], pd.pd_loss
 
-    def spy_loss(student, teacher_, x, eps, i, N):
-        seen.append(dict(N=N, teacher=weights_of(teacher_), student=weights_of(student), x=x.clone()))
-        return pd.pd_loss(student, teacher_, x, eps, i, N)
+    def spy_loss(student, teacher_, x, gen, N, xflip):
+        seen.append(dict(N=N, teacher=weights_of(teacher_), student=weights_of(student), x=x.clone(), xflip=xflip))
+        return real_loss(student, teacher_, x, gen, N, xflip)
 
     real_step = torch.optim.Adam.step
 
@@ -188,21 +195,23 @@ def test_chain_teachers_students_lr_and_flips(tmp_path, monkeypatch):
         return real_step(self, *a, **kw)
 
     monkeypatch.setattr(torch.optim.Adam, "step", spy_step)
-    out, chain = tmp_path / "spy", dict(start_steps=8, teacher=str(path), xflip=True)
-    pd.run_chain(args, pg, data, teacher, [4, 2], out, chain, torch.Generator().manual_seed(0), loss_fn=spy_loss)
+    monkeypatch.setattr(pd, "pd_loss", spy_loss)
+    out = tmp_path / "spy"
+    student, run = pd.distil(args, pg, data, teacher, [4, 2], out, dict(start_steps=8), torch.Generator().manual_seed(0))
     iters = args.iters
-    assert [s["N"] for s in seen] == [4] * iters + [2] * iters
-    original, first4 = weights_of(teacher), pd.load_pd_student(args, 4, out)[0]
+    assert [s["N"] for s in seen] == [4] * iters + [2] * iters and all(s["xflip"] for s in seen)
+    assert run["images"] == 2 * iters * args.batch
+    original = weights_of(teacher)
+    first4 = common.load_checkpoint(common.stage_path(out, 4), "pd-student")["net"]
     assert all(same(s["teacher"], original) for s in seen[:iters])                  # stage 1: the original teacher
-    assert all(same(s["teacher"], weights_of(first4)) for s in seen[iters:])         # stage 2: the 4-step student
-    assert not same(weights_of(first4), original)
+    assert all(same(s["teacher"], first4) for s in seen[iters:])                     # stage 2: the 4-step student
+    assert not same(first4, original) and same(weights_of(student), common.load_checkpoint(out / "student-2steps.pt")["net"])
     for stage in (seen[0], seen[iters]):                                             # theta <- eta, exactly
         assert same(stage["student"], stage["teacher"])
     expected = [args.lr * (1 - k / iters) for k in range(iters)] * 2                 # linear anneal to 0, per stage
     assert lrs == pytest.approx(expected, rel=1e-12)
-    gen = torch.Generator().manual_seed(0)                                           # the first update's images:
-    x = common.to_float(common.random_batch(data, args.batch, gen))                  # drawn, then flipped
-    assert torch.equal(seen[0]["x"], pd.random_xflip(x, gen)) and not torch.equal(seen[0]["x"], x)
+    gen = torch.Generator().manual_seed(0)                                           # the first update's images
+    assert torch.equal(seen[0]["x"], common.to_float(common.random_batch(data, args.batch, gen)))
 
 
 def test_stages_and_nfe_validation():
@@ -246,45 +255,44 @@ def test_smoke_run_writes_outputs_and_resumes_at_the_right_stage(fashion_dir, sm
     m = json.loads((a / "nfe2" / "metrics.json").read_text())
     assert m["method"] == "pd" and m["nfe"] == 2 and m["stages"] == [4, 2] and (a / "nfe2" / "samples.png").exists()
     assert m["images_seen"] == 2 * 3 * 8 and m["xflip"] is True
-    assert (a / "student-4steps.pt").exists() and (a / "student-2steps.pt").exists()
-    # The stage files are what cfd.py loads; the student differs from the teacher after training.
-    args = pd.parse_args(["--preset", "smoke"])
-    D4, path, ck = pd.load_pd_student(args, 4, a)
-    assert ck["steps"] == 4 and not any(p.requires_grad for p in D4.parameters())
-    with pytest.raises(common.UserError):
-        pd.load_pd_student(args, 1, a)
+    # The stage files are what cfd.py reuses: finished, with their settings; the student differs from the teacher.
+    ck = common.load_checkpoint(a / "student-4steps.pt", "pd-student")
+    assert ck["finished"] and ck["step"] == 3 and ck["settings"]["start_steps"] == 8 and ck["settings"]["iters"] == 3
+    assert common.load_checkpoint(a / "student-2steps.pt", "pd-student")["finished"]
 
     # A 4-step run, then --nfe 2 --resume: only the 4 -> 2 stage trains, and ends where the straight run did.
     pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "b", "--nfe", 4))
     capsys.readouterr()
     pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "b", "--nfe", 2, "--resume"))
     log = capsys.readouterr()
-    assert "reusing the 4-step pd student" in log.out + log.err and "8->4" not in log.err
+    assert "resuming pd 8 -> 4 steps at 3 of 3 updates" in log.out + log.err
     b4, b2 = (json.loads((tmp_path / "b" / f"nfe{n}" / "metrics.json").read_text()) for n in (4, 2))
     assert (b4["nfe"], b2["nfe"]) == (4, 2), "the 2-step evaluation must not overwrite the 4-step one"
+    assert b2["images_seen"] == m["images_seen"]
     wa, wb = weights(a / "student-2steps.pt"), weights(tmp_path / "b" / "student-2steps.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "a resumed chain must equal an uninterrupted one"
 
     # Interrupted in the middle of the 4 -> 2 stage (right after its first checkpoint): --resume
     # continues that stage at that update and ends where the straight run did.
-    real_save = pd.save_checkpoint
+    real_save = common.save_checkpoint
 
     def save_then_stop(path, kind, **payload):
         real_save(path, kind, **payload)
-        if kind == "pd-training" and payload["steps"] == 2:
+        if path.name == "student-2steps.pt" and not payload["finished"]:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pd, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(common, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "c", "--nfe", 2))
-    monkeypatch.setattr(pd, "save_checkpoint", real_save)
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
     c = tmp_path / "c"
-    assert (c / "student-4steps.pt").exists() and not (c / "student-2steps.pt").exists()
-    assert common.load_checkpoint(c / "checkpoint.pt")["iter"] == 2
+    assert common.load_checkpoint(c / "student-4steps.pt")["finished"]
+    ck = common.load_checkpoint(c / "student-2steps.pt")
+    assert ck["step"] == 2 and not ck["finished"]
     capsys.readouterr()
     pd.main(smoke_args(fashion_dir, smoke_teacher, c, "--nfe", 2, "--resume"))
     log = capsys.readouterr()
-    assert "resuming the 4 -> 2 steps pd stage at update 2" in log.out + log.err
+    assert "resuming pd 4 -> 2 steps at 2 of 3 updates" in log.out + log.err
     wc = weights(c / "student-2steps.pt")
     assert all(torch.equal(wa[k], wc[k]) for k in wa), "a resumed stage must equal an uninterrupted one"
     assert json.loads((c / "nfe2" / "metrics.json").read_text())["images_seen"] == m["images_seen"]
@@ -299,20 +307,13 @@ def test_torchrun_two_processes(fashion_dir, smoke_teacher, tmp_path):
     assert m["nfe"] == 4 and m["images_seen"] == 3 * 8 and (tmp_path / "ddp" / "student-4steps.pt").exists()
 
 
-def test_check_chain_refuses_a_file_of_another_chain(tmp_path):
-    chain = dict(start_steps=8, teacher="t.pt")
-    pd.check_chain(dict(chain, steps=4), tmp_path / "s.pt", chain)               # same chain: accepted
-    with pytest.raises(common.UserError, match="start_steps 16"):
-        pd.check_chain(dict(chain, start_steps=16), tmp_path / "s.pt", chain)
-    with pytest.raises(common.UserError, match="teacher"):
-        pd.check_chain(dict(chain, teacher="other.pt"), tmp_path / "s.pt", chain)
-
-
 def test_resume_refuses_a_chain_trained_with_another_budget(fashion_dir, smoke_teacher, tmp_path, monkeypatch, capsys):
-    """A finished stage is reused only with the updates, lr and batch it was trained with."""
+    """A finished stage is reused only with the updates, lr and batch it was trained with, and from the same chain."""
     monkeypatch.chdir(tmp_path)
     pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "a", "--nfe", 4))
     with pytest.raises(common.UserError, match="iters 3 .now 5."):
         pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "a", "--nfe", 2, "--resume", "--iters", 5))
     with pytest.raises(common.UserError, match="lr 0.0001 .now 0.001."):
         pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "a", "--nfe", 2, "--resume", "--lr", 1e-3))
+    with pytest.raises(common.UserError, match="start_steps 8 .now 16."):           # trains 16 -> 8, then refuses 8 -> 4
+        pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "a", "--nfe", 4, "--resume", "--start-steps", 16))

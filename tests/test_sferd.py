@@ -2,6 +2,7 @@
 semantic gradient predictor (zero init, loss scale of Alg. 1 line 18 at the teacher's step, Alg. 2's sampling
 against hand-written loops, exact resume of the predictor phase), the latent DDPM, and the CLI (--nfe
 validation, smoke runs on PD and CD, --resume and its refusal of changed settings, torchrun)."""
+import argparse
 import json
 import math
 
@@ -25,6 +26,19 @@ def smoke_denoiser(seed=0):
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.normal_(m.weight, std=0.2)
     return common.Denoiser(net).eval().requires_grad_(False)
+
+
+def guided(D, **kw):
+    """sferd.guided with the CLI's defaults (k 1, w 0.3, blur sigma 3 of size 15, the default attention block)."""
+    opts = dict(no_guidance=False, attn_block=None, k=1.0, w=0.3, blur_sigma=3.0, blur_size=15)
+    return sferd.guided(D, argparse.Namespace(**{**opts, **kw}))
+
+
+def line18_inputs(monkeypatch):
+    """Records what Alg. 1's line 18 (sferd.predictor_loss) receives: (G, x0_target, x0_student, alpha_p, s_p, weight)."""
+    seen, real = [], sferd.predictor_loss
+    monkeypatch.setattr(sferd, "predictor_loss", lambda *a: seen.append(a) or real(*a))
+    return seen
 
 
 def cosine(t):
@@ -71,12 +85,12 @@ def test_attention_summed_over_queries_has_mean_exactly_one(heads):
     _, extras = D(x, torch.tensor([0.5, 2.0, 10.0]), attn="dec16.1")
     attn = extras["attn"]                                          # B x heads x queries x keys
     assert attn.shape[1] == heads
-    A = sferd.attention_received(attn)
-    assert A.shape == (3, 16 * 16)
     ref = torch.stack([sum(attn[b, :, q, :].mean(0) for q in range(attn.shape[2])) for b in range(3)])
-    assert torch.allclose(A, ref, atol=1e-5)
-    assert torch.allclose(A.mean(1), torch.ones(3), atol=1e-5)
-    assert A.std() > 0.01                                          # not trivially uniform
+    assert torch.allclose(ref.mean(1), torch.ones(3), atol=1e-5) and ref.std() > 0.01     # not trivially uniform
+    psi = sferd.attention_mask(attn, 1.0, (16, 16))
+    assert torch.equal(psi.flatten(1), (ref > 1.0).float()) and 0 < psi.mean() < 1
+    if heads == 2:                                                 # a sum over heads (mean 2) gives another mask
+        assert not torch.equal(psi.flatten(1), (2 * ref > 1.0).float())
 
 
 def test_mask_is_binary_thresholded_and_nearest_upsampled():
@@ -108,7 +122,8 @@ def test_w0_gives_the_plain_teacher_and_w_matches_alg1_in_vp_notation():
     D = smoke_denoiser()
     x = torch.randn(2, 1, 32, 32)
     sigma = torch.tensor([0.7, 3.0])
-    assert torch.allclose(sferd.GuidedTeacher(D, w=0.0)(x, sigma), D(x, sigma), atol=1e-6)
+    assert torch.allclose(guided(D, w=0.0)(x, sigma), D(x, sigma), atol=1e-6)
+    assert guided(D, no_guidance=True) is D
     # Alg. 1 lines 8-13 written in VP notation z_t = alpha*x0 + s*eps (independent of the EDM-view wrapper).
     w, k = 0.3, 1.0
     alpha, s = 1 / (1 + sigma**2).sqrt(), sigma / (1 + sigma**2).sqrt()
@@ -121,7 +136,7 @@ def test_w0_gives_the_plain_teacher_and_w_matches_alg1_in_vp_notation():
     z_attn = (1 - psi) * z_t + psi * z_tilde                                           # line 12
     x0_attn = common.vp_predict(D, z_attn, alpha, s)[0]
     ref = (1 + w) * x0_hat - w * x0_attn                                               # line 13
-    out = common.vp_predict(sferd.GuidedTeacher(D, k=k, w=w), z_t, alpha, s)[0]
+    out = common.vp_predict(guided(D, k=k, w=w), z_t, alpha, s)[0]
     assert torch.allclose(out, ref, atol=1e-5)
     assert (out - x0_hat).abs().max() > 1e-3                                           # guidance does something
 
@@ -173,27 +188,36 @@ def test_loss_scale_is_s_prev_squared_over_alpha_prev():
     assert sferd.predictor_loss(perfect, x0_t, x0_s, alpha_p, sigma_p, weight).item() < 1e-8
 
 
-def test_pd_terms_scale_is_at_the_teachers_step_and_nonzero_on_the_last_student_step():
+def test_alg1_pd_scale_is_at_the_teachers_step_and_nonzero_on_the_last_student_step(monkeypatch):
     """Alg. 1 line 15: x~_{t-1} = g(x_t, x0_teacher) is the teacher's step, t' = t - 0.5/N for PD; with the
-    student's t - 1/N the scale s^2/alpha would be ~0 on the last step (t = 1/N) and G would learn nothing there."""
-    D = smoke_denoiser()
+    student's t - 1/N the scale s^2/alpha would be ~0 on the last step (t = 1/N) and G would learn nothing there.
+    alg1_pd draws i, then eps; G sees x_t = z_t/alpha_t at sigma = s_t/alpha_t, E sees x0."""
+    D, seen, inputs = smoke_denoiser(), line18_inputs(monkeypatch), []
     x0 = torch.rand(16, 1, 32, 32) * 2 - 1
+    E = lambda x: inputs.append(("E", x)) or torch.zeros(len(x), 8)
+    G = lambda net, x, sigma, z: inputs.append(("G", x, sigma)) or torch.zeros_like(x)
     for N in (1, 4):
-        i = torch.randint(N, (16,), generator=torch.Generator().manual_seed(0))     # pd_terms' first draw
-        _, sigma, _, _, alpha_p, s_p, _ = sferd.pd_terms(D, D, x0, torch.Generator().manual_seed(0), N)
+        g = torch.Generator().manual_seed(0)
+        i, eps = torch.randint(N, (16,), generator=g), torch.randn(x0.shape, generator=g)
+        sferd.alg1_pd(D, D, x0, torch.Generator().manual_seed(0), E, G, N)
+        _, _, _, alpha_p, s_p, w = seen[-1]
+        (_, x_E), (_, x_G, sigma) = inputs[-2:]
+        assert torch.equal(x_E, x0)
         for b in range(16):
             a_t, s_t = cosine((i[b].item() + 1) / N)
             a_ref, s_ref = cosine((i[b].item() + 0.5) / N)
             assert abs(sigma[b].item() - s_t / a_t) < 1e-4 * s_t / a_t
+            assert torch.allclose(x_G[b], (a_t * x0[b] + s_t * eps[b]) / a_t, atol=1e-4 * max(1, s_t / a_t))
             assert abs(alpha_p[b].item() - a_ref) < 1e-6 and abs(s_p[b].item() - s_ref) < 1e-6
+            assert abs(w[b].item() - max(a_t**2 / s_t**2, 1.0)) < 1e-4 * max(1, a_t**2 / s_t**2)
         last = (i == 0)
         assert last.any()
         scale = sferd.g_scale(alpha_p, s_p).flatten()[last]
         assert (scale > 0.03).all()                                # N = 4: 0.039 at t' = 1/8; N = 1: 0.71
         x0_t, x0_s = torch.randn(2, 1, 1, 8, 8).unbind(0)
-        G = torch.randn(1, 1, 8, 8, requires_grad=True)
-        sferd.predictor_loss(G, x0_t, x0_s, alpha_p[last][:1], s_p[last][:1], torch.ones(1)).backward()
-        assert G.grad.abs().max() > 1e-4                           # G is trained there (t - 1/N: ~1e-10)
+        G_ = torch.randn(1, 1, 8, 8, requires_grad=True)
+        sferd.predictor_loss(G_, x0_t, x0_s, alpha_p[last][:1], s_p[last][:1], torch.ones(1)).backward()
+        assert G_.grad.abs().max() > 1e-4                          # G is trained there (t - 1/N: ~1e-10)
 
 
 def test_sampling_correction_is_alg2():
@@ -237,7 +261,7 @@ def test_sample_sferd_pd_is_a_hand_written_alg2_loop(mode, g_drop, steps):
 @pytest.mark.parametrize("mode,g_drop,steps", [("train", 0.0, 4), ("paper", 0.0, 4), ("train", 0.3, 3)])
 def test_sample_sferd_cd_is_a_hand_written_alg2_loop(mode, g_drop, steps):
     """Alg. 2 on CD's multistep sampler, by hand: at 80 and at the taus (18-point grid indices 10, 12, 14) t-1 is
-    the next grid point (1, 11, 13, 15), as in training (cd_terms' t2); no clipping inside the sampler."""
+    the next grid point (1, 11, 13, 15), as in training (alg1_cd's t2); no clipping inside the sampler."""
     D = smoke_denoiser()
     f, G = cd.ConsistencyFunction(D.net), nonzero_predictor(D)
     z_sem, eps = torch.randn(2, 8), torch.randn(2, 1, 32, 32)
@@ -276,13 +300,14 @@ def test_latent_ddpm_table_and_l1_loss():
 def test_predictor_phase_resumes_exactly_and_the_latent_ddpm_counts_its_time(tmp_path, capsys):
     args = sferd.parse_args(["--preset", "smoke", "--nfe", "2"])      # smoke: 4 predictor updates, checkpoint every 2
     pg, data, teacher = common.Dist("cpu"), torch.randint(0, 256, (32, 1, 32, 32), dtype=torch.uint8), smoke_denoiser(1)
-    terms = lambda s, x0, gen: sferd.pd_terms(s, teacher, x0, gen, 2)
+    alg1 = lambda s, T, x0, gen, E, G: sferd.alg1_pd(s, T, x0, gen, E, G, 2)
     chain = dict(teacher="t", guidance=True, w=0.3)
 
-    def run(out, terms, resume=False, chain=chain):
-        args.resume, student, state = resume, smoke_denoiser(0), dict(images=0, seconds=0.0)
-        E, G = sferd.train_predictor(args, pg, data, student, terms, out, state, chain)   # E, G init: global RNG
-        return E, G, student, state
+    def run(out, alg1, resume=False, chain=chain):
+        args.resume, student = resume, smoke_denoiser(0)
+        E, G, totals = sferd.train_predictor(args, pg, data, student, teacher, alg1, out, chain,   # E, G init: global RNG
+                                             dict(images=0, seconds=0.0))
+        return E, G, student, totals
 
     class Interrupt(Exception):
         pass
@@ -290,36 +315,37 @@ def test_predictor_phase_resumes_exactly_and_the_latent_ddpm_counts_its_time(tmp
     def counted(stop=0):
         calls = []
 
-        def counting_terms(s, x0, gen):
+        def counting(*a):
             calls.append(1)
             if len(calls) == stop:
                 raise Interrupt
-            return terms(s, x0, gen)
-        return counting_terms, calls
+            return alg1(*a)
+        return counting, calls
     with pytest.raises(Interrupt):
         run(tmp_path / "a", counted(stop=3)[0])                    # interrupted after the checkpoint at update 2 of 4
     with pytest.raises(common.UserError, match=r"w 0.3 \(now 0.5\)"):
-        run(tmp_path / "a", terms, resume=True, chain=dict(chain, w=0.5))
+        run(tmp_path / "a", alg1, resume=True, chain=dict(chain, w=0.5))
     rest, calls = counted()
-    E_a, G_a, student_a, state_a = run(tmp_path / "a", rest, resume=True)
-    assert len(calls) == 2 and "resuming the predictor at update 2 of 4" in capsys.readouterr().out
-    E, G, student, state_b = run(tmp_path / "b", terms)
+    E_a, G_a, student_a, totals_a = run(tmp_path / "a", rest, resume=True)
+    assert len(calls) == 2 and "resuming predictor at 2 of 4 updates" in capsys.readouterr().out
+    E, G, student, totals_b = run(tmp_path / "b", alg1)
     for a, b in ((E_a, E), (G_a, G), (student_a.net, student.net)):
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    assert state_a["images"] == state_b["images"] == 32
+    assert totals_a["images"] == totals_b["images"] == 32
     init = smoke_denoiser(0).net.parameters()
     assert any(not torch.equal(p, q) for p, q in zip(student.net.parameters(), init))   # the joint phase trained it
     # B1: the latent DDPM's time is part of the training cost; a finished one is reused only for the same E_phi.
-    args.resume, state = False, dict(images=0, seconds=0.0)
-    mlp, mean, _ = sferd.train_latent(args, pg, data, E, tmp_path / "b", state, chain)
+    args.resume = False
+    mlp, totals = sferd.train_latent(args, pg, data, E, tmp_path / "b", chain, dict(images=0, seconds=0.0))
     ck = common.load_checkpoint(tmp_path / "b" / "latent.pt", "sferd-latent")
-    assert state["seconds"] == ck["seconds"] > 0
-    args.resume, state = True, dict(images=0, seconds=1.0)
-    mlp2, mean2, _ = sferd.train_latent(args, pg, data, E, tmp_path / "b", state, chain)
-    assert "reusing the latent DDPM" in capsys.readouterr().out and state["seconds"] == 1.0 + ck["seconds"]
-    assert torch.equal(mean, mean2) and all(torch.equal(p, q) for p, q in zip(mlp.parameters(), mlp2.parameters()))
-    args.hp["pred_iters"] = 6                                      # another E_phi: fit again
-    sferd.train_latent(args, pg, data, E, tmp_path / "b", state, chain)
+    assert totals["seconds"] == ck["seconds"] > 0 and ck["finished"]
+    assert torch.equal(ck["ema"]["mean"], mlp.mean) and mlp.std.min() > 0 and mlp.mean.abs().max() > 0   # z_sem's
+    args.resume = True
+    mlp2, totals = sferd.train_latent(args, pg, data, E, tmp_path / "b", chain, dict(images=0, seconds=1.0))
+    assert "resuming latent DDPM at 10 of 10 updates" in capsys.readouterr().out and totals["seconds"] == 1.0 + ck["seconds"]
+    assert all(torch.equal(p, q) for p, q in zip(mlp.state_dict().values(), mlp2.state_dict().values()))
+    args.pred_iters = 6                                            # another E_phi: fit again
+    sferd.train_latent(args, pg, data, E, tmp_path / "b", chain, dict(images=0, seconds=0.0))
     assert "fitting the latent DDPM again" in capsys.readouterr().out
 
 
@@ -357,8 +383,8 @@ def test_smoke_end_to_end_and_resume(base, fashion_dir, smoke_teacher, tmp_path)
     assert r2.returncode == 0, r2.stderr[-3000:]
     m2 = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m2["images_seen"] == m["images_seen"] and abs(m2["teacher_rms"] - m["teacher_rms"]) < 1e-6
-    reused = "reusing the 2-step pd student" if base == "pd" else "resuming CD at iteration 8 of 8"
-    for line in (reused, "resuming the predictor at update 4 of 4", "reusing the latent DDPM"):
+    reused = "resuming sferd-pd 4 -> 2 steps at 3 of 3 updates" if base == "pd" else "resuming CD at 8 of 8 updates"
+    for line in (reused, "resuming predictor at 4 of 4 updates", "resuming latent DDPM at 10 of 10 updates"):
         assert line in r2.stdout, r2.stdout[-3000:]
     r3 = run_script("sferd.py", *common_args, "--resume", "--w", "0.5", cwd=tmp_path)   # other guidance: refused
     err = r3.stderr.strip().splitlines()[-1]
@@ -383,18 +409,43 @@ def test_two_stage_schedule_is_table6_and_the_lab_keeps_halving():
     paper, lab = (sferd.parse_args(["--preset", p, "--nfe", "1"]) for p in ("paper", "lab"))
     assert (paper.start_steps, paper.stages, paper.lr, paper.lr_schedule) == (1024, [32, 1], 2e-4, "constant")
     assert (lab.start_steps, lab.stages, lab.lr, lab.lr_schedule) == (16, [8, 4, 2, 1], 2e-4, "anneal")
-    assert [sferd.lr_factor(paper)(k, 10) for k in (0, 5, 9)] == [1.0, 1.0, 1.0]       # App. B.1: constant 2e-4
-    assert [sferd.lr_factor(lab)(k, 10) for k in (0, 5)] == [1.0, 0.5]                   # PD's linear anneal
+    assert (paper.iters, paper.batch, lab.iters, lab.batch) == (250_000, 128, 300, 32)     # 32M images per stage (Table 6)
     assert sferd.parse_args(["--preset", "lab", "--nfe", "1", "--schedule", "two-stage"]).stages == [4, 1]
 
 
+def test_each_base_stage_trains_its_n_step_target_with_its_lr_schedule(tmp_path, monkeypatch):
+    """train_pd: stage k distils the guided last student with n = its speed (Table 6) under App. B.1's constant lr
+    (paper) or PD's linear anneal (lab); common.train_stage is replaced by one evaluation of the loss it is given."""
+    calls, real = [], sferd.pd_loss
+    monkeypatch.setattr(sferd, "pd_loss", lambda s, T, x, g, N, n: calls.append((N, n)) or real(s, T, x, g, N, n))
+
+    def one_evaluation(pg, loss, budget, opt, student, path, kind, settings, gen, reuse, resume, totals, **loop):
+        calls.append((path.name, [budget["schedule"](1.0, k, 10) for k in (0, 5)], budget["total"]))
+        loss(student, loop["teacher"], common.to_float(loop["data"][:2]), gen)
+        return totals
+
+    monkeypatch.setattr(common, "train_stage", one_evaluation)
+    monkeypatch.setattr(sferd, "teacher_target", lambda T, z, t, N, n: (z, z))           # the teacher is not under test
+    data, pg = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8), common.Dist("cpu")
+    for preset, expected in (("paper", [("student-32steps.pt", [1.0, 1.0], 250_000), (32, 32), ("student-1steps.pt",
+                                        [1.0, 1.0], 250_000), (1, 32)]),
+                             ("lab", [("student-2steps.pt", [1.0, 0.5], 300), (2, 2), ("student-1steps.pt", [1.0, 0.5],
+                                      300), (1, 2)])):
+        calls.clear()
+        argv = ["--preset", preset, "--nfe", "1"] + (["--start-steps", "4"] if preset == "lab" else [])
+        args = sferd.parse_args(argv)
+        student, teacher, alg1, _ = sferd.train_pd(args, pg, data, smoke_denoiser(), tmp_path, {}, torch.Generator())
+        assert calls == expected, preset
+
+
 def test_cd_base_uses_the_papers_l2_and_budget_in_the_paper_preset():
-    paper = sferd.parse_args(["--preset", "paper", "--base", "cd", "--nfe", "1"]).cd_hp
-    assert (paper["metric"], paper["N"], paper["lr"], paper["batch"], paper["iterations"] * paper["batch"]) == \
+    paper = sferd.parse_args(["--preset", "paper", "--base", "cd", "--nfe", "1"])
+    assert (paper.metric, paper.N, paper.lr, paper.batch, paper.iters * paper.batch) == \
         ("l2", 40, 2e-4, 256, 32_000_000)                          # Sec. 6.2, App. B.1, Table 3 (32M images)
-    lab = sferd.parse_args(["--preset", "lab", "--base", "cd", "--nfe", "4"]).cd_hp
-    assert {k: lab[k] for k in ("metric", "N", "iterations", "weighting")} == \
-        {k: cd.PRESETS["lab"][k] for k in ("metric", "N", "iterations", "weighting")}   # lab: cd.py's own
+    lab = sferd.parse_args(["--preset", "lab", "--base", "cd", "--nfe", "4"])
+    assert (lab.metric, lab.N, lab.iters, lab.weighting, lab.mu, lab.ema_rate, lab.lr, lab.batch) == tuple(
+        cd.PRESETS["lab"][k] for k in ("metric", "N", "iterations", "weighting", "mu", "ema_rate", "lr", "batch"))   # cd.py's
+    assert sferd.parse_args(["--preset", "lab", "--base", "cd", "--nfe", "4", "--iters", "7"]).iters == 7
 
 
 def ddim_by_hand(D, z, t, s):
@@ -438,24 +489,30 @@ def test_n_step_target_is_n_teacher_ddim_steps(n):
 
 
 def test_sferd_pd_loss_uses_the_n_step_target():
+    """The base phase is pd.pd_loss (its draws: eps, then i) with the n-step target: equal to it at n = 2."""
     D, S, N = smoke_denoiser(0), smoke_denoiser(1), 2
     torch.manual_seed(0)
-    x, eps, i = torch.rand(3, 1, 32, 32) * 2 - 1, torch.randn(3, 1, 32, 32), torch.tensor([1, 0, 1])
-    assert torch.allclose(sferd.pd_loss(S, D, x, eps, i, N, 2), pd.pd_loss(S, D, x, eps, i, N), rtol=1e-5)
+    x, g = torch.rand(6, 1, 32, 32) * 2 - 1, lambda: torch.Generator().manual_seed(3)
+    assert torch.allclose(sferd.pd_loss(S, D, x, g(), N, 2), pd.pd_loss(S, D, x, g(), N), rtol=1e-5)
+    gen = g()
+    eps, i = torch.randn(x.shape, generator=gen), torch.randint(N, (6,), generator=gen)
+    assert set(i.tolist()) == {0, 1}
     t = (i.double() + 1) / N
     alpha, s = pd.alpha_sigma(t, x)
     z = alpha * x + s * eps
     x_tilde, _ = sferd.teacher_target(D, z, t, N, 4)
     ref = (pd.truncated_snr_weight(alpha, s).flatten()
            * ((common.vp_predict(S, z, alpha, s)[0] - x_tilde) ** 2).mean(dim=(1, 2, 3))).mean()
-    assert torch.allclose(sferd.pd_loss(S, D, x, eps, i, N, 4), ref, rtol=1e-5)
-    assert not torch.allclose(ref, pd.pd_loss(S, D, x, eps, i, N), rtol=1e-3)
+    assert torch.allclose(sferd.pd_loss(S, D, x, g(), N, 4), ref, rtol=1e-5)
+    assert not torch.allclose(ref, pd.pd_loss(S, D, x, g(), N), rtol=1e-3)
 
 
-def test_pd_terms_and_the_sampler_put_t_minus_1_at_the_teachers_step_for_any_n():
-    D, x0 = smoke_denoiser(), torch.rand(4, 1, 32, 32) * 2 - 1
+def test_alg1_pd_and_the_sampler_put_t_minus_1_at_the_teachers_step_for_any_n(monkeypatch):
+    D, x0, seen = smoke_denoiser(), torch.rand(4, 1, 32, 32) * 2 - 1, line18_inputs(monkeypatch)
     i = torch.randint(2, (4,), generator=torch.Generator().manual_seed(0))
-    _, _, _, _, alpha_p, s_p, _ = sferd.pd_terms(D, D, x0, torch.Generator().manual_seed(0), 2, 8)
+    sferd.alg1_pd(D, D, x0, torch.Generator().manual_seed(0), lambda x: torch.zeros(len(x), 8),
+                  lambda net, x, sigma, z: torch.zeros_like(x), 2, 8)
+    alpha_p, s_p = seen[-1][3:5]
     for b in range(4):
         a_ref, s_ref = cosine((i[b].item() + 1) / 2 - 1 / 16)
         assert abs(alpha_p[b].item() - a_ref) < 1e-6 and abs(s_p[b].item() - s_ref) < 1e-6
@@ -470,7 +527,7 @@ def test_pd_terms_and_the_sampler_put_t_minus_1_at_the_teachers_step_for_any_n()
     assert [round(v, 3) for v in seen] == [round(s / a, 3) for a, s in (cosine(1 - 1 / 16), cosine(0.5 - 1 / 16))]
 
 
-# --- Tests that fail when a line of the predictor, the latent DDPM or cd_terms is wrong ---------------------
+# --- Tests that fail when a line of the predictor, the latent DDPM or alg1_cd is wrong ----------------------
 
 def nonzero_latent_mlp(z_dim=8, seed=0):
     torch.manual_seed(seed)
@@ -517,31 +574,36 @@ def test_predictor_phase_one_freezes_the_student_and_encodes_x0(tmp_path, monkey
     monkeypatch.setattr(sferd.SemanticEncoder, "forward", lambda self, x: encoded.append(x.clone()) or forward(self, x))
     student, init = smoke_denoiser(0), [p.clone() for p in smoke_denoiser(0).net.parameters()]
 
-    def terms(s, x0, gen):
+    def alg1(s, T, x0, gen, E, G):
         after.append([p.clone() for p in s.net.parameters()])      # the student before this update
         seen_x0.append(x0.clone())
-        return sferd.pd_terms(s, teacher, x0, gen, 2)
+        return sferd.alg1_pd(s, T, x0, gen, E, G, 2)
     args.resume = False
-    sferd.train_predictor(args, pg, data, student, terms, tmp_path, dict(images=0, seconds=0.0), dict(teacher="t"))
+    sferd.train_predictor(args, pg, data, student, teacher, alg1, tmp_path, dict(teacher="t"), dict(images=0, seconds=0.0))
     assert len(encoded) == len(seen_x0) == 4 and all(torch.equal(e, x) for e, x in zip(encoded, seen_x0))
     for k in (1, 2):                                               # after updates 1 and 2 (the frozen phase)
         assert all(torch.equal(p, q) for p, q in zip(after[k], init)), k
     assert any(not torch.equal(p, q) for p, q in zip(student.net.parameters(), init))   # the joint phase trains it
 
 
-def test_cd_terms_pair_target_and_scale_at_t2():
+def test_alg1_cd_pair_target_and_scale_at_t2(monkeypatch):
     """SFERD-CD: (t, t2) = (sigma_n, sigma_{n+1}), x_t = x0 + t*z, the target f(Heun step to t2, t2) without
-    gradient, and line 18's scale at t-1 = t2 (not at t)."""
-    D = smoke_denoiser()
-    f = cd.ConsistencyFunction(smoke_denoiser(2).net)
+    gradient, and line 18's scale at t-1 = t2 (not at t), lambda = 1; G sees x_t at t, E sees x0."""
+    D, seen, inputs = smoke_denoiser(), line18_inputs(monkeypatch), []
+    f = cd.ConsistencyFunction(smoke_denoiser(2).net.requires_grad_(True))      # trainable, as in the joint phase
     sigmas = common.karras_sigmas(18, cd.SIGMA_MIN, cd.SIGMA_MAX, cd.RHO).float()
     x0 = torch.rand(6, 1, 32, 32) * 2 - 1
     gen = torch.Generator().manual_seed(0)
     n = cd.draw_n(18, sigmas, 6, gen, "uniform")
     z = torch.randn(x0.shape, generator=gen)
-    x_t, t, target, f_x, alpha_p, s_p, w = sferd.cd_terms(f, D, x0, torch.Generator().manual_seed(0), sigmas)
+    E = lambda x: inputs.append(x) or torch.zeros(len(x), 8)
+    G = lambda net, x, sigma, z_sem: inputs.append((x, sigma)) or torch.zeros_like(x)
+    sferd.alg1_cd(f, D, x0, torch.Generator().manual_seed(0), E, G, sigmas)
+    _, target, f_x, alpha_p, s_p, w = seen[-1]
     t_ref, t2 = sigmas[n].view(-1, 1, 1, 1), sigmas[n + 1].view(-1, 1, 1, 1)
-    assert torch.equal(t, t_ref) and torch.allclose(x_t, x0 + t_ref * z)
+    x_E, (x_t, t) = inputs
+    assert torch.equal(x_E, x0) and torch.equal(t, t_ref) and torch.allclose(x_t, x0 + t_ref * z)
     assert torch.allclose(target, f(cd.heun_step(D, x_t, t_ref, t2), t2), atol=1e-5) and not target.requires_grad
+    assert torch.allclose(f_x, f(x_t, t_ref)) and f_x.requires_grad
     assert torch.allclose(alpha_p, 1 / (1 + t2**2).sqrt()) and torch.allclose(s_p, t2 / (1 + t2**2).sqrt())
     assert torch.equal(w, torch.ones(6))

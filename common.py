@@ -1251,7 +1251,8 @@ def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None
     lrs = budget["lr"] if isinstance(budget["lr"], (list, tuple)) else [budget["lr"]] * len(opt.param_groups)
     schedule, params = budget.get("schedule", constant_lr), [p for g in opt.param_groups for p in g["params"]]
     per_step = 1 if budget["unit"] == "updates" else budget["batch"]     # images, trajectories: one per sample
-    s = dict(step=0, done=0, images=0, seconds=0.0, loss_start=None, loss_avg=None, curve=[], acc={}, **(totals or {}))
+    s = dict(step=0, done=0, images=0, seconds=0.0, loss_start=None, loss_avg=None, curve=[], acc={})
+    s.update(totals or {})
     if resume is not None:
         check_settings(resume, path, settings)
         for name, module in nets.items():

@@ -39,7 +39,7 @@ import torch
 import common
 import fid
 
-SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0       # eps, T and rho of the Karras grid (paper App. C)
+SIGMA_MIN, SIGMA_MAX, RHO = common.SIGMA_MIN, common.SIGMA_MAX, common.RHO   # eps, T and rho of the Karras grid (paper App. C)
 
 PRESETS = {
     # iterations: optimizer steps K; batch: global batch; lr: eta of RAdam; N: grid points;

@@ -46,7 +46,7 @@ PRESETS = {
 }
 # The cosine schedule's lambda at t = 1: -2 ln 80, so that t = 1 is EDM sigma = exp(-lambda/2) = 80, the shared
 # teacher's sigma_max (the authors' -20 would put t = 1 at sigma 2.2e4, outside what an EDM teacher saw; see the header).
-LOGSNR_MIN = -2 * math.log(80.0)
+LOGSNR_MIN = -2 * math.log(common.SIGMA_MAX)
 
 
 def parse_args(argv=None):

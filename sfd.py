@@ -51,7 +51,7 @@ PRESETS = {
     "paper": dict(batch=128, trajectories=200_000, trajectories_v=800_000, trajectories_2=2_000_000, lr=5e-5,
                   lr_2=5e-4, ckpt_every=10_000),
 }
-SIGMA_MAX, RHO = 80.0, 7.0     # EDM's sigma_max and polynomial grid exponent (student and teacher grids)
+SIGMA_MAX, RHO = common.SIGMA_MAX, common.RHO     # EDM's sigma_max and polynomial grid exponent (student and teacher grids)
 MAX_NFE = 16                   # beyond this a student is no longer "few-step"; the teacher grid grows as 4*NFE
 FIRST_STAGE_NFE = 5            # second stage: teacher = the first-stage model at NFE 5 (paper, Sec. "Extensions")
 TEACHER_THRESHOLD = False      # dynamic thresholding of the dpm3m teacher (authors: always; lab: worse)

@@ -7,9 +7,10 @@ Sections, in reading order:
   3. The EDM denoiser D(x, sigma) and the VP adapters (x0 / eps / v in VP notation)
   4. Noise schedules: Karras grid, cosine log-SNR, discrete DDPM tables
   5. Samplers with one signature (denoiser, x, sigmas, callback): Euler/DDIM, Heun,
-     DPM-Solver++(2M/3M), the analytical first step (AFS), ancestral DDPM
+     DPM-Solver++(2M/3M), ancestral DDPM (no method's flags: AFS and thresholding live in sfd.py)
   6. Data: Fashion-MNIST, CIFAR-10, any image folder
   7. Plumbing: seeds with per-sample noise, EMA, checkpoints, image grids, DDP, autocast
+  7b. The training loop every method and the teacher run through (train_loop, optimizer_steps)
   8. The shared teacher (EDM training)
   8b. Published teachers (--teacher edm | ddpm | PATH): EDM's SongUNet, DDPM's U-Net in diffusers'
      layout, an EDM snapshot reader that runs no code, load_denoiser for every teacher spec

@@ -289,13 +289,9 @@ def main():
     args = parse_args()
     pg = common.Dist(args.device)
     out = common.run_dir(args, f"cd-{args.preset}")                  # the NFE only changes sampling: nfe<N>/
-    common.check_exports(args, out / f"nfe{args.nfe}")
-    common.seed_all(args.seed)
-    data, _ = common.load_dataset(args.dataset, args.data_dir)
-    D, teacher_path = common.load_teacher(args, pg)
-    common.require_arch(D.net, ("fewstep", "edm-songunet"), "CD's consistency function (Eq. 5) reuses the "
-                        "teacher's EDM preconditioning F(c_in*x, c_noise)")
-    common.check_data_shape(data, D, args.dataset)
+    fid.check_exports(args, out / f"nfe{args.nfe}")
+    data, D, teacher_path = common.load_inputs(args, pg, ("fewstep", "edm-songunet"), "CD's consistency function "
+                                               "(Eq. 5) reuses the teacher's EDM preconditioning F(c_in*x, c_noise)")
 
     # Training (boilerplate around Alg. 2): cd_loss through the shared loop, resumable from student.pt.
     sigmas = common.karras_sigmas(args.N, SIGMA_MIN, SIGMA_MAX, RHO).float().to(pg.device)

@@ -259,8 +259,7 @@ def distil(args, pg, data, student, stages, folder, kind, loss, schedule, settin
     schedule and settings(N) of the stage ending at N steps. Returns the last student and the chain's totals."""
     for N in stages:
         teacher, student = student, pd.make_student(student)     # eta <- theta; theta <- eta
-        opt = torch.optim.Adam(student.parameters(), lr=args.lr)     # a fresh optimizer every stage
-        totals = common.train_stage(pg, loss(N), common.stage_budget(args, N, schedule), opt, student,
+        totals = common.train_stage(pg, loss(N), common.stage_budget(args, N, schedule), student,     # a fresh Adam
                                     common.stage_path(folder, N), f"{kind}-student", settings(N), gen, reuse, args.resume,
                                     totals, data=data, teacher=teacher, desc=f"{kind} {2 * N} -> {N} steps")
     return student, totals
@@ -323,11 +322,8 @@ def main(argv=None):
     pd_stages, stages = cfd_stages(args)
     pg = common.Dist(args.device)
     out, folder = common.run_dir(args, f"{args.variant}-{args.preset}"), common.prepare_out_dir(pd_chain_dir(args))
-    common.check_exports(args, out / f"nfe{args.nfe}")
-    data, _ = common.load_dataset(args.dataset, args.data_dir)
-    common.seed_all(args.seed)
-    teacher, teacher_path = common.load_teacher(args, pg)
-    common.check_data_shape(data, teacher, args.dataset)
+    fid.check_exports(args, out / f"nfe{args.nfe}")
+    data, teacher, teacher_path = common.load_inputs(args, pg)
     cls, cls_path, cls_acc = load_classifier(args, pg, data.shape[1])
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
     hparams = {N: stage_hparams(args, N) for N in stages}

@@ -1,21 +1,22 @@
 """fewstep common substrate: what every distillation method needs, written to be read.
 
 Sections, in reading order:
-  1. Errors and the command-line convention shared by all scripts
+  1. Errors and the command-line convention shared by all scripts (with where --export writes)
   2. The compact U-Net (DDPM/ADM style), with attention maps, hidden features,
      split encoder/decoder and a zero-initialised extra conditioning input
   3. The EDM denoiser D(x, sigma) and the VP adapters (x0 / eps / v in VP notation)
   4. Noise schedules: Karras grid, cosine log-SNR, discrete DDPM tables
   5. Samplers with one signature (denoiser, x, sigmas, callback): Euler/DDIM, Heun,
      DPM-Solver++(2M/3M), ancestral DDPM (no method's flags: AFS and thresholding live in sfd.py)
+  5b. sferd.py's substrate: the Gaussian blur, the image encoder E_phi, a small DDPM over vectors
   6. Data: Fashion-MNIST, CIFAR-10, any image folder
   7. Plumbing: seeds with per-sample noise, EMA, checkpoints, image grids, DDP, autocast
-  7b. The training loop every method and the teacher run through (train_loop, optimizer_steps)
+  7b. The training loop every method and the teacher run through (train_loop); 7c. chains of stages
   8. The shared teacher (EDM training)
   8b. Published teachers (--teacher edm | ddpm | PATH): EDM's SongUNet, DDPM's U-Net in diffusers'
      layout, an EDM snapshot reader that runs no code, load_denoiser for every teacher spec
-  9. Sample export for external FID tools (--export N) and the bench of every method's training step
-The evaluation every method reports (metrics.json, the teacher's rows) is fid.py's: common <- fid <- methods.
+  9. The bench of every method's training step (python common.py bench)
+The evaluation every method reports (metrics.json, the teacher's rows, --export) is fid.py's: common <- fid <- methods.
 
 Conventions (../shared/specs/METHODS.md, section 0): images are N x C x H x W in [-1, 1]; every
 network is used as a denoiser D(x, sigma) in the variance-exploding view x = x0 + sigma*eps
@@ -215,6 +216,25 @@ def resolve_common(args, method, command_line=True, presets=None):
             check_export_target(args, args.export_dir)
     if command_line and args.preset == "paper" and args.device is None and not torch.cuda.is_available():
         refuse_paper_on_cpu(args, method)
+
+
+EXPORT_FORMATS = ("png", "npz")
+
+
+def export_target(args, out):
+    """<run folder>/samples-<N>/ (png) or <run folder>/samples-<N>.npz; --export-dir replaces the run folder."""
+    root = Path(args.export_dir) if args.export_dir else Path(out)
+    return root / (f"samples-{args.export}" + (".npz" if args.export_format == "npz" else ""))
+
+
+def check_export_target(args, out):
+    """An existing, non-empty export (or a partial one) is only continued with --resume: nothing is overwritten."""
+    target = export_target(args, out)
+    partial = target.with_name(target.name + ".partial.npy")
+    if not args.resume and (target.is_file() or partial.exists() or (target.is_dir() and any(target.iterdir()))):
+        raise UserError(f"{target} exists and is not empty: pass --resume to complete it or choose another "
+                        "--export-dir (nothing was overwritten)")
+    return target
 
 
 def dataset_slug(name):
@@ -504,13 +524,6 @@ def cosine_alpha_sigma(t, logsnr_min=-20.0, logsnr_max=20.0):
     return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
 
 
-def cosine_t_from_sigma(sigma, logsnr_min=-20.0, logsnr_max=20.0):
-    """Inverse of the cosine schedule: sigma = s_t/alpha_t = exp(-logsnr/2) = tan(a t + b)."""
-    b = math.atan(math.exp(-logsnr_max / 2))
-    a = math.atan(math.exp(-logsnr_min / 2)) - b
-    return (torch.atan(torch.as_tensor(sigma, dtype=torch.float64)) - b) / a
-
-
 def ddpm_alpha_bar(T=1000, beta_1=1e-4, beta_T=0.02):
     """Discrete DDPM table (Ho et al. 2020, linear betas): alpha_bar[t] for t = 0..T, alpha_bar[0] = 1."""
     betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
@@ -652,6 +665,76 @@ def teacher_sigmas(sampler, nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX):
                         + (" (Heun needs an odd NFE: two calls per step, one on the last)" if sampler == "heun" else ""))
     steps = (nfe + 1) // 2 if sampler == "heun" else nfe
     return karras_sigmas(steps + 1, sigma_min, sigma_max)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5b. sferd.py's substrate: the Gaussian blur B of its attention guidance (hand-written), the image
+#     encoder E_phi, and a small DDPM over vectors (its latent DDPM over z_sem, Diff-AE's MLP)
+# ----------------------------------------------------------------------------------------------
+
+def gaussian_kernel(sigma, size):
+    """1-D Gaussian, normalised to sum 1 (the blur preserves a constant image)."""
+    g = torch.exp(-(torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2 / (2 * sigma**2))
+    return (g / g.sum()).float()
+
+
+def gaussian_blur(x, sigma=3.0, size=15):
+    """B(x): separable depthwise Gaussian convolution (rows, then columns), reflect padding."""
+    C, pad, g = x.shape[1], size // 2, gaussian_kernel(sigma, size).to(x.device, x.dtype)
+    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), g.view(1, 1, 1, size).expand(C, 1, 1, size), groups=C)
+    return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), g.view(1, 1, size, 1).expand(C, 1, size, 1), groups=C)
+
+
+class SemanticEncoder(nn.Module):
+    """SFERD's E_phi(x0) -> z_sem: stride-2 convs with GroupNorm + SiLU (the encoder part of a U-Net), pooled, Linear."""
+
+    def __init__(self, in_ch, z_dim, ch=32, mults=(1, 2, 4)):
+        super().__init__()
+        layers = [nn.Conv2d(in_ch, ch, 3, padding=1)]
+        for c, m in zip((1, *mults), mults):
+            layers += [nn.Conv2d(c * ch, m * ch, 3, stride=2, padding=1), group_norm(m * ch), nn.SiLU()]
+        self.body, self.out = nn.Sequential(*layers), nn.Linear(mults[-1] * ch, z_dim)
+
+    def forward(self, x0):
+        return self.out(self.body(x0).mean(dim=(2, 3)))
+
+
+class LatentMLP(nn.Module):
+    """eps_omega(z_t, t): an MLP whose every layer also sees z_t (Diff-AE's MLPSkipNet); buffers: the mean and
+    std of the vectors it models (its samples are denormalised with them)."""
+
+    def __init__(self, z_dim, hidden, layers):
+        super().__init__()
+        self.t_emb = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.layers = nn.ModuleList([nn.Linear((hidden if i else 0) + z_dim, hidden) for i in range(layers)])
+        self.out = zero_init(nn.Linear(hidden, z_dim))
+        self.register_buffer("mean", torch.zeros(z_dim))
+        self.register_buffer("std", torch.ones(z_dim))
+
+    def forward(self, z, t):
+        emb, h = self.t_emb(timestep_embedding(t.float(), 64)), z[:, :0]
+        for layer in self.layers:
+            h = F.silu(layer(torch.cat([h, z], dim=1)) + emb)
+        return self.out(h)
+
+
+def latent_loss(mlp, z, t, eps, alpha_bar):
+    """|eps - eps_omega(sqrt(abar_t)*z + sqrt(1-abar_t)*eps, t)|, L1 (SFERD's Eq. 16); alpha_bar[t] for t = 0..T-1."""
+    abar = alpha_bar.to(z.device)[t][:, None]
+    return (eps - mlp(abar.sqrt() * z + (1 - abar).sqrt() * eps, t)).abs().mean()
+
+
+@torch.no_grad()
+def sample_latent(mlp, noise, steps, mean, std, alpha_bar):
+    """DDIM (eta 0) over `steps` evenly spaced of the T = len(alpha_bar) steps; returns z * std + mean."""
+    abar, z = alpha_bar.to(noise.device), noise
+    ts = torch.linspace(len(abar) - 1, 0, steps).round().long().tolist()
+    for i, t in enumerate(ts):
+        eps = mlp(z, torch.full((len(z),), t, device=z.device))
+        z0 = (z - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+        a_next = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+        z = a_next.sqrt() * z0 + (1 - a_next).sqrt() * eps
+    return z * std + mean
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1232,7 +1315,7 @@ def optimizer_steps(pg, out, opt, params, clip=None, emas=()):
 
 
 def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None, noise=None, student=None,
-               teacher=None, emas=(), shared_rngs=None, resume=None, totals=None, before_step=None, desc="train"):
+               teacher=None, emas=(), shared_rngs=None, resume=None, before_step=None, desc="train"):
     """Run loss's updates for budget; returns the run's totals (see the end). The loop owns what every
     method shares: drawing the batch, lr schedule, backward, gradient sync (DDP), clipping, optimizer
     step, EMAs, progress bar, loss curve and checkpoints (with the settings check on resume).
@@ -1247,13 +1330,12 @@ def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None
     emas: (ema, model, beta) updated in order after each step. shared_rngs: {name: generator} drawn
         alike on every rank (saved; gen, the per-rank one, is saved per rank).
     resume: a checkpoint of this loop to continue from (checked against settings) or None.
-    totals: dict(images, seconds) carried over from earlier stages (PD's chain). before_step(step): a hook."""
+    before_step(step): called before each update (sferd.py unfreezes its student halfway)."""
     shared_rngs = shared_rngs or {}
     lrs = budget["lr"] if isinstance(budget["lr"], (list, tuple)) else [budget["lr"]] * len(opt.param_groups)
     schedule, params = budget.get("schedule", constant_lr), [p for g in opt.param_groups for p in g["params"]]
     per_step = 1 if budget["unit"] == "updates" else budget["batch"]     # images, trajectories: one per sample
     s = dict(step=0, done=0, images=0, seconds=0.0, loss_start=None, loss_avg=None, curve=[], acc={})
-    s.update(totals or {})
     if resume is not None:
         check_settings(resume, path, settings)
         for name, module in nets.items():
@@ -1340,17 +1422,18 @@ def stage_budget(args, N, schedule):
                 batch=args.batch, lr=args.lr, schedule=schedule, clip=args.grad_clip, ckpt_every=args.ckpt_every)
 
 
-def train_stage(pg, loss, budget, opt, student, path, kind, settings, gen, reuse, resume, totals, **loop):
-    """One stage of a chain: train_loop on student (saved as "net") with the stage file path as its
-    checkpoint. A finished file is read back instead of trained when reuse, an unfinished one continued
-    when resume, else the stage starts over; a file read back must match settings (with the budget's
-    updates, lr and batch). Each file counts its own stage's images and seconds; totals: the chain's
+def train_stage(pg, loss, budget, student, path, kind, settings, gen, reuse, resume, totals, **loop):
+    """One stage of a chain: train_loop on student (saved as "net"), a fresh Adam at the budget's lr (PD's),
+    with the stage file path as its checkpoint. A finished file is read back instead of trained when reuse,
+    an unfinished one continued when resume, else the stage starts over; a file read back must match
+    settings (with the budget's updates, lr and batch). Each file counts its own stage's images and seconds; totals: the chain's
     before this stage. loop: train_loop's other arguments (data, teacher, desc). Returns the chain's totals
     after it; the student is left frozen, the next stage's teacher."""
     ck = resume_from(path, kind, reuse or resume)
     if ck is not None and not (reuse if ck.get("finished") else resume):
         ck = None
     settings = dict(settings, iters=budget["total"], lr=budget["lr"], batch=budget["batch"])
+    opt = torch.optim.Adam(student.parameters(), lr=budget["lr"])
     run = train_loop(pg, loss, budget, opt, dict(net=student.net), path, kind, settings, gen, student=student,
                      resume=ck, **loop)
     totals = {k: totals[k] + run[k] for k in ("images", "seconds")}
@@ -1451,6 +1534,19 @@ def load_teacher(args, pg=None):
     D = load_denoiser(spec, pg.device if pg else (args.device or "cpu"))
     check_teacher_compatible(D.source, getattr(D, "dataset", None), args.dataset)
     return D, Path(D.source)
+
+
+def load_inputs(args, pg, archs=None, need=""):
+    """A method's inputs, checked before any training: the training images, the teacher (load_teacher), the
+    teacher's architecture where the method needs its U-Net (require_arch: archs, need), then the global
+    seed (after a teacher trained on the way, so a cached teacher leaves the same RNG state). (data, D, path)"""
+    data, _ = load_dataset(args.dataset, args.data_dir)
+    D, path = load_teacher(args, pg)
+    if archs:
+        require_arch(D.net, archs, need)
+    check_data_shape(data, D, args.dataset)
+    seed_all(args.seed)
+    return data, D, path
 
 
 def check_teacher_compatible(path, teacher_dataset, dataset):
@@ -2064,98 +2160,7 @@ def load_denoiser(spec, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Sample export for external FID tools (--export N, written by fid.report)
-# ----------------------------------------------------------------------------------------------
-
-EXPORT_FORMATS = ("png", "npz")
-
-
-def export_target(args, out):
-    """<run folder>/samples-<N>/ (png) or <run folder>/samples-<N>.npz; --export-dir replaces the run folder."""
-    root = Path(args.export_dir) if args.export_dir else Path(out)
-    return root / (f"samples-{args.export}" + (".npz" if args.export_format == "npz" else ""))
-
-
-def check_export_target(args, out):
-    """An existing, non-empty export (or a partial one) is only continued with --resume: nothing is overwritten."""
-    target = export_target(args, out)
-    partial = target.with_name(target.name + ".partial.npy")
-    if not args.resume and (target.is_file() or partial.exists() or (target.is_dir() and any(target.iterdir()))):
-        raise UserError(f"{target} exists and is not empty: pass --resume to complete it or choose another "
-                        "--export-dir (nothing was overwritten)")
-    return target
-
-
-def check_exports(args, *folders):
-    """--export into the run's own evaluation folders (no --export-dir): known as soon as the run folder
-    is, so an existing export there is refused before training, not after it."""
-    if getattr(args, "export", None) and args.export_dir is None:
-        for folder in folders:
-            check_export_target(args, folder)
-
-
-@torch.no_grad()
-def export_samples(args, out, sample_fn, shape, device):
-    """Write args.export samples of the fixed evaluation noise (sample k from PerSampleNoise(EVAL_SEED, k),
-    the images fid.report scores) as EDM generate.py writes them, <target>/000000/000000.png ... in folders
-    of 1,000, or as one uint8 N x H x W x C npz array arr_0. Resumable: PNGs are written whole (temp
-    file + rename) and only missing ones are made; the npz grows in a .partial.npy with its count."""
-    n, target = args.export, check_export_target(args, out)
-    batch = args.batch_size or 250                   # the evaluation batch, so the images are fid.report's
-    manifest = dict(run=str(Path(out).resolve()), n=n, format=args.export_format, eval_seed=EVAL_SEED)
-    bar = tqdm(total=n, unit="img", desc=f"export {target.name}")
-    if args.export_format == "png":
-        name = lambda k: target / f"{k - k % 1000:06d}" / f"{k:06d}.png"
-        info = target / "export.json"                # which run the folder holds (external tools read only images)
-        if info.exists() and json.loads(info.read_text()) != manifest:
-            raise UserError(f"{target} holds samples of another run or setting ({info}); choose another --export-dir")
-        write_json(info, manifest)
-        todo = [k for k in range(n) if not name(k).exists()]
-        bar.update(n - len(todo))
-        for i in range(0, len(todo), batch):
-            ks = todo[i:i + batch]
-            images = to_uint8(sample_fn(PerSampleNoise(EVAL_SEED, ks, device).randn(*shape)).clamp(-1, 1).cpu())
-            for k, im in zip(ks, images.permute(0, 2, 3, 1).numpy()):
-                name(k).parent.mkdir(parents=True, exist_ok=True)
-                tmp = name(k).with_name(name(k).stem + ".tmp.png")
-                Image.fromarray(im[:, :, 0] if im.shape[2] == 1 else im).save(tmp)
-                os.replace(tmp, name(k))
-            bar.update(len(ks))
-    elif target.is_file():                           # a finished npz: nothing left to do
-        bar.update(n)
-    else:
-        partial, count = target.with_name(target.name + ".partial.npy"), target.with_name(target.name + ".partial.json")
-        done = 0
-        if partial.exists() and count.exists():
-            state = json.loads(count.read_text())
-            if state["manifest"] != manifest:
-                raise UserError(f"{partial} holds samples of another run or setting; choose another --export-dir")
-            arr, done = np.lib.format.open_memmap(partial, mode="r+"), state["done"]
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(n, shape[1], shape[2], shape[0]))
-        bar.update(done)
-        for start in range(done, n, batch):
-            ks = range(start, min(n, start + batch))
-            images = to_uint8(sample_fn(PerSampleNoise(EVAL_SEED, ks, device).randn(*shape)).clamp(-1, 1).cpu())
-            arr[ks.start:ks.stop] = images.permute(0, 2, 3, 1).numpy()
-            arr.flush()                               # the images first, then the count that vouches for them
-            write_json(count, dict(manifest=manifest, done=ks.stop))
-            bar.update(len(ks))
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=np.asarray(arr))
-        os.replace(tmp, target)
-        del arr
-        partial.unlink()
-        count.unlink()
-    bar.close()
-    print(f"exported {n:,} samples to {target} (score them with: python fid.py {target} dataset:{args.dataset})")
-    return target
-
-
-# ----------------------------------------------------------------------------------------------
-# 9b. The benchmark of every method's training step (python common.py bench), and the CPU refusal
+# 9. The benchmark of every method's training step (python common.py bench), and the CPU refusal
 # ----------------------------------------------------------------------------------------------
 
 BENCH_METHODS = ("sfd", "pd", "cd", "sfddm", "cfd", "sferd")
@@ -2184,13 +2189,11 @@ BENCH_CHILD = ("import json, sys, common; a = json.loads(sys.argv[1]); "
                "print(json.dumps(common.time_bench_step(__import__(a['name']).bench_step, **a)))")
 
 
-def bench_method(name, preset="paper", device="cpu", in_ch=3, batch=None, steps=3, warmup=1, channels_last=False,
-                 compile=False, count_flops=True, tf32=False):
-    """One row of the bench table for method `name`, measured by time_bench_step in a process of its own
-    (`python -c`, from this folder): the method file is imported there, never by common (imports run
-    common <- fid <- methods), and each method's peak memory and compiled graphs are its own."""
-    spec = dict(name=name, preset=preset, device=str(device), in_ch=in_ch, batch=batch, steps=steps, warmup=warmup,
-                channels_last=channels_last, compile=compile, count_flops=count_flops, tf32=tf32)
+def bench_method(name, device="cpu", **options):
+    """One row of the bench table for method `name`, measured by time_bench_step (options: its keywords) in a
+    process of its own (`python -c`, from this folder): the method file is imported there, never by common
+    (imports run common <- fid <- methods), and each method's peak memory and compiled graphs are its own."""
+    spec = dict(name=name, device=str(device), **options)
     r = subprocess.run([sys.executable, "-c", BENCH_CHILD, json.dumps(spec)], cwd=Path(__file__).resolve().parent,
                        capture_output=True, text=True)
     if r.returncode:
@@ -2270,8 +2273,9 @@ def bench(args):
     pg = Dist(args.device)
     rows = []
     for name in args.methods:
-        rows.append(bench_method(name, args.preset, pg.device, args.channels, args.batch_size, args.steps, args.warmup,
-                                 args.channels_last, args.compile, tf32=not args.no_tf32))
+        rows.append(bench_method(name, pg.device, preset=args.preset, in_ch=args.channels, batch=args.batch_size,
+                                 steps=args.steps, warmup=args.warmup, channels_last=args.channels_last,
+                                 compile=args.compile, tf32=not args.no_tf32))
         r = rows[-1]
         print(f"{name}: {r['throughput']:.4g} {r['unit']}/s, {r['seconds_per_step']:.3f} s/step, projected "
               f"{duration(r['projected_hours'] * 3600)} for {r['total']:,} {r['unit']}", file=sys.stderr)
@@ -2293,7 +2297,7 @@ def refuse_paper_on_cpu(args, method):
     if method not in BENCH_METHODS:
         raise UserError("--preset paper needs CUDA (none on this machine); pass --device cpu to run it anyway")
     in_ch = 1 if args.dataset == "fashion" else 3
-    r = bench_method(method, "paper", "cpu", in_ch, batch=1, steps=1, warmup=0, count_flops=False)   # ~2-15 s
+    r = bench_method(method, "cpu", preset="paper", in_ch=in_ch, batch=1, steps=1, warmup=0, count_flops=False)   # ~2-15 s
     argv, kept = sys.argv[1:], []
     for i, a in enumerate(argv):          # the same command with --preset lab in place of the paper preset
         if not (a == "--preset" or a.startswith("--preset=") or (i > 0 and argv[i - 1] == "--preset")):
@@ -2327,8 +2331,9 @@ def main():
     b.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=list(BENCH_METHODS), help="default: all six")
     b.add_argument("--channels", default=3, type=int, choices=[1, 3], help="image channels (3: CIFAR-10, default)")
     b.add_argument("--batch-size", default=None, type=positive_int, help="global batch (default: each method's preset)")
-    b.add_argument("--steps", default=5, type=int, help="timed steps per method (default 5)")
-    b.add_argument("--warmup", default=2, type=int, help="untimed steps first (default 2)")
+    b.add_argument("--steps", default=5, type=positive_int, help="timed steps per method (default 5)")
+    b.add_argument("--warmup", default=2, type=checked(int, lambda v: v >= 0, "an integer >= 0"),
+                   help="untimed steps first (default 2)")
     b.add_argument("--device", default=None, type=device_name, help="cpu | cuda (default: cuda if available)")
     b.add_argument("--no-tf32", action="store_true", help="keep fp32 matmuls in full fp32 on CUDA (default: TF32)")
     b.add_argument("--channels-last", action="store_true", help="NHWC memory format for the networks")
@@ -2336,8 +2341,6 @@ def main():
     b.add_argument("--out", default=None, help="also write the table to OUT.md and OUT.json")
     args = p.parse_args()
     if args.cmd == "bench":
-        if args.steps < 1 or args.warmup < 0 or (args.batch_size is not None and args.batch_size < 1):
-            raise UserError("bench needs --steps >= 1, --warmup >= 0 and --batch-size >= 1")
         import common             # the module the method files import (this file runs as __main__: another copy)
         try:
             return common.bench(args)

@@ -491,6 +491,74 @@ def fid_or_none(samples, args, device):
     return fid_of_samples(samples, args.dataset, args.data_dir, device)
 
 
+def check_exports(args, *folders):
+    """--export into the run's own evaluation folders (no --export-dir): known as soon as the run folder
+    is, so an existing export there is refused before training, not after it."""
+    if getattr(args, "export", None) and args.export_dir is None:
+        for folder in folders:
+            common.check_export_target(args, folder)
+
+
+@torch.no_grad()
+def export_samples(args, out, sample_fn, shape, device):
+    """Write args.export samples of the fixed evaluation noise (sample k from common.PerSampleNoise(common.EVAL_SEED, k),
+    the images fid.report scores) as EDM generate.py writes them, <target>/000000/000000.png ... in folders
+    of 1,000, or as one uint8 N x H x W x C npz array arr_0. Resumable: PNGs are written whole (temp
+    file + rename) and only missing ones are made; the npz grows in a .partial.npy with its count."""
+    n, target = args.export, common.check_export_target(args, out)
+    batch = args.batch_size or 250                   # the evaluation batch, so the images are fid.report's
+    manifest = dict(run=str(Path(out).resolve()), n=n, format=args.export_format, eval_seed=common.EVAL_SEED)
+    bar = tqdm(total=n, unit="img", desc=f"export {target.name}")
+    if args.export_format == "png":
+        name = lambda k: target / f"{k - k % 1000:06d}" / f"{k:06d}.png"
+        info = target / "export.json"                # which run the folder holds (external tools read only images)
+        if info.exists() and json.loads(info.read_text()) != manifest:
+            raise common.UserError(f"{target} holds samples of another run or setting ({info}); choose another --export-dir")
+        common.write_json(info, manifest)
+        todo = [k for k in range(n) if not name(k).exists()]
+        bar.update(n - len(todo))
+        for i in range(0, len(todo), batch):
+            ks = todo[i:i + batch]
+            images = common.to_uint8(sample_fn(common.PerSampleNoise(common.EVAL_SEED, ks, device).randn(*shape)).clamp(-1, 1).cpu())
+            for k, im in zip(ks, images.permute(0, 2, 3, 1).numpy()):
+                name(k).parent.mkdir(parents=True, exist_ok=True)
+                tmp = name(k).with_name(name(k).stem + ".tmp.png")
+                Image.fromarray(im[:, :, 0] if im.shape[2] == 1 else im).save(tmp)
+                os.replace(tmp, name(k))
+            bar.update(len(ks))
+    elif target.is_file():                           # a finished npz: nothing left to do
+        bar.update(n)
+    else:
+        partial, count = target.with_name(target.name + ".partial.npy"), target.with_name(target.name + ".partial.json")
+        done = 0
+        if partial.exists() and count.exists():
+            state = json.loads(count.read_text())
+            if state["manifest"] != manifest:
+                raise common.UserError(f"{partial} holds samples of another run or setting; choose another --export-dir")
+            arr, done = np.lib.format.open_memmap(partial, mode="r+"), state["done"]
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(n, shape[1], shape[2], shape[0]))
+        bar.update(done)
+        for start in range(done, n, batch):
+            ks = range(start, min(n, start + batch))
+            images = common.to_uint8(sample_fn(common.PerSampleNoise(common.EVAL_SEED, ks, device).randn(*shape)).clamp(-1, 1).cpu())
+            arr[ks.start:ks.stop] = images.permute(0, 2, 3, 1).numpy()
+            arr.flush()                               # the images first, then the count that vouches for them
+            common.write_json(count, dict(manifest=manifest, done=ks.stop))
+            bar.update(len(ks))
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=np.asarray(arr))
+        os.replace(tmp, target)
+        del arr
+        partial.unlink()
+        count.unlink()
+    bar.close()
+    print(f"exported {n:,} samples to {target} (score them with: python fid.py {target} dataset:{args.dataset})")
+    return target
+
+
 def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     """Evaluate a student against its teacher and write out/metrics.json and out/samples.png.
 
@@ -503,7 +571,7 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
         pg.barrier()
         return None
     if getattr(args, "export", None):                 # --export N: the samples for external FID tools
-        common.export_samples(args, out, sample_fn, shape, pg.device)
+        export_samples(args, out, sample_fn, shape, pg.device)
         if args.resume and (out / "metrics.json").exists():   # a finished, evaluated run: only the export was asked
             pg.barrier()
             return json.loads((out / "metrics.json").read_text())
@@ -594,6 +662,18 @@ PAPER_CIFAR10 = {
 def paper_fid(variant, nfe):
     key = "cd" if variant.startswith("cd-") else variant
     return PAPER_CIFAR10.get(key, {}).get(nfe, "–")
+
+
+def baseline_metrics(paths, want, prefix="base_"):
+    """A baseline's figures for a run's metrics.json: from the first of paths (metrics.json files) that exists and
+    records want ({field: value}), its FID, teacher_rms, images and training seconds as prefix + field, its path as
+    prefix + "run"; {prefix + "run": None} if none does (sferd.py: its base's run)."""
+    for path in map(Path, paths):
+        m = json.loads(path.read_text()) if path.exists() else {}
+        if m and all(m.get(k) == v for k, v in want.items()):
+            keys = ("fid", "fid_n", "teacher_rms", "images_seen", "train_seconds")
+            return {prefix + "run": str(path), **{prefix + k: m.get(k) for k in keys}}
+    return {prefix + "run": None}
 
 
 def results_table(folder):

@@ -103,23 +103,22 @@ def ddim_step(z_t, x_hat, alpha_t, sigma_t, alpha_s, sigma_s):
 
 
 @torch.no_grad()
-def teacher_target(teacher, z_t, t, N):
-    """Alg. 2: two DDIM steps of the 2N-step teacher, t -> t' = t - 0.5/N -> t'' = t - 1/N, then the
+def teacher_target(teacher, z_t, t, N, n=2):
+    """Alg. 2: n = 2 DDIM steps of the nN-step teacher, t -> t' = t - 1/(2N) -> t'' = t - 1/N, then the
     x~ for which one N-step student DDIM step t -> t'' lands on the teacher's z_t''. Where t'' = 0 the
-    student's last step returns x_hat itself, so x~ = the teacher's last x_hat.
+    student's last step returns x_hat itself, so x~ = the teacher's last x_hat. (n > 2: sferd.py's speeds.)
     t: per-sample tensor (float64). Returns (x~, z_t'')."""
-    t_p, t_pp = t - 0.5 / N, t - 1.0 / N                    # t' and t''
     alpha_t, sigma_t = alpha_sigma(t, z_t)
-    alpha_p, sigma_p = alpha_sigma(t_p, z_t)
-    alpha_pp, sigma_pp = alpha_sigma(t_pp, z_t)
-    x_hat = common.vp_predict(teacher, z_t, alpha_t, sigma_t)[0]
-    z_p = ddim_step(z_t, x_hat, alpha_t, sigma_t, alpha_p, sigma_p)          # teacher step t -> t'
-    x_hat_p = common.vp_predict(teacher, z_p, alpha_p, sigma_p)[0]
-    z_pp = ddim_step(z_p, x_hat_p, alpha_p, sigma_p, alpha_pp, sigma_pp)     # teacher step t' -> t''
-    ratio = sigma_pp / sigma_t
-    x_tilde = (z_pp - ratio * z_t) / (alpha_pp - ratio * alpha_t)            # teacher x_hat target (Alg. 2)
-    last = (t_pp <= 0).reshape(-1, 1, 1, 1).to(z_t.device)
-    return torch.where(last, x_hat_p, x_tilde), z_pp
+    z, alpha, sigma = z_t, alpha_t, sigma_t
+    for j in range(1, n + 1):                                    # the teacher's steps t -> t' -> t''
+        alpha_next, sigma_next = alpha_sigma(t - j / (n * N), z_t)
+        x_hat = common.vp_predict(teacher, z, alpha, sigma)[0]
+        z = ddim_step(z, x_hat, alpha, sigma, alpha_next, sigma_next)
+        alpha, sigma = alpha_next, sigma_next
+    ratio = sigma / sigma_t
+    x_tilde = (z - ratio * z_t) / (alpha - ratio * alpha_t)      # teacher x_hat target (Alg. 2)
+    last = (t - 1 / N <= 0).reshape(-1, 1, 1, 1).to(z_t.device)
+    return torch.where(last, x_hat, x_tilde), z
 
 
 def truncated_snr_weight(alpha_t, sigma_t):
@@ -133,10 +132,10 @@ def random_xflip(x, gen):
     return torch.where(flip, x.flip(-1), x)
 
 
-def pd_loss(student, teacher, x, gen, N, xflip=False):
+def pd_loss(student, teacher, x, gen, N, xflip=False, n=2):
     """Alg. 2's inner loop for one batch x ~ D (common.train_loop draws it) and an N-step student: the mean of
     w(lambda_t)*|x~ - x_hat_theta(z_t)|^2 (per-pixel mean, as the authors' meanflat). Draws from gen: the flips
-    (xflip), eps, then i."""
+    (xflip), eps, then i. n: the teacher's steps per student step (PD: 2; sferd.py's speeds)."""
     if xflip:
         x = random_xflip(x, gen)                                 # the authors' randflip
     eps = torch.randn(x.shape, generator=gen).to(x.device)      # eps ~ N(0, I)
@@ -144,7 +143,7 @@ def pd_loss(student, teacher, x, gen, N, xflip=False):
     t = (i.double() + 1) / N
     alpha_t, sigma_t = alpha_sigma(t, x)
     z_t = alpha_t * x + sigma_t * eps                            # z_t = alpha_t*x + sigma_t*eps
-    x_tilde, _ = teacher_target(teacher, z_t, t, N)              # 2 steps of DDIM with the teacher, then x~
+    x_tilde, _ = teacher_target(teacher, z_t, t, N, n)           # 2 steps of DDIM with the teacher, then x~
     x_hat = common.vp_predict(student, z_t, alpha_t, sigma_t)[0]
     mse = ((x_hat - x_tilde) ** 2).mean(dim=(1, 2, 3))
     return (truncated_snr_weight(alpha_t, sigma_t).flatten() * mse).mean()   # L = w(lambda_t)*|x~ - x_hat_theta(z_t)|^2
@@ -191,9 +190,8 @@ def distil(args, pg, data, teacher, stages, out, settings, gen):
     student, run = teacher, dict(images=0, seconds=0.0)
     for N in stages:                                             # N = start/2, start/4, ..., --nfe
         teacher, student = student, make_student(student)        # eta <- theta (the last student teaches); theta <- eta
-        opt = torch.optim.Adam(student.parameters(), lr=args.lr)     # a fresh optimizer every stage
-        run = common.train_stage(pg, lambda s, T, x, g: pd_loss(s, T, x, g, N, args.xflip),
-                                 common.stage_budget(args, N, linear_anneal), opt, student, common.stage_path(out, N),
+        run = common.train_stage(pg, lambda s, T, x, g: pd_loss(s, T, x, g, N, args.xflip),   # a fresh Adam each stage
+                                 common.stage_budget(args, N, linear_anneal), student, common.stage_path(out, N),
                                  "pd-student", settings, gen, args.resume, args.resume, run, data=data,
                                  teacher=teacher, desc=f"pd {2 * N} -> {N} steps")
     return student, run
@@ -228,11 +226,8 @@ def main(argv=None):
     stages = stage_steps(args.nfe, args.start_steps)
     pg = common.Dist(args.device)
     out = common.run_dir(args, f"pd-{args.preset}")
-    common.check_exports(args, out / f"nfe{args.nfe}")
-    data, _ = common.load_dataset(args.dataset, args.data_dir)
-    common.seed_all(args.seed)
-    teacher, teacher_path = common.load_teacher(args, pg)
-    common.check_data_shape(data, teacher, args.dataset)
+    fid.check_exports(args, out / f"nfe{args.nfe}")
+    data, teacher, teacher_path = common.load_inputs(args, pg)
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
     pg.log(f"pd: {args.dataset}, preset {args.preset}, {args.start_steps} -> {' -> '.join(map(str, stages)) or 'no stage'} "
            f"steps, {args.iters:,} updates of {args.batch} per stage, lr {args.lr:g}, {pg.world} process(es) on {pg.device}")

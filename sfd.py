@@ -298,7 +298,7 @@ def train(args, pg):
     settings = run_settings(args, nfes)
     solver, K, total, lr, batch = (settings[k] for k in ("solver", "K", "trajectories", "lr", "batch"))
     out = common.run_dir(args, run_name(args, nfes))
-    common.check_exports(args, *([out / f"nfe{n}" for n in nfes] if variable else [out]))
+    fid.check_exports(args, *([out / f"nfe{n}" for n in nfes] if variable else [out]))
     teacher, teacher_path = common.load_teacher(args, pg)               # the shared teacher: evaluation reference
     settings["teacher_sha256"] = common.fingerprint(teacher_path)      # checked on --resume
     source = first_stage(args, pg, teacher, settings["teacher_sha256"]) if second_stage else teacher

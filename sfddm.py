@@ -319,7 +319,7 @@ def main():
     suffix = f"-nfe{args.nfe}" + ("-concentrated" if args.subseq == "concentrated" else "")
     kind = "scratch" if args.scratch else {"fresh": "", "teacher": "tinit"}[args.init]
     out = common.run_dir(args, "sfddm" + (f"-{kind}" if kind else "") + suffix)
-    common.check_exports(args, out / "ddim", out / "alg2")
+    fid.check_exports(args, out / "ddim", out / "alg2")
     if args.nfe == 2:
         pg.log("warning: SFDDM is not meant for 2 steps (paper Sec. 5); expect blurry samples")
     alpha_bar_s = student_alpha_bar(teacher_alpha_bar(args.teacher_steps), phi)       # Eq. 9

@@ -7,14 +7,14 @@ of Denoising Diffusion Models", AAAI 2024, arXiv:2311.03830) on PD or CD: an att
   python sferd.py --nfe 4 --no-predictor --w 0.5 --blur-sigma 1 --out runs/fashion/sferd-abl     # an ablation
 
 What is implemented (Alg. 1-2, Sec. 4, App. B; authors' partial code: Sainzerjj/SFERD; ../shared/specs/METHODS.md 4):
-  - Alg. 1 in alg1_pd / alg1_cd. Lines 8-13, attention guidance (guided): A = the attention each position of a decoder
-    block receives, psi = 1[A > k] upsampled (Eq. 10), a Gaussian blur, the guided x0 (Eq. 11), in the EDM view x = z/alpha
-    (each line divided by alpha_t). Lines 15-16: the base's target from it, "t-1" the teacher's step from t (PD: n DDIM
-    steps per student step, t - 1/(nN); CD: the next grid point). Lines 17-18: z_sem = E_phi(x0) and
-    w(lambda_t)*|(s_{t-1}^2/alpha_{t-1})*G_tau - (x0_target - x0_student)|^2. G_tau reuses the student's encoder.
-  - Phases (main): the base with the guided teacher (PD: pd.py's loss, n = 2 halving or Table 6's two stages start -> M
-    -> nfe, M = 2^ceil(log2 sqrt(start*nfe)); CD: cd.cd_loss); E_phi, G_tau with the student frozen for half of
-    --pred-iters, then joint (Sec. 4.2); a latent DDPM over normalised z_sem (Table 4). --resume continues each phase.
+  - Alg. 1 in alg1_pd / alg1_cd. Lines 8-13, attention guidance (guided): psi = 1[A > k] of the attention A each position
+    of a decoder block receives, upsampled (Eq. 10), a Gaussian blur, the guided x0 (Eq. 11), in the EDM view x = z/alpha.
+    Lines 15-16: the base's target from it, "t-1" the teacher's step (PD: n DDIM steps per student step, t - 1/(nN); CD:
+    the next grid point). Lines 17-18: z_sem = E_phi(x0), w(lambda_t)*|(s_{t-1}^2/alpha_{t-1})*G_tau - (x0_target -
+    x0_student)|^2; G_tau reuses the student's encoder.
+  - Phases (main): the base with the guided teacher (PD: pd.pd_loss, halving or Table 6's two stages start -> M -> nfe;
+    CD: cd.cd_loss); E_phi, G_tau, the student frozen for half of --pred-iters, then joint (Sec. 4.2); a latent DDPM over
+    normalised z_sem (Table 4). --resume continues each phase.
   - Sampling (Alg. 2): x0~ = x0_theta + c*G_tau, then the base's step. Ablations: --no-guidance, --no-predictor (both: the base).
 
 Deviations (why):
@@ -27,7 +27,6 @@ Deviations (why):
     a 64-d z_sem, a 4 x 256 latent MLP with EMA 0.995; the predictor's length and joint lr are fewstep's choice.
 """
 import copy
-import json
 import math
 
 import torch
@@ -64,7 +63,7 @@ BASES = {   # the base's settings by --base and preset: pd.py's / cd.py's in smo
            # EMA 0.9999, 32M images = 125k iterations, lambda = 1 as in the CD paper.
            "paper": dict(iters=125_000, batch=256, lr=2e-4, N=40, mu=0.0, ema_rate=0.9999, metric="l2", weighting="uniform")},
 }
-LATENT_T, LATENT_BETA = 1000, 0.008         # Table 4: T = 1000, constant beta
+LATENT_ALPHA_BAR = common.ddpm_alpha_bar(1000, 0.008, 0.008)[1:].float()     # Table 4: T = 1000, constant beta
 
 
 def parse_args(argv=None):
@@ -93,7 +92,8 @@ def parse_args(argv=None):
     common.fill_presets(args, BASES[args.base])              # the base's settings, unless given
     if not 0 <= args.g_drop < 1 or args.blur_sigma <= 0 or args.blur_size < 1 or args.blur_size % 2 == 0:
         raise common.UserError("need 0 <= --g-drop < 1, --blur-sigma > 0 and an odd --blur-size")
-    args.stages = pd_stages(args.nfe, args.start_steps, args.schedule) if args.base == "pd" else None
+    args.speeds = pd_stages(args.nfe, args.start_steps, args.schedule) if args.base == "pd" else {}
+    args.stages = list(args.speeds) if args.base == "pd" else None
     if args.stages == []:
         raise common.UserError(f"--nfe {args.nfe}: SFERD-PD needs at least one distillation stage (--nfe < --start-steps)")
     args.taus = cd.sampling_taus(args.nfe, args.taus) if args.base == "cd" else None
@@ -101,62 +101,18 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The teacher: SFERD-PD's speed n (Alg. 1 lines 4-6, 15-16, Table 6), attention guidance (lines 8-13)
+# The teacher: SFERD-PD's stages and speeds n (Table 6), attention guidance (Alg. 1 lines 8-13)
 # ----------------------------------------------------------------------------------------------
 
 def pd_stages(nfe, start_steps, schedule="halving"):
-    """Student steps of the stages: halving (start/2, ..., nfe; n = 2 each) or two-stage (Table 6's 1024 -> 32 -> 1 and
-    1024 -> 64 -> 2: M = 2^ceil(log2 sqrt(start*nfe)), one stage when M is not in between)."""
+    """{student steps: n} of the stages, n the teacher's steps over the student's: halving (start/2, ..., nfe; n = 2 each)
+    or two-stage (Table 6's 1024 -> 32 -> 1 and 1024 -> 64 -> 2: M = 2^ceil(log2 sqrt(start*nfe)), one stage when M is
+    not strictly in between)."""
     steps = pd.stage_steps(nfe, start_steps)                  # validates: powers of two, nfe <= start
-    if schedule == "halving" or not steps:
-        return steps
-    mid = 2 ** math.ceil(math.log2(math.sqrt(start_steps * nfe)) - 1e-9)
-    return [mid, nfe] if nfe < mid < start_steps else [nfe]
-
-
-def speeds(stages, start_steps):
-    """n of each stage: the teacher's steps over the student's, {student steps: n}."""
-    return {N: T // N for T, N in zip([start_steps, *stages], stages)}
-
-
-@torch.no_grad()
-def teacher_target(teacher, z_t, t, N, n):
-    """Alg. 1 lines 15-16 for PD with speed n: n DDIM steps of the nN-step teacher from t to t'' = t - 1/N, then the x~ for
-    which one student step lands on the teacher's z_t'' (n = 2: pd.teacher_target); at t'' = 0 its last x_hat. (x~, z_t'')"""
-    (alpha_t, sigma_t), z = pd.alpha_sigma(t, z_t), z_t
-    for j in range(n):                                        # line 15, n times: the teacher's DDIM steps
-        alpha, sigma = pd.alpha_sigma(t - j / (n * N), z_t)
-        alpha_next, sigma_next = pd.alpha_sigma(t - (j + 1) / (n * N), z_t)
-        x_hat = common.vp_predict(teacher, z, alpha, sigma)[0]
-        z = pd.ddim_step(z, x_hat, alpha, sigma, alpha_next, sigma_next)
-    ratio = sigma_next / sigma_t
-    x_tilde = (z - ratio * z_t) / (alpha_next - ratio * alpha_t)          # line 16: the x0 target at s = t - 1/N
-    return torch.where((t - 1 / N <= 0).reshape(-1, 1, 1, 1).to(z_t.device), x_hat, x_tilde), z
-
-
-def pd_loss(student, teacher, x0, gen, N, n=2):
-    """SFERD-PD's base phase for a batch x0: pd.pd_loss (its draws: eps, then i; no flips) with the n-step target."""
-    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
-    i = torch.randint(N, (len(x0),), generator=gen)
-    t = (i.double() + 1) / N
-    alpha_t, s_t = pd.alpha_sigma(t, x0)
-    z_t = alpha_t * x0 + s_t * eps
-    x_tilde, _ = teacher_target(teacher, z_t, t, N, n)
-    x_hat = common.vp_predict(student, z_t, alpha_t, s_t)[0]
-    return (pd.truncated_snr_weight(alpha_t, s_t).flatten() * ((x_hat - x_tilde) ** 2).mean(dim=(1, 2, 3))).mean()
-
-
-def gaussian_kernel(sigma, size):
-    """1-D Gaussian, normalised to sum 1 (the blur preserves a constant image)."""
-    g = torch.exp(-(torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2 / (2 * sigma**2))
-    return (g / g.sum()).float()
-
-
-def gaussian_blur(x, sigma=3.0, size=15):
-    """B(x): separable depthwise Gaussian convolution (rows, then columns), reflect padding."""
-    C, pad, g = x.shape[1], size // 2, gaussian_kernel(sigma, size).to(x.device, x.dtype)
-    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), g.view(1, 1, 1, size).expand(C, 1, 1, size), groups=C)
-    return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), g.view(1, 1, size, 1).expand(C, 1, size, 1), groups=C)
+    if schedule == "two-stage" and steps:
+        mid = 2 ** math.ceil(math.log2(math.sqrt(start_steps * nfe)) - 1e-9)
+        steps = [mid, nfe] if nfe < mid < start_steps else [nfe]
+    return {N: T // N for T, N in zip([start_steps, *steps], steps)}
 
 
 def attention_mask(attn, k, size):
@@ -167,26 +123,28 @@ def attention_mask(attn, k, size):
     return F.interpolate((A > k).float().reshape(-1, 1, r, r), size=size, mode="nearest")
 
 
-def default_attn_block(net):
-    """The highest-resolution decoder self-attention block (the paper: 32x32 maps correlate best); the last one."""
+def attn_block(net, name=None):
+    """--attn-block checked against the teacher's blocks; by default the highest-resolution decoder self-attention block
+    (the paper: 32x32 maps correlate best), the last one."""
     dec = [n for n in net.attn_names if n.startswith("dec")]
-    if not dec:
-        raise common.UserError(f"the teacher U-Net has no decoder attention block ({', '.join(net.attn_names)})")
-    return max(reversed(dec), key=lambda n: int(n[3:].split(".")[0]))
+    if name is None and not dec or name is not None and name not in net.attn_names:
+        raise common.UserError(f"--attn-block {name or '(the default)'}: the teacher has no such decoder attention block "
+                               f"({', '.join(net.attn_names)})")
+    return name or max(reversed(dec), key=lambda n: int(n[3:].split(".")[0]))
 
 
 def guided(D, args):
     """D~(x, sigma) = x0_teacher of Alg. 1 lines 8-13, EDM view x = z_t/alpha_t, sigma = s_t/alpha_t (--no-guidance: D)."""
     if args.no_guidance:
         return D
-    block = args.attn_block or default_attn_block(D.net)
+    block = attn_block(D.net, args.attn_block)
 
     def D_guided(x, sigma, cond=None):
         sigma = common.as_batch(sigma, x)
         x0_hat, extras = D(x, sigma, attn=block)                         # line 8 (A_t^l) and line 9
         eps_hat = (x - x0_hat) / sigma
         psi = attention_mask(extras["attn"], args.k, x.shape[-2:])      # line 10
-        x_tilde = gaussian_blur(x0_hat, args.blur_sigma, args.blur_size) + sigma * eps_hat   # line 11 / alpha_t
+        x_tilde = common.gaussian_blur(x0_hat, args.blur_sigma, args.blur_size) + sigma * eps_hat   # line 11 / alpha_t
         x_attn = (1 - psi) * x + psi * x_tilde                          # line 12, Eq. 10
         x0_attn = D(x_attn, sigma)                                      # Eq. 11
         return (1 + args.w) * x0_hat - args.w * x0_attn                 # line 13
@@ -194,22 +152,9 @@ def guided(D, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# The semantic gradient predictor in the student (Sec. 4.2, App. B.1), Alg. 1, the latent DDPM (Table 4)
+# The gradient predictor G_tau (Sec. 4.2, App. B.1), Alg. 1, and the phases: the base with the guided teacher,
+#   then E_phi and G_tau on Alg. 1, then the latent DDPM over z_sem (Table 4)
 # ----------------------------------------------------------------------------------------------
-
-class SemanticEncoder(nn.Module):
-    """E_phi(x0) -> z_sem: stride-2 convs with GroupNorm + SiLU (the encoder part of a U-Net), pooled, Linear."""
-
-    def __init__(self, in_ch, z_dim, ch=32, mults=(1, 2, 4)):
-        super().__init__()
-        layers = [nn.Conv2d(in_ch, ch, 3, padding=1)]
-        for c, m in zip((1, *mults), mults):
-            layers += [nn.Conv2d(c * ch, m * ch, 3, stride=2, padding=1), common.group_norm(m * ch), nn.SiLU()]
-        self.body, self.out = nn.Sequential(*layers), nn.Linear(mults[-1] * ch, z_dim)
-
-    def forward(self, x0):
-        return self.out(self.body(x0).mean(dim=(2, 3)))
-
 
 class GradientPredictor(nn.Module):
     """G_tau(x_t, z_sem, t): the student's encoder features and time embedding (passed in) feed a fresh middle + decoder +
@@ -226,14 +171,10 @@ class GradientPredictor(nn.Module):
         return self.body.conv_out(self.body.decode(h, skips, emb, cond=z_sem)).float()
 
 
-def g_scale(alpha_prev, s_prev):
-    """s_{t-1}^2 / alpha_{t-1}: the scale of G_tau in the loss of Alg. 1 line 18 (from Eq. 14)."""
-    return s_prev**2 / alpha_prev
-
-
 def predictor_loss(G, x0_target, x0_student, alpha_prev, s_prev, weight):
-    """Alg. 1 line 18: w(lambda_t)*|(s_{t-1}^2/alpha_{t-1})*G - (x0_target - x0_student)|^2 (per-pixel mean)."""
-    err = g_scale(alpha_prev, s_prev) * G - (x0_target - x0_student)
+    """Alg. 1 line 18: w(lambda_t)*|(s_{t-1}^2/alpha_{t-1})*G - (x0_target - x0_student)|^2 (per-pixel mean); the scale
+    s_{t-1}^2/alpha_{t-1} is from Eq. 14."""
+    err = s_prev**2 / alpha_prev * G - (x0_target - x0_student)
     return (weight.flatten() * err.pow(2).mean(dim=(1, 2, 3))).mean()
 
 
@@ -245,7 +186,7 @@ def alg1_pd(student, teacher, x0, gen, E, G, N, n=2):
     t = (i.double() + 1) / N
     alpha_t, s_t = pd.alpha_sigma(t, x0)
     z_t = alpha_t * x0 + s_t * eps                                   # line 7
-    x0_target, _ = teacher_target(teacher, z_t, t, N, n)             # lines 8-16: n steps of the guided teacher, x~
+    x0_target, _ = pd.teacher_target(teacher, z_t, t, N, n)          # lines 8-16: n steps of the guided teacher, x~
     x0_student = common.vp_predict(student, z_t, alpha_t, s_t)[0]
     alpha_p, s_p = pd.alpha_sigma(t - 1 / (n * N), x0)               # t-1 = t - 1/(nN), line 15's step: > 0 at t = 1/N
     z_sem = E(x0)                                                    # line 17
@@ -265,62 +206,16 @@ def alg1_cd(f, teacher, x0, gen, E, G, sigmas):
                           torch.ones(len(x0), device=x0.device))                   # line 18
 
 
-class LatentMLP(nn.Module):
-    """eps_omega(z_t, t): an MLP whose every layer also sees z_t (Diff-AE's MLPSkipNet); buffers: z_sem's mean and std."""
-
-    def __init__(self, z_dim, hidden, layers):
-        super().__init__()
-        self.t_emb = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.layers = nn.ModuleList([nn.Linear((hidden if i else 0) + z_dim, hidden) for i in range(layers)])
-        self.out = common.zero_init(nn.Linear(hidden, z_dim))
-        self.register_buffer("mean", torch.zeros(z_dim))
-        self.register_buffer("std", torch.ones(z_dim))
-
-    def forward(self, z, t):
-        emb, h = self.t_emb(common.timestep_embedding(t.float(), 64)), z[:, :0]
-        for layer in self.layers:
-            h = F.silu(layer(torch.cat([h, z], dim=1)) + emb)
-        return self.out(h)
-
-
-def latent_alpha_bar(device="cpu"):
-    return torch.cumprod(torch.full((LATENT_T,), 1 - LATENT_BETA, dtype=torch.float64), 0).float().to(device)
-
-
-def latent_loss(mlp, z, t, eps):
-    """Eq. 16: |eps - eps_omega(sqrt(abar_t)*z + sqrt(1-abar_t)*eps, t)|, L1."""
-    abar = latent_alpha_bar(z.device)[t][:, None]
-    return (eps - mlp(abar.sqrt() * z + (1 - abar).sqrt() * eps, t)).abs().mean()
-
-
-@torch.no_grad()
-def sample_latent(mlp, noise, steps, mean, std):
-    """DDIM (eta 0) over `steps` evenly spaced of the T = 1000 steps; returns denormalised z_sem."""
-    abar, z = latent_alpha_bar(noise.device), noise
-    ts = torch.linspace(LATENT_T - 1, 0, steps).round().long().tolist()
-    for i, t in enumerate(ts):
-        eps = mlp(z, torch.full((len(z),), t, device=z.device))
-        z0 = (z - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
-        a_next = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-        z = a_next.sqrt() * z0 + (1 - a_next).sqrt() * eps
-    return z * std + mean
-
-
-# ----------------------------------------------------------------------------------------------
-# Training: the base with the guided teacher, then E_phi and G_tau on Alg. 1, then the latent DDPM
-# ----------------------------------------------------------------------------------------------
-
 def train_pd(args, pg, data, D, out, settings, gen):
     """SFERD-PD's base phase: PD's outer loop (as pd.distil), guided teachers, n-step targets. Returns the student, the
     guided teacher of its stage, Alg. 1 for the predictor phase, and the images and seconds so far."""
-    n, schedule = speeds(args.stages, args.start_steps), pd.linear_anneal if args.lr_schedule == "anneal" else common.constant_lr
+    n, schedule = args.speeds, pd.linear_anneal if args.lr_schedule == "anneal" else common.constant_lr
     pg.log(f"SFERD-PD stages {args.start_steps} -> {' -> '.join(map(str, args.stages))}, n {n}, lr {args.lr:g} {args.lr_schedule}")
     student, totals = D, dict(images=0, seconds=0.0)
     for N in args.stages:
         teacher, student = guided(student, args), pd.make_student(student)   # eta <- theta, guided; theta <- eta
-        opt = torch.optim.Adam(student.parameters(), lr=args.lr)         # a fresh optimizer every stage
-        totals = common.train_stage(pg, lambda s, T, x, g: pd_loss(s, T, x, g, N, n[N]), common.stage_budget(
-            args, N, schedule), opt, student, common.stage_path(out, N), "sferd-pd-student", settings, gen, args.resume,
+        totals = common.train_stage(pg, lambda s, T, x, g: pd.pd_loss(s, T, x, g, N, n=n[N]), common.stage_budget(
+            args, N, schedule), student, common.stage_path(out, N), "sferd-pd-student", settings, gen, args.resume,
             args.resume, totals, data=data, teacher=teacher, desc=f"sferd-pd {n[N] * N} -> {N} steps")
     return student, teacher, lambda s, T, x0, g, E, G: alg1_pd(s, T, x0, g, E, G, args.nfe, n[args.nfe]), totals
 
@@ -329,16 +224,15 @@ def train_cd(args, pg, data, D, out, settings, gen):
     """SFERD-CD's base phase: cd.py's Alg. 2 (cd.cd_loss, RAdam, no clipping) with the guided teacher, the target and
     sampling EMAs updated by the loop. Returns as train_pd (the student: the sampling EMA f_ema)."""
     teacher, (f, f_target, f_ema), path = guided(D, args), cd.consistency_nets(D, args.mu), out / "student.pt"
-    sigmas = common.karras_sigmas(args.N, cd.SIGMA_MIN, cd.SIGMA_MAX, cd.RHO).float().to(pg.device)
-    emas = ([(f_target, f, args.mu)] if f_target is not f else []) + [(f_ema, f, args.ema_rate)]
+    sigmas = common.karras_sigmas(args.N).float().to(pg.device)
     nets = dict(net=f.net, ema=f_ema.net, **({"target": f_target.net} if f_target is not f else {}))
     settings = dict(settings, **{k: getattr(args, k) for k in ("N", "mu", "ema_rate", "lr", "metric", "batch", "weighting")})
     loss = lambda s, T, x0, g: cd.cd_loss(s, T, x0, g, f_target=f_target, sigmas=sigmas, metric=args.metric,
                                           weighting=args.weighting)
-    run = common.train_loop(pg, loss, dict(total=args.iters, unit="updates", batch=args.batch, lr=args.lr,
-                                           ckpt_every=args.ckpt_every),
-                            torch.optim.RAdam(f.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8), nets, path,
-                            "sferd-cd-student", settings, gen, data=data, student=f, teacher=teacher, emas=emas,
+    budget = dict(total=args.iters, unit="updates", batch=args.batch, lr=args.lr, ckpt_every=args.ckpt_every)
+    run = common.train_loop(pg, loss, budget, torch.optim.RAdam(f.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8),
+                            nets, path, "sferd-cd-student", settings, gen, data=data, student=f, teacher=teacher,
+                            emas=cd.ema_updates(f, f_target, f_ema, args.mu, args.ema_rate),
                             resume=common.resume_from(path, "sferd-cd-student", args.resume), desc="CD")
     alg1 = lambda s, T, x0, g, E, G: alg1_cd(s, T, x0, g, E, G, sigmas)
     return f_ema.eval(), teacher, alg1, dict(images=run["images"], seconds=run["seconds"])
@@ -347,7 +241,7 @@ def train_cd(args, pg, data, D, out, settings, gen):
 def train_predictor(args, pg, data, student, teacher, alg1, out, settings, totals):
     """E_phi and G_tau on Alg. 1 (alg1_pd or alg1_cd), the student frozen for the first half, then trained jointly at
     joint_lr (Sec. 4.2); resumable from out/predictor.pt. Returns (E, G, the images and seconds so far)."""
-    E, G = SemanticEncoder(data.shape[1], args.z_dim).to(pg.device), GradientPredictor(student.net, args.z_dim).to(pg.device)
+    E, G = common.SemanticEncoder(data.shape[1], args.z_dim).to(pg.device), GradientPredictor(student.net, args.z_dim).to(pg.device)
     opt = torch.optim.Adam([{"params": list(E.parameters()) + list(G.parameters()), "lr": args.pred_lr},
                             {"params": list(student.net.parameters()), "lr": args.joint_lr}])
     path, P = out / "predictor.pt", args.pred_iters
@@ -365,7 +259,7 @@ def train_predictor(args, pg, data, student, teacher, alg1, out, settings, total
 def train_latent(args, pg, data, E, out, settings, totals):
     """The latent DDPM over normalised z_sem = E_phi(x0) of all the data (Eq. 16), sampled through its EMA (Table 4);
     resumable from out/latent.pt, fit again to another E_phi. Returns (the EMA, the totals with its seconds)."""
-    path, mlp = out / "latent.pt", LatentMLP(args.z_dim, args.latent_hidden, args.latent_layers).to(pg.device)
+    path, mlp = out / "latent.pt", common.LatentMLP(args.z_dim, args.latent_hidden, args.latent_layers).to(pg.device)
     settings = dict(settings, **{k: getattr(args, k) for k in PRESETS["smoke"] if k not in ("latent_steps", "ckpt_every")})
     ck, zn = common.resume_from(path, "sferd-latent", args.resume), None     # a finished one draws no batch
     if ck is not None and ck.get("settings") != settings:
@@ -378,8 +272,8 @@ def train_latent(args, pg, data, E, out, settings, totals):
         mlp.std.copy_(z.std(0).clamp(min=1e-4))
         zn = (z - mlp.mean) / mlp.std                               # zero mean, unit variance (App. B.1)
     ema = copy.deepcopy(mlp).requires_grad_(False)                  # Table 4: the EMA samples
-    loss = lambda m, _, z, g: latent_loss(m, z, torch.randint(LATENT_T, (len(z),), generator=g).to(z.device),
-                                          torch.randn(z.shape, generator=g).to(z.device))
+    loss = lambda m, _, z, g: common.latent_loss(m, z, torch.randint(len(LATENT_ALPHA_BAR), (len(z),), generator=g).to(
+        z.device), torch.randn(z.shape, generator=g).to(z.device), LATENT_ALPHA_BAR)      # Eq. 16
     run = common.train_loop(pg, loss, dict(total=args.latent_iters, unit="updates", batch=args.latent_batch,
                                            lr=args.latent_lr, ckpt_every=args.ckpt_every),
                             torch.optim.Adam(mlp.parameters(), lr=args.latent_lr), dict(mlp=mlp, ema=ema), path,
@@ -389,14 +283,14 @@ def train_latent(args, pg, data, E, out, settings, totals):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling (Alg. 2) and the comparison with the base
+# Sampling (Alg. 2), the comparison with the base, and the benchmark (python common.py bench)
 # ----------------------------------------------------------------------------------------------
 
 def corrected_x0(x0, G, sigma, sigma_prev, mode="train"):
     """Alg. 2's x0~ = (z_t - s_t*eps~)/alpha_t for a student that predicts x0 (sigma, sigma_prev: EDM view of t and t-1).
     'paper': eps~ = eps - s_t*G, so x0~ = x0 + (s_t^2/alpha_t)*G; 'train': x0 + (s_{t-1}^2/alpha_{t-1})*G, what G learnt."""
     (alpha_t, s_t), (alpha_p, s_p) = common.vp_from_sigma(sigma), common.vp_from_sigma(sigma_prev)
-    return x0 + (s_t**2 / alpha_t if mode == "paper" else g_scale(alpha_p, s_p)).to(x0.dtype) * G
+    return x0 + (s_t**2 / alpha_t if mode == "paper" else s_p**2 / alpha_p).to(x0.dtype) * G
 
 
 def corrected_denoiser(D, G, z_sem, sigma_prevs, mode="train", g_drop=0.0):
@@ -422,7 +316,7 @@ def sample_sferd_pd(D, eps, N, G, z_sem, mode="train", g_drop=0.0, n=2):
 def sample_sferd_cd(f, eps, taus, G, z_sem, N, mode="train", g_drop=0.0):
     """cd.sample_cd with Alg. 2's x0~; a call at sigma has t-1 = the next lower point of CD's N-point grid (alg1_cd's t2;
     a point within 1% is sigma itself: the default taus are rounded grid points)."""
-    grid = common.append_zero(common.karras_sigmas(N, cd.SIGMA_MIN, cd.SIGMA_MAX, cd.RHO))
+    grid = common.append_zero(common.karras_sigmas(N))
     sigma_prev = [grid[grid < 0.99 * s][0].item() for s in [cd.SIGMA_MAX, *taus]]
     f_tilde = corrected_denoiser(f, G, z_sem, sigma_prev, mode, g_drop)
     return cd.sample_cd(f_tilde, cd.SIGMA_MAX * eps, taus, cd.renoise_source(eps).randn_like)
@@ -433,10 +327,10 @@ def make_sampler(args, student, G=None, latent=None):
     keyed by each sample's starting noise (cd.renoise_source, another seed)."""
     if G is None:
         return (lambda eps: pd.sample_ddim(student, eps, args.nfe)) if args.base == "pd" else cd.make_sampler(student, args.taus)
-    z_sem = lambda eps: sample_latent(latent, cd.renoise_source(eps, common.EVAL_SEED + 1).randn(args.z_dim),
-                                      args.latent_steps, latent.mean, latent.std)
+    z_sem = lambda eps: common.sample_latent(latent, cd.renoise_source(eps, common.EVAL_SEED + 1).randn(args.z_dim),
+                                             args.latent_steps, latent.mean, latent.std, LATENT_ALPHA_BAR)
     if args.base == "pd":
-        n = speeds(args.stages, args.start_steps)[args.nfe]
+        n = args.speeds[args.nfe]
         return lambda eps: sample_sferd_pd(student, eps, args.nfe, G, z_sem(eps), args.g_scale, args.g_drop, n)
     return lambda eps: sample_sferd_cd(student, eps, args.taus, G, z_sem(eps), args.N, args.g_scale, args.g_drop)
 
@@ -445,19 +339,12 @@ def base_run_metrics(args):
     """SFERD vs its base at the same settings (the paper's claim): this file's --no-guidance --no-predictor run (exactly
     the base) or the base's own run (pd.py / cd.py), whichever has the same preset, NFE and stages."""
     runs = common.RUNS / common.dataset_slug(args.dataset)
-    for path in (runs / f"sferd-{args.base}-noguide-nopred-nfe{args.nfe}" / "metrics.json",
-                 runs / f"{args.base}-{args.preset}" / f"nfe{args.nfe}" / "metrics.json"):
-        m = json.loads(path.read_text()) if path.exists() else {}
-        if [m.get(k) for k in ("preset", "nfe", "start_steps", "stages")] == [args.preset, args.nfe, args.start_steps, args.stages]:
-            keys = ("fid", "fid_n", "teacher_rms", "images_seen", "train_seconds")
-            return {"base_run": str(path), **{f"base_{k}": m.get(k) for k in keys}}
-    return {"base_run": None, "base_note": f"for the base, run this file with --no-guidance --no-predictor (or "
-            f"`python {args.base}.py` with the same settings)"}
+    m = fid.baseline_metrics([runs / f"sferd-{args.base}-noguide-nopred-nfe{args.nfe}" / "metrics.json",
+                              runs / f"{args.base}-{args.preset}" / f"nfe{args.nfe}" / "metrics.json"],
+                             dict(preset=args.preset, nfe=args.nfe, start_steps=args.start_steps, stages=args.stages))
+    return m if m["base_run"] else dict(m, base_note=f"for the base, run this file with --no-guidance --no-predictor "
+                                        f"(or `python {args.base}.py` with the same settings)")
 
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark (boilerplate): one training iteration at a preset, random weights (python common.py bench)
-# ----------------------------------------------------------------------------------------------
 
 def bench_step(teacher, preset, device, batch=None):
     """One update of SFERD-PD's base phase in its first stage (n DDIM steps of the guided teacher, two U-Net calls each,
@@ -469,7 +356,7 @@ def bench_step(teacher, preset, device, batch=None):
     def step():
         x = torch.rand((batch, *common.image_shape(teacher.net)), device=device) * 2 - 1
         with common.autocast(device):
-            out = pd_loss(student, T, x, gen, N, speeds(args.stages, args.start_steps)[N])
+            out = pd.pd_loss(student, T, x, gen, N, n=args.speeds[N])
         common.optimizer_steps(pg, out, opt, list(student.parameters()), clip=args.grad_clip)
 
     total = sum(common.stage_budget(args, N, None)["total"] for N in args.stages) * args.batch
@@ -481,21 +368,14 @@ def main(argv=None):
     pg = common.Dist(args.device)
     variant = f"sferd-{args.base}" + "-noguide" * args.no_guidance + "-nopred" * args.no_predictor
     out = common.run_dir(args, f"{variant}-nfe{args.nfe}")
-    common.check_exports(args, out)
-    common.seed_all(args.seed)
-    data, _ = common.load_dataset(args.dataset, args.data_dir)
-    D, teacher_path = common.load_teacher(args, pg)
-    common.require_arch(D.net, ("fewstep",), "SFERD reads the teacher U-Net's attention maps and splits its encoder from "
-                        "its decoder")
-    common.check_data_shape(data, D, args.dataset)
-    if not args.no_guidance:                                         # fail early on a bad --attn-block
-        args.attn_block = args.attn_block or default_attn_block(D.net)
-        if args.attn_block not in D.net.attn_names:
-            raise common.UserError(f"--attn-block {args.attn_block}: the teacher has {', '.join(D.net.attn_names)}")
+    fid.check_exports(args, out)
+    data, D, teacher_path = common.load_inputs(args, pg, ("fewstep",), "SFERD reads the teacher U-Net's attention maps "
+                                               "and splits its encoder from its decoder")
+    if not args.no_guidance:
+        args.attn_block = attn_block(D.net, args.attn_block)         # a bad --attn-block fails now, not in training
     pg.log(f"{variant}: {args.dataset}, preset {args.preset}, NFE {args.nfe}, attention block {args.attn_block}, "
            f"k {args.k}, w {args.w}, blur sigma {args.blur_sigma}, {pg.world} process(es) on {pg.device}")
     # What the trained networks depend on: saved with every file of the run, a --resume with others is refused.
-    teacher_path = teacher_path.resolve()
     settings = dict(teacher_sha256=common.fingerprint(teacher_path), start_steps=args.start_steps, guidance=not args.no_guidance,
                     **(dict(schedule=args.schedule, lr_schedule=args.lr_schedule) if args.base == "pd" else {}),
                     **({} if args.no_guidance else {k: getattr(args, k) for k in ("k", "w", "blur_sigma", "blur_size", "attn_block")}))
@@ -508,10 +388,10 @@ def main(argv=None):
         latent, totals = train_latent(args, pg, data, E, out, settings, totals)
     info = dict(method="sferd", variant=variant, nfe=args.nfe, train_seconds=totals["seconds"], images_seen=totals["images"],
                 base=args.base, base_phase_images=base_images, guidance=not args.no_guidance, predictor=not args.no_predictor,
-                attn_block=args.attn_block, k=args.k, w=args.w, blur_sigma=args.blur_sigma, blur_size=args.blur_size,
-                g_scale=args.g_scale, g_drop=args.g_drop, latent_ddim_steps=args.latent_steps if G is not None else 0,
+                **{k: getattr(args, k) for k in ("attn_block", "k", "w", "blur_sigma", "blur_size", "g_scale", "g_drop")},
+                latent_ddim_steps=args.latent_steps if G is not None else 0, start_steps=args.start_steps, stages=args.stages,
                 calls_per_step="student + G_tau (its own encoder pass)" if G is not None else "student",
-                start_steps=args.start_steps, stages=args.stages, schedule=args.schedule, **base_run_metrics(args))
+                schedule=args.schedule, **base_run_metrics(args))
     fid.report(args, pg, out, D, teacher_path, make_sampler(args, student, G, latent), info, data.shape[1:])
     pg.close()
 

@@ -324,7 +324,7 @@ def test_each_cfd_stage_trains_eq7_with_its_own_tau(fashion_dir, smoke_teacher, 
         calls.append(("rcfd", N, tau, beta, gamma))
         return real(student, teacher, x, gen, N, cls, tau, beta, gamma, xflip)
 
-    def one_evaluation(pg, loss, budget, opt, student, path, kind, settings, gen, reuse, resume, totals, **loop):
+    def one_evaluation(pg, loss, budget, student, path, kind, settings, gen, reuse, resume, totals, **loop):
         calls.append(("stage", int(path.stem[len("student-"):-len("steps")]), budget["schedule"].__name__,
                       settings.get("tau")))
         loss(student, loop["teacher"], common.to_float(loop["data"][:2]), gen)

@@ -77,7 +77,7 @@ def noise_images(calls):
 
 def test_export_png_layout_npz_array_and_resume(tmp_path):
     shape, calls = (1, 8, 8), []
-    png = common.export_samples(export_args(tmp_path), tmp_path / "run", noise_images(calls), shape, "cpu")
+    png = fid.export_samples(export_args(tmp_path), tmp_path / "run", noise_images(calls), shape, "cpu")
     assert png == tmp_path / "run" / "samples-5" and sum(calls) == 5
     files = sorted(p.relative_to(png).as_posix() for p in png.rglob("*.png"))
     assert files == [f"000000/00000{k}.png" for k in range(5)]                  # EDM generate.py's layout
@@ -87,7 +87,7 @@ def test_export_png_layout_npz_array_and_resume(tmp_path):
     # Resume: only the missing image is made again, and it is the same image.
     (png / "000000" / "000003.png").unlink()
     calls.clear()
-    common.export_samples(export_args(tmp_path, resume=True), tmp_path / "run", noise_images(calls), shape, "cpu")
+    fid.export_samples(export_args(tmp_path, resume=True), tmp_path / "run", noise_images(calls), shape, "cpu")
     assert calls == [1] and np.array_equal(np.asarray(Image.open(png / "000000" / "000003.png")), images[3, ..., 0])
     # npz: one uint8 N x H x W x C arr_0 with the same pixels; interrupted after one batch, then resumed.
     def dies_after_one(eps, seen=[]):
@@ -97,13 +97,13 @@ def test_export_png_layout_npz_array_and_resume(tmp_path):
         return torch.tanh(eps)
     args = export_args(tmp_path, export_format="npz")
     with pytest.raises(KeyboardInterrupt):
-        common.export_samples(args, tmp_path / "run", dies_after_one, shape, "cpu")
+        fid.export_samples(args, tmp_path / "run", dies_after_one, shape, "cpu")
     target = tmp_path / "run" / "samples-5.npz"
     assert not target.exists() and json.loads(target.with_name("samples-5.npz.partial.json").read_text())["done"] == 2
     with pytest.raises(common.UserError, match="exists and is not empty: pass --resume"):     # partial: not restarted
-        common.export_samples(args, tmp_path / "run", noise_images([]), shape, "cpu")
+        fid.export_samples(args, tmp_path / "run", noise_images([]), shape, "cpu")
     calls.clear()
-    common.export_samples(export_args(tmp_path, export_format="npz", resume=True), tmp_path / "run", noise_images(calls),
+    fid.export_samples(export_args(tmp_path, export_format="npz", resume=True), tmp_path / "run", noise_images(calls),
                           shape, "cpu")
     assert calls == [2, 1] and sorted(p.name for p in (tmp_path / "run").iterdir()) == ["samples-5", "samples-5.npz"]
     with np.load(target, allow_pickle=False) as z:
@@ -121,14 +121,14 @@ def test_export_refusals(tmp_path):
     with pytest.raises(common.UserError, match="samples-4 exists and is not empty"):
         sfd.parse_args(["--export", "4", "--export-dir", str(tmp_path)])
     with pytest.raises(common.UserError, match="exists and is not empty"):
-        common.export_samples(export_args(tmp_path, export=4), tmp_path, noise_images([]), (1, 8, 8), "cpu")
+        fid.export_samples(export_args(tmp_path, export=4), tmp_path, noise_images([]), (1, 8, 8), "cpu")
     assert [p.name for p in (tmp_path / "samples-4").iterdir()] == ["mine.txt"]
     sfd.parse_args(["--export", "4", "--export-dir", str(tmp_path), "--resume"])          # with --resume: allowed
     # Resuming into another run's folder is refused (its manifest names the run).
-    common.export_samples(export_args(tmp_path, export=2), tmp_path / "a", noise_images([]), (1, 8, 8), "cpu")
+    fid.export_samples(export_args(tmp_path, export=2), tmp_path / "a", noise_images([]), (1, 8, 8), "cpu")
     shutil.copytree(tmp_path / "a" / "samples-2", tmp_path / "b" / "samples-2")
     with pytest.raises(common.UserError, match="another run"):
-        common.export_samples(export_args(tmp_path, export=2, resume=True), tmp_path / "b", noise_images([]), (1, 8, 8), "cpu")
+        fid.export_samples(export_args(tmp_path, export=2, resume=True), tmp_path / "b", noise_images([]), (1, 8, 8), "cpu")
 
 
 @pytest.mark.parametrize("script,folder", [("sfd.py", "."), ("pd.py", "nfe4"), ("sfddm.py", "ddim"), ("cd.py", "nfe4")])

@@ -53,18 +53,18 @@ def cosine(t):
 
 @pytest.mark.parametrize("sigma,size", [(1.0, 7), (3.0, 15), (5.0, 15)])
 def test_blur_kernel_sums_to_one_and_preserves_constant_image(sigma, size):
-    g = sferd.gaussian_kernel(sigma, size)
+    g = common.gaussian_kernel(sigma, size)
     assert abs(g.sum().item() - 1) < 1e-6
     x = torch.arange(size) - size // 2
     ref = torch.exp(-x.double()**2 / (2 * sigma**2))
     assert torch.allclose(g.double(), ref / ref.sum(), atol=1e-7)
     const = torch.full((2, 3, 32, 32), 0.37)
-    assert torch.allclose(sferd.gaussian_blur(const, sigma, size), const, atol=1e-6)
+    assert torch.allclose(common.gaussian_blur(const, sigma, size), const, atol=1e-6)
 
 
 def test_blur_is_the_2d_gaussian_and_reflects_at_borders():
     x = torch.randn(1, 2, 32, 32)
-    out = sferd.gaussian_blur(x, 3.0, 15)
+    out = common.gaussian_blur(x, 3.0, 15)
     xr = torch.nn.functional.pad(x, (7, 7, 7, 7), mode="reflect")   # independent: the full 2-D kernel
     k = torch.exp(-(torch.arange(15) - 7.0) ** 2 / 18)
     k2 = torch.outer(k, k) / torch.outer(k, k).sum()
@@ -109,7 +109,9 @@ def test_mask_is_binary_thresholded_and_nearest_upsampled():
 def test_default_attention_block_is_highest_resolution_decoder():
     D = smoke_denoiser()
     assert D.net.attn_names == ["enc16.0", "mid16", "dec16.0", "dec16.1"]
-    assert sferd.default_attn_block(D.net) == "dec16.1"
+    assert sferd.attn_block(D.net) == "dec16.1" and sferd.attn_block(D.net, "enc16.0") == "enc16.0"
+    with pytest.raises(common.UserError, match="--attn-block dec8.0: the teacher has no such"):
+        sferd.attn_block(D.net, "dec8.0")
 
 
 def test_guidance_strength_is_the_papers_except_in_the_lab_preset():
@@ -132,7 +134,7 @@ def test_w0_gives_the_plain_teacher_and_w_matches_alg1_in_vp_notation():
     x0_hat, eps_hat, _, ext = common.vp_predict(D, z_t, alpha, s, attn="dec16.1")
     A = ext["attn"].mean(1).sum(1).reshape(2, 1, 16, 16)
     psi = (A > k).float().repeat_interleave(2, 2).repeat_interleave(2, 3)
-    z_tilde = alpha * sferd.gaussian_blur(x0_hat, 3.0, 15) + s * eps_hat               # line 11
+    z_tilde = alpha * common.gaussian_blur(x0_hat, 3.0, 15) + s * eps_hat               # line 11
     z_attn = (1 - psi) * z_t + psi * z_tilde                                           # line 12
     x0_attn = common.vp_predict(D, z_attn, alpha, s)[0]
     ref = (1 + w) * x0_hat - w * x0_attn                                               # line 13
@@ -176,7 +178,6 @@ def test_loss_scale_is_s_prev_squared_over_alpha_prev():
     N, t = 4, 0.75
     a_p, s_p = cosine(t - 0.5 / N)                                 # t-1: the teacher's step (Alg. 1 line 15)
     alpha_p, sigma_p = pd.alpha_sigma(torch.tensor([t - 0.5 / N], dtype=torch.float64), torch.zeros(1))
-    assert abs(sferd.g_scale(alpha_p, sigma_p).item() - s_p**2 / a_p) < 1e-6
     torch.manual_seed(0)
     G, x0_t, x0_s = torch.randn(3, 2, 1, 32, 32).unbind(0)
     weight = torch.tensor([2.0, 1.0])
@@ -212,7 +213,7 @@ def test_alg1_pd_scale_is_at_the_teachers_step_and_nonzero_on_the_last_student_s
             assert abs(w[b].item() - max(a_t**2 / s_t**2, 1.0)) < 1e-4 * max(1, a_t**2 / s_t**2)
         last = (i == 0)
         assert last.any()
-        scale = sferd.g_scale(alpha_p, s_p).flatten()[last]
+        scale = (s_p**2 / alpha_p).flatten()[last]
         assert (scale > 0.03).all()                                # N = 4: 0.039 at t' = 1/8; N = 1: 0.71
         x0_t, x0_s = torch.randn(2, 1, 1, 8, 8).unbind(0)
         G_ = torch.randn(1, 1, 8, 8, requires_grad=True)
@@ -283,14 +284,14 @@ def test_sample_sferd_cd_is_a_hand_written_alg2_loop(mode, g_drop, steps):
 
 
 def test_latent_ddpm_table_and_l1_loss():
-    abar = sferd.latent_alpha_bar()                               # Table 4: constant beta 0.008, T = 1000
+    abar = sferd.LATENT_ALPHA_BAR                                # Table 4: constant beta 0.008, T = 1000
     assert torch.allclose(abar.double(), 0.992 ** torch.arange(1, 1001, dtype=torch.float64), rtol=1e-5, atol=0)
-    mlp = sferd.LatentMLP(8, 32, 3)
+    mlp = common.LatentMLP(8, 32, 3)
     z, eps = torch.randn(16, 8), torch.randn(16, 8)
     t = torch.randint(1000, (16,))
-    assert abs(sferd.latent_loss(mlp, z, t, eps).item() - eps.abs().mean().item()) < 1e-6   # zero-init output
+    assert abs(common.latent_loss(mlp, z, t, eps, sferd.LATENT_ALPHA_BAR).item() - eps.abs().mean().item()) < 1e-6   # zero-init output
     noise = torch.randn(5, 8)
-    out = sferd.sample_latent(mlp, noise, 10, torch.full((8,), 2.0), torch.full((8,), 0.5))
+    out = common.sample_latent(mlp, noise, 10, torch.full((8,), 2.0), torch.full((8,), 0.5), sferd.LATENT_ALPHA_BAR)
     assert out.shape == (5, 8) and torch.isfinite(out).all()
     # eps_omega = 0: each DDIM step rescales by sqrt(abar_next/abar_t), so z_0 = z_T/sqrt(abar_T), denormalised
     # (this checks the end points and the denormalisation; the steps in between: the non-zero network test below).
@@ -402,10 +403,10 @@ def test_torchrun_two_processes(fashion_dir, smoke_teacher, tmp_path):
 # --- SFERD-PD's distillation speed n and the paper's two-stage schedule (Alg. 1 lines 4-6, Table 6) ---------
 
 def test_two_stage_schedule_is_table6_and_the_lab_keeps_halving():
-    assert sferd.pd_stages(1, 1024, "two-stage") == [32, 1] and sferd.speeds([32, 1], 1024) == {32: 32, 1: 32}
-    assert sferd.pd_stages(2, 1024, "two-stage") == [64, 2] and sferd.speeds([64, 2], 1024) == {64: 16, 2: 32}
-    assert sferd.pd_stages(4, 16, "halving") == [8, 4] and sferd.speeds([8, 4], 16) == {8: 2, 4: 2}
-    assert sferd.pd_stages(8, 16, "two-stage") == [8]                  # no power of two strictly in between
+    assert sferd.pd_stages(1, 1024, "two-stage") == {32: 32, 1: 32}    # {student steps: n}, in order
+    assert sferd.pd_stages(2, 1024, "two-stage") == {64: 16, 2: 32}
+    assert list(sferd.pd_stages(4, 16, "halving").items()) == [(8, 2), (4, 2)]
+    assert sferd.pd_stages(8, 16, "two-stage") == {8: 2}               # no power of two strictly in between
     paper, lab = (sferd.parse_args(["--preset", p, "--nfe", "1"]) for p in ("paper", "lab"))
     assert (paper.start_steps, paper.stages, paper.lr, paper.lr_schedule) == (1024, [32, 1], 2e-4, "constant")
     assert (lab.start_steps, lab.stages, lab.lr, lab.lr_schedule) == (16, [8, 4, 2, 1], 2e-4, "anneal")
@@ -416,16 +417,17 @@ def test_two_stage_schedule_is_table6_and_the_lab_keeps_halving():
 def test_each_base_stage_trains_its_n_step_target_with_its_lr_schedule(tmp_path, monkeypatch):
     """train_pd: stage k distils the guided last student with n = its speed (Table 6) under App. B.1's constant lr
     (paper) or PD's linear anneal (lab); common.train_stage is replaced by one evaluation of the loss it is given."""
-    calls, real = [], sferd.pd_loss
-    monkeypatch.setattr(sferd, "pd_loss", lambda s, T, x, g, N, n: calls.append((N, n)) or real(s, T, x, g, N, n))
+    calls, real = [], pd.pd_loss
+    monkeypatch.setattr(pd, "pd_loss", lambda s, T, x, g, N, xflip=False, n=2: calls.append((N, n)) or real(s, T, x, g, N,
+                                                                                                        xflip, n))
 
-    def one_evaluation(pg, loss, budget, opt, student, path, kind, settings, gen, reuse, resume, totals, **loop):
+    def one_evaluation(pg, loss, budget, student, path, kind, settings, gen, reuse, resume, totals, **loop):
         calls.append((path.name, [budget["schedule"](1.0, k, 10) for k in (0, 5)], budget["total"]))
         loss(student, loop["teacher"], common.to_float(loop["data"][:2]), gen)
         return totals
 
     monkeypatch.setattr(common, "train_stage", one_evaluation)
-    monkeypatch.setattr(sferd, "teacher_target", lambda T, z, t, N, n: (z, z))           # the teacher is not under test
+    monkeypatch.setattr(pd, "teacher_target", lambda T, z, t, N, n=2: (z, z))            # the teacher is not under test
     data, pg = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8), common.Dist("cpu")
     for preset, expected in (("paper", [("student-32steps.pt", [1.0, 1.0], 250_000), (32, 32), ("student-1steps.pt",
                                         [1.0, 1.0], 250_000), (1, 32)]),
@@ -460,8 +462,9 @@ def ddim_by_hand(D, z, t, s):
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_n_step_target_is_n_teacher_ddim_steps(n):
-    """Alg. 1 line 15 n times: one student DDIM step t -> t - 1/N with x~ lands where n teacher steps of size
-    1/(nN) land; n = 2 is PD's target exactly; on the last student step x~ is the teacher's last x0."""
+    """Alg. 1 line 15 n times (pd.teacher_target with n): one student DDIM step t -> t - 1/N with x~ lands where n
+    teacher steps of size 1/(nN) land; n = 2 is PD's two explicit steps bit for bit; on the last student step x~ is the
+    teacher's last x0."""
     D, N = smoke_denoiser(), 4
     torch.manual_seed(0)
     x0, eps = torch.rand(4, 1, 32, 32) * 2 - 1, torch.randn(4, 1, 32, 32)
@@ -469,10 +472,16 @@ def test_n_step_target_is_n_teacher_ddim_steps(n):
     t = (i.double() + 1) / N
     alpha, s = pd.alpha_sigma(t, x0)
     z_t = alpha * x0 + s * eps
-    x_tilde, z_end = sferd.teacher_target(D, z_t, t, N, n)
-    if n == 2:
-        ref, ref_z = pd.teacher_target(D, z_t, t, N)
-        assert torch.equal(x_tilde, ref) and torch.equal(z_end, ref_z)             # bit for bit: lab rows stay
+    x_tilde, z_end = pd.teacher_target(D, z_t, t, N, n)
+    if n == 2:                                                     # PD's Alg. 2 as two written-out steps: bit for bit
+        (a_t, s_t), (a_p, s_p), (a_pp, s_pp) = (pd.alpha_sigma(u, z_t) for u in (t, t - 0.5 / N, t - 1.0 / N))
+        x_hat = common.vp_predict(D, z_t, a_t, s_t)[0]
+        z_p = pd.ddim_step(z_t, x_hat, a_t, s_t, a_p, s_p)
+        x_hat_p = common.vp_predict(D, z_p, a_p, s_p)[0]
+        z_pp = pd.ddim_step(z_p, x_hat_p, a_p, s_p, a_pp, s_pp)
+        ref = torch.where((t - 1.0 / N <= 0).reshape(-1, 1, 1, 1), x_hat_p,
+                          (z_pp - s_pp / s_t * z_t) / (a_pp - s_pp / s_t * a_t))
+        assert torch.equal(x_tilde, ref) and torch.equal(z_end, z_pp)
     for b in range(4):
         tb, z = t[b].item(), z_t[b:b + 1]
         for j in range(n):                                         # the teacher's n DDIM steps, by hand
@@ -489,21 +498,20 @@ def test_n_step_target_is_n_teacher_ddim_steps(n):
 
 
 def test_sferd_pd_loss_uses_the_n_step_target():
-    """The base phase is pd.pd_loss (its draws: eps, then i) with the n-step target: equal to it at n = 2."""
+    """The base phase is pd.pd_loss (its draws: eps, then i) with the n-step target."""
     D, S, N = smoke_denoiser(0), smoke_denoiser(1), 2
     torch.manual_seed(0)
     x, g = torch.rand(6, 1, 32, 32) * 2 - 1, lambda: torch.Generator().manual_seed(3)
-    assert torch.allclose(sferd.pd_loss(S, D, x, g(), N, 2), pd.pd_loss(S, D, x, g(), N), rtol=1e-5)
     gen = g()
     eps, i = torch.randn(x.shape, generator=gen), torch.randint(N, (6,), generator=gen)
     assert set(i.tolist()) == {0, 1}
     t = (i.double() + 1) / N
     alpha, s = pd.alpha_sigma(t, x)
     z = alpha * x + s * eps
-    x_tilde, _ = sferd.teacher_target(D, z, t, N, 4)
+    x_tilde, _ = pd.teacher_target(D, z, t, N, 4)
     ref = (pd.truncated_snr_weight(alpha, s).flatten()
            * ((common.vp_predict(S, z, alpha, s)[0] - x_tilde) ** 2).mean(dim=(1, 2, 3))).mean()
-    assert torch.allclose(sferd.pd_loss(S, D, x, g(), N, 4), ref, rtol=1e-5)
+    assert torch.allclose(pd.pd_loss(S, D, x, g(), N, n=4), ref, rtol=1e-5)
     assert not torch.allclose(ref, pd.pd_loss(S, D, x, g(), N), rtol=1e-3)
 
 
@@ -531,7 +539,7 @@ def test_alg1_pd_and_the_sampler_put_t_minus_1_at_the_teachers_step_for_any_n(mo
 
 def nonzero_latent_mlp(z_dim=8, seed=0):
     torch.manual_seed(seed)
-    mlp = sferd.LatentMLP(z_dim, 32, 3)
+    mlp = common.LatentMLP(z_dim, 32, 3)
     with torch.no_grad():
         mlp.out.weight.normal_(std=0.5)
         mlp.out.bias.normal_(std=0.5)
@@ -545,7 +553,7 @@ def test_latent_noising_and_loss_with_a_nonzero_network():
     z, eps, t = torch.randn(16, 8), torch.randn(16, 8), torch.randint(1000, (16,))
     abar = (0.992 ** (t.double() + 1)).float()[:, None]
     ref = (eps - mlp(abar.sqrt() * z + (1 - abar).sqrt() * eps, t)).abs().mean()
-    assert abs(sferd.latent_loss(mlp, z, t, eps).item() - ref.item()) < 1e-5
+    assert abs(common.latent_loss(mlp, z, t, eps, sferd.LATENT_ALPHA_BAR).item() - ref.item()) < 1e-5
     assert abs(ref.item() - eps.abs().mean().item()) > 1e-2        # the network's output matters here
 
 
@@ -561,7 +569,7 @@ def test_latent_ddim_sampler_with_a_nonzero_network():
         z0 = (z - math.sqrt(1 - a) * e) / math.sqrt(a)
         a_next = 0.992 ** (ts[k + 1] + 1) if k + 1 < len(ts) else 1.0
         z = math.sqrt(a_next) * z0 + math.sqrt(1 - a_next) * e
-    out = sferd.sample_latent(mlp, noise, 10, mean, std)
+    out = common.sample_latent(mlp, noise, 10, mean, std, sferd.LATENT_ALPHA_BAR)
     assert torch.allclose(out.double(), z * 0.5 + 2.0, rtol=1e-3, atol=1e-3)
 
 
@@ -570,8 +578,8 @@ def test_predictor_phase_one_freezes_the_student_and_encodes_x0(tmp_path, monkey
     args = sferd.parse_args(["--preset", "smoke", "--nfe", "2"])      # 4 predictor updates: 2 frozen, 2 joint
     pg, data, teacher = common.Dist("cpu"), torch.randint(0, 256, (32, 1, 32, 32), dtype=torch.uint8), smoke_denoiser(1)
     seen_x0, encoded, after = [], [], []
-    forward = sferd.SemanticEncoder.forward
-    monkeypatch.setattr(sferd.SemanticEncoder, "forward", lambda self, x: encoded.append(x.clone()) or forward(self, x))
+    forward = common.SemanticEncoder.forward
+    monkeypatch.setattr(common.SemanticEncoder, "forward", lambda self, x: encoded.append(x.clone()) or forward(self, x))
     student, init = smoke_denoiser(0), [p.clone() for p in smoke_denoiser(0).net.parameters()]
 
     def alg1(s, T, x0, gen, E, G):

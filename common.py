@@ -1537,15 +1537,16 @@ def load_teacher(args, pg=None):
 
 
 def load_inputs(args, pg, archs=None, need=""):
-    """A method's inputs, checked before any training: the training images, the teacher (load_teacher), the
-    teacher's architecture where the method needs its U-Net (require_arch: archs, need), then the global
-    seed (after a teacher trained on the way, so a cached teacher leaves the same RNG state). (data, D, path)"""
+    """A method's inputs, checked before any training: the training images, the global seed (before the
+    teacher: building its network draws from the global RNG, and what is initialised after it, e.g. cfd.py's
+    classifier and sferd.py's E_phi and G_tau, draws next), the teacher (load_teacher), and its architecture
+    where the method needs its U-Net (require_arch: archs, need). Returns (data, D, path)."""
     data, _ = load_dataset(args.dataset, args.data_dir)
+    seed_all(args.seed)
     D, path = load_teacher(args, pg)
     if archs:
         require_arch(D.net, archs, need)
     check_data_shape(data, D, args.dataset)
-    seed_all(args.seed)
     return data, D, path
 
 

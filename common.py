@@ -1426,9 +1426,9 @@ def train_stage(pg, loss, budget, student, path, kind, settings, gen, reuse, res
     """One stage of a chain: train_loop on student (saved as "net"), a fresh Adam at the budget's lr (PD's),
     with the stage file path as its checkpoint. A finished file is read back instead of trained when reuse,
     an unfinished one continued when resume, else the stage starts over; a file read back must match
-    settings (with the budget's updates, lr and batch). Each file counts its own stage's images and seconds; totals: the chain's
-    before this stage. loop: train_loop's other arguments (data, teacher, desc). Returns the chain's totals
-    after it; the student is left frozen, the next stage's teacher."""
+    settings (with the budget's updates, lr and batch). Each file counts its own stage's images and seconds;
+    totals: the chain's before this stage. loop: train_loop's other arguments (data, teacher, desc). Returns
+    the chain's totals after it; the student is left frozen, the next stage's teacher."""
     ck = resume_from(path, kind, reuse or resume)
     if ck is not None and not (reuse if ck.get("finished") else resume):
         ck = None

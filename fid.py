@@ -501,14 +501,16 @@ def check_exports(args, *folders):
 
 @torch.no_grad()
 def export_samples(args, out, sample_fn, shape, device):
-    """Write args.export samples of the fixed evaluation noise (sample k from common.PerSampleNoise(common.EVAL_SEED, k),
-    the images fid.report scores) as EDM generate.py writes them, <target>/000000/000000.png ... in folders
+    """Write args.export samples of the fixed evaluation noise (sample k from PerSampleNoise(EVAL_SEED, k), the
+    images fid.report scores) as EDM generate.py writes them, <target>/000000/000000.png ... in folders
     of 1,000, or as one uint8 N x H x W x C npz array arr_0. Resumable: PNGs are written whole (temp
     file + rename) and only missing ones are made; the npz grows in a .partial.npy with its count."""
     n, target = args.export, common.check_export_target(args, out)
     batch = args.batch_size or 250                   # the evaluation batch, so the images are fid.report's
     manifest = dict(run=str(Path(out).resolve()), n=n, format=args.export_format, eval_seed=common.EVAL_SEED)
     bar = tqdm(total=n, unit="img", desc=f"export {target.name}")
+    images_of = lambda ks: common.to_uint8(sample_fn(common.PerSampleNoise(common.EVAL_SEED, ks, device).randn(*shape))
+                                           .clamp(-1, 1).cpu())     # samples ks, uint8 N x C x H x W
     if args.export_format == "png":
         name = lambda k: target / f"{k - k % 1000:06d}" / f"{k:06d}.png"
         info = target / "export.json"                # which run the folder holds (external tools read only images)
@@ -519,8 +521,7 @@ def export_samples(args, out, sample_fn, shape, device):
         bar.update(n - len(todo))
         for i in range(0, len(todo), batch):
             ks = todo[i:i + batch]
-            images = common.to_uint8(sample_fn(common.PerSampleNoise(common.EVAL_SEED, ks, device).randn(*shape)).clamp(-1, 1).cpu())
-            for k, im in zip(ks, images.permute(0, 2, 3, 1).numpy()):
+            for k, im in zip(ks, images_of(ks).permute(0, 2, 3, 1).numpy()):
                 name(k).parent.mkdir(parents=True, exist_ok=True)
                 tmp = name(k).with_name(name(k).stem + ".tmp.png")
                 Image.fromarray(im[:, :, 0] if im.shape[2] == 1 else im).save(tmp)
@@ -542,8 +543,7 @@ def export_samples(args, out, sample_fn, shape, device):
         bar.update(done)
         for start in range(done, n, batch):
             ks = range(start, min(n, start + batch))
-            images = common.to_uint8(sample_fn(common.PerSampleNoise(common.EVAL_SEED, ks, device).randn(*shape)).clamp(-1, 1).cpu())
-            arr[ks.start:ks.stop] = images.permute(0, 2, 3, 1).numpy()
+            arr[ks.start:ks.stop] = images_of(ks).permute(0, 2, 3, 1).numpy()
             arr.flush()                               # the images first, then the count that vouches for them
             common.write_json(count, dict(manifest=manifest, done=ks.stop))
             bar.update(len(ks))

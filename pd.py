@@ -143,7 +143,7 @@ def pd_loss(student, teacher, x, gen, N, xflip=False, n=2):
     t = (i.double() + 1) / N
     alpha_t, sigma_t = alpha_sigma(t, x)
     z_t = alpha_t * x + sigma_t * eps                            # z_t = alpha_t*x + sigma_t*eps
-    x_tilde, _ = teacher_target(teacher, z_t, t, N, n)           # 2 steps of DDIM with the teacher, then x~
+    x_tilde, _ = teacher_target(teacher, z_t, t, N, n)           # n (PD: 2) DDIM steps of the teacher, then x~
     x_hat = common.vp_predict(student, z_t, alpha_t, sigma_t)[0]
     mse = ((x_hat - x_tilde) ** 2).mean(dim=(1, 2, 3))
     return (truncated_snr_weight(alpha_t, sigma_t).flatten() * mse).mean()   # L = w(lambda_t)*|x~ - x_hat_theta(z_t)|^2

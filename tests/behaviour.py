@@ -43,7 +43,8 @@ RUNS = [
     ("sfddm", ["sfddm.py", "--nfe", "4"]),
     ("sfddm-scratch", ["sfddm.py", "--nfe", "4", "--scratch"]),
 ]
-TIME_KEYS = ("seconds", "img_per_s", "peak_mem", "minutes", "command", "time")
+# Wall-clock fields, and file fingerprints (sha256 of a file whose checkpoint holds its training seconds).
+TIME_KEYS = ("seconds", "img_per_s", "peak_mem", "minutes", "command", "time", "sha256")
 
 
 def run(cmd, cwd):

@@ -299,9 +299,7 @@ def main():
     opt = torch.optim.RAdam(f.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)   # each process its own data and noise
     path = out / "student.pt"
-    resume = common.load_checkpoint(path, "cd-student") if args.resume and path.exists() else None
-    if args.resume and resume is None:
-        pg.log(f"--resume: no checkpoint at {path}, starting from scratch")
+    resume = common.resume_from(path, "cd-student", args.resume, pg)
     settings = {k: getattr(args, k) for k in ("N", "mu", "ema_rate", "lr", "metric", "batch", "weighting", "n_dist")}
     settings["teacher_sha256"] = common.fingerprint(teacher_path)    # checked on --resume
     nets = dict(net=f.net, ema=f_ema.net, **({"target": f_target.net} if f_target is not f else {}))

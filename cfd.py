@@ -321,7 +321,9 @@ def main(argv=None):
     args = parse_args(argv)
     pd_stages, stages = cfd_stages(args)
     pg = common.Dist(args.device)
-    out, folder = common.run_dir(args, f"{args.variant}-{args.preset}"), common.prepare_out_dir(pd_chain_dir(args))
+    out, folder = common.run_dir(args, f"{args.variant}-{args.preset}"), common.hold_folder(common.prepare_out_dir(
+        pd_chain_dir(args)))                                     # pd.py's chain folder: one writer at a time
+    common.resume_note(pg, args.resume, *[common.stage_path(out, N) for N in stages])
     fid.check_exports(args, out / f"nfe{args.nfe}")
     data, teacher, teacher_path = common.load_inputs(args, pg)
     cls, cls_path, cls_acc = load_classifier(args, pg, data.shape[1])

@@ -39,9 +39,11 @@ import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager, nullcontext
@@ -69,19 +71,30 @@ EVAL_SEED = 1_000_000          # the noise every evaluation uses, so runs compar
 class UserError(Exception):
     """Bad input (unknown dataset, impossible --nfe, missing or corrupt file, NaN loss):
     reported as one line on stderr with a non-zero exit, never as a traceback."""
+    prefix, exit_code = "error: ", 2
+
+
+class Stopped(UserError):
+    """A training run stopped by SIGTERM or SIGINT after writing its checkpoint: one line, exit 128 + signal."""
+    prefix = ""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def main_guard(main):
-    """Run main(); a UserError becomes one line on stderr and exit status 2: on a line of its own (an
-    active progress bar is closed first) and, under torchrun, printed by rank 0 only; every rank exits 2."""
+    """Run main(); a UserError becomes one line on stderr and exit status 2 (a Stopped run: 128 + the signal):
+    on a line of its own (an active progress bar is closed first) and, under torchrun, printed by rank 0 only;
+    every rank exits with it."""
     try:
         main()
     except UserError as e:
         for bar in list(getattr(tqdm, "_instances", ())):     # a bar mid-line would share the error's line
             bar.close()
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            print(f"{e.prefix}{e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted (checkpoints written so far are kept; rerun with --resume)", file=sys.stderr)
         sys.exit(130)
@@ -1040,8 +1053,62 @@ def prepare_out_dir(path):
 
 
 def run_dir(args, name):
-    """The run folder (--out, else runs/<dataset>/<name>), created and test-written (prepare_out_dir)."""
-    return prepare_out_dir(Path(args.out) if args.out else RUNS / dataset_slug(args.dataset) / name)
+    """The run folder (--out, else runs/<dataset>/<name>), created and test-written (prepare_out_dir), and held by
+    this run until it ends (hold_folder): a second run into it is refused."""
+    return hold_folder(prepare_out_dir(Path(args.out) if args.out else RUNS / dataset_slug(args.dataset) / name))
+
+
+try:
+    import fcntl                                  # POSIX (Linux, macOS); elsewhere folders are not locked
+except ImportError:
+    fcntl = None
+_LOCKS = {}                                       # resolved folder -> its open lock file, while this process holds it
+
+
+def _lock(folder, wait=None):
+    """Take the exclusive OS lock (flock) of folder/.lock and write this process into it. Held by another process:
+    refused in one line naming it, or (wait: what is waited for) a line saying so, then wait. The OS drops the
+    lock when the process ends, however it ends, so a killed run never leaves a stale lock."""
+    path = Path(folder) / ".lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = path.read_text().strip() or "another process"
+        if wait is None:
+            f.close()
+            raise UserError(f"{folder} is in use by {holder}: wait for it to finish or choose another --out") from None
+        print(f"{folder} is in use by {holder}; waiting for {wait}", file=sys.stderr)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} ({' '.join(['python', Path(sys.argv[0]).name, *sys.argv[1:]])})\n")
+    f.flush()
+    return f
+
+
+def hold_folder(folder):
+    """One run per folder: this process holds folder's lock until it ends (rank 0 under torchrun: the one that
+    writes). A folder this process already holds is fine (a chain's stages, the teacher's rows)."""
+    key = Path(folder).resolve()
+    if fcntl is not None and int(os.environ.get("RANK", 0)) == 0 and key not in _LOCKS:
+        _LOCKS[key] = _lock(folder)
+    return Path(folder)
+
+
+@contextmanager
+def folder_lock(folder, wait=None):
+    """folder's lock for the length of a with block (a cache built once for several runs: the shared teacher);
+    wait: wait for another holder instead of refusing (see _lock)."""
+    key = Path(folder).resolve()
+    if fcntl is None or int(os.environ.get("RANK", 0)) != 0 or key in _LOCKS:
+        yield
+        return
+    _LOCKS[key] = _lock(folder, wait)
+    try:
+        yield
+    finally:
+        _LOCKS.pop(key).close()                   # closing the file releases the lock
 
 
 WEIGHT_LIMIT = math.sqrt(torch.finfo(torch.float32).max)    # ~1.8e19: its square overflows float32
@@ -1232,6 +1299,14 @@ class Dist:
         """Resume gen from a gather_state list (a run resumed with fewer processes takes rank 0's)."""
         gen.set_state(states[self.rank] if self.rank < len(states) else states[0])
 
+    def max(self, value):
+        """The largest of every process's integer value (a signal number: the ranks agree to stop)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def barrier(self):
         if self.world > 1:
             dist.barrier()
@@ -1273,6 +1348,40 @@ def constant_lr(lr, done, total):
 def warmup_lr(warmup, batch):
     """EDM's lr_rampup: the lr grows linearly over the first `warmup` images (counted after the step)."""
     return lambda lr, done, total: lr * min(1.0, (done + batch) / max(warmup, 1))
+
+
+class StopSignals:
+    """SIGTERM (what a scheduler or `kill` sends) and SIGINT (Ctrl-C) while a training loop runs: the first asks
+    the loop to stop after its current update (train_loop writes a checkpoint, prints the --resume command and
+    exits non-zero); the same signal again exits at once. Outside training the usual handlers apply."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum, self.old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():     # handlers can only be set there
+            self.old = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        if signum == self.signum:                 # the same signal twice: at once, as if no handler were set
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        self.old = {}
+
+
+def resume_command(world=1):
+    """The command line of this run with --resume: what to type to continue it."""
+    argv = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    head = ["python"] if world == 1 else ["torchrun", f"--nproc_per_node={world}"]
+    return " ".join(head + argv + ([] if "--resume" in argv else ["--resume"]))
 
 
 def check_settings(ck, path, settings):
@@ -1362,37 +1471,45 @@ def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None
     bar = tqdm(total=total, initial=s["done"], unit={"images": "img", "updates": "it"}.get(budget["unit"], "traj"),
                disable=not pg.main, desc=desc, unit_scale=per_step > 1)
     t0, next_ckpt = time.time() - s["seconds"], s["done"] + budget["ckpt_every"]
-    while s["done"] < stop:
-        if before_step:
-            before_step(s["step"])
-        for group, lr in zip(opt.param_groups, lrs):
-            group["lr"] = schedule(lr, s["done"], total)
-        if data is not None:
-            x = random_batch(data, local, gen)
-            x = (to_float(x) if x.dtype == torch.uint8 else x).to(pg.device)
-        else:
-            x = torch.randn((local, *noise), generator=gen).to(pg.device)
-        with autocast(pg.device):
-            out = loss(student, teacher, x, gen)
-        values, parts = optimizer_steps(pg, out, opt, params, budget.get("clip"), emas)
-        value = sum(values) / max(len(values), 1)
-        s["step"] += 1
-        s["done"] += per_step
-        s["images"] += budget["batch"]
-        s["loss_start"] = value if s["loss_start"] is None else s["loss_start"]
-        s["loss_avg"] = value if s["loss_avg"] is None else 0.95 * s["loss_avg"] + 0.05 * value
-        for name, v in {"loss": value, **{k: p.item() for k, p in parts.items()}}.items():
-            s["acc"][name] = s["acc"].get(name, 0.0) + v
-        if s["step"] % window == 0 or s["done"] >= total:          # one loss.csv row per window
-            n = (s["step"] - 1) % window + 1
-            s["curve"].append([s["images"]] + [v / n for v in s["acc"].values()])
-            s["acc"] = {}
-        s["seconds"] = time.time() - t0
-        bar.update(per_step)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in {"loss": value, **{k: p.item() for k, p in parts.items()}}.items()})
-        if s["done"] >= next_ckpt and s["done"] < stop:
-            next_ckpt += budget["ckpt_every"]
-            checkpoint(False)
+    with StopSignals() as signals:
+        while s["done"] < stop:
+            if before_step:
+                before_step(s["step"])
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = schedule(lr, s["done"], total)
+            if data is not None:
+                x = random_batch(data, local, gen)
+                x = (to_float(x) if x.dtype == torch.uint8 else x).to(pg.device)
+            else:
+                x = torch.randn((local, *noise), generator=gen).to(pg.device)
+            with autocast(pg.device):
+                out = loss(student, teacher, x, gen)
+            values, parts = optimizer_steps(pg, out, opt, params, budget.get("clip"), emas)
+            value = sum(values) / max(len(values), 1)
+            s["step"] += 1
+            s["done"] += per_step
+            s["images"] += budget["batch"]
+            s["loss_start"] = value if s["loss_start"] is None else s["loss_start"]
+            s["loss_avg"] = value if s["loss_avg"] is None else 0.95 * s["loss_avg"] + 0.05 * value
+            for name, v in {"loss": value, **{k: p.item() for k, p in parts.items()}}.items():
+                s["acc"][name] = s["acc"].get(name, 0.0) + v
+            if s["step"] % window == 0 or s["done"] >= total:          # one loss.csv row per window
+                n = (s["step"] - 1) % window + 1
+                s["curve"].append([s["images"]] + [v / n for v in s["acc"].values()])
+                s["acc"] = {}
+            s["seconds"] = time.time() - t0
+            bar.update(per_step)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in {"loss": value, **{k: p.item() for k, p in parts.items()}}.items()})
+            if s["done"] >= next_ckpt and s["done"] < stop:
+                next_ckpt += budget["ckpt_every"]
+                checkpoint(False)
+            signum = pg.max(signals.signum or 0)          # a signal on any rank stops every rank, after this update
+            if signum:
+                bar.close()
+                checkpoint(s["done"] >= total)
+                raise Stopped(f"stopped by {signal.Signals(signum).name} after {s['done']:,} of {total:,} "
+                              f"{budget['unit']}; checkpoint {path} written; continue with `{resume_command(pg.world)}`",
+                              signum)
     bar.close()
     for module in nets.values():
         pg.check_in_sync(module)
@@ -1405,9 +1522,18 @@ def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None
 #     per stage, whose checkpoint is the stage's file: read back when finished, continued when not
 # ----------------------------------------------------------------------------------------------
 
-def resume_from(path, kind, resume):
-    """train_loop's resume: the checkpoint at path when --resume and it exists, else None (start over)."""
+def resume_from(path, kind, resume, pg=None):
+    """train_loop's resume: the checkpoint at path when --resume and it exists, else None (start over; with pg,
+    a --resume that finds nothing says so: resume_note)."""
+    if pg is not None:
+        resume_note(pg, resume, path)
     return load_checkpoint(path, kind) if resume and Path(path).exists() else None
+
+
+def resume_note(pg, resume, *paths):
+    """--resume where none of a run's checkpoint files exists: one line, in the same words in every script."""
+    if resume and paths and not any(Path(p).exists() for p in paths):
+        pg.log(f"--resume: no checkpoint at {paths[0]}, starting from scratch")
 
 
 def stage_path(folder, N):
@@ -1473,14 +1599,21 @@ def teacher_dir(dataset, preset):
 
 
 def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed=0, device=None,
-                  batch_size=None, resume=False, images=None):
-    """Train the shared teacher; returns the path of teacher.pt. Resumable from out/checkpoint.pt."""
+                  batch_size=None, resume=False, images=None, data=None):
+    """Train the shared teacher; returns the path of teacher.pt. Resumable from out/checkpoint.pt. One run at a
+    time in out (its lock; load_teacher waits for it). data: the images, if already loaded."""
     cfg = dict(TEACHER_PRESETS[preset])
     cfg["batch"] = batch_size or cfg["batch"]
     cfg["images"] = images or cfg["images"]
     out = prepare_out_dir(out or teacher_dir(dataset, preset))
+    with folder_lock(out):
+        return _train_teacher(dataset, preset, out, data_dir, seed, device, cfg, resume, data)
+
+
+def _train_teacher(dataset, preset, out, data_dir, seed, device, cfg, resume, data):
     pg = Dist(device)
-    data, _ = load_dataset(dataset, data_dir)
+    if data is None:
+        data, _ = load_dataset(dataset, data_dir)
     seed_all(seed)
     net = UNet(in_ch=data.shape[1], res=data.shape[2], **NET_CONFIGS[preset]).to(pg.device)
     ema = build_net(net.config).to(pg.device).requires_grad_(False)
@@ -1488,9 +1621,7 @@ def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8)
     gen = torch.Generator().manual_seed(seed * 1000 + pg.rank)      # each process its own data/noise
     ckpt_path = out / "checkpoint.pt"
-    resume_from = load_checkpoint(ckpt_path, "teacher-training") if resume and ckpt_path.exists() else None
-    if resume and resume_from is None:
-        pg.log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+    ck = resume_from(ckpt_path, "teacher-training", resume, pg)
     ema.load_state_dict(net.state_dict())
     pg.log(f"teacher: {dataset}, preset {preset}, {count_params(net) / 1e6:.2f} M params, "
            f"{cfg['images']:,} images, batch {cfg['batch']}, {pg.world} process(es) on {pg.device}")
@@ -1499,7 +1630,7 @@ def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed
     net.train()
     run = train_loop(pg, lambda D, _, x0, gen: edm_loss(D, x0, gen), budget, opt, dict(net=net, ema=ema), ckpt_path,
                      "teacher-training", dict(seed=seed, batch=cfg["batch"], dataset=dataset), gen, data=data,
-                     student=D, emas=[(ema, net, ema_beta(cfg["batch"], cfg["ema"]))], resume=resume_from, desc="teacher")
+                     student=D, emas=[(ema, net, ema_beta(cfg["batch"], cfg["ema"]))], resume=ck, desc="teacher")
     done, seconds = run["images"], run["seconds"]
     path = out / "teacher.pt"
     if pg.main:
@@ -1527,10 +1658,16 @@ def load_teacher(args, pg=None):
     if spec is None:
         spec = teacher_dir(args.dataset, args.preset) / "teacher.pt"
         if not spec.exists():
-            est = TEACHER_PRESETS[args.preset]["minutes"]
-            print(f"no cached {args.preset} teacher for {args.dataset} at {spec}: training it now "
-                  f"(about {est:g} min on a 2-core CPU for lab; once per dataset and preset)", file=sys.stderr)
-            train_teacher(args.dataset, args.preset, data_dir=args.data_dir, device=getattr(args, "device", None), resume=True)
+            data, _ = load_dataset(args.dataset, args.data_dir)     # a missing dataset: one line, before any announcement
+            prepare_out_dir(spec.parent)
+            with folder_lock(spec.parent, wait=f"its teacher.pt (another run is training the {args.preset} teacher)"):
+                if not spec.exists():                               # not trained meanwhile by the run waited for
+                    est = TEACHER_PRESETS[args.preset]["minutes"]
+                    if int(os.environ.get("RANK", 0)) == 0:
+                        print(f"no cached {args.preset} teacher for {args.dataset} at {spec}: training it now (about "
+                              f"{est:g} min on a 2-core CPU for lab; once per dataset and preset)", file=sys.stderr)
+                    train_teacher(args.dataset, args.preset, data_dir=args.data_dir, device=getattr(args, "device", None),
+                                  resume=(spec.parent / "checkpoint.pt").exists(), data=data)
     D = load_denoiser(spec, pg.device if pg else (args.device or "cpu"))
     check_teacher_compatible(D.source, getattr(D, "dataset", None), args.dataset)
     return D, Path(D.source)

@@ -717,6 +717,8 @@ def folder_batches(folder, batch_size):
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
     if not files:
         raise common.UserError(f"{folder}: no images ({', '.join(IMAGE_EXTS)})")
+    if len(files) < 2:
+        raise common.UserError(f"{folder}: one image ({files[0].name}); FID needs at least 2")
 
     def batches():
         for i in range(0, len(files), batch_size):
@@ -785,6 +787,21 @@ def source_stats(source, args):
     raise common.UserError(f"{source}: not an image folder, a .npz (statistics or arr_0 samples), edm:NAME or dataset:NAME")
 
 
+def input_size(source):
+    """H x W of one CLI input's images where it is known without reading them all (a folder's first image, a
+    dataset's), else None (statistics, npz samples)."""
+    if source.startswith("dataset:"):
+        return common.dataset_shape(source.removeprefix("dataset:").rsplit(":", 1)[0] if source.endswith(
+            (":train", ":test")) else source.removeprefix("dataset:"))[1:]
+    if Path(source).is_dir():
+        first = next((p for p in sorted(Path(source).rglob("*")) if p.suffix.lower() in IMAGE_EXTS), None)
+        try:
+            return Image.open(first).size[::-1] if first else None
+        except OSError:                       # folder_batches names the unreadable file
+            return None
+    return None
+
+
 def main():
     p = common.Parser(description=common.first_paragraph(__doc__))
     p.add_argument("sources", nargs="*", metavar="A B",
@@ -792,7 +809,8 @@ def main():
                         "samples arr_0 (N x H x W x C), edm:cifar10-32x32 (EDM's published statistics, downloaded "
                         "once), dataset:NAME[:train|:test]")
     p.add_argument("--ref", metavar="NAME", help="only compute and cache the reference stats of dataset NAME")
-    p.add_argument("--ref-n", type=int, default=None,
+    p.add_argument("--ref-n", type=common.checked(int, lambda v: v == 0 or v >= 2, "0 (the whole split) or at least 2"),
+                   default=None,
                    help=f"reference images, a fixed random subset (default {REF_N}, cifar10 all 50,000; 0 = the whole split)")
     p.add_argument("--data-dir", default=None, help="dataset location passed to common.load_dataset")
     p.add_argument("--device", default=None, type=common.device_name,
@@ -845,6 +863,10 @@ def main():
         return
     if len(args.sources) != 2:
         p.error("give two sources A B, or --ref NAME")
+    sizes = [input_size(src) for src in args.sources]
+    if None not in sizes and sizes[0] != sizes[1]:
+        print(f"fid: note: {args.sources[0]} holds {sizes[0][0]}x{sizes[0][1]} images, {args.sources[1]} "
+              f"{sizes[1][0]}x{sizes[1][1]}; both are resized to 299x299, so this compares two resolutions", file=sys.stderr)
     stats = [None, None]
     for i in sorted(range(2), key=lambda i: Path(args.sources[i]).is_dir()):  # folders last: fail fast on a typo
         stats[i] = source_stats(args.sources[i], args)

@@ -226,6 +226,7 @@ def main(argv=None):
     stages = stage_steps(args.nfe, args.start_steps)
     pg = common.Dist(args.device)
     out = common.run_dir(args, f"pd-{args.preset}")
+    common.resume_note(pg, args.resume, *[common.stage_path(out, N) for N in stages])
     fid.check_exports(args, out / f"nfe{args.nfe}")
     data, teacher, teacher_path = common.load_inputs(args, pg)
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise

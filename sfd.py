@@ -318,9 +318,7 @@ def train(args, pg):
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)      # each process its own noise
     nfe_gen = torch.Generator().manual_seed(args.seed)                  # SFD-v's NFE draw: alike on every process
     ck_path = out / "student.pt"
-    resume = common.load_checkpoint(ck_path, "sfd-student") if args.resume and ck_path.exists() else None
-    if args.resume and resume is None:
-        pg.log(f"--resume: no checkpoint at {ck_path}, starting from scratch")
+    resume = common.resume_from(ck_path, "sfd-student", args.resume, pg)
     pg.log(f"{out.name}: student NFE {','.join(map(str, nfes))}, {common.count_params(net) / 1e6:.2f} M params, teacher "
            f"{'stage-1 ' * second_stage}{solver} with K = {K}, {total:,} trajectories, batch {batch}, lr {lr:g}, "
            f"{pg.world} process(es) on {pg.device}")

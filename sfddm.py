@@ -230,9 +230,7 @@ def train(args, pg, teacher, net, ema, data, alpha_bar_s, phi, out, teacher_sha2
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)      # each process its own data/noise
     path = out / "checkpoint.pt"
-    resume = common.load_checkpoint(path, "sfddm-training") if args.resume and path.exists() else None
-    if args.resume and resume is None:
-        pg.log(f"--resume: no checkpoint at {path}, starting from scratch")
+    resume = common.resume_from(path, "sfddm-training", args.resume, pg)
     settings = dict(phi=phi, mode="scratch" if args.scratch else args.init, hidden_weight=args.hidden_weight,
                     batch=args.batch, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip, ema=args.ema,
                     teacher_sha256=teacher_sha256)

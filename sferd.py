@@ -368,6 +368,8 @@ def main(argv=None):
     pg = common.Dist(args.device)
     variant = f"sferd-{args.base}" + "-noguide" * args.no_guidance + "-nopred" * args.no_predictor
     out = common.run_dir(args, f"{variant}-nfe{args.nfe}")
+    base_files = [common.stage_path(out, N) for N in args.stages] if args.base == "pd" else [out / "student.pt"]
+    common.resume_note(pg, args.resume, *base_files, out / "predictor.pt", out / "latent.pt")
     fid.check_exports(args, out)
     data, D, teacher_path = common.load_inputs(args, pg, ("fewstep",), "SFERD reads the teacher U-Net's attention maps "
                                                "and splits its encoder from its decoder")

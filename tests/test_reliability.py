@@ -10,10 +10,13 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +31,7 @@ import pd
 import sfd
 import sfddm
 import sferd
-from conftest import run_script
+from conftest import ROOT, run_script
 
 torch.set_num_threads(2)
 
@@ -482,3 +485,192 @@ def test_torchrun_error_is_printed_once_and_every_rank_fails(fashion_dir, tmp_pa
                    "--images", 64, "--out", tmp_path / "t", cwd=tmp_path, torchrun=2)
     assert r.returncode != 0
     assert r.stderr.count("error: batch size 3 is not divisible by the 2 processes") == 1, r.stderr[-3000:]
+
+
+# --- 9. A stop loses nothing (issue 31): SIGTERM / SIGINT end training with a checkpoint of the step ------------
+
+def tiny_loop(path, total=20, signal_at=None, signals=(), resume=None):
+    """train_loop on a 4-weight model whose loss sends itself `signals` during update number signal_at."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    calls = []
+
+    def loss(model, _, x, gen):
+        calls.append(1)
+        if len(calls) == signal_at:
+            for s in signals:
+                os.kill(os.getpid(), s)
+        return ((model(x) - 1) ** 2).mean()
+
+    budget = dict(total=total, unit="updates", batch=4, lr=1e-2, ckpt_every=5)
+    ck = common.load_checkpoint(path, "tiny") if resume else None
+    run = common.train_loop(common.Dist("cpu"), loss, budget, opt, dict(net=net), path, "tiny", {}, torch.Generator()
+                            .manual_seed(1), data=torch.randn(16, 2), student=net, resume=ck)
+    return net, run, calls
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_training_after_the_update_with_a_checkpoint_of_that_step(signum, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["sfd.py", "--nfe", "4"])
+    full, _, _ = tiny_loop(tmp_path / "full.pt")
+    with pytest.raises(common.Stopped) as e:                # step 13 of 20, between the checkpoints of 10 and 15
+        tiny_loop(tmp_path / "ck.pt", signal_at=13, signals=[signum])
+    assert e.value.exit_code == 128 + signum and signal.Signals(signum).name in str(e.value)
+    assert "continue with `python sfd.py --nfe 4 --resume`" in str(e.value)
+    ck = common.load_checkpoint(tmp_path / "ck.pt", "tiny")
+    assert ck["step"] == 13 and not ck["finished"]          # the step it was at, not the last interval's (10)
+    assert signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL)   # handlers restored
+    resumed, run, calls = tiny_loop(tmp_path / "ck.pt", resume=True)
+    assert len(calls) == 7 and run["finished"]
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_the_same_signal_twice_exits_at_once(tmp_path):
+    with pytest.raises(KeyboardInterrupt):                  # SIGINT's own handler again: no checkpoint first
+        tiny_loop(tmp_path / "ck.pt", signal_at=3, signals=[signal.SIGINT, signal.SIGINT])
+    assert not (tmp_path / "ck.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def start(script, *args, cwd, torchrun=0):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun \
+        else [sys.executable]
+    return subprocess.Popen(head + [str(ROOT / script), *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=300):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - t0 < timeout, f"no {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def stop_lines(err):
+    return [line for line in err.replace("\r", "\n").splitlines() if line.startswith("stopped by ")]
+
+
+@pytest.mark.parametrize("script, args, ckpt, signum", [
+    ("common.py", ["teacher", "--preset", "smoke", "--images", 1536], "checkpoint.pt", signal.SIGTERM),
+    ("cd.py", ["--preset", "smoke", "--iterations", 48, "--nfe", 1], "student.pt", signal.SIGINT)])
+def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(script, args, ckpt, signum, fashion_dir,
+                                                                       smoke_teacher, tmp_path):
+    extra = ["--data-dir", fashion_dir] + ([] if script == "common.py" else ["--teacher", smoke_teacher])
+    full = run_script(script, *args, *extra, "--out", tmp_path / "full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc = start(script, *args, *extra, "--out", tmp_path / "cut", cwd=tmp_path)
+    wait_for(tmp_path / "cut" / ckpt, proc)                  # after its first checkpoint
+    proc.send_signal(signum)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum and time.time() - t0 < 30, err[-3000:]
+    lines = stop_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err and lines[0].endswith("--resume`"), err[-3000:]
+    done = int(lines[0].split(" after ")[1].split(" of ")[0].replace(",", ""))
+    ck = common.load_checkpoint(tmp_path / "cut" / ckpt)
+    assert ck["done"] == done and not ck["finished"]         # the checkpoint of the step it stopped at
+    again = run_script(script, *args, *extra, "--out", tmp_path / "cut", "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    weights = "teacher.pt" if script == "common.py" else "student.pt"
+    a, b = (common.load_checkpoint(tmp_path / d / weights) for d in ("full", "cut"))
+    key = "ema" if script == "common.py" else "net"
+    assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+
+
+def test_a_signal_to_one_torchrun_process_stops_every_rank(fashion_dir, tmp_path):
+    proc = start("common.py", "teacher", "--preset", "smoke", "--images", 2048, "--data-dir", fashion_dir,
+                 "--out", tmp_path / "t", cwd=tmp_path, torchrun=2)
+    wait_for(tmp_path / "t" / "checkpoint.pt", proc)
+    ranks = {}
+    for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        ranks[int(next(v for v in env if v.startswith(b"RANK=")).split(b"=")[1])] = int(child)
+    os.kill(ranks[1], signal.SIGTERM)                        # rank 1 alone; rank 0 writes the checkpoint
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and len(stop_lines(err)) == 1, err[-3000:]
+    assert "torchrun --nproc_per_node=2 common.py teacher" in stop_lines(err)[0]
+    ck = common.load_checkpoint(tmp_path / "t" / "checkpoint.pt")
+    assert 0 < ck["done"] < 2048 and not ck["finished"]
+
+
+# --- 10. One run per folder (issue 31) ---------------------------------------------------------------------------
+
+def test_a_second_run_into_a_busy_folder_is_refused_in_one_line(fashion_dir, smoke_teacher, tmp_path):
+    args = ["--preset", "smoke", "--data-dir", fashion_dir, "--teacher", smoke_teacher, "--iterations", 64,
+            "--out", tmp_path / "run"]
+    first = start("cd.py", *args, cwd=tmp_path)
+    wait_for(tmp_path / "run" / "student.pt", first)
+    second = run_script("cd.py", *args, cwd=tmp_path)
+    assert second.returncode == 2 and second.stderr.strip().count("\n") == 0, second.stderr
+    assert f"is in use by process {first.pid} (python cd.py" in second.stderr
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    ck = common.load_checkpoint(tmp_path / "run" / "student.pt")
+    assert ck["finished"] and ck["step"] == 64                 # the first run's, whole
+
+
+def test_the_lock_dies_with_its_process(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import common, time; "
+                               f"common.hold_folder({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(common.UserError, match=f"in use by process {holder.pid}"):
+        common._lock(tmp_path)
+    holder.kill()
+    holder.wait()
+    common._lock(tmp_path).close()                            # no stale lock after a kill
+
+
+def test_two_students_share_one_teacher_training(fashion_dir, tmp_path, monkeypatch):
+    """The second of two runs that both need the shared teacher waits for the first to train it."""
+    order = []
+    with common.folder_lock(tmp_path, wait="x"):
+        waiter = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import common; "
+                                   f"common.folder_lock({str(tmp_path)!r}, wait='its teacher.pt').__enter__(); "
+                                   "print('got it', flush=True)"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)
+        order.append(waiter.poll())                           # still waiting while the lock is held
+    out, err = waiter.communicate(timeout=60)
+    assert order == [None] and out.strip() == "got it" and "waiting for its teacher.pt" in err, err
+
+
+# --- 11. Bad input before announcements; the same --resume words everywhere (issue 31) ---------------------------
+
+def test_fid_of_one_image_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "one").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "a.png")
+    code, _, err = main_exit(fid, [tmp_path / "one", tmp_path / "one"], monkeypatch, capsys)
+    assert code == 2 and len(err) == 1 and "one image (a.png); FID needs at least 2" in err[0], err
+    code, _, err = main_exit(fid, ["--ref", "fashion", "--ref-n", "1"], monkeypatch, capsys)
+    assert code == 2 and len(err) == 1 and "at least 2" in err[0], err
+
+
+def test_a_missing_folder_dataset_fails_before_announcing_a_teacher(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = main_exit(sfd, ["--dataset", f"folder:{tmp_path / 'nope'}", "--preset", "smoke"], monkeypatch, capsys)
+    assert code == 2 and len(err) == 1 and "no such folder" in err[0], err
+
+
+@pytest.mark.parametrize("module, extra", [(sfd, []), (pd, ["--nfe", "4"]), (cd, []), (cfd, ["--nfe", "4"]),
+                                           (sfddm, []), (sferd, ["--nfe", "4"])])
+def test_resume_without_a_checkpoint_says_so_in_the_same_words(module, extra, smoke_teacher, fashion_dir, tmp_path,
+                                                               monkeypatch, capsys):
+    class Trained(Exception):
+        pass
+
+    def no_training(*args, **kwargs):                   # the line comes before any training: stop there
+        raise Trained
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(common, "train_loop", no_training)
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *smoke(fashion_dir, smoke_teacher, tmp_path / "run",
+                                                                      "--resume", *extra)])
+    with pytest.raises(Trained):
+        module.main()
+    out, err = capsys.readouterr()
+    lines = [line for line in (out + err).splitlines() if line.startswith("--resume:")]
+    assert len(lines) == 1 and lines[0].startswith(f"--resume: no checkpoint at {tmp_path / 'run'}"), out + err
+    assert lines[0].endswith(", starting from scratch")

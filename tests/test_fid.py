@@ -316,3 +316,28 @@ def test_kid_refuses_what_it_cannot_score():
         fid.kernel_inception_distance(np.zeros((1, 4)), np.zeros((5, 4)))
     with pytest.raises(ValueError):
         fid.kernel_inception_distance(np.zeros((5, 4)), np.zeros((5, 3)))
+
+
+# ----------------------------------------------------------------------------------------------
+# trajectory.png (issue 33): the student's estimates at its calls beside the teacher's at the nearest sigma.
+
+class GaussianD(torch.nn.Module):
+    """The exact Gaussian denoiser as a module, so a forward hook can record it."""
+
+    def forward(self, x, sigma):
+        from conftest import gaussian_denoiser
+        return gaussian_denoiser(0.2, 0.3)(x, sigma)
+
+
+def test_record_calls_and_trajectory_png(tmp_path):
+    from PIL import Image
+    D = GaussianD()
+    grid = common.teacher_sigmas("euler", 3)
+    out, calls = fid.record_calls(D, lambda: common.sample_euler(D, torch.ones(2, 1, 8, 8) * 80, grid))
+    assert [s for s, _ in calls] == pytest.approx(grid[:-1].tolist()) and len(calls) == 3
+    assert torch.equal(calls[0][1], D(torch.ones(2, 1, 8, 8) * 80, grid[0].item()))         # what D returned
+    path = fid.trajectory_png(tmp_path / "t.png", D, lambda eps: common.sample_euler(D, eps * 80, grid), D,
+                              (1, 8, 8), "cpu", n=2, scale=2)
+    img = Image.open(path)
+    assert img.height == 22 + 32 + 4 * (16 + 4) + 4 and img.width >= 90 + 4 * (16 + 4)   # 4 rows, 3 calls + final
+    assert len(D._forward_hooks) == 0                                                    # the hooks are removed

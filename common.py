@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 RUNS = Path("runs")            # every output lands under runs/<dataset>/ (git-ignored)
@@ -1219,6 +1219,80 @@ def save_grid(x, path, nrow=None):
     arr = grid.permute(1, 2, 0).numpy()
     with atomic_write(path, ".tmp.png") as tmp:
         Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(tmp)
+
+
+def font(size=13):
+    """Pillow's own font (a scalable one where Pillow has FreeType, else its bitmap font): nothing to install."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):                  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]     # matplotlib's tab10, by hand
+
+
+def nice_ticks(lo, hi, log=False, count=5):
+    """Tick values for an axis from lo to hi: 1-2-5 steps (linear, and log axes of less than a decade) or powers
+    of ten, with 2 and 5 between them when the axis spans less than two decades (log)."""
+    if log and math.log10(hi / lo) >= 1:
+        ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                 for m in ((1, 2, 5) if math.log10(hi / lo) < 2 else (1,))]
+        return [t for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)] or [lo, hi]
+    raw = (hi - lo) / max(count - 1, 1) or abs(hi) or 1.0
+    step = min((m * 10.0 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda v: abs(v - raw))
+    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
+
+def plot_lines(series, path, title="", xlabel="", ylabel="", log_x=False, log_y=False, size=(640, 400), marks=None):
+    """A line chart as a PNG, drawn with Pillow (fewstep has no plotting library): series {label: [(x, y), ...]},
+    one colour and a legend entry each, points marked; log axes on request; marks {x: text}: dashed vertical lines
+    (a chain's stage boundaries). Written atomically; returns path."""
+    pts = [(x, y) for line in series.values() for x, y in line if math.isfinite(y) and (y > 0 or not log_y)]
+    if not pts:
+        raise ValueError("plot_lines: nothing to plot")
+    (W, H), f, small = size, font(14), font(12)
+    left, right, top, bottom = 70, 20 + 150 * (len(series) > 1), 30 + 18 * bool(title), 50
+    scale = lambda v, log: math.log10(v) if log else v
+    xs, ys = [scale(x, log_x) for x, _ in pts], [scale(y, log_y) for _, y in pts]
+    x0, x1 = min(xs), max(xs) + 1e-12 * (max(xs) == min(xs)) or 1.0
+    y0, y1 = min(ys), max(ys)
+    pad = 0.05 * (y1 - y0 or abs(y1) or 1.0)
+    y0, y1 = y0 - pad, y1 + pad
+    px = lambda x: left + (W - left - right) * (scale(x, log_x) - x0) / (x1 - x0 or 1.0)
+    py = lambda y: H - bottom - (H - top - bottom) * (scale(y, log_y) - y0) / (y1 - y0)
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([left, top, W - right, H - bottom], outline=(120, 120, 120))
+    inv = lambda v, log: 10 ** v if log else v
+    for t in nice_ticks(inv(x0, log_x), inv(x1, log_x), log_x):
+        draw.line([px(t), H - bottom, px(t), H - bottom + 4], fill=(120, 120, 120))
+        draw.text((px(t), H - bottom + 6), f"{t:g}", fill="black", font=small, anchor="ma")
+    for t in nice_ticks(inv(y0, log_y), inv(y1, log_y), log_y):
+        draw.line([left - 4, py(t), W - right, py(t)], fill=(225, 225, 225))
+        draw.text((left - 6, py(t)), f"{t:.4g}", fill="black", font=small, anchor="rm")
+    for x, text in (marks or {}).items():
+        for y in range(top, H - bottom, 8):
+            draw.line([px(x), y, px(x), min(y + 4, H - bottom)], fill=(150, 150, 150))
+        draw.text((px(x) + 3, top + 2), text, fill=(90, 90, 90), font=small)
+    for k, (label, line) in enumerate(series.items()):
+        colour, line = PALETTE[k % len(PALETTE)], [(x, y) for x, y in line if math.isfinite(y) and (y > 0 or not log_y)]
+        if len(line) > 1:
+            draw.line([(px(x), py(y)) for x, y in line], fill=colour, width=2)
+        for x, y in line if len(line) < 30 else ():
+            draw.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=colour)
+        if len(series) > 1:
+            ly = top + 4 + 18 * k
+            draw.line([W - right + 10, ly + 7, W - right + 30, ly + 7], fill=colour, width=3)
+            draw.text((W - right + 36, ly), label[:18], fill="black", font=small)
+    draw.text((W / 2, H - 18), xlabel, fill="black", font=f, anchor="ma")
+    draw.text((8, top - 18 if title else 8), ylabel + (" (log)" if log_y else ""), fill="black", font=f)
+    if title:
+        draw.text((W / 2, 6), title, fill="black", font=f, anchor="ma")
+    with atomic_write(path, ".tmp.png") as tmp:
+        img.save(tmp)
+    return path
 
 
 def write_json(path, obj):

@@ -49,7 +49,7 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import common
@@ -337,6 +337,34 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
 
 
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000       # as clean-fid and torch-fidelity: 100 subsets of at most 1,000
+
+
+def mmd2_unbiased(x, y):
+    """The unbiased estimate of MMD^2 between feature sets x and y (m x d each) with KID's cubic polynomial kernel
+    k(a, b) = (a.b/d + 1)^3 (Binkowski et al., "Demystifying MMD GANs", arXiv:1801.01401): the mean of k over
+    pairs within x and within y without the diagonal, minus twice the mean over the x-y pairs."""
+    m, d = len(x), x.shape[1]
+    k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    off = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))
+    return off(k_xx) + off(k_yy) - 2 * k_xy.mean()
+
+
+def kernel_inception_distance(f1, f2, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=0):
+    """KID of two feature sets (N x 2048 Inception pool features): mmd2_unbiased on `subsets` random subsets of
+    m = min(N1, N2, subset_size) features of each, drawn without replacement (seeded), as (mean, std): the protocol of
+    the authors' mbinkowski/MMD-GAN gan/compute_scores.py as NVlabs/stylegan3 metrics/kernel_inception_distance.py
+    runs it. Unbiased at any N, unlike FID: two draws of one distribution score 0 in expectation. Float64."""
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    m = min(len(f1), len(f2), subset_size)
+    if m < 2 or f1.shape[1:] != f2.shape[1:]:
+        raise ValueError(f"KID needs at least 2 features of one dimension each, got {f1.shape} and {f2.shape}")
+    rng = np.random.default_rng(seed)
+    values = [mmd2_unbiased(f1[rng.choice(len(f1), m, replace=False)], f2[rng.choice(len(f2), m, replace=False)])
+              for _ in range(subsets)]
+    return float(np.mean(values)), float(np.std(values))
+
+
 # ----------------------------------------------------------------------------------------------
 # Protocol: cached reference statistics, FID of generated samples, labels with N.
 
@@ -433,6 +461,68 @@ def generate(sample_fn, n, shape, batch, device, desc):
     out = [sample_fn(eps.to(device)).clamp(-1, 1).cpu()
            for eps in tqdm(eval_noise(n, shape, batch), total=math.ceil(n / batch), desc=desc, leave=False)]
     return torch.cat(out)
+
+
+@torch.no_grad()
+def record_calls(module, run):
+    """run() with a forward hook on module, a network used as D(x, sigma) (a Denoiser, a consistency function):
+    returns run()'s result and [(sigma, D's output)] of every call, in order."""
+    calls = []
+
+    def hook(_, args, kwargs, out):
+        sigma = args[1] if len(args) > 1 else kwargs["sigma"]
+        sigma = float(sigma.flatten()[0]) if torch.is_tensor(sigma) else float(sigma)
+        calls.append((sigma, (out[0] if isinstance(out, tuple) else out).float().cpu()))
+
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        return run(), calls
+    finally:
+        handle.remove()
+
+
+def trajectory_png(path, student, sample_fn, teacher, shape, device, n=3, scale=3):
+    """trajectory.png: what the student learned to skip. For n fixed evaluation noises, a row of the student's
+    denoised estimates D(x, sigma) at each of its network calls and its final image, and under it the teacher's
+    estimate at the nearest sigma of its own 35-NFE DPM-Solver++(3M) path from the same noise and its final image.
+    student: the module the student's sampler calls as D(x, sigma) (its outputs are recorded)."""
+    eps = common.PerSampleNoise(common.EVAL_SEED, range(n), device).randn(*shape)
+    final, calls = record_calls(student, lambda: sample_fn(eps))
+    sigmas = common.teacher_sigmas("dpm3m", REFERENCE_NFE)
+    ref, t_calls = record_calls(teacher, lambda: common.sample_dpmpp(teacher, eps * sigmas[0].item(), sigmas))
+    nearest = [min(t_calls, key=lambda c: abs(math.log(c[0]) - math.log(max(s, 1e-12)))) for s, _ in calls]
+    cols = [f"sigma {s:.3g}" for s, _ in calls] + ["final"]
+    rows, labels = [], []
+    for i in range(n):
+        rows.append([x[i] for _, x in calls] + [final[i].cpu()])
+        rows.append([x[i] for _, x in nearest] + [ref[i].cpu()])
+        labels += [f"student {i + 1}", f"teacher {i + 1}"]
+    caption = (f"student: its denoised estimate D(x, sigma) at each of its {len(calls)} network calls, then its sample\n"
+               f"teacher: the same at the nearest sigma of its {REFERENCE_NFE}-NFE DPM-Solver++(3M) path, same noise")
+    save_panels(rows, labels, cols, caption, path, scale)
+    return path
+
+
+def save_panels(rows, row_labels, col_labels, caption, path, scale=3):
+    """A labelled grid of images (C x H x W in [-1, 1]), each scaled up `scale` times (nearest), as a PNG."""
+    c, h, w = rows[0][0].shape
+    H, W, left, top, gap = h * scale, w * scale, 90, 22 + 16 * (caption.count("\n") + 1), 4
+    ncol = max(len(r) for r in rows)
+    width = max(left + ncol * (W + gap), 12 + 6 * max(map(len, caption.splitlines())))
+    img = Image.new("RGB", (width, top + len(rows) * (H + gap) + 4), "white")
+    draw, small = ImageDraw.Draw(img), common.font(12)
+    draw.multiline_text((6, 4), caption, fill="black", font=small)
+    for j, label in enumerate(col_labels):
+        draw.text((left + j * (W + gap) + W / 2, top - 16), label, fill="black", font=small, anchor="ma")
+    for i, (row, label) in enumerate(zip(rows, row_labels)):
+        y = top + i * (H + gap) + (gap if i % 2 == 0 and i else 0)
+        draw.text((6, y + H / 2), label, fill="black", font=small, anchor="lm")
+        for j, x in enumerate(row):
+            tile = common.to_uint8(x.clamp(-1, 1)).permute(1, 2, 0).numpy()
+            tile = Image.fromarray(tile[:, :, 0] if c == 1 else tile).convert("RGB").resize((W, H), Image.NEAREST)
+            img.paste(tile, (left + j * (W + gap), y))
+    with common.atomic_write(path, ".tmp.png") as tmp:
+        img.save(tmp)
 
 
 def rms_distance(a, b):

@@ -478,3 +478,26 @@ def test_teacher_rows_for_the_results_table(smoke_teacher, fashion_dir, tmp_path
     rms = {name: json.loads((tmp_path / "rows" / name / "metrics.json").read_text())["teacher_rms"] for name in found}
     assert rms["dpm3m-nfe35"] == 0 and rms["euler-nfe1"] > rms["euler-nfe3"] > rms["euler-nfe35"] > 0
     assert "| teacher-heun | 3 |" in fid.results_table(tmp_path / "rows")
+
+
+# --- Pictures (issue 33): one small Pillow plotting function -------------------------------------------------
+
+def test_nice_ticks():
+    assert common.nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10]
+    assert common.nice_ticks(0.013, 0.049) == pytest.approx([0.02, 0.03, 0.04])
+    assert common.nice_ticks(0.01, 1, log=True) == pytest.approx([0.01, 0.1, 1])              # two decades: powers
+    assert common.nice_ticks(0.02, 0.9, log=True) == pytest.approx([0.02, 0.05, 0.1, 0.2, 0.5])  # fewer: 1, 2, 5
+    assert common.nice_ticks(60, 300, log=True) == [100, 150, 200, 250, 300]                   # < a decade: linear
+
+
+def test_plot_lines_draws_every_series_in_its_colour(tmp_path):
+    from PIL import Image
+    path = common.plot_lines({"a": [(1, 3.0), (2, 2.0), (4, 1.0)], "b": [(1, 5.0), (4, 4.0)]}, tmp_path / "p.png",
+                             "title", "NFE", "FID", log_y=True, marks={2: "stage"})
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape == (400, 640, 3)
+    for colour in common.PALETTE[:2]:
+        assert (img == colour).all(-1).sum() > 100, colour         # lines, points and the legend's swatch
+    assert not (img == common.PALETTE[2]).all(-1).any()
+    with pytest.raises(ValueError):
+        common.plot_lines({"a": [(1, float("nan"))]}, tmp_path / "q.png")

@@ -143,7 +143,7 @@ def test_export_into_the_run_folder_is_refused_before_training(script, folder, f
     err = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(err) == 1 and "samples-4 exists and is not empty" in err[0], r.stderr[-2000:]
     assert "it/s" not in r.stderr and "img/s" not in r.stderr                  # no training started
-    assert sorted(p.name for p in run.rglob("*") if p.is_file()) == ["mine.png"]
+    assert sorted(p.name for p in run.rglob("*") if p.is_file()) == [".lock", "mine.png"]   # and the run's OS lock
 
 
 @pytest.mark.fid

@@ -626,15 +626,15 @@ def test_the_lock_dies_with_its_process(tmp_path):
 
 def test_two_students_share_one_teacher_training(fashion_dir, tmp_path, monkeypatch):
     """The second of two runs that both need the shared teacher waits for the first to train it."""
-    order = []
     with common.folder_lock(tmp_path, wait="x"):
         waiter = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import common; "
                                    f"common.folder_lock({str(tmp_path)!r}, wait='its teacher.pt').__enter__(); "
                                    "print('got it', flush=True)"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(2)
-        order.append(waiter.poll())                           # still waiting while the lock is held
+        line = waiter.stderr.readline()                       # it says that it waits ...
+        time.sleep(0.5)
+        assert "waiting for its teacher.pt" in line and waiter.poll() is None, line   # ... and does, while held
     out, err = waiter.communicate(timeout=60)
-    assert order == [None] and out.strip() == "got it" and "waiting for its teacher.pt" in err, err
+    assert out.strip() == "got it", err
 
 
 # --- 11. Bad input before announcements; the same --resume words everywhere (issue 31) ---------------------------

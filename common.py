@@ -1057,7 +1057,7 @@ class PerSampleNoise:
         """A noise(x) for a sampler's k steps: the k draws of randn(*shape) that k calls would make, made now and
         moved to the device in one copy, so the sampler's loop copies nothing."""
         drawn = iter(torch.stack([torch.stack([torch.randn(shape, generator=g) for g in self.gens]) for _ in range(k)])
-                     .to(self.device))
+                     .to(self.device) if k else ())
         return lambda x: next(drawn)
 
 

@@ -165,12 +165,13 @@ def test_truncated_download_is_one_line_and_never_cached(tmp_path):
 # --- 4. A fault on one rank ends every rank -------------------------------------------------------------------
 
 def test_nan_on_one_rank_ends_every_rank_with_one_line(tmp_path):
-    """The loss turns NaN on rank 1 only: both ranks stop at the next read of the losses (seconds, with a 120 s
-    collective timeout that a waiting rank would run into), exit 2, and rank 0 prints one line naming rank 1."""
-    r, seconds = torchrun("nan", tmp_path, cwd=tmp_path, timeout_s=120)
+    """The loss turns NaN on rank 1 only: both ranks stop at the next read of the losses, long before the 300 s
+    collective timeout a waiting rank would run into, and rank 0 prints one line naming rank 1 (so both ranks
+    learnt of it: rank 1 prints nothing itself). Both exit 2, or the later one is ended by torchrun first."""
+    r, seconds = torchrun("nan", tmp_path, cwd=tmp_path, timeout_s=300)
     assert r.returncode != 0 and r.stderr.count("error: ") == 1, r.stderr[-3000:]
     assert "error: loss is nan (not finite) on rank 1 of 2: lower the learning rate" in r.stderr
-    assert r.stderr.count("exitcode  : 2") == 2 and seconds < 100       # both exit 2, long before the timeout
+    assert "exitcode  : 2" in r.stderr and seconds < 240
     assert not (tmp_path / "ck.pt").exists()                            # nothing NaN was saved
 
 
@@ -276,8 +277,8 @@ def test_samplers_make_no_host_copy_or_sync():
     assert [host_copies(lambda: sfddm.sample_ddim(D, x, a)) for a in chains] == [1, 1]
     assert [host_copies(lambda: sfddm.phi_samplers(D, a, True)["alg2"](x)) for a in chains] == [2, 2]
     f, noise = cd.ConsistencyFunction(D.net), common.PerSampleNoise(0, range(2), "meta")
-    for taus in ([2.0], [2.0, 0.5, 0.1]):
-        assert host_copies(lambda: cd.sample_cd(f, x * 80, taus, noise.ahead(len(taus), 1, 32, 32))) == 1
+    for taus in ([], [2.0], [2.0, 0.5, 0.1]):                          # [] : one step, no re-noising
+        assert host_copies(lambda: cd.sample_cd(f, x * 80, taus, noise.ahead(len(taus), 1, 32, 32))) == min(len(taus), 1)
 
 
 def test_losses_copy_a_fixed_number_of_tensors_whatever_their_steps():

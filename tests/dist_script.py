@@ -12,6 +12,12 @@ import common  # noqa: E402
 import fid  # noqa: E402
 
 
+def say(line):
+    """One line on stdout in one write (print writes the newline apart: two processes' lines could interleave)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def slow_images(eps):
     """A stand-in sampler: one second per batch, whichever process makes it."""
     time.sleep(1.0)
@@ -31,8 +37,8 @@ def evaluate(design):
         made = fid.GENERATED["images"]
         alone = fid.generate(torch.tanh, 8, (1, 4, 4), 1, "cpu", "one process")
         assert torch.equal(common.to_uint8(images), common.to_uint8(alone))         # one process's images
-        print(f"rank {pg.rank}: made {made} of 8", flush=True)
-    print(f"rank {pg.rank}: evaluated", flush=True)
+        say(f"rank {pg.rank}: made {made} of 8")
+    say(f"rank {pg.rank}: evaluated")
     pg.close()
 
 
@@ -73,7 +79,7 @@ def grads():
     for p, *mine in zip(net.parameters(), *everyone):
         assert torch.equal(p.grad, sum(mine) / pg.world), (p.grad, mine)
     assert unused.grad is None and frozen.grad is None
-    print(f"rank {pg.rank}: {len(sync.buckets)} buckets averaged", flush=True)
+    say(f"rank {pg.rank}: {len(sync.buckets)} buckets averaged")
     pg.close()
 
 
@@ -85,7 +91,7 @@ def fetch(url, params, cache):
     common.PUBLISHED_PARAMS["edm"] = int(params)
     pg = common.Dist("cpu")
     D = common.load_denoiser("edm")
-    print(f"rank {pg.rank}: loaded {common.count_params(D.net)} parameters", flush=True)
+    say(f"rank {pg.rank}: loaded {common.count_params(D.net)} parameters")
     pg.close()
 
 

@@ -68,7 +68,7 @@ def one_of(*names):
 
 
 def parse_args(argv=None):
-    p = common.common_parser(common.first_paragraph(__doc__), nfe_default=4, presets=PRESETS,
+    p = common.common_parser(common.first_paragraph(__doc__), nfe_default=4, presets=PRESETS, paper_cost=PAPER_COST,
                              nfe_help="student steps = network calls: 1, or 2-4 with the default re-noising sigmas, "
                                       "or 1 + the number of --taus")
     common.preset_flag(p, "N", int, "N, points of the Karras training grid")
@@ -243,24 +243,32 @@ def renoise_source(eps, seed=common.EVAL_SEED):
 
 def make_sampler(f, taus, clip=False):
     """sample_fn for fid.report: unit noise -> images (x_T = T*eps), with re-noising that ignores batching."""
-    return lambda eps: sample_cd(f, SIGMA_MAX * eps, taus, renoise_source(eps).randn_like, clip=clip)
+    return lambda eps: sample_cd(f, SIGMA_MAX * eps, taus, renoise_source(eps).ahead(len(taus), *eps.shape[1:]), clip=clip)
 
 
 @torch.no_grad()
 def onestep_rms(args, pg, teacher, teacher_path, f, shape):
-    """teacher_rms of the ONE-step student (and of the teacher's 1-NFE Euler), the deterministic measure."""
+    """teacher_rms of the ONE-step student (and of the teacher's 1-NFE Euler), the deterministic measure; every
+    process makes its share of the samples (fid.generate)."""
     n = fid.FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
     n, batch = max(n, 64), args.batch_size or 250
     _, ref = fid.teacher_baseline(teacher, teacher_path, args, "dpm3m", fid.REFERENCE_NFE, n, shape, pg.device,
-                                  with_fid=False)
-    one = fid.generate(lambda eps: f(SIGMA_MAX * eps, SIGMA_MAX), n, shape, batch, pg.device, "student 1 step")
-    euler = fid.generate(lambda eps: teacher(SIGMA_MAX * eps, SIGMA_MAX), n, shape, batch, pg.device, "teacher 1 NFE")
+                                  with_fid=False, pg=pg)
+    one = fid.generate(lambda eps: f(SIGMA_MAX * eps, SIGMA_MAX), n, shape, batch, pg.device, "student 1 step", pg,
+                       args.bf16_eval)
+    euler = fid.generate(lambda eps: teacher(SIGMA_MAX * eps, SIGMA_MAX), n, shape, batch, pg.device, "teacher 1 NFE", pg)
     return {"onestep_teacher_rms": fid.rms_distance(one, ref), "onestep_teacher_rms_euler": fid.rms_distance(euler, ref)}
 
 
 # ----------------------------------------------------------------------------------------------
 # Benchmark (boilerplate): one training iteration at a preset, random weights (python common.py bench)
 # ----------------------------------------------------------------------------------------------
+
+# The paper preset's cost, which a paper run on a machine without CUDA is refused with at once: FLOPs of
+# one image of Alg. 2 (the teacher's Heun step, the target, the student), counted on the meta device by `python common.py flops`
+# (tests/test_distributed.py counts them again), and the units in the preset's budget (bench_step's total).
+PAPER_COST = dict(unit="images", units=409_600_000, flops_per_unit=2.543e11)
+
 
 def bench_step(teacher, preset, device, batch=None):
     """One iteration of Alg. 2 (cd_loss: the teacher's Heun step, the target, the loss; then common.optimizer_steps:
@@ -287,7 +295,7 @@ def bench_step(teacher, preset, device, batch=None):
 
 def main():
     args = parse_args()
-    pg = common.Dist(args.device)
+    pg = common.Dist(args.device, args.compile, args.channels_last)
     out = common.run_dir(args, f"cd-{args.preset}")                  # the NFE only changes sampling: nfe<N>/
     fid.check_exports(args, out / f"nfe{args.nfe}")
     data, D, teacher_path = common.load_inputs(args, pg, ("fewstep", "edm-songunet"), "CD's consistency function "
@@ -318,7 +326,7 @@ def main():
                 images_seen=run["images"], taus=args.taus, N=args.N, mu=args.mu, ema_rate=args.ema_rate, lr=args.lr,
                 batch=args.batch, iterations=args.iterations, weighting=args.weighting, n_dist=args.n_dist,
                 clip=args.clip)
-    if args.nfe > 1 and pg.main:
+    if args.nfe > 1:
         info.update(onestep_rms(args, pg, D, teacher_path, f_ema, data.shape[1:]))
     fid.report(args, pg, out / f"nfe{args.nfe}", D, teacher_path, make_sampler(f_ema, args.taus, args.clip), info,
                data.shape[1:])

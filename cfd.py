@@ -30,7 +30,6 @@ Deviations (why):
   - Lab: pd.py's lab budget (32 start steps, not 1024), each CFD stage as long as a pd.py lab stage.
 """
 import argparse
-import copy
 import json
 import math
 from pathlib import Path
@@ -62,7 +61,7 @@ STAGE_HPARAMS = {4: (0.95, 0.003, 0.75), 2: (0.95, 0.003, 0.75), 1: (0.85, 0.003
 
 
 def parse_args(argv=None):
-    p = common.common_parser(common.first_paragraph(__doc__), nfe_default=4, presets=PRESETS,
+    p = common.common_parser(common.first_paragraph(__doc__), nfe_default=4, presets=PRESETS, paper_cost=PAPER_COST,
                              nfe_help="N, the final student's DDIM steps (a power of two below --cfd-from)")
     p.add_argument("--variant", default="rcfd", choices=["rcfd", "cfd"], help="rcfd: Eq. 7 (default); cfd: Eq. 4 only (beta = 0)")
     p.add_argument("--tau", type=float, default=None, help="teacher softmax temperature tau of Eq. 4 for every "
@@ -165,7 +164,8 @@ def accuracy(cls, images, labels, device, batch=500):
 
 
 def train_classifier(args, pg, path):
-    """Cross-entropy on the dataset's labels (Adam, cosine lr) in this process alone; saves the net and its test accuracy."""
+    """Cross-entropy on the dataset's labels (Adam, cosine lr) on every process (the batch split over them, the
+    gradients averaged: train_loop); rank 0 saves the net (its BatchNorm statistics) and its test accuracy."""
     images, labels = common.load_dataset(args.dataset, args.data_dir)
     if labels is None:
         raise common.UserError(f"{args.dataset} has no labels to train a classifier on: pass --classifier PATH")
@@ -173,29 +173,28 @@ def train_classifier(args, pg, path):
     cls = ResNet(images.shape[1], int(labels.max()) + 1, args.cls_width, args.cls_blocks).to(pg.device)
     opt = torch.optim.Adam(cls.parameters(), lr=args.cls_lr)
     steps = max(1, args.cls_images // args.cls_batch)
-    alone = copy.copy(pg)                                    # rank 0 only: no gradient sync, no broadcast
-    alone.world = 1
     loss = lambda c, _, idx, gen: F.cross_entropy(c(common.to_float(images[idx.cpu()]).to(pg.device))[1],
                                                   labels[idx.cpu()].to(pg.device))
     budget = dict(total=steps, unit="updates", batch=args.cls_batch, lr=args.cls_lr, schedule=cosine_anneal, ckpt_every=steps)
-    common.train_loop(alone, loss, budget, opt, dict(net=cls), path.parent / "checkpoint.pt", "cfd-classifier-training", {},
-                      torch.Generator().manual_seed(args.seed), data=torch.arange(len(images)), student=cls,
-                      desc="classifier")                     # data: the indices of the images (and labels) drawn
+    common.train_loop(pg, loss, budget, opt, dict(net=cls), path.parent / "checkpoint.pt", "cfd-classifier-training", {},
+                      torch.Generator().manual_seed(args.seed + 1_000_003 * pg.rank), data=torch.arange(len(images)),
+                      student=cls, desc="classifier")        # data: the indices of the images (and labels) drawn
     acc = accuracy(cls.eval(), test_images, test_labels, pg.device)
-    common.save_checkpoint(path, "cfd-classifier", config=cls.config, net=cls.state_dict(), test_acc=acc,
-                           dataset=args.dataset, images=steps * args.cls_batch)
-    (path.parent / "checkpoint.pt").unlink()
+    if pg.main:
+        common.save_checkpoint(path, "cfd-classifier", config=cls.config, net=cls.state_dict(), test_acc=acc,
+                               dataset=args.dataset, images=steps * args.cls_batch)
+        (path.parent / "checkpoint.pt").unlink()
+    pg.barrier()                                             # the others read rank 0's file next
     pg.log(f"classifier: {sum(p.numel() for p in cls.parameters()) / 1e6:.2f} M params, "
            f"{steps * args.cls_batch:,} images, test accuracy {acc:.4f}; saved {path}")
 
 
 def load_classifier(args, pg, channels):
     """The frozen classifier: --classifier PATH, else the cached one of dataset and preset, trained
-    first on rank 0. Returns (classifier, path, test accuracy)."""
+    first (by every process). Returns (classifier, path, test accuracy)."""
     path = Path(args.classifier or common.RUNS / common.dataset_slug(args.dataset) / f"classifier-{args.preset}" / "classifier.pt")
-    if not args.classifier and not path.exists() and pg.main:
+    if not args.classifier and not pg.decide(path.exists):
         train_classifier(args, pg, path)
-    pg.barrier()
     ck = common.load_checkpoint(path, "cfd-classifier")
     if ck["config"]["in_ch"] != channels:
         raise common.UserError(f"{path}: a classifier of {ck['config']['in_ch']}-channel images, not {channels}")
@@ -293,6 +292,12 @@ def pd_metrics(folder, args, teacher_sha256):
 # Benchmark (boilerplate): one training iteration at a preset, random weights (python common.py bench)
 # ----------------------------------------------------------------------------------------------
 
+# The paper preset's cost, which a paper run on a machine without CUDA is refused with at once: FLOPs of
+# one image of an RCFD stage (PD's teacher calls, the student, the classifier), counted on the meta device by `python common.py flops`
+# (tests/test_distributed.py counts them again), and the units in the preset's budget (bench_step's total).
+PAPER_COST = dict(unit="images", units=15_360_000, flops_per_unit=2.152e11)
+
+
 def bench_step(teacher, preset, device, batch=None):
     """One update of an RCFD stage (PD's two teacher calls, the student, the classifier on both images).
     Unit: images; budget: the preset's whole chain to 1 step, PD 1024 -> 8 and RCFD 8 -> 1, every update
@@ -320,7 +325,7 @@ def bench_step(teacher, preset, device, batch=None):
 def main(argv=None):
     args = parse_args(argv)
     pd_stages, stages = cfd_stages(args)
-    pg = common.Dist(args.device)
+    pg = common.Dist(args.device, args.compile, args.channels_last)
     out, folder = common.run_dir(args, f"{args.variant}-{args.preset}"), common.hold_folder(common.prepare_out_dir(
         pd_chain_dir(args)))                                     # pd.py's chain folder: one writer at a time
     common.resume_note(pg, args.resume, *[common.stage_path(out, N) for N in stages])

@@ -15,7 +15,7 @@ Sections, in reading order:
   8. The shared teacher (EDM training)
   8b. Published teachers (--teacher edm | ddpm | PATH): EDM's SongUNet, DDPM's U-Net in diffusers'
      layout, an EDM snapshot reader that runs no code, load_denoiser for every teacher spec
-  9. The bench of every method's training step (python common.py bench)
+  9. The bench of every method's training step (python common.py bench), its FLOPs (flops), the CPU refusal
 The evaluation every method reports (metrics.json, the teacher's rows, --export) is fid.py's: common <- fid <- methods.
 
 Conventions (../shared/specs/METHODS.md, section 0): images are N x C x H x W in [-1, 1]; every
@@ -28,9 +28,11 @@ Command line:
   python common.py teacher --dataset fashion --preset lab      # train and cache the shared teacher
   torchrun --nproc_per_node=2 common.py teacher --preset smoke  # the same on two processes
   python common.py bench [--preset paper|smoke]                # time every method's training step here
+  python common.py flops                                       # count their FLOPs (no GPU) and project GPU hours
 """
 import argparse
 import collections
+import datetime
 import errno
 import gzip
 import hashlib
@@ -56,6 +58,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
+
+try:
+    import fcntl                        # POSIX (Linux, macOS): run folders and downloads are locked; elsewhere not
+except ImportError:
+    fcntl = None
 
 RUNS = Path("runs")            # every output lands under runs/<dataset>/ (git-ignored)
 SIGMA_DATA = 0.5               # EDM's sigma_data: the std of the (scaled) images
@@ -90,14 +97,40 @@ def main_guard(main):
     try:
         main()
     except UserError as e:
-        for bar in list(getattr(tqdm, "_instances", ())):     # a bar mid-line would share the error's line
-            bar.close()
+        close_bars()
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"{e.prefix}{e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted (checkpoints written so far are kept; rerun with --resume)", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as e:                 # a collective that timed out, or whose peer is gone (gloo)
+        line = collective_failure(e)
+        if line is None:
+            raise
+        close_bars()
+        if line:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+
+
+def close_bars():
+    for bar in list(getattr(tqdm, "_instances", ())):         # a bar mid-line would share the error's line
+        bar.close()
+
+
+def collective_failure(e):
+    """The one line of a failed collective (gloo raises RuntimeError; NCCL's watchdog aborts the process itself
+    after the same timeout, with its own message): a timeout names this rank and FEWSTEP_DIST_TIMEOUT; a peer
+    that ended first gives "" (it printed its own error, or torchrun's summary names it); anything else None."""
+    text, timeout = str(e), os.environ.get("FEWSTEP_DIST_TIMEOUT", DIST_TIMEOUT)
+    if "Timed out waiting" in text or "timed out" in text.lower() and "collective" in text.lower():
+        return (f"rank {os.environ.get('RANK', 0)} waited more than {timeout} s for the other processes in a collective "
+                "operation: another process is stuck, failed or far behind (look above for its error); a longer wait "
+                "is set with FEWSTEP_DIST_TIMEOUT=<seconds>")
+    if "Connection closed by peer" in text or "Connection reset by peer" in text:
+        return ""
+    return None
 
 
 class Parser(argparse.ArgumentParser):
@@ -151,7 +184,8 @@ class FewstepParser(Parser):
 
     def parse_known_args(self, args=None, namespace=None):
         ns, rest = super().parse_known_args(args, namespace)
-        resolve_common(ns, Path(self.prog).stem, command_line=args is None, presets=getattr(self, "presets", None))
+        resolve_common(ns, Path(self.prog).stem, command_line=args is None, presets=getattr(self, "presets", None),
+                       paper_cost=getattr(self, "paper_cost", None))
         return ns, rest
 
 
@@ -166,12 +200,13 @@ def shown(value):
 
 
 def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of function evaluations of the student",
-                  presets=None):
+                  presets=None, paper_cost=None):
     """The one CLI convention of every fewstep script; a method adds its own flags after. presets: the
     method's PRESETS ({preset: {key: value}}); every key becomes an attribute of the parsed args, a flag
-    left unset (None) taking the preset's value (batch: --batch-size); add them with preset_flag."""
+    left unset (None) taking the preset's value (batch: --batch-size); add them with preset_flag.
+    paper_cost: the method's PAPER_COST, what the refusal of a paper run without CUDA estimates from."""
     p = FewstepParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.presets = presets
+    p.presets, p.paper_cost = presets, paper_cost
     p.add_argument("--dataset", default="fashion", type=dataset_name, help="fashion | cifar10 | folder:PATH (default: fashion, offline)")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset files (CIFAR-10 tarball or batches, Fashion-MNIST .gz)")
     p.add_argument("--nfe", default=nfe_default, type=nfe_type, help=f"{nfe_help} (default: {nfe_default})")
@@ -183,9 +218,15 @@ def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of 
                    "folder, or edm | ddpm (the published CIFAR-10 checkpoints, downloaded once); default: the shared "
                    "teacher of the preset, trained on first use (cifar10 with --preset paper: edm)")
     p.add_argument("--seed", default=0, type=int, help="random seed of training (evaluation noise is fixed separately)")
-    p.add_argument("--device", default=None, type=device_name, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--device", default=None, type=device_name, help="cpu | cuda | cuda:N (default: cuda if available; "
+                   "under torchrun each process takes the GPU of its LOCAL_RANK)")
     p.add_argument("--batch-size", default=None, type=positive_int, help="global batch size (default: the preset's)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--compile", action="store_true", help="torch.compile every network (training and evaluation)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for every network (faster convolutions "
+                   "on recent GPUs)")
+    p.add_argument("--bf16-eval", action="store_true", help="sample the student under bf16 autocast in evaluation and "
+                   "--export (default: off, fp32, until a GPU shows it leaves FID unchanged; the teacher is always fp32)")
     p.add_argument("--fid-samples", default=None, type=fid_count, help="N, the number of generated images for FID (default: the preset's; 0 skips FID)")
     p.add_argument("--export", default=None, type=int, metavar="N",
                    help="write N samples of the fixed evaluation noise for external FID tools (with --resume: from the "
@@ -212,7 +253,7 @@ def fill_presets(args, presets):
             setattr(args, key, value)
 
 
-def resolve_common(args, method, command_line=True, presets=None):
+def resolve_common(args, method, command_line=True, presets=None, paper_cost=None):
     """What common_parser's flags mean together, checked right after parsing, before any work:
     the preset default of the dataset, the --export flags, and (on a script's own command line) the
     refusal of a paper run on a machine without CUDA unless --device cpu says so."""
@@ -228,7 +269,7 @@ def resolve_common(args, method, command_line=True, presets=None):
         if args.export_dir is not None:     # the place is known now: refuse before training, not after
             check_export_target(args, args.export_dir)
     if command_line and args.preset == "paper" and args.device is None and not torch.cuda.is_available():
-        refuse_paper_on_cpu(args, method)
+        refuse_paper_on_cpu(args, method, paper_cost)
 
 
 EXPORT_FORMATS = ("png", "npz")
@@ -326,11 +367,12 @@ class AttnBlock(nn.Module):
     def forward(self, x, record=None):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        logits = torch.einsum("bhcq,bhck->bhqk", q, k) / math.sqrt(C // self.heads)
-        attn = logits.softmax(dim=-1)                       # B x heads x queries x keys
+        with no_autocast(x):                                # logits and softmax in fp32 under bf16 autocast too
+            logits = torch.einsum("bhcq,bhck->bhqk", q.float(), k.float()) / math.sqrt(C // self.heads)
+            attn = logits.softmax(dim=-1)                   # B x heads x queries x keys
         if record is not None:
             record[self.name] = attn
-        h = torch.einsum("bhqk,bhck->bhcq", attn, v).reshape(B, C, H, W)
+        h = torch.einsum("bhqk,bhck->bhcq", attn.to(v.dtype), v).reshape(B, C, H, W)
         return x + self.proj(h)
 
 
@@ -449,8 +491,13 @@ def count_params(module):
 # ----------------------------------------------------------------------------------------------
 
 def as_batch(value, x):
-    """A scalar, 0-d or length-B tensor as a B x 1 x 1 x 1 tensor matching x."""
-    value = torch.as_tensor(value, dtype=torch.float32, device=x.device)
+    """A scalar, 0-d or length-B tensor as a B x 1 x 1 x 1 float32 tensor on x's device. A Python number is
+    filled in on the device (x.new_full): torch.as_tensor would copy it from the host, a blocking copy on every
+    network call of a sampler."""
+    if torch.is_tensor(value):
+        value = value.to(x.device, torch.float32)
+    else:
+        value = x.new_full((1, 1, 1, 1), value, dtype=torch.float32)
     return value.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
 
 
@@ -474,8 +521,15 @@ class Denoiser(nn.Module):
         config = getattr(net, "config", {})
         self.net, self.sigma_data = net, sigma_data if sigma_data is not None else config.get("sigma_data", SIGMA_DATA)
         self.predicts_eps = config.get("arch") == "ddpm-diffusers"
+        self.full_precision = False              # a frozen teacher (freeze): fp32 whatever autocast surrounds it
 
     def forward(self, x, sigma, cond=None, **extras):
+        if self.full_precision:                  # the teacher's roll-out in training = its evaluation, in fp32
+            with no_autocast(x):
+                return self.denoise(x.float(), sigma, cond, **extras)
+        return self.denoise(x, sigma, cond, **extras)
+
+    def denoise(self, x, sigma, cond=None, **extras):
         sigma = as_batch(sigma, x)
         if self.predicts_eps:
             eps = self.net(x / (1 + sigma**2).sqrt(), self.net.t_from_sigma(sigma.flatten()), cond, **extras)
@@ -485,6 +539,14 @@ class Denoiser(nn.Module):
         F_x, ext = out if isinstance(out, tuple) else (out, None)
         D_x = c_skip * x + c_out * F_x.float()
         return (D_x, ext) if ext is not None else D_x
+
+
+def freeze(D):
+    """D as a frozen teacher: eval mode, no gradients, and fp32 with autocast off inside it (full_precision), so
+    that its roll-out in a bf16 training step is the computation its evaluation runs (on CUDA with TF32)."""
+    D.eval().requires_grad_(False)
+    D.full_precision = True
+    return D
 
 
 def vp_from_sigma(sigma):
@@ -785,21 +847,47 @@ def md5sum(path):
     return h.hexdigest()
 
 
-def download(url, path, md5):
-    """Fetch url to path (temp file + rename) and check its md5 (None: only the length the server
-    announced, which urlretrieve checks; the caller checks the content); UserError when offline."""
+@contextmanager
+def download_lock(path):
+    """Hold an exclusive lock on path.lock, beside path: one process downloads path, every other one (of this
+    torchrun job or of another job) waits here and then finds the file in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    try:
-        print(f"downloading {url} -> {path}", file=sys.stderr)
-        urllib.request.urlretrieve(url, tmp)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not download {url} ({e.__class__.__name__}: {e})") from None
-    if md5 is not None and md5sum(tmp) != md5:
-        tmp.unlink()
-        raise UserError(f"{url}: checksum mismatch (expected md5 {md5}); the download is corrupt")
-    os.replace(tmp, path)
+    if fcntl is None:                            # no POSIX locks (Windows): every process fetches for itself
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def download(url, path, md5, check=None):
+    """Fetch url to path (temp file + rename) and check its md5 (None: only the length the server
+    announced, which urlretrieve checks) and, if given, check(temp file), which raises UserError when the file
+    does not read as what it should be: nothing that fails a check is cached. One process fetches while the others
+    wait for it (download_lock); UserError when offline."""
+    with download_lock(path):
+        if path.exists():                        # another process fetched it while this one waited
+            return path
+        tmp = path.with_name(path.name + ".part")
+        try:
+            print(f"downloading {url} -> {path}", file=sys.stderr)
+            urllib.request.urlretrieve(url, tmp)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"could not download {url} ({e.__class__.__name__}: {e})") from None
+        if md5 is not None and md5sum(tmp) != md5:
+            tmp.unlink()
+            raise UserError(f"{url}: checksum mismatch (expected md5 {md5}); the download is corrupt")
+        if check is not None:
+            try:
+                check(tmp)
+            except UserError as e:
+                tmp.unlink(missing_ok=True)
+                raise UserError(f"the download of {url} is unusable, so it was not kept ({e})") from None
+        os.replace(tmp, path)
     return path
 
 
@@ -985,6 +1073,13 @@ class PerSampleNoise:
     def randn_like(self, x):
         return self.randn(*x.shape[1:])
 
+    def ahead(self, k, *shape):
+        """A noise(x) for a sampler's k steps: the k draws of randn(*shape) that k calls would make, made now and
+        moved to the device in one copy, so the sampler's loop copies nothing."""
+        drawn = iter(torch.stack([torch.stack([torch.randn(shape, generator=g) for g in self.gens]) for _ in range(k)])
+                     .to(self.device) if k else ())
+        return lambda x: next(drawn)
+
 
 def ema_beta(batch_size, halflife_images):
     """EMA decay per step for a half-life counted in images (EDM's ema_halflife_kimg)."""
@@ -1058,10 +1153,6 @@ def run_dir(args, name):
     return hold_folder(prepare_out_dir(Path(args.out) if args.out else RUNS / dataset_slug(args.dataset) / name))
 
 
-try:
-    import fcntl                                  # POSIX (Linux, macOS); elsewhere folders are not locked
-except ImportError:
-    fcntl = None
 _LOCKS = {}                                       # resolved folder -> its open lock file, while this process holds it
 
 
@@ -1300,30 +1391,67 @@ def write_json(path, obj):
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-class Dist:
-    """The process group: works under plain `python` (world 1) and under `torchrun` (gloo on
-    CPU, nccl on CUDA). Only rank 0 writes files and prints."""
+DIST_TIMEOUT = 1800          # seconds one process waits for the others in a collective (FEWSTEP_DIST_TIMEOUT overrides)
 
-    def __init__(self, device=None):
+
+def dist_timeout():
+    """The collective timeout in seconds: FEWSTEP_DIST_TIMEOUT, else DIST_TIMEOUT. No process waits on another for
+    long any more (evaluation and export are split over the ranks; downloads wait on a file lock, not in a
+    collective), so 30 min covers a slow checkpoint write, a first torch.compile or a rank started late; without it
+    NCCL's watchdog would end the job after its default 10 min."""
+    text = os.environ.get("FEWSTEP_DIST_TIMEOUT")
+    if text is None:
+        return DIST_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UserError(f"FEWSTEP_DIST_TIMEOUT={text!r}: give the collective timeout in seconds (a positive number)")
+    return seconds
+
+
+class Dist:
+    """The process group: works under plain `python` (world 1) and under `torchrun` (gloo on CPU, nccl on CUDA,
+    each process on the GPU of its LOCAL_RANK), with an explicit collective timeout (dist_timeout). Only rank 0
+    writes files and prints. On CUDA: TF32 for what runs in fp32 (the frozen teacher; bf16 autocast covers the
+    trained networks) and cuDNN's autotuner; prepare() applies --channels-last and --compile to a network."""
+
+    def __init__(self, device=None, compile=False, channels_last=False):
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         local = int(os.environ.get("LOCAL_RANK", 0))
         if device is None:
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda":                    # each process its own GPU (torch.cuda calls need the index)
-            device = f"cuda:{local}"
-        try:
-            device_name(str(device))              # --device tpu: one line, not torch's traceback
+        try:                                     # --device tpu: one line, not torch's traceback; meta: FLOP counts
+            parsed = torch.device("meta" if str(device) == "meta" else device_name(str(device)))
         except argparse.ArgumentTypeError as e:
             raise UserError(f"--device {e}") from None
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available on this machine")
-        self.device = torch.device(device)
+        if parsed.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UserError(f"--device {device}: CUDA is not available on this machine")
+            if parsed.index is not None and self.world > 1:
+                raise UserError(f"--device {device} with {self.world} processes would put them all on one GPU: pass "
+                                "--device cuda (or nothing); each process takes the GPU of its LOCAL_RANK")
+            parsed = torch.device("cuda", local if parsed.index is None else parsed.index)
+            if parsed.index >= torch.cuda.device_count():
+                raise UserError(f"{parsed} (LOCAL_RANK {local}) does not exist: {torch.cuda.device_count()} GPU(s) visible")
+        self.device = parsed
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True         # fixed shapes: cuDNN times its algorithms once per shape
+        self.timeout = dist_timeout()
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=self.timeout))
+        self.comm = self.device if self.device.type == "cuda" else torch.device("cpu")    # where NCCL/gloo tensors live
         self.main = self.rank == 0
+        self.compile, self.channels_last = compile, channels_last
+        if self.device.type == "cuda":
+            self.log(f"{self.world} process(es), {torch.cuda.get_device_name(self.device)}: bf16 autocast for the trained "
+                     "networks, the frozen teacher in fp32 with TF32 matmuls and convolutions, cudnn.benchmark"
+                     f"{', torch.compile' * compile}{', channels_last' * channels_last}; collective timeout {self.timeout:g} s")
 
     def batch(self, global_batch):
         """This process's share of the global batch."""
@@ -1331,16 +1459,19 @@ class Dist:
             raise UserError(f"batch size {global_batch} is not divisible by the {self.world} processes")
         return global_batch // self.world
 
-    def sync_grads(self, params):
-        """Average gradients over processes (one all-reduce of a flat vector)."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if self.world == 1 or not grads:
-            return
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
+    def prepare(self, module):
+        """module with --channels-last and --compile applied, in place and once (its state_dict keeps its names)."""
+        if isinstance(module, nn.Module) and not getattr(module, "_fewstep_prepared", False):
+            if self.channels_last:
+                module.to(memory_format=torch.channels_last)
+            if self.compile:
+                module.compile()
+            module._fewstep_prepared = True
+        return module
+
+    def grad_sync(self, params):
+        """The gradient averaging of one backward pass (GradSync; call its wait() before clipping), None for one process."""
+        return GradSync(params, self.world) if self.world > 1 else None
 
     def broadcast(self, module):
         """Start every process from rank 0's weights."""
@@ -1373,13 +1504,74 @@ class Dist:
         """Resume gen from a gather_state list (a run resumed with fewer processes takes rank 0's)."""
         gen.set_state(states[self.rank] if self.rank < len(states) else states[0])
 
-    def max(self, value):
-        """The largest of every process's integer value (a signal number: the ranks agree to stop)."""
+    # --- the evaluation's collectives: work split over the ranks, results on every rank, decisions by rank 0 ---
+
+    def share(self, items):
+        """This process's share of a list of work items (batches): items rank, rank + world, ... (round robin, so
+        the item boundaries, and with them every result, are those of one process)."""
+        return items[self.rank::self.world]
+
+    def gather_shares(self, mine, sizes):
+        """Item j's result (a tensor of sizes[j] rows, made by rank j % world) for every j, concatenated in item
+        order, on every rank. mine: this rank's results in share() order. World 1: mine concatenated."""
         if self.world == 1:
-            return value
-        t = torch.tensor([value], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+            return torch.cat(mine)
+        tail, dtype = mine[0].shape[1:] if mine else None, mine[0].dtype if mine else None
+        meta = [None] * self.world
+        dist.all_gather_object(meta, (tuple(tail), dtype) if mine else None)
+        tail, dtype = next(m for m in meta if m is not None)
+        rows = [sum(sizes[r::self.world]) for r in range(self.world)]
+        local = torch.zeros((max(rows), *tail), dtype=dtype, device=self.comm)
+        if mine:
+            local[:rows[self.rank]] = torch.cat(mine).to(self.comm)
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local)
+        offsets, out = [0] * self.world, []
+        for j, size in enumerate(sizes):
+            r = j % self.world
+            out.append(parts[r][offsets[r]:offsets[r] + size])
+            offsets[r] += size
+        return torch.cat(out).cpu()
+
+    def sum(self, tensor):
+        """tensor summed over the processes (float64 statistics: each rank's partial sums)."""
+        if self.world == 1:
+            return tensor
+        t = tensor.to(self.comm)
+        dist.all_reduce(t)
+        return t.to(tensor.device)
+
+    def all_gather_object(self, obj):
+        """[every rank's obj], indexed by rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def from_main(self, obj):
+        """Rank 0's obj on every rank: what rank 0 decided or read from its files (the others follow it)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.comm)
+        return box[0]
+
+    def decide(self, fn):
+        """fn() run by rank 0 alone (what it reads are rank 0's files), its result, or the UserError it raised, on
+        every rank: a decision all ranks follow, so none of them waits in a collective the others skip."""
+        if self.world == 1:
+            return fn()
+        result = None
+        if self.main:
+            try:
+                result = ("value", fn())
+            except UserError as e:
+                result = ("error", str(e))
+        kind, value = self.from_main(result)
+        if kind == "error":
+            raise UserError(value)
+        return value
 
     def barrier(self):
         if self.world > 1:
@@ -1394,15 +1586,77 @@ class Dist:
             tqdm.write(" ".join(str(a) for a in args))
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; full precision on CPU (every path runs there)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+class GradSync:
+    """Gradient averaging over the processes, overlapped with backward (what DistributedDataParallel does, written
+    out so that SFD's step after every student step and SFERD's freezing mid-run need nothing special). The
+    parameters that require a gradient now, in reverse order (backward reaches the last layers first), are cut into
+    buckets of about BUCKET_BYTES; a hook after each parameter's gradient is accumulated launches its bucket's
+    all-reduce once the bucket is complete, buckets strictly in order (every rank must issue its collectives in the
+    same order); wait() launches what backward left (parameters without a gradient this time), waits and averages."""
+    BUCKET_BYTES = 25 * 2**20              # DistributedDataParallel's default bucket_cap_mb
+
+    def __init__(self, params, world):
+        self.world, self.works, self.launched = world, [], 0
+        order = [p for p in reversed(list(params)) if p.requires_grad]
+        self.buckets, size = [], 0
+        for p in order:
+            if not self.buckets or size + p.numel() * p.element_size() > self.BUCKET_BYTES or self.buckets[-1][-1].dtype != p.dtype:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+        self.bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self.missing = [len(b) for b in self.buckets]
+        self.hooks = [p.register_post_accumulate_grad_hook(self.ready) for p in order]
+
+    def ready(self, p):
+        self.missing[self.bucket_of[id(p)]] -= 1
+        while self.launched < len(self.buckets) and self.missing[self.launched] == 0:
+            self.launch()
+
+    def launch(self):
+        grads = [p.grad for p in self.buckets[self.launched] if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads]) if grads else None
+        self.works.append((dist.all_reduce(flat, async_op=True) if grads else None, flat, grads))
+        self.launched += 1
+
+    def wait(self):
+        while self.launched < len(self.buckets):
+            self.launch()
+        for hook in self.hooks:
+            hook.remove()
+        for work, flat, grads in self.works:
+            if work is not None:
+                work.wait()
+                flat /= self.world
+                for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                    g.copy_(part.view_as(g))
 
 
-def check_finite(loss, what="loss"):
-    if not torch.isfinite(loss).all():
-        raise UserError(f"{what} is {loss.item()} (not finite): lower the learning rate or check the data; "
-                        "the last checkpoint is kept")
+def autocast(device, enabled=None):
+    """bf16 autocast of the trained networks: on by default on CUDA, off on CPU (enabled=True turns it on there
+    too, through this same context: the tests' way to see what CUDA runs). cache_enabled=False: casts of the
+    weights cached while a region runs under no_grad (a target network, a teacher) could be reused with grad
+    later in the same region, and silently give those weights no gradient (pytorch#112583, fixed in torch 2.2 by
+    pytorch#113685; requirements.txt allows older releases' relatives). The frozen teacher leaves it (full_precision)."""
+    device = torch.device(device)
+    on = device.type == "cuda" if enabled is None else enabled
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if on else nullcontext()
+
+
+def no_autocast(x):
+    """Full precision for what runs inside, on x's device (attention logits, the frozen teacher); a no-op where
+    there is no autocast to leave (CPU outside it, the meta device)."""
+    return torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else nullcontext()
+
+
+def full_precision(fn):
+    """fn (a frozen teacher's call, e.g. sferd.py's guided teacher) run in fp32 whatever autocast surrounds it:
+    the teacher's roll-out in training and its evaluation share one precision."""
+    def call(x, *args, **kwargs):
+        with no_autocast(x):
+            return fn(x.float(), *args, **kwargs)
+    return call
 
 
 def random_batch(images, batch_size, generator):
@@ -1475,8 +1729,9 @@ def check_settings(ck, path, settings):
 
 def optimizer_steps(pg, out, opt, params, clip=None, emas=()):
     """The update(s) of one batch: out is what a method's loss returned (a loss, (loss, parts) or an
-    iterator of losses, stepped one by one). Backward, gradient sync (DDP), clipping, step, EMAs.
-    Returns (the loss values, the last parts dict)."""
+    iterator of losses, stepped one by one). Backward with the gradient averaging of several processes
+    overlapped (Dist.grad_sync), clipping, step, EMAs. Returns (the losses, the last parts dict) as device
+    tensors: train_loop reads them once per logging interval (a read here would wait for the GPU every step)."""
     steps = iter([out]) if torch.is_tensor(out) or isinstance(out, tuple) else out
     values, parts = [], {}
     while True:
@@ -1485,23 +1740,73 @@ def optimizer_steps(pg, out, opt, params, clip=None, emas=()):
         if out is None:
             return values, parts
         loss, parts = out if isinstance(out, tuple) else (out, {})
-        check_finite(loss)
         opt.zero_grad(set_to_none=True)
+        sync = pg.grad_sync(params)
         loss.backward()
-        pg.sync_grads(params)
+        if sync is not None:
+            sync.wait()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         for ema, model, beta in emas:
             ema_update(ema, model, beta)
-        values.append(loss.item())
+        values.append(loss.detach())
+
+
+SETTLE_EVERY = 50            # steps at most between two reads of the losses (the non-finite check of every rank)
+
+
+def settle(pg, s, pending, window, total, signum=None):
+    """Read the losses of the steps since the last read at once (one host sync) and book them as each step would
+    have: loss_start, the running loss_avg, the window sums and, at a window's end, a loss.csv row (the same
+    arithmetic on the same numbers as one read per step). Every rank learns whether any rank's loss was not finite
+    (one small all-reduce), so all of them stop together with rank 0's line naming the rank that saw it.
+    The same all-reduce tells every rank whether any rank received SIGTERM/SIGINT (signum: this rank's), so that they
+    stop together. pending: [(step, images, done, losses, parts)], emptied. Returns (the last step's {name: value},
+    the signal number to stop at, or 0)."""
+    if not pending:
+        return {}, signum or 0
+    flat = torch.stack([v.detach().double().reshape(()) for *_, values, parts in pending
+                        for v in [*values, *parts.values()]]).tolist()
+    bad, shown, i = None, {}, 0                                  # bad: (step, value) of the first non-finite loss
+    for step, images, done, values, parts in pending:
+        losses, named = flat[i:i + len(values)], flat[i + len(values):i + len(values) + len(parts)]
+        i += len(values) + len(parts)
+        if bad is None:
+            bad = next(((step, v) for v in losses if not math.isfinite(v)), None)
+        value = sum(losses) / max(len(losses), 1)
+        s["loss_start"] = value if s["loss_start"] is None else s["loss_start"]
+        s["loss_avg"] = value if s["loss_avg"] is None else 0.95 * s["loss_avg"] + 0.05 * value
+        shown = {"loss": value, **dict(zip(parts, named))}
+        for name, v in shown.items():
+            s["acc"][name] = s["acc"].get(name, 0.0) + v
+        if step % window == 0 or done >= total:                 # one loss.csv row per window
+            n = (step - 1) % window + 1
+            s["curve"].append([images] + [v / n for v in s["acc"].values()])
+            s["acc"] = {}
+    pending.clear()
+    codes = torch.zeros(pg.world, 3, dtype=torch.float64)         # per rank: its first bad loss's step and kind, its signal
+    if bad is not None:
+        codes[pg.rank, :2] = torch.tensor([bad[0], 1.0 if math.isnan(bad[1]) else math.copysign(2.0, bad[1])])
+    codes[pg.rank, 2] = signum or 0
+    codes = pg.sum(codes).tolist()
+    seen = [(step, r, kind) for r, (step, kind, _) in enumerate(codes) if kind]
+    if seen:                                                     # the rank that saw it first (the others' follows)
+        _, rank, kind = min(seen)
+        value = {1.0: "nan", 2.0: "inf", -2.0: "-inf"}[kind]
+        where = f" on rank {rank} of {pg.world}" if pg.world > 1 else ""
+        raise UserError(f"loss is {value} (not finite){where}: lower the learning rate or check the data; "
+                        "the last checkpoint is kept")
+    return shown, int(max(code[2] for code in codes))
 
 
 def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None, noise=None, student=None,
                teacher=None, emas=(), shared_rngs=None, resume=None, before_step=None, desc="train"):
     """Run loss's updates for budget; returns the run's totals (see the end). The loop owns what every
     method shares: drawing the batch, lr schedule, backward, gradient sync (DDP), clipping, optimizer
-    step, EMAs, progress bar, loss curve and checkpoints (with the settings check on resume).
+    step, EMAs, progress bar, loss curve and checkpoints (with the settings check on resume). The losses
+    are read from the device once per logging interval (settle: the loss curve, and every rank stops
+    together when any rank's loss is not finite), never per step.
 
     loss(student, teacher, x, gen): the method's algorithm for one batch x (training images in [-1, 1]
         from data, or unit noise of shape noise); it draws the rest from gen. Returns a loss, (loss, {name:
@@ -1531,6 +1836,7 @@ def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None
         pg.log(f"resuming {desc} at {s['done']:,} of {budget['total']:,} {budget['unit']}")
     for module in nets.values():
         pg.broadcast(module)
+        pg.prepare(module)                                       # --channels-last, --compile
     total, local = budget["total"], pg.batch(budget["batch"])
     stop = total if budget.get("stop_after") is None else min(total, budget["stop_after"])
     window = max(1, -(-total // per_step) // 100)               # loss curve: about 100 window means
@@ -1544,7 +1850,8 @@ def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None
 
     bar = tqdm(total=total, initial=s["done"], unit={"images": "img", "updates": "it"}.get(budget["unit"], "traj"),
                disable=not pg.main, desc=desc, unit_scale=per_step > 1)
-    t0, next_ckpt = time.time() - s["seconds"], s["done"] + budget["ckpt_every"]
+    t0, next_ckpt, pending = time.time() - s["seconds"], s["done"] + budget["ckpt_every"], []
+    every = 1 if pg.device.type == "cpu" else min(window, SETTLE_EVERY)    # a read costs a host sync on a GPU only
     with StopSignals() as signals:
         while s["done"] < stop:
             if before_step:
@@ -1559,32 +1866,27 @@ def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None
             with autocast(pg.device):
                 out = loss(student, teacher, x, gen)
             values, parts = optimizer_steps(pg, out, opt, params, budget.get("clip"), emas)
-            value = sum(values) / max(len(values), 1)
             s["step"] += 1
             s["done"] += per_step
             s["images"] += budget["batch"]
-            s["loss_start"] = value if s["loss_start"] is None else s["loss_start"]
-            s["loss_avg"] = value if s["loss_avg"] is None else 0.95 * s["loss_avg"] + 0.05 * value
-            for name, v in {"loss": value, **{k: p.item() for k, p in parts.items()}}.items():
-                s["acc"][name] = s["acc"].get(name, 0.0) + v
-            if s["step"] % window == 0 or s["done"] >= total:          # one loss.csv row per window
-                n = (s["step"] - 1) % window + 1
-                s["curve"].append([s["images"]] + [v / n for v in s["acc"].values()])
-                s["acc"] = {}
+            pending.append((s["step"], s["images"], s["done"], values, parts))
+            signum = signals.signum if pg.world == 1 else 0     # several processes: they agree in settle
+            if s["step"] % every == 0 or s["done"] >= stop or s["done"] >= next_ckpt or signum:
+                shown, signum = settle(pg, s, pending, window, total, signals.signum)  # one host sync per interval
+                bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
             s["seconds"] = time.time() - t0
             bar.update(per_step)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in {"loss": value, **{k: p.item() for k, p in parts.items()}}.items()})
             if s["done"] >= next_ckpt and s["done"] < stop:
                 next_ckpt += budget["ckpt_every"]
                 checkpoint(False)
-            signum = pg.max(signals.signum or 0)          # a signal on any rank stops every rank, after this update
-            if signum:
+            if signum:                                   # SIGTERM / SIGINT: this update done, its checkpoint, one line
                 bar.close()
                 checkpoint(s["done"] >= total)
                 raise Stopped(f"stopped by {signal.Signals(signum).name} after {s['done']:,} of {total:,} "
                               f"{budget['unit']}; checkpoint {path} written; continue with `{resume_command(pg.world)}`",
                               signum)
     bar.close()
+    settle(pg, s, pending, window, total)
     for module in nets.values():
         pg.check_in_sync(module)
     checkpoint(s["done"] >= total)
@@ -1628,7 +1930,7 @@ def train_stage(pg, loss, budget, student, path, kind, settings, gen, reuse, res
     an unfinished one continued when resume, else the stage starts over; a file read back must match
     settings (with the budget's updates, lr and batch). Each file counts its own stage's images and seconds;
     totals: the chain's before this stage. loop: train_loop's other arguments (data, teacher, desc). Returns
-    the chain's totals after it; the student is left frozen, the next stage's teacher."""
+    the chain's totals after it; the student is left frozen (freeze), the next stage's teacher."""
     ck = resume_from(path, kind, reuse or resume)
     if ck is not None and not (reuse if ck.get("finished") else resume):
         ck = None
@@ -1639,7 +1941,7 @@ def train_stage(pg, loss, budget, student, path, kind, settings, gen, reuse, res
     totals = {k: totals[k] + run[k] for k in ("images", "seconds")}
     pg.log(f"{loop.get('desc', kind)}: {run['step']:,} updates of {budget['batch']}, {totals['images']:,} images and "
            f"{totals['seconds'] / 60:.1f} min so far; saved {path}")
-    student.eval().requires_grad_(False)
+    freeze(student)
     return totals
 
 
@@ -1744,6 +2046,8 @@ def load_teacher(args, pg=None):
                                   resume=(spec.parent / "checkpoint.pt").exists(), data=data)
     D = load_denoiser(spec, pg.device if pg else (args.device or "cpu"))
     check_teacher_compatible(D.source, getattr(D, "dataset", None), args.dataset)
+    if pg is not None:
+        pg.prepare(D.net)                        # --channels-last, --compile
     return D, Path(D.source)
 
 
@@ -1795,6 +2099,7 @@ PUBLISHED = {   # name -> (canonical URL folder, files, where they land under DO
     "ddpm": ("https://huggingface.co/google/ddpm-cifar10-32/resolve/main/",
              ["config.json", "scheduler_config.json", "diffusion_pytorch_model.bin"], "ddpm-cifar10-32"),
 }
+PUBLISHED_PARAMS = {"edm": 55_733_891}   # the content check of a one-file download (tests/test_teachers.py: the real layout)
 ARCHS = {"fewstep": "fewstep's compact U-Net", "edm-songunet": "EDM's SongUNet", "ddpm-diffusers": "DDPM's eps U-Net"}
 
 
@@ -1886,7 +2191,8 @@ class EDMBlock(nn.Module):
         if self.num_heads:
             # qkv is laid out per head as (C/heads, 3) in EDM: reshape, not chunk.
             q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0] * self.num_heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
-            w = torch.einsum("ncq,nck->nqk", q.float(), (k / math.sqrt(k.shape[1])).float()).softmax(dim=2).to(q.dtype)
+            with no_autocast(x):                          # EDM's AttentionOp: fp32, which autocast would undo
+                w = torch.einsum("ncq,nck->nqk", q.float(), (k / math.sqrt(k.shape[1])).float()).softmax(dim=2).to(q.dtype)
             a = torch.einsum("nqk,nck->ncq", w, v)
             x = (self.proj(a.reshape(*x.shape)) + x) * self.skip_scale
         return x
@@ -2326,18 +2632,30 @@ def read_diffusers_unet(folder):
 
 
 def fetch_published(name):
-    """The cached copy of a published teacher (PUBLISHED), downloaded once (temp file + rename)."""
+    """The cached copy of a published teacher (PUBLISHED), downloaded once (temp file + rename, one process at a
+    time: download). A one-file teacher is first read as its network, which must have PUBLISHED_PARAMS
+    parameters: a truncated or foreign file is one line and never cached (no published sha256 exists to check)."""
     url, files, target = PUBLISHED[name]
     path = DOWNLOAD_DIR / target
     folder = path if len(files) > 1 else path.parent
+    check = (lambda tmp: check_published(tmp, PUBLISHED_PARAMS[name])) if name in PUBLISHED_PARAMS else None
     for file in files:
         if not (folder / file).exists():
             try:
-                download(url + file, folder / file, None)
+                download(url + file, folder / file, None, check if len(files) == 1 else None)
             except UserError as e:
+                if "unusable" in str(e):
+                    raise
                 raise UserError(f"teacher {name!r} is not cached in {DOWNLOAD_DIR} and {e}; on a machine without "
                                 f"internet, fetch {', '.join(url + f for f in files)} into {folder} yourself") from None
     return path
+
+
+def check_published(path, params):
+    """A downloaded teacher file must read as a network (load_denoiser's readers) of the published size."""
+    n = count_params(load_denoiser(path).net)
+    if n != params:
+        raise UserError(f"{path} holds a network of {n:,} parameters, not the published {params:,}")
 
 
 def load_denoiser(spec, device="cpu"):
@@ -2366,17 +2684,23 @@ def load_denoiser(spec, device="cpu"):
             net = build_net(ck["net_config"])
             load_state(net, ck["ema"], path)
             dataset = ck.get("dataset")
-    D = Denoiser(net).to(device).eval().requires_grad_(False)
+    D = freeze(Denoiser(net).to(device))
     D.source, D.dataset = str(path), dataset
     return D
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. The benchmark of every method's training step (python common.py bench), and the CPU refusal
+# 9. The benchmark of every method's training step (python common.py bench), its FLOPs counted without a GPU
+#    (python common.py flops), and the instant refusal of a paper run on a machine without CUDA
 # ----------------------------------------------------------------------------------------------
 
 BENCH_METHODS = ("sfd", "pd", "cd", "sfddm", "cfd", "sferd")
-BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}    # dense bf16 FLOP/s of the GPU (vendor sheets), for MFU
+# Dense peaks of the vendors' data sheets (A100 SXM, H100 SXM; H200 has H100's compute), FLOP/s: bf16 for what autocast
+# runs (the trained networks), TF32 for what stays fp32 on CUDA (the frozen teacher). MFU is measured against them.
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+TF32_PEAK = {"H100": 495e12, "H200": 495e12, "A100": 156e12}
+ASSUMED_MFU = 0.3            # `flops`' projection of GPU hours: an assumption, not a measurement (bench measures it)
+CPU_FLOPS = 1e11             # the refusal's assumed CPU rate, 100 GFLOP/s of fp32 training (more than a laptop sustains)
 
 
 # EDM's CIFAR-10 network (DDPM++ settings of its edm-cifar10-32x32-uncond-vp.pkl), the teacher that the paper
@@ -2388,49 +2712,50 @@ BENCH_EDM_NET = ("sfd", "pd", "cd", "cfd")
 
 
 def bench_teacher(method, preset, in_ch, device):
-    """The teacher network the bench times, with random weights: at the paper preset EDM's SongUNet for the
-    methods in BENCH_EDM_NET, else fewstep's U-Net of the preset. The one place to change what is timed."""
-    if preset == "paper" and method in BENCH_EDM_NET:
-        net = SongUNet(in_channels=in_ch, out_channels=in_ch, **EDM_CIFAR10_NET)
-    else:
-        net = UNet(in_ch=in_ch, res=32, **NET_CONFIGS[preset])
-    return Denoiser(net).to(device).eval().requires_grad_(False)
+    """The teacher network the bench times, with random weights, frozen as load_teacher's: at the paper preset EDM's
+    SongUNet for the methods in BENCH_EDM_NET, else fewstep's U-Net of the preset. The one place to change what is timed.
+    On the meta device (FLOP counting) it is built there, without memory."""
+    with torch.device("meta") if str(device) == "meta" else nullcontext():
+        if preset == "paper" and method in BENCH_EDM_NET:
+            net = SongUNet(in_channels=in_ch, out_channels=in_ch, **EDM_CIFAR10_NET)
+        else:
+            net = UNet(in_ch=in_ch, res=32, **NET_CONFIGS[preset])
+    return freeze(Denoiser(net).to(device))
 
 
-BENCH_CHILD = ("import json, sys, common; a = json.loads(sys.argv[1]); "
-               "print(json.dumps(common.time_bench_step(__import__(a['name']).bench_step, **a)))")
-
-
-def bench_method(name, device="cpu", **options):
-    """One row of the bench table for method `name`, measured by time_bench_step (options: its keywords) in a
-    process of its own (`python -c`, from this folder): the method file is imported there, never by common
-    (imports run common <- fid <- methods), and each method's peak memory and compiled graphs are its own."""
-    spec = dict(name=name, device=str(device), **options)
-    r = subprocess.run([sys.executable, "-c", BENCH_CHILD, json.dumps(spec)], cwd=Path(__file__).resolve().parent,
-                       capture_output=True, text=True)
+def method_child(function, name, **options):
+    """common.<function>(<name>.bench_step, name, **options) in a process of its own (`python -c`, from this folder):
+    the method file is imported there, never by common (imports run common <- fid <- methods), and each method's
+    peak memory and compiled graphs are its own. Returns what it returned (JSON)."""
+    code = ("import json, sys, common; a = json.loads(sys.argv[1]); "
+            f"print(json.dumps(common.{function}(__import__(a['name']).bench_step, **a)))")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(dict(name=name, **options))],
+                       cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
     if r.returncode:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"bench of {name} failed: {last}")
+        raise UserError(f"{function} of {name} failed: {last}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def bench_method(name, device="cpu", **options):
+    """One row of the bench table for method `name`, measured by time_bench_step (options: its keywords)."""
+    return method_child("time_bench_step", name, device=str(device), **options)
+
+
 def time_bench_step(bench_step, name, preset="paper", device="cpu", in_ch=3, batch=None, steps=3, warmup=1,
-                    channels_last=False, compile=False, count_flops=True, tf32=False):
-    """Time `steps` training steps of a method at its preset (random weights, after `warmup` steps).
-    Each method file has bench_step(teacher, preset, device, batch) -> dict(step, unit, per_step, total, nets):
-    one full training iteration, what it counts, how many per step and in the preset's whole budget.
-    Returns one row of the bench table (seconds, throughput, peak memory, projected time, FLOPs per step)."""
-    device = torch.device(device)
-    if device.type == "cuda" and tf32:      # fp32 matmuls outside bf16 autocast (the method's math is kept)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+                    channels_last=False, compile=False, count_flops=True):
+    """Time `steps` training steps of a method at its preset (random weights, after `warmup` steps), on training's
+    code path: Dist's device settings (TF32, cudnn.benchmark), its prepare() (--channels-last, --compile) on every
+    network, and each method's bench_step(teacher, preset, device, batch) -> dict(step, unit, per_step, total, nets):
+    one full training iteration through common.optimizer_steps under common.autocast, as train_loop runs it, what it
+    counts, how many per step and in the preset's whole budget. Returns one row of the bench table."""
+    pg = Dist(device, compile=compile, channels_last=channels_last)
+    device = pg.device
     seed_all(0)
     teacher = bench_teacher(name, preset, in_ch, device)
     b = bench_step(teacher, preset, device, batch)
     for net in b["nets"]:
-        if channels_last:
-            net.to(memory_format=torch.channels_last)
-        if compile:
-            net.compile()
+        pg.prepare(net)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         b["step"]()
@@ -2457,6 +2782,66 @@ def time_bench_step(bench_step, name, preset="paper", device="cpu", in_ch=3, bat
                 flops_per_step=flops, achieved_tflops=flops / seconds / 1e12 if flops else None)
 
 
+def count_step_flops(bench_step, name, preset="paper", in_ch=3):
+    """The FLOPs of one training iteration of a method at a preset (bench_step's), counted on the meta device: no
+    memory, no arithmetic, no GPU (torch.utils.flop_counter: matmuls and convolutions, forward and backward). Also
+    counted apart: the frozen teacher's share (fp32 with TF32 on CUDA, the rest under bf16 autocast)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    seed_all(0)
+    teacher = bench_teacher(name, preset, in_ch, "meta")
+    b = bench_step(teacher, preset, torch.device("meta"), None)
+    frozen, forward = [0], teacher.forward
+
+    def counted(*args, **kwargs):
+        with FlopCounterMode(display=False) as inner:   # a fresh one per call: entering a counter resets it
+            out = forward(*args, **kwargs)
+        frozen[0] += inner.get_total_flops()
+        return out
+
+    teacher.forward = counted
+    counter = FlopCounterMode(display=False)
+    with counter:
+        b["step"]()
+    total = counter.get_total_flops()
+    return dict(method=name, preset=preset, unit=b["unit"], per_step=b["per_step"], total=b["total"],
+                flops_per_unit=total / b["per_step"], teacher_share=frozen[0] / total)
+
+
+def gpu_hours(row, gpu, mfu=ASSUMED_MFU):
+    """Projected hours of a preset's budget on one GPU: the teacher's FLOPs at the TF32 peak, the rest at the bf16
+    peak, both times mfu. A projection from counted FLOPs, vendor peaks and an assumed MFU, not a measurement."""
+    flops = row["flops_per_unit"] * row["total"]
+    return flops * (row["teacher_share"] / TF32_PEAK[gpu] + (1 - row["teacher_share"]) / BF16_PEAK[gpu]) / mfu / 3600
+
+
+def flops_table(args):
+    """python common.py flops: every method's counted FLOPs per unit at its preset and the projected A100 / H100 hours."""
+    rows = [method_child("count_step_flops", name, preset=args.preset, in_ch=args.channels) for name in args.methods]
+    lines = [f"FLOPs per unit counted by torch.utils.flop_counter on the meta device, preset {args.preset}, torch "
+             f"{torch.__version__}, commit {git_commit()}; projected hours = teacher FLOPs / TF32 peak + the rest / bf16 "
+             f"peak (dense, vendor data sheets), at an assumed MFU of {args.mfu:.0%}: a projection, not a measurement", "",
+             "| method | unit | GFLOP per unit | of it the frozen teacher | budget | total FLOP | A100 h | H100 h |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['unit']} | {r['flops_per_unit'] / 1e9:,.1f} | {r['teacher_share']:.0%} "
+                     f"| {r['total']:,} | {r['flops_per_unit'] * r['total']:.3g} | {gpu_hours(r, 'A100', args.mfu):,.1f} "
+                     f"| {gpu_hours(r, 'H100', args.mfu):,.1f} |")
+    print("\n".join(lines))
+    return rows
+
+
+def git_commit():
+    """The commit of this checkout (with '+changes' when the tree differs from it), or 'unknown'."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True)
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
+
+
 def duration(seconds):
     """12.3 s, 4.5 min, 1.17 h, 31 days, 24.6 years: a projected time at a readable scale."""
     for unit, size, digits in (("years", 365.25 * 86400, 1), ("days", 86400, 0), ("h", 3600, 2), ("min", 60, 1)):
@@ -2465,10 +2850,15 @@ def duration(seconds):
     return f"{seconds:.1f} s"
 
 
+def gpu_peak(name):
+    """(the GPU's dense bf16 peak in FLOP/s, the name it was matched by) for MFU, or (None, None) if not known."""
+    return next(((v, k) for k, v in BF16_PEAK.items() if k in name), (None, None))
+
+
 def bench_table(rows, device):
     """The bench as a Markdown table, with MFU against the GPU's bf16 peak where it is known."""
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU"
-    peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
+    peak, _ = gpu_peak(name)
     lines = ["| method | preset | network | unit | per step | s/step | units/s | peak GiB | TFLOP/s | MFU (bf16) | budget | projected |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     num = lambda v, f: "–" if v is None else f.format(v)
@@ -2481,21 +2871,25 @@ def bench_table(rows, device):
 
 
 def bench(args):
-    """python common.py bench: every method's training step at its preset, on this device, as a table."""
+    """python common.py bench: every method's training step at its preset, on this device, as a table headed by
+    what was measured: the device, the peak its MFU is taken against, torch, the commit, the settings."""
     pg = Dist(args.device)
     rows = []
     for name in args.methods:
         rows.append(bench_method(name, pg.device, preset=args.preset, in_ch=args.channels, batch=args.batch_size,
                                  steps=args.steps, warmup=args.warmup, channels_last=args.channels_last,
-                                 compile=args.compile, tf32=not args.no_tf32))
+                                 compile=args.compile))
         r = rows[-1]
         print(f"{name}: {r['throughput']:.4g} {r['unit']}/s, {r['seconds_per_step']:.3f} s/step, projected "
               f"{duration(r['projected_hours'] * 3600)} for {r['total']:,} {r['unit']}", file=sys.stderr)
     table, device_name = bench_table(rows, pg.device)
-    head = (f"bench on {device_name} ({pg.device}), torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-            f"{args.steps} steps after {args.warmup} warm-up, bf16 autocast on CUDA, TF32 "
-            f"{'off' if args.no_tf32 or pg.device.type != 'cuda' else 'on'}, channels_last {args.channels_last}, "
-            f"compile {args.compile}, batch {args.batch_size or 'the presets'}")
+    peak, matched = gpu_peak(device_name)
+    cuda = pg.device.type == "cuda"
+    head = (f"bench on {device_name} ({pg.device}), MFU against {f'{peak / 1e12:g} TFLOP/s (dense bf16 of the {matched})' if peak else 'no known peak'}, "
+            f"torch {torch.__version__}, commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+            f"{args.steps} steps after {args.warmup} warm-up; training's code path: "
+            f"{'bf16 autocast for the trained networks, the frozen teacher fp32 with TF32, cudnn.benchmark' if cuda else 'fp32'}, "
+            f"channels_last {args.channels_last}, compile {args.compile}, batch {args.batch_size or 'the presets'}")
     print(head + "\n\n" + table)
     if args.out:
         write_json(Path(args.out).with_suffix(".json"), dict(header=head, rows=rows))
@@ -2503,21 +2897,25 @@ def bench(args):
     return rows
 
 
-def refuse_paper_on_cpu(args, method):
-    """A paper run where there is no CUDA would take days to years: stop before any work with an estimate,
-    measured here as one training step of batch 1 (no warm-up: a slight overestimate) times the preset's budget."""
-    if method not in BENCH_METHODS:
+UNIT_NAMES = {"trajectories": "trajectory", "images": "image", "updates": "update"}
+
+
+def refuse_paper_on_cpu(args, method, cost=None):
+    """A paper run where there is no CUDA would take weeks to years: stop at once (no step is timed) with an
+    estimate from the method's counted FLOPs (cost: its PAPER_COST, dict(unit, units, flops_per_unit)) at an
+    assumed CPU_FLOPS, and the same command with --preset lab."""
+    if cost is None:
         raise UserError("--preset paper needs CUDA (none on this machine); pass --device cpu to run it anyway")
-    in_ch = 1 if args.dataset == "fashion" else 3
-    r = bench_method(method, "cpu", preset="paper", in_ch=in_ch, batch=1, steps=1, warmup=0, count_flops=False)   # ~2-15 s
     argv, kept = sys.argv[1:], []
     for i, a in enumerate(argv):          # the same command with --preset lab in place of the paper preset
         if not (a == "--preset" or a.startswith("--preset=") or (i > 0 and argv[i - 1] == "--preset")):
             kept.append(a)
     lab = " ".join(["python", f"{method}.py", *kept, "--preset", "lab"])
-    raise UserError(f"--preset paper without CUDA: about {duration(r['projected_hours'] * 3600)} on this CPU (a step of batch 1 took "
-                    f"{r['seconds_per_step']:.1f} s here, x {r['total']:,} {r['unit']} in the preset's budget); run "
-                    f"`{lab}` instead, or pass --device cpu to run the paper preset anyway")
+    seconds = cost["flops_per_unit"] * cost["units"] / CPU_FLOPS
+    raise UserError(f"--preset paper without CUDA: at least {duration(seconds)} on a CPU ({cost['flops_per_unit']:.3g} "
+                    f"FLOP per {UNIT_NAMES.get(cost['unit'], cost['unit'])}, counted, x {cost['units']:,} {cost['unit']} in the preset's budget, "
+                    f"at an assumed {CPU_FLOPS / 1e9:g} GFLOP/s); run `{lab}` instead, or pass --device cpu to run the "
+                    "paper preset anyway")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2547,15 +2945,21 @@ def main():
     b.add_argument("--warmup", default=2, type=checked(int, lambda v: v >= 0, "an integer >= 0"),
                    help="untimed steps first (default 2)")
     b.add_argument("--device", default=None, type=device_name, help="cpu | cuda (default: cuda if available)")
-    b.add_argument("--no-tf32", action="store_true", help="keep fp32 matmuls in full fp32 on CUDA (default: TF32)")
-    b.add_argument("--channels-last", action="store_true", help="NHWC memory format for the networks")
-    b.add_argument("--compile", action="store_true", help="torch.compile every network (no FLOP count then)")
+    b.add_argument("--channels-last", action="store_true", help="NHWC memory format for the networks (training's flag)")
+    b.add_argument("--compile", action="store_true", help="torch.compile every network (training's flag; no FLOP count then)")
     b.add_argument("--out", default=None, help="also write the table to OUT.md and OUT.json")
+    f = sub.add_parser("flops", help="count every method's FLOPs per training unit at its preset on the meta device (no "
+                       "GPU, seconds) and project the budget's A100 and H100 hours at an assumed MFU")
+    f.add_argument("--preset", default="paper", choices=["smoke", "paper"], help="paper (default) | smoke")
+    f.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=list(BENCH_METHODS), help="default: all six")
+    f.add_argument("--channels", default=3, type=int, choices=[1, 3], help="image channels (3: CIFAR-10, default)")
+    f.add_argument("--mfu", default=ASSUMED_MFU, type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"),
+                   help=f"the assumed model FLOP utilisation of the projection (default {ASSUMED_MFU:g})")
     args = p.parse_args()
-    if args.cmd == "bench":
+    if args.cmd in ("bench", "flops"):
         import common             # the module the method files import (this file runs as __main__: another copy)
         try:
-            return common.bench(args)
+            return common.bench(args) if args.cmd == "bench" else common.flops_table(args)
         except common.UserError as e:
             raise UserError(str(e)) from None
     train_teacher(args.dataset, args.preset, args.out, args.data_dir, args.seed, args.device,

@@ -293,10 +293,16 @@ def preprocess(images):
 # ----------------------------------------------------------------------------------------------
 # Statistics and the Frechet distance.
 
-def feature_stats(batches, device="cpu", fast=False, progress=True, inception=None, total=None):
+def feature_stats(batches, device="cpu", fast=False, progress=True, inception=None, total=None, pg=None):
     """Mean, unbiased covariance (float64) and count of the features of an iterable of image batches.
-    fast=True: bfloat16 autocast, NOT the exact FID (features off by ~1e-2); worth it on GPUs only."""
+    fast=True: bfloat16 autocast, NOT the exact FID (features off by ~1e-2); worth it on GPUs only.
+    pg (common.Dist) of several processes: each takes its share of the batches and the sums are added over
+    the processes, so the statistics are one process's to float64 rounding."""
     net = load_inception(inception, str(device))
+    split = pg is not None and pg.world > 1
+    if split:
+        batches = pg.share(list(batches))
+        total, progress = sum(len(b) for b in batches), progress and pg.main
     s1, s2, n = 0.0, 0.0, 0  # running sums of f and of f f^T
     exact_cudnn = torch.backends.cudnn.flags(enabled=True, allow_tf32=fast)  # TF32 would be inexact too
     with torch.inference_mode(), exact_cudnn, tqdm(total=total, unit="img", desc="fid", disable=not progress) as bar:
@@ -306,6 +312,10 @@ def feature_stats(batches, device="cpu", fast=False, progress=True, inception=No
                 f = net(x).double()
             s1, s2, n = s1 + f.sum(0), s2 + f.T @ f, n + len(f)
             bar.update(len(f))
+    if split:
+        zeros = torch.zeros(FEATURES, dtype=torch.float64, device=device)
+        s1, s2 = pg.sum(s1 + zeros), pg.sum(s2 + torch.outer(zeros, zeros))
+        n = int(pg.sum(torch.tensor(float(n), dtype=torch.float64)))
     if n < 2:
         raise ValueError(f"FID needs at least 2 images, got {n}")
     mu = s1 / n
@@ -380,9 +390,10 @@ def ref_path(dataset, split, n):
 
 
 def reference_stats(dataset, data_dir=None, n=None, device="cpu", split="train",
-                    batch_size=BATCH_SIZE, inception=None, progress=True):
+                    batch_size=BATCH_SIZE, inception=None, progress=True, pg=None):
     """(mu, sigma, n) of n images of a dataset split (a fixed random subset), computed once and cached
-    under runs/<dataset>/fid/. n=None: REF_N (CIFAR-10: the whole split); n=0: the whole split. Always exact (no bf16)."""
+    under runs/<dataset>/fid/. n=None: REF_N (CIFAR-10: the whole split); n=0: the whole split. Always exact (no bf16).
+    pg of several processes: rank 0 reads and writes the cache, the features are split over the processes."""
     images, _ = common.load_dataset(dataset, data_dir, split=split)
     n = REF_N_OF.get(dataset, REF_N) if n is None else n
     n = len(images) if n == 0 else min(n, len(images))
@@ -392,35 +403,43 @@ def reference_stats(dataset, data_dir=None, n=None, device="cpu", split="train",
                                images=f"{tuple(subset.shape)} sum {int(subset.sum())}",  # stale if data changes
                                weights=find_weights(inception).name, resize="tf1-bilinear-299",
                                quantise="uint8", stats="float64, unbiased"))
-    if path.is_file():
-        with np.load(path) as z:
-            if str(z["settings"]) == settings:
-                return z["mu"], z["sigma"], int(z["n"])
+    def cached():
+        if path.is_file():
+            with np.load(path) as z:
+                if str(z["settings"]) == settings:
+                    return z["mu"], z["sigma"], int(z["n"])
+        return None
+
+    found = pg.decide(cached) if pg is not None else cached()
+    if found is not None:
+        return found
     t0 = time.time()
     mu, sigma, n = feature_stats(subset.split(batch_size), device, inception=inception,
-                                 progress=progress, total=n)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, n=n, settings=settings)
-    os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
-    print(f"fid: reference stats of {dataset}/{split}, N={n}, {time.time() - t0:.0f} s -> {path}")
+                                 progress=progress, total=n, pg=pg)
+    if pg is None or pg.main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, n=n, settings=settings)
+        os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
+        print(f"fid: reference stats of {dataset}/{split}, N={n}, {time.time() - t0:.0f} s -> {path}")
     return mu, sigma, n
 
 
-def reference_fingerprint(dataset, data_dir=None, device="cpu"):
+def reference_fingerprint(dataset, data_dir=None, device="cpu", pg=None):
     """Content fingerprint of the reference statistics an FID is measured against (computed if missing):
-    what a cached FID depends on besides its samples (teacher_baseline keys its cache by it)."""
-    _, _, n = reference_stats(dataset, data_dir, device=device, progress=False)
-    return common.fingerprint(ref_path(dataset, "train", n))
+    what a cached FID depends on besides its samples (teacher_baseline keys its cache by it). Rank 0's file."""
+    _, _, n = reference_stats(dataset, data_dir, device=device, progress=False, pg=pg)
+    fingerprint = lambda: common.fingerprint(ref_path(dataset, "train", n))
+    return pg.decide(fingerprint) if pg is not None else fingerprint()
 
 
 def fid_of_samples(images, dataset, data_dir=None, device="cpu", batch_size=BATCH_SIZE,
-                   fast=False, inception=None, progress=True):
+                   fast=False, inception=None, progress=True, pg=None):
     """FID of generated images (float in [-1, 1], N x C x H x W) against the dataset's training stats.
-    Report it as fid_label(len(images))."""
-    mu_ref, sigma_ref, _ = reference_stats(dataset, data_dir, device=device, inception=inception, progress=progress)
-    mu, sigma, _ = feature_stats(images.split(batch_size), device, fast, progress, inception, total=len(images))
+    Report it as fid_label(len(images)). pg of several processes: the features split over them (feature_stats)."""
+    mu_ref, sigma_ref, _ = reference_stats(dataset, data_dir, device=device, inception=inception, progress=progress, pg=pg)
+    mu, sigma, _ = feature_stats(images.split(batch_size), device, fast, progress, inception, total=len(images), pg=pg)
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
 
@@ -449,18 +468,27 @@ FID_SAMPLES = {"smoke": 0, "lab": 500, "paper": 50_000}       # N per preset (FI
 REFERENCE_NFE = 35                                            # the teacher's "ground truth" sampler: DPM-Solver++(3M), 35 NFE
 
 
-def eval_noise(n, shape, batch):
-    """The fixed evaluation noise (unit Gaussian), in batches; sample k is the same in every run."""
-    for start in range(0, n, batch):
-        yield common.PerSampleNoise(common.EVAL_SEED, range(start, min(n, start + batch))).randn(*shape)
+GENERATED = {"images": 0}                  # the images this process's generate() made (metrics.json: eval_images_per_rank)
 
 
 @torch.no_grad()
-def generate(sample_fn, n, shape, batch, device, desc):
-    """Images in [-1, 1] from sample_fn(unit noise on device), over the fixed evaluation noise."""
-    out = [sample_fn(eps.to(device)).clamp(-1, 1).cpu()
-           for eps in tqdm(eval_noise(n, shape, batch), total=math.ceil(n / batch), desc=desc, leave=False)]
-    return torch.cat(out)
+def generate(sample_fn, n, shape, batch, device, desc, pg=None, bf16=False):
+    """Images in [-1, 1] from sample_fn(unit noise on device) over the fixed evaluation noise, sample k from
+    PerSampleNoise(EVAL_SEED, k), in batches of `batch`. pg of several processes: each makes its share of the
+    batches (Dist.share: the batches one process makes, so the images are one process's), and every process
+    receives all of them (gathered as uint8, the precision every later use reads). bf16: the sampler under bf16
+    autocast (--bf16-eval; a frozen teacher stays fp32)."""
+    starts = list(range(0, n, batch))
+    out = []
+    for start in tqdm(pg.share(starts) if pg else starts, desc=desc, leave=False, disable=pg is not None and not pg.main):
+        eps = common.PerSampleNoise(common.EVAL_SEED, range(start, min(n, start + batch))).randn(*shape)
+        with common.autocast(device, enabled=bf16):
+            out.append(sample_fn(eps.to(device)).clamp(-1, 1).cpu())
+        GENERATED["images"] += len(out[-1])
+    if pg is None or pg.world == 1:
+        return torch.cat(out)
+    sizes = [min(n, start + batch) - start for start in starts]
+    return common.to_float(pg.gather_shares([common.to_uint8(x.float()) for x in out], sizes))
 
 
 @torch.no_grad()
@@ -540,11 +568,12 @@ def teacher_eval_dir(teacher_path, args):
     return common.RUNS / common.dataset_slug(args.dataset) / f"teacher-{path.stem}-{tag}" / "eval"
 
 
-def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device, with_fid):
+def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device, with_fid, pg=None):
     """FID and RMS-to-reference of the teacher itself with `solver` at `nfe`, computed once per
     teacher and N and cached next to the teacher (eval/). Each cache file records the fingerprint of
     the teacher's content (and the FID the one of the reference statistics): a retrained teacher.pt
-    or new reference statistics rebuild it, and say so. Returns (metrics dict, samples)."""
+    or new reference statistics rebuild it, and say so. Returns (metrics dict, samples).
+    pg of several processes: rank 0 reads and writes the cache, generation and FID are split over them."""
     cache = teacher_eval_dir(teacher_path, args)
     sigmas = common.teacher_sigmas(solver, nfe)
     key = f"{solver}-nfe{nfe}-to{sigmas[-1]:g}-n{n}"     # the grid's end is in the name: no stale cache
@@ -552,33 +581,52 @@ def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device,
         key += "-o12"
     batch = args.batch_size or 250
     samples_path, teacher_sha256 = cache / f"{key}.pt", common.fingerprint(teacher_path)
-    ck = common.load_checkpoint(samples_path, "samples") if samples_path.exists() else None
-    if ck is not None and ck.get("teacher_sha256") == teacher_sha256:
-        samples = common.to_float(ck["images"])
-    else:
+    main = pg is None or pg.main
+    decide = pg.decide if pg is not None else lambda fn: fn()
+
+    def cached_samples():
+        ck = common.load_checkpoint(samples_path, "samples") if samples_path.exists() else None
+        if ck is not None and ck.get("teacher_sha256") == teacher_sha256:
+            return ck["images"]
         if ck is not None:
             tqdm.write(f"{samples_path}: made with another teacher than {teacher_path} (or before fingerprints); rebuilding")
+        return None
+
+    images = decide(cached_samples)
+    if images is not None:
+        samples = common.to_float(images)
+    else:
         samples = generate(lambda eps: common.SAMPLERS[solver](teacher, eps * sigmas[0].item(), sigmas), n, shape, batch,
-                           device, f"teacher {common.SAMPLER_NAMES[solver]} {nfe} NFE")
-        common.save_checkpoint(samples_path, "samples", images=common.to_uint8(samples), teacher_sha256=teacher_sha256)
+                           device, f"teacher {common.SAMPLER_NAMES[solver]} {nfe} NFE", pg)
+        if main:
+            common.save_checkpoint(samples_path, "samples", images=common.to_uint8(samples), teacher_sha256=teacher_sha256)
     metrics_path = cache / f"{key}.json"
     if not with_fid:
         return {"fid": None}, samples
-    made_with = dict(teacher_sha256=teacher_sha256, ref_sha256=reference_fingerprint(args.dataset, args.data_dir, device))
-    if metrics_path.exists():
-        metrics = json.loads(metrics_path.read_text())
-        if all(metrics.get(k) == v for k, v in made_with.items()):
-            return metrics, samples
-        tqdm.write(f"{metrics_path}: made with another teacher or reference statistics (or before fingerprints); rebuilding")
-    metrics = {"fid": fid_or_none(samples, args, device), **made_with}
-    common.write_json(metrics_path, metrics)
+    made_with = dict(teacher_sha256=teacher_sha256,
+                     ref_sha256=reference_fingerprint(args.dataset, args.data_dir, device, pg))
+
+    def cached_metrics():
+        if metrics_path.exists():
+            metrics = json.loads(metrics_path.read_text())
+            if all(metrics.get(k) == v for k, v in made_with.items()):
+                return metrics
+            tqdm.write(f"{metrics_path}: made with another teacher or reference statistics (or before fingerprints); rebuilding")
+        return None
+
+    metrics = decide(cached_metrics)
+    if metrics is not None:
+        return metrics, samples
+    metrics = {"fid": fid_or_none(samples, args, device, pg), **made_with}
+    if main:
+        common.write_json(metrics_path, metrics)
     return metrics, samples
 
 
-def fid_or_none(samples, args, device):
+def fid_or_none(samples, args, device, pg=None):
     if len(samples) < 2:
         return None
-    return fid_of_samples(samples, args.dataset, args.data_dir, device)
+    return fid_of_samples(samples, args.dataset, args.data_dir, device, pg=pg)
 
 
 def check_exports(args, *folders):
@@ -590,62 +638,92 @@ def check_exports(args, *folders):
 
 
 @torch.no_grad()
-def export_samples(args, out, sample_fn, shape, device):
+def export_samples(args, out, sample_fn, shape, device, pg=None):
     """Write args.export samples of the fixed evaluation noise (sample k from PerSampleNoise(EVAL_SEED, k), the
     images fid.report scores) as EDM generate.py writes them, <target>/000000/000000.png ... in folders
     of 1,000, or as one uint8 N x H x W x C npz array arr_0. Resumable: PNGs are written whole (temp
-    file + rename) and only missing ones are made; the npz grows in a .partial.npy with its count."""
-    n, target = args.export, common.check_export_target(args, out)
+    file + rename) and only missing ones are made; the npz grows in a .partial.npy with its count.
+    pg of several processes: in rounds of one batch per process (the batches one process makes), gathered
+    to rank 0, which alone reads and writes the files."""
+    n, world = args.export, pg.world if pg is not None else 1
+    main = pg is None or pg.main
+    decide = pg.decide if pg is not None else lambda fn: fn()
+    target = decide(lambda: common.check_export_target(args, out))
     batch = args.batch_size or 250                   # the evaluation batch, so the images are fid.report's
+    bf16 = getattr(args, "bf16_eval", False)
     manifest = dict(run=str(Path(out).resolve()), n=n, format=args.export_format, eval_seed=common.EVAL_SEED)
-    bar = tqdm(total=n, unit="img", desc=f"export {target.name}")
-    images_of = lambda ks: common.to_uint8(sample_fn(common.PerSampleNoise(common.EVAL_SEED, ks, device).randn(*shape))
-                                           .clamp(-1, 1).cpu())     # samples ks, uint8 N x C x H x W
+    bar = tqdm(total=n, unit="img", desc=f"export {target.name}", disable=not main)
+
+    def images_of(ks):                               # samples ks, uint8 N x C x H x W
+        with common.autocast(device, enabled=bf16):
+            return common.to_uint8(sample_fn(common.PerSampleNoise(common.EVAL_SEED, ks, device).randn(*shape))
+                                   .clamp(-1, 1).cpu())
+
+    def rounds(ks):                                  # (ks, their images) for each round of `world` batches
+        groups = [ks[i:i + batch] for i in range(0, len(ks), batch)]
+        for r in range(0, len(groups), world):
+            group = groups[r:r + world]
+            mine = [images_of(group[pg.rank])] if pg is not None and pg.rank < len(group) else []
+            images = pg.gather_shares(mine, [len(g) for g in group]) if pg is not None else images_of(group[0])
+            yield [k for g in group for k in g], images
+
     if args.export_format == "png":
         name = lambda k: target / f"{k - k % 1000:06d}" / f"{k:06d}.png"
         info = target / "export.json"                # which run the folder holds (external tools read only images)
-        if info.exists() and json.loads(info.read_text()) != manifest:
-            raise common.UserError(f"{target} holds samples of another run or setting ({info}); choose another --export-dir")
-        common.write_json(info, manifest)
-        todo = [k for k in range(n) if not name(k).exists()]
-        bar.update(n - len(todo))
-        for i in range(0, len(todo), batch):
-            ks = todo[i:i + batch]
-            for k, im in zip(ks, images_of(ks).permute(0, 2, 3, 1).numpy()):
-                name(k).parent.mkdir(parents=True, exist_ok=True)
-                tmp = name(k).with_name(name(k).stem + ".tmp.png")
-                Image.fromarray(im[:, :, 0] if im.shape[2] == 1 else im).save(tmp)
-                os.replace(tmp, name(k))
+
+        def todo():
+            if info.exists() and json.loads(info.read_text()) != manifest:
+                raise common.UserError(f"{target} holds samples of another run or setting ({info}); choose another --export-dir")
+            common.write_json(info, manifest)
+            return [k for k in range(n) if not name(k).exists()]
+
+        missing = decide(todo)
+        bar.update(n - len(missing))
+        for ks, images in rounds(missing):
+            if main:
+                for k, im in zip(ks, images.permute(0, 2, 3, 1).numpy()):
+                    name(k).parent.mkdir(parents=True, exist_ok=True)
+                    tmp = name(k).with_name(name(k).stem + ".tmp.png")
+                    Image.fromarray(im[:, :, 0] if im.shape[2] == 1 else im).save(tmp)
+                    os.replace(tmp, name(k))
             bar.update(len(ks))
-    elif target.is_file():                           # a finished npz: nothing left to do
+    elif decide(target.is_file):                     # a finished npz: nothing left to do
         bar.update(n)
     else:
         partial, count = target.with_name(target.name + ".partial.npy"), target.with_name(target.name + ".partial.json")
-        done = 0
-        if partial.exists() and count.exists():
-            state = json.loads(count.read_text())
-            if state["manifest"] != manifest:
-                raise common.UserError(f"{partial} holds samples of another run or setting; choose another --export-dir")
-            arr, done = np.lib.format.open_memmap(partial, mode="r+"), state["done"]
-        else:
+        arr = None
+
+        def progress():
+            nonlocal arr
+            if partial.exists() and count.exists():
+                state = json.loads(count.read_text())
+                if state["manifest"] != manifest:
+                    raise common.UserError(f"{partial} holds samples of another run or setting; choose another --export-dir")
+                arr = np.lib.format.open_memmap(partial, mode="r+")
+                return state["done"]
             target.parent.mkdir(parents=True, exist_ok=True)
             arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(n, shape[1], shape[2], shape[0]))
+            return 0
+
+        done = decide(progress)
         bar.update(done)
-        for start in range(done, n, batch):
-            ks = range(start, min(n, start + batch))
-            arr[ks.start:ks.stop] = images_of(ks).permute(0, 2, 3, 1).numpy()
-            arr.flush()                               # the images first, then the count that vouches for them
-            common.write_json(count, dict(manifest=manifest, done=ks.stop))
+        for ks, images in rounds(list(range(done, n))):
+            if main:
+                arr[ks[0]:ks[-1] + 1] = images.permute(0, 2, 3, 1).numpy()
+                arr.flush()                           # the images first, then the count that vouches for them
+                common.write_json(count, dict(manifest=manifest, done=ks[-1] + 1))
             bar.update(len(ks))
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=np.asarray(arr))
-        os.replace(tmp, target)
-        del arr
-        partial.unlink()
-        count.unlink()
+        if main:
+            tmp = target.with_name(target.name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.savez(f, arr_0=np.asarray(arr))
+            os.replace(tmp, target)
+            del arr
+            partial.unlink()
+            count.unlink()
     bar.close()
-    print(f"exported {n:,} samples to {target} (score them with: python fid.py {target} dataset:{args.dataset})")
+    if main:
+        print(f"exported {n:,} samples to {target} (score them with: python fid.py {target} dataset:{args.dataset})")
     return target
 
 
@@ -656,15 +734,14 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     and the teacher see the same noise. info: method, variant, nfe, train_seconds, images_seen, ...
     Metrics (N = args.fid_samples): the student's FID-N; the teacher's FID-N with DPM-Solver++(3M)
     and Euler at the same NFE; teacher_rms = RMS distance from the teacher's 35-NFE DPM-Solver++(3M)
-    samples of the same noise (for the student and for both teacher solvers)."""
-    if not pg.main:
-        pg.barrier()
-        return None
+    samples of the same noise (for the student and for both teacher solvers).
+    Every process takes part (the sampling and the Inception features are split over them: generate,
+    feature_stats); rank 0 writes the files. Returns the metrics (on every rank)."""
     if getattr(args, "export", None):                 # --export N: the samples for external FID tools
-        export_samples(args, out, sample_fn, shape, pg.device)
-        if args.resume and (out / "metrics.json").exists():   # a finished, evaluated run: only the export was asked
-            pg.barrier()
-            return json.loads((out / "metrics.json").read_text())
+        export_samples(args, out, sample_fn, shape, pg.device, pg)
+        evaluated = lambda: json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else None
+        if args.resume and (metrics := pg.decide(evaluated)) is not None:   # a finished, evaluated run: only the export
+            return metrics
     n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
     n_rms = max(n, 64)                                # teacher_rms is measured even when FID is skipped
     device = pg.device
@@ -673,18 +750,19 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
         cost["img_per_s"] = info.get("images_seen", 0) / info["train_seconds"]
     if device.type == "cuda":
         cost["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    batch = args.batch_size or 250
-    student = generate(sample_fn, n_rms, shape, batch, device, "student samples")
-    common.save_grid(student[:64], out / "samples.png", nrow=8)
-    ref_metrics, ref = teacher_baseline(teacher, teacher_path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, device, n >= 2)
+    batch, bf16, made = args.batch_size or 250, getattr(args, "bf16_eval", False), GENERATED["images"]
+    student = generate(sample_fn, n_rms, shape, batch, device, "student samples", pg, bf16)
+    if pg.main:
+        common.save_grid(student[:64], out / "samples.png", nrow=8)
+    ref_metrics, ref = teacher_baseline(teacher, teacher_path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, device, n >= 2, pg)
     metrics = {"method": info["method"], "variant": info.get("variant", info["method"]), "dataset": args.dataset,
                "preset": args.preset, "nfe": info["nfe"], "fid_n": n if n >= 2 else 0,
-               "fid": fid_or_none(student[:n], args, device), "teacher_rms": rms_distance(student, ref)}
+               "fid": fid_or_none(student[:n], args, device, pg), "teacher_rms": rms_distance(student, ref)}
     nfe = info["nfe"]
     for solver in ("dpm3m", "euler"):
         if solver == "dpm3m" and nfe == 1:        # one call: DPM-Solver++ is Euler
             continue
-        m, s = teacher_baseline(teacher, teacher_path, args, solver, nfe, n_rms, shape, device, n >= 2)
+        m, s = teacher_baseline(teacher, teacher_path, args, solver, nfe, n_rms, shape, device, n >= 2, pg)
         metrics[f"teacher_fid_{solver}"] = m["fid"] if n >= 2 else None
         metrics[f"teacher_rms_{solver}"] = rms_distance(s, ref)
     metrics["teacher_fid_dpm3m_35"] = ref_metrics["fid"] if n >= 2 else None
@@ -693,7 +771,14 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     metrics["teacher_sha256"] = common.fingerprint(teacher_path)
     metrics["command"] = " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])
     metrics.update(cost)
+    if pg.world > 1:                              # the images each rank made here (student and teacher baselines)
+        metrics["eval_images_per_rank"] = pg.all_gather_object(GENERATED["images"] - made)
+    if bf16:
+        metrics["eval_bf16"] = True
     metrics.update({k: v for k, v in info.items() if k not in metrics})
+    if not pg.main:
+        pg.barrier()                              # rank 0 writes metrics.json and prints the summary
+        return metrics
     common.write_json(out / "metrics.json", metrics)
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
     label = fid_label(n) if n >= 2 else "FID"
@@ -715,12 +800,14 @@ def teacher_rows(args, solvers, nfes):
     shape = common.image_shape(teacher.net)
     n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
     n_rms = max(n, 64)
-    _, ref = teacher_baseline(teacher, path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, pg.device, n >= 2)
+    _, ref = teacher_baseline(teacher, path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, pg.device, n >= 2, pg)
     pairs = [(s, k) for s in solvers for k in nfes          # Heun spends odd NFEs; at 1 NFE every solver is Euler
              if not (s == "heun" and k % 2 == 0) and not (s != "euler" and k == 1)]
     for solver, nfe in dict.fromkeys(pairs + [("dpm3m", REFERENCE_NFE)]):     # + the teacher at its best NFE
         t0 = time.time()
-        m, samples = teacher_baseline(teacher, path, args, solver, nfe, n_rms, shape, pg.device, n >= 2)
+        m, samples = teacher_baseline(teacher, path, args, solver, nfe, n_rms, shape, pg.device, n >= 2, pg)
+        if not pg.main:
+            continue
         out = common.run_dir(args, f"teacher-{args.preset}-rows") / f"{solver}-nfe{nfe}"
         common.write_json(out / "metrics.json", {
             "method": "teacher", "variant": f"teacher-{solver}", "dataset": args.dataset, "preset": args.preset,
@@ -904,7 +991,7 @@ def main():
                    help=f"reference images, a fixed random subset (default {REF_N}, cifar10 all 50,000; 0 = the whole split)")
     p.add_argument("--data-dir", default=None, help="dataset location passed to common.load_dataset")
     p.add_argument("--device", default=None, type=common.device_name,
-                   help="torch device: cpu (default; with --rows: cuda if available), cuda, ...")
+                   help="torch device: cpu, cuda, cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--batch-size", type=common.positive_int, default=None,
                    help=f"images per forward pass (default {BATCH_SIZE}; with --rows: the sampling batch, default 250)")
     p.add_argument("--inception", metavar="PATH", default=None, help="a copy of default_1.pt (checked by sha256, read as "
@@ -931,7 +1018,7 @@ def main():
     if args.rows:
         args.dataset = args.rows
         return teacher_rows(args, args.solvers, args.nfe)
-    args.device = args.device or "cpu"
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.batch_size = args.batch_size or BATCH_SIZE
     if args.table:
         print(results_table(args.table))

@@ -50,7 +50,7 @@ LOGSNR_MIN = -2 * math.log(common.SIGMA_MAX)
 
 
 def parse_args(argv=None):
-    p = common.common_parser(common.first_paragraph(__doc__), nfe_default=4, presets=PRESETS,
+    p = common.common_parser(common.first_paragraph(__doc__), nfe_default=4, presets=PRESETS, paper_cost=PAPER_COST,
                              nfe_help="N, the final student's DDIM steps (a power of two, at most --start-steps)")
     common.preset_flag(p, "start_steps", int, "DDIM steps of the original teacher; the first student has half as "
                        "many (SFERD/CFD: 1024)")
@@ -92,9 +92,17 @@ def stage_steps(nfe, start_steps):
 def alpha_sigma(t, like):
     """alpha_t, sigma_t of the cosine schedule (ending at the teacher's sigma_max: LOGSNR_MIN) as
     B x 1 x 1 x 1 float tensors on like's device."""
-    alpha, sigma = common.cosine_alpha_sigma(t, logsnr_min=LOGSNR_MIN)
-    shape = (-1, 1, 1, 1)
-    return alpha.reshape(shape).to(like.device, like.dtype), sigma.reshape(shape).to(like.device, like.dtype)
+    return alpha_sigma_steps([t], like)[0]
+
+
+def alpha_sigma_steps(ts, like):
+    """alpha_sigma of each time in ts (each a number or a per-sample tensor, on the host), computed on the host
+    and moved to like's device in one copy: a sampler's or a loss's steps copy nothing in their loop."""
+    pairs = [common.cosine_alpha_sigma(t, logsnr_min=LOGSNR_MIN) for t in ts]
+    flat = torch.cat([v.reshape(-1) for pair in pairs for v in pair]).to(like.device, like.dtype)
+    sizes = [v.numel() for pair in pairs for v in pair]
+    parts = [v.reshape(-1, 1, 1, 1) for v in flat.split(sizes)]
+    return list(zip(parts[0::2], parts[1::2]))
 
 
 def ddim_step(z_t, x_hat, alpha_t, sigma_t, alpha_s, sigma_s):
@@ -108,10 +116,11 @@ def teacher_target(teacher, z_t, t, N, n=2):
     x~ for which one N-step student DDIM step t -> t'' lands on the teacher's z_t''. Where t'' = 0 the
     student's last step returns x_hat itself, so x~ = the teacher's last x_hat. (n > 2: sferd.py's speeds.)
     t: per-sample tensor (float64). Returns (x~, z_t'')."""
-    alpha_t, sigma_t = alpha_sigma(t, z_t)
-    z, alpha, sigma = z_t, alpha_t, sigma_t
+    steps = alpha_sigma_steps([t] + [t - j / (n * N) for j in range(1, n + 1)], z_t)
+    (alpha_t, sigma_t), z = steps[0], z_t
+    alpha, sigma = alpha_t, sigma_t
     for j in range(1, n + 1):                                    # the teacher's steps t -> t' -> t''
-        alpha_next, sigma_next = alpha_sigma(t - j / (n * N), z_t)
+        alpha_next, sigma_next = steps[j]
         x_hat = common.vp_predict(teacher, z, alpha, sigma)[0]
         z = ddim_step(z, x_hat, alpha, sigma, alpha_next, sigma_next)
         alpha, sigma = alpha_next, sigma_next
@@ -169,16 +178,16 @@ def sample_ddim(D, eps, N, clip=True):
     and the signal it would carry is dropped, as EDM's x = 80*eps drops it);
     x_hat clipped to [-1, 1] and eps_hat recomputed from it (authors' _run_model); the last step
     returns x_hat. N network calls."""
-    z = eps
+    z, times = eps, [torch.tensor([k / N], dtype=torch.float64) for k in range(N, -1, -1)]
+    steps = dict(zip(range(N, -1, -1), alpha_sigma_steps(times, z)))          # alpha, sigma at t = k/N
     for k in range(N, 0, -1):
-        t, s = torch.tensor([k / N], dtype=torch.float64), torch.tensor([(k - 1) / N], dtype=torch.float64)
-        alpha_t, sigma_t = alpha_sigma(t, z)
+        alpha_t, sigma_t = steps[k]
         x_hat = common.vp_predict(D, z, alpha_t, sigma_t)[0]
         if clip:
             x_hat = x_hat.clamp(-1, 1)
         if k == 1:
             return x_hat
-        alpha_s, sigma_s = alpha_sigma(s, z)
+        alpha_s, sigma_s = steps[k - 1]
         z = ddim_step(z, x_hat, alpha_t, sigma_t, alpha_s, sigma_s)
     return z
 
@@ -200,6 +209,12 @@ def distil(args, pg, data, teacher, stages, out, settings, gen):
 # ----------------------------------------------------------------------------------------------
 # Benchmark (boilerplate): one training iteration at a preset, random weights (python common.py bench)
 # ----------------------------------------------------------------------------------------------
+
+# The paper preset's cost, which a paper run on a machine without CUDA is refused with at once: FLOPs of
+# one image of a halving stage (two teacher calls, the student with its backward), counted on the meta device by `python common.py flops`
+# (tests/test_distributed.py counts them again), and the units in the preset's budget (bench_step's total).
+PAPER_COST = dict(unit="images", units=96_000_000, flops_per_unit=2.119e11)
+
 
 def bench_step(teacher, preset, device, batch=None):
     """One update of a halving stage (every stage costs the same: two teacher calls, one student call
@@ -224,7 +239,7 @@ def bench_step(teacher, preset, device, batch=None):
 def main(argv=None):
     args = parse_args(argv)
     stages = stage_steps(args.nfe, args.start_steps)
-    pg = common.Dist(args.device)
+    pg = common.Dist(args.device, args.compile, args.channels_last)
     out = common.run_dir(args, f"pd-{args.preset}")
     common.resume_note(pg, args.resume, *[common.stage_path(out, N) for N in stages])
     fid.check_exports(args, out / f"nfe{args.nfe}")

@@ -59,6 +59,7 @@ TEACHER_THRESHOLD = False      # dynamic thresholding of the dpm3m teacher (auth
 
 def parse_args(argv=None):
     p = common.common_parser(common.first_paragraph(__doc__), nfe_default="4", nfe_type=str, presets=PRESETS,
+                             paper_cost=PAPER_COST,
                              nfe_help="student NFE: N (SFD), a comma list like 2,3,4,5 (SFD-v, one model), or 1 (second stage)")
     p.add_argument("--teacher-solver", default="dpm3m", choices=["euler", "heun", "dpm2s", "dpm3m"],
                    help="teacher's Solver in Alg. 2 (slides' ablation: dpm3m > dpm2s > heun > euler; default: dpm3m)")
@@ -284,7 +285,7 @@ def first_stage(args, pg, teacher, teacher_sha256):
         raise common.UserError(f"{path}: the first stage must be a plain SFD run with the same --t-min and AFS setting")
     net = common.student_from(teacher.net)
     common.load_state(net, ck["net"], path)
-    return common.Denoiser(net).eval().requires_grad_(False)
+    return common.freeze(common.Denoiser(net))
 
 
 def train(args, pg):
@@ -366,6 +367,12 @@ def train(args, pg):
 # Benchmark (boilerplate): one training iteration at a preset, random weights (python common.py bench)
 # ----------------------------------------------------------------------------------------------
 
+# The paper preset's cost, which a paper run on a machine without CUDA is refused with at once: FLOPs of
+# one trajectory of Alg. 2 at NFE 4 (the teacher's roll-out and the student's steps), counted on the meta device by `python common.py flops`
+# (tests/test_distributed.py counts them again), and the units in the preset's budget (bench_step's total).
+PAPER_COST = dict(unit="trajectories", units=200_000, flops_per_unit=1.356e12)
+
+
 def bench_step(teacher, preset, device, batch=None):
     """Alg. 2 for one batch of trajectories at NFE 4: the teacher's roll-out and the student's steps with
     their updates, as train() runs them. Unit: trajectories; budget: the preset's SFD length."""
@@ -385,7 +392,7 @@ def bench_step(teacher, preset, device, batch=None):
 def main():
     args = parse_args()
     parse_nfe(args.nfe)                     # bad --nfe: one line before anything is loaded
-    pg = common.Dist(args.device)
+    pg = common.Dist(args.device, args.compile, args.channels_last)
     try:
         train(args, pg)
     finally:

@@ -56,7 +56,7 @@ WINDOW = 0.05       # Sec. 4.2: the concentrated points lie within 5% of the cha
 
 
 def parse_args(argv=None):
-    p = common.common_parser(common.first_paragraph(__doc__), nfe_default=4, presets=PRESETS,
+    p = common.common_parser(common.first_paragraph(__doc__), nfe_default=4, presets=PRESETS, paper_cost=PAPER_COST,
                              nfe_help="T', the student's number of steps = network calls (>= 2; the paper: 16-128)")
     p.add_argument("--teacher-steps", default=1024, type=int, help="T, the teacher DDPM's number of steps "
                    "(default: 1024)")
@@ -183,8 +183,9 @@ def scratch_loss(student, teacher, x0, gen, *, alpha_bar_s, hidden_weight=0.0):
 @torch.no_grad()
 def sample_ancestral(D, z, alpha_bar_s, noise=torch.randn_like, clip=True):
     """Alg. 2: x'_T' = z ~ N(0, I); x'_{t-1} = mu'_Theta(x'_t, t) + sqrt(sigma'_t) eps, no noise at t = 1."""
+    on_device = alpha_bar_s.to(z.device)                            # one copy, not one per step
     for t in range(len(alpha_bar_s) - 1, 0, -1):
-        x0, _, _ = eps_at(D, z, alpha_bar_s[t])                     # f_Theta^(t)(x'_t), Eq. 11
+        x0, _, _ = eps_at(D, z, on_device[t])                       # f_Theta^(t)(x'_t), Eq. 11
         if clip:
             x0 = x0.clamp(-1, 1)
         coef_xt, coef_x0, var = (float(c) for c in posterior(alpha_bar_s, t))
@@ -197,9 +198,10 @@ def sample_ancestral(D, z, alpha_bar_s, noise=torch.randn_like, clip=True):
 @torch.no_grad()
 def sample_ddim(D, z, alpha_bar_s, clip=True):
     """DDIM (Song et al. 2021, Eq. 12, eta = 0) over the student's T' steps; at t = 1 it returns x0_hat."""
+    on_device = alpha_bar_s.to(z.device)                            # one copy, not one per step
     for t in range(len(alpha_bar_s) - 1, 0, -1):
         a, a_prev = float(alpha_bar_s[t]), float(alpha_bar_s[t - 1])
-        x0, eps, _ = eps_at(D, z, alpha_bar_s[t])
+        x0, eps, _ = eps_at(D, z, on_device[t])
         if clip:                                                     # clip, then re-derive eps (authors' code)
             x0 = x0.clamp(-1, 1)
             eps = (z - math.sqrt(a) * x0) / math.sqrt(1 - a)
@@ -209,14 +211,19 @@ def sample_ddim(D, z, alpha_bar_s, clip=True):
 
 def phi_samplers(D, alpha_bar_s, clip):
     """The samplers of a network on the chain phi, each unit noise -> image: DDIM and Alg. 2 (its step
-    noise drawn from a fixed generator, so every run and the ceiling see the same), DPM-Solver++(3M)
+    noise drawn from a fixed generator in batch order, so every one-process run and the ceiling see the same;
+    a run on several processes draws in another order: its Alg. 2 images differ from one process's), DPM-Solver++(3M)
     on the same T' levels (common's solver in x = z/alpha, ending in sigma_phi_0 = 0)."""
     g = torch.Generator().manual_seed(common.EVAL_SEED + 1)
     sigmas = common.append_zero(common.sigma_from_alpha_bar(alpha_bar_s[1:]).flip(0))
     alpha_T = float(alpha_bar_s[-1].sqrt())
+
+    def step_noise(z):                               # the T' - 1 steps' noise, in the order of the steps: one copy
+        it = iter(torch.stack([torch.randn(z.shape, generator=g) for _ in range(len(alpha_bar_s) - 2)]).to(z.device))
+        return lambda x: next(it)
+
     return {"ddim": lambda z: sample_ddim(D, z, alpha_bar_s, clip),
-            "alg2": lambda z: sample_ancestral(D, z, alpha_bar_s, clip=clip,
-                                               noise=lambda x: torch.randn(x.shape, generator=g).to(x.device)),
+            "alg2": lambda z: sample_ancestral(D, z, alpha_bar_s, clip=clip, noise=step_noise(z)),
             "dpm3m": lambda z: common.sample_dpmpp(D, z / alpha_T, sigmas)}
 
 
@@ -268,13 +275,15 @@ def ceiling_rows(args, pg, folder, teacher, teacher_path, alpha_bar_s, phi, shap
     they are there for this teacher (sha256), phi, N and clipping."""
     key = dict(phi=phi, teacher_sha256=common.fingerprint(teacher_path), clip=not args.no_clip,
                fid_n=fid.FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples)
-    try:
-        have = all(all(json.loads((folder / s / "metrics.json").read_text()).get(k) == v for k, v in key.items())
-                   for s in ("ddim", "alg2", "dpm3m"))
-    except (OSError, ValueError):
-        have = False
-    pg.barrier()                                     # every process decides before any writes
-    if have:
+    def written():
+        try:
+            return all(all(json.loads((folder / s / "metrics.json").read_text()).get(k) == v for k, v in key.items())
+                       for s in ("ddim", "alg2", "dpm3m"))
+        except (OSError, ValueError):
+            return False
+
+    if pg.decide(written):                           # rank 0 reads, every process follows
+
         pg.log(f"ceiling rows (the teacher on phi) already in {folder}")
         return
     t0 = time.time()
@@ -288,6 +297,12 @@ def ceiling_rows(args, pg, folder, teacher, teacher_path, alpha_bar_s, phi, shap
 # ----------------------------------------------------------------------------------------------
 # Benchmark (boilerplate): one training iteration at a preset, random weights (python common.py bench)
 # ----------------------------------------------------------------------------------------------
+
+# The paper preset's cost, which a paper run on a machine without CUDA is refused with at once: FLOPs of
+# one image of Alg. 1 at T' = 16 (teacher and student, hidden-map term), counted on the meta device by `python common.py flops`
+# (tests/test_distributed.py counts them again), and the units in the preset's budget (bench_step's total).
+PAPER_COST = dict(unit="images", units=12_800_000, flops_per_unit=4.977e10)
+
 
 def bench_step(teacher, preset, device, batch=None):
     """One update of Alg. 1 at T' = 16 of T = 1024 (sfddm_loss with its hidden-map term, then
@@ -313,7 +328,7 @@ def bench_step(teacher, preset, device, batch=None):
 def main():
     args = parse_args()
     phi = subsequence(args.teacher_steps, args.nfe, args.subseq, args.concentration)
-    pg = common.Dist(args.device)
+    pg = common.Dist(args.device, args.compile, args.channels_last)
     suffix = f"-nfe{args.nfe}" + ("-concentrated" if args.subseq == "concentrated" else "")
     kind = "scratch" if args.scratch else {"fresh": "", "teacher": "tinit"}[args.init]
     out = common.run_dir(args, "sfddm" + (f"-{kind}" if kind else "") + suffix)

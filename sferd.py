@@ -67,7 +67,7 @@ LATENT_ALPHA_BAR = common.ddpm_alpha_bar(1000, 0.008, 0.008)[1:].float()     # T
 
 
 def parse_args(argv=None):
-    p = common.common_parser(common.first_paragraph(__doc__), nfe_default=4, presets=PRESETS,
+    p = common.common_parser(common.first_paragraph(__doc__), nfe_default=4, presets=PRESETS, paper_cost=PAPER_COST,
                              nfe_help="student steps (PD: power of two below --start-steps; CD: 1-4 or 1 + len(--taus))")
     p.add_argument("--base", choices=["pd", "cd"], default="pd", help="base distiller: SFERD-PD or SFERD-CD (default pd)")
     p.add_argument("--no-guidance", action="store_true", help="ablation: plain teacher (no attention guidance)")
@@ -148,7 +148,7 @@ def guided(D, args):
         x_attn = (1 - psi) * x + psi * x_tilde                          # line 12, Eq. 10
         x0_attn = D(x_attn, sigma)                                      # Eq. 11
         return (1 + args.w) * x0_hat - args.w * x0_attn                 # line 13
-    return D_guided
+    return common.full_precision(D_guided)                               # a frozen teacher: fp32, blur included
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def sample_sferd_cd(f, eps, taus, G, z_sem, N, mode="train", g_drop=0.0):
     grid = common.append_zero(common.karras_sigmas(N))
     sigma_prev = [grid[grid < 0.99 * s][0].item() for s in [cd.SIGMA_MAX, *taus]]
     f_tilde = corrected_denoiser(f, G, z_sem, sigma_prev, mode, g_drop)
-    return cd.sample_cd(f_tilde, cd.SIGMA_MAX * eps, taus, cd.renoise_source(eps).randn_like)
+    return cd.sample_cd(f_tilde, cd.SIGMA_MAX * eps, taus, cd.renoise_source(eps).ahead(len(taus), *eps.shape[1:]))
 
 
 def make_sampler(args, student, G=None, latent=None):
@@ -346,6 +346,12 @@ def base_run_metrics(args):
                                         f"(or `python {args.base}.py` with the same settings)")
 
 
+# The paper preset's cost, which a paper run on a machine without CUDA is refused with at once: FLOPs of
+# one image of SFERD-PD's first stage (the guided teacher's steps, the student), counted on the meta device by `python common.py flops`
+# (tests/test_distributed.py counts them again), and the units in the preset's budget (bench_step's total).
+PAPER_COST = dict(unit="images", units=64_000_000, flops_per_unit=8.337e11)
+
+
 def bench_step(teacher, preset, device, batch=None):
     """One update of SFERD-PD's base phase in its first stage (n DDIM steps of the guided teacher, two U-Net calls each,
     and the student). Unit: images; budget: its stages down to 1 step (the smaller predictor and latent DDPM not counted)."""
@@ -365,7 +371,7 @@ def bench_step(teacher, preset, device, batch=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    pg = common.Dist(args.device)
+    pg = common.Dist(args.device, args.compile, args.channels_last)
     variant = f"sferd-{args.base}" + "-noguide" * args.no_guidance + "-nopred" * args.no_predictor
     out = common.run_dir(args, f"{variant}-nfe{args.nfe}")
     base_files = [common.stage_path(out, N) for N in args.stages] if args.base == "pd" else [out / "student.pt"]

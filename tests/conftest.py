@@ -63,7 +63,7 @@ def no_downloads(monkeypatch, tmp_path, request):
     """Tests never touch the network or the user's cache."""
     import common
 
-    def refuse(url, path, md5):
+    def refuse(url, path, md5, check=None):
         raise common.UserError(f"test tried to download {url}")
 
     monkeypatch.setattr(common, "download", refuse)

@@ -4,6 +4,7 @@ fid.py's .npz readers (statistics, EDM's reference file, arr_0 samples), and pyt
 import argparse
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -38,11 +39,19 @@ def test_preset_defaults_to_paper_for_cifar10_and_lab_otherwise():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
-def test_paper_run_without_cuda_stops_before_work_with_an_estimate(tmp_path):
-    r = run_script("cd.py", "--dataset", "cifar10", "--data-dir", tmp_path / "none", cwd=tmp_path, timeout=1200)
+def test_paper_run_without_cuda_stops_before_work_with_an_estimate(tmp_path, monkeypatch):
+    """The refusal comes at once (<= 2 s after the imports: no step is timed, no subprocess), estimated from the
+    method's counted FLOPs, and names the lab command; --device cpu runs the paper preset anyway."""
+    monkeypatch.setattr(common.sys, "argv", ["cd.py", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none")])
+    t0 = time.perf_counter()
+    with pytest.raises(common.UserError) as e:
+        cd.parse_args()
+    assert time.perf_counter() - t0 < 2.0
+    assert f"python cd.py --dataset cifar10 --data-dir {tmp_path / 'none'} --preset lab" in str(e.value)
+    r = run_script("cd.py", "--dataset", "cifar10", "--data-dir", tmp_path / "none", cwd=tmp_path)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
-    assert lines[0].startswith("error: --preset paper without CUDA: about ") and " on this CPU " in lines[0]
+    assert lines[0].startswith("error: --preset paper without CUDA: at least ") and " on a CPU " in lines[0]
     assert "`python cd.py --dataset cifar10 --data-dir" in lines[0] and "--preset lab` instead" in lines[0]
     assert "--device cpu" in lines[0] and not (tmp_path / "runs").exists()        # nothing was started
     # --device cpu: no refusal, the run goes on (and stops at the missing data, one line).
@@ -50,13 +59,12 @@ def test_paper_run_without_cuda_stops_before_work_with_an_estimate(tmp_path):
     assert r.returncode == 2 and "holds neither" in r.stderr and "without CUDA" not in r.stderr
 
 
-def test_refusal_estimate_is_the_measured_step_times_the_budget(monkeypatch):
-    row = dict(projected_hours=48.0, seconds_per_step=2.0, total=86_400, unit="images")
-    monkeypatch.setattr(common, "bench_method", lambda *a, **k: row)
+def test_refusal_estimate_is_the_counted_flops_times_the_budget(monkeypatch):
     monkeypatch.setattr(common.sys, "argv", ["sfd.py", "--dataset", "cifar10", "--preset", "paper", "--nfe", "4"])
-    with pytest.raises(common.UserError, match=r"about 2 days on this CPU \(a step of batch 1 took 2.0 s here, x 86,400 "
-                       r"images .*`python sfd.py --dataset cifar10 --nfe 4 --preset lab`"):
-        common.refuse_paper_on_cpu(argparse.Namespace(dataset="cifar10"), "sfd")
+    cost = dict(unit="trajectories", units=86_400, flops_per_unit=2 * common.CPU_FLOPS)     # 2 s each: 2 days
+    with pytest.raises(common.UserError, match=r"at least 2 days on a CPU \(2e\+11 FLOP per trajectory, counted, x "
+                       r"86,400 trajectories .*`python sfd.py --dataset cifar10 --nfe 4 --preset lab`"):
+        common.refuse_paper_on_cpu(argparse.Namespace(dataset="cifar10"), "sfd", cost)
     assert common.duration(3 * 365.25 * 86400) == "3.0 years" and common.duration(5400) == "1.50 h"
 
 
@@ -235,7 +243,7 @@ def test_cifar10_reference_is_the_whole_training_set(tmp_path, monkeypatch):
 # --- the bench -------------------------------------------------------------------------------
 
 def test_bench_reports_every_method_at_smoke(tmp_path):
-    args = argparse.Namespace(device="cpu", no_tf32=False, methods=list(common.BENCH_METHODS), preset="smoke", channels=1,
+    args = argparse.Namespace(device="cpu", methods=list(common.BENCH_METHODS), preset="smoke", channels=1,
                               batch_size=None, steps=1, warmup=1, channels_last=False, compile=False, out=str(tmp_path / "b"))
     rows = common.bench(args)
     assert [r["method"] for r in rows] == ["sfd", "pd", "cd", "sfddm", "cfd", "sferd"]
@@ -243,4 +251,8 @@ def test_bench_reports_every_method_at_smoke(tmp_path):
         assert r["throughput"] > 0 and r["total"] > 0 and r["flops_per_step"] > 0 and r["projected_hours"] > 0
     table = (tmp_path / "b.md").read_text()
     assert all(f"| {m} | smoke |" in table for m in common.BENCH_METHODS)
+    head = table.splitlines()[0]                      # what was measured: device, MFU's peak, torch, commit, path
+    assert head.startswith("bench on CPU (cpu), MFU against no known peak, torch ") and ", commit " in head
+    assert "training's code path: fp32, channels_last False, compile False" in head
+    assert common.gpu_peak("NVIDIA H100 80GB HBM3") == (989e12, "H100") and common.gpu_peak("NVIDIA A100-SXM4-40GB")[0] == 312e12
     assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["unit"] == "trajectories"

@@ -140,7 +140,7 @@ def test_retrained_teacher_invalidates_its_caches(smoke_teacher, other_teacher, 
     assert not torch.equal(a, b) and torch.equal(common.to_uint8(b), common.to_uint8(fresh))
     # The cached FID is keyed by the teacher and by the reference statistics' content.
     calls, ref = [], ["ref-1"]
-    monkeypatch.setattr(fid, "fid_or_none", lambda samples, a, d: calls.append(1) or float(len(calls)))
+    monkeypatch.setattr(fid, "fid_or_none", lambda samples, a, d, pg=None: calls.append(1) or float(len(calls)))
     monkeypatch.setattr(fid, "reference_fingerprint", lambda *a, **k: ref[0])
     assert baseline(True)[0]["fid"] == 1.0 and baseline(True)[0]["fid"] == 1.0          # computed once
     ref[0] = "ref-2"                                                                   # new reference statistics

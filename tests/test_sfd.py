@@ -193,6 +193,7 @@ def test_each_student_step_runs_the_updated_student():
         opt_ref.step()
         by_hand.append(loss.item())
         x = x_psi.detach()
+    values = [v.item() for v in values]                # device tensors: train_loop reads them once per interval
     assert values == by_hand and len(set(values)) == len(values)
     assert all(torch.equal(a, b) for a, b in zip(D.parameters(), ref.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(D.parameters(), common.student_from(small_net()).parameters()))

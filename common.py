@@ -159,14 +159,40 @@ fid_count = checked(int, lambda v: v == 0 or v >= 2, "0 (no FID) or at least 2 (
 
 
 def device_name(text):
-    """--device: what torch.device parses (cpu, cuda, cuda:N, mps); CUDA's presence is checked by Dist."""
+    """--device: what torch.device parses (cpu, cuda, cuda:N, mps); its presence is checked by Dist."""
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:N)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:N, mps)") from None
     if device.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"{text!r}: fewstep runs on cpu or cuda")
+        raise argparse.ArgumentTypeError(f"{text!r}: fewstep runs on cpu, cuda or mps")
     return text
+
+
+def mps_available():
+    """Apple's GPU (Metal Performance Shaders) through torch, where this torch build and machine have it."""
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def default_device():
+    """cuda where there is a GPU, else mps on an Apple laptop's GPU, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+
+
+def check_available(device):
+    """One line for a device this machine lacks (--device cuda without CUDA, --device mps off a Mac's GPU)."""
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    if kind == "mps" and not mps_available():
+        raise UserError(f"--device {device}: MPS (an Apple GPU) is not available on this machine; use --device cpu")
+
+
+def on_device(t, device):
+    """A host tensor (a schedule, float64 on the host) on device in one copy; float32 where the device has no float64
+    (MPS), a cast made on the host. Elsewhere the dtype is kept, so the CPU's numbers are those of the host math."""
+    device = torch.device(device)
+    return (t.float() if device.type == "mps" and t.dtype == torch.float64 else t).to(device)
 
 
 def dataset_name(text):
@@ -268,7 +294,7 @@ def resolve_common(args, method, command_line=True, presets=None, paper_cost=Non
             raise UserError(f"--export-format {args.export_format!r}: use {' or '.join(EXPORT_FORMATS)}")
         if args.export_dir is not None:     # the place is known now: refuse before training, not after
             check_export_target(args, args.export_dir)
-    if command_line and args.preset == "paper" and args.device is None and not torch.cuda.is_available():
+    if command_line and args.preset == "paper" and args.device is None and default_device() != "cuda":
         refuse_paper_on_cpu(args, method, paper_cost)
 
 
@@ -1422,14 +1448,13 @@ class Dist:
         self.rank = int(os.environ.get("RANK", 0))
         local = int(os.environ.get("LOCAL_RANK", 0))
         if device is None:
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+            device = default_device()
         try:                                     # --device tpu: one line, not torch's traceback; meta: FLOP counts
             parsed = torch.device("meta" if str(device) == "meta" else device_name(str(device)))
         except argparse.ArgumentTypeError as e:
             raise UserError(f"--device {e}") from None
+        check_available(parsed)
         if parsed.type == "cuda":
-            if not torch.cuda.is_available():
-                raise UserError(f"--device {device}: CUDA is not available on this machine")
             if parsed.index is not None and self.world > 1:
                 raise UserError(f"--device {device} with {self.world} processes would put them all on one GPU: pass "
                                 "--device cuda (or nothing); each process takes the GPU of its LOCAL_RANK")

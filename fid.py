@@ -309,7 +309,8 @@ def feature_stats(batches, device="cpu", fast=False, progress=True, inception=No
         for images in batches:
             x = preprocess(images.to(device)).contiguous(memory_format=torch.channels_last)
             with torch.autocast(x.device.type, torch.bfloat16, enabled=fast):
-                f = net(x).double()
+                f = net(x)
+            f = (f.cpu() if f.device.type == "mps" else f).double()   # float64 sums (MPS has no float64: on the host)
             s1, s2, n = s1 + f.sum(0), s2 + f.T @ f, n + len(f)
             bar.update(len(f))
     if split:
@@ -1018,7 +1019,8 @@ def main():
     if args.rows:
         args.dataset = args.rows
         return teacher_rows(args, args.solvers, args.nfe)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = args.device or common.default_device()
+    common.check_available(args.device)
     args.batch_size = args.batch_size or BATCH_SIZE
     if args.table:
         print(results_table(args.table))

@@ -99,7 +99,7 @@ def alpha_sigma_steps(ts, like):
     """alpha_sigma of each time in ts (each a number or a per-sample tensor, on the host), computed on the host
     and moved to like's device in one copy: a sampler's or a loss's steps copy nothing in their loop."""
     pairs = [common.cosine_alpha_sigma(t, logsnr_min=LOGSNR_MIN) for t in ts]
-    flat = torch.cat([v.reshape(-1) for pair in pairs for v in pair]).to(like.device, like.dtype)
+    flat = torch.cat([v.reshape(-1) for pair in pairs for v in pair]).to(like.dtype).to(like.device)   # cast on the host
     sizes = [v.numel() for pair in pairs for v in pair]
     parts = [v.reshape(-1, 1, 1, 1) for v in flat.split(sizes)]
     return list(zip(parts[0::2], parts[1::2]))

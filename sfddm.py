@@ -183,7 +183,7 @@ def scratch_loss(student, teacher, x0, gen, *, alpha_bar_s, hidden_weight=0.0):
 @torch.no_grad()
 def sample_ancestral(D, z, alpha_bar_s, noise=torch.randn_like, clip=True):
     """Alg. 2: x'_T' = z ~ N(0, I); x'_{t-1} = mu'_Theta(x'_t, t) + sqrt(sigma'_t) eps, no noise at t = 1."""
-    on_device = alpha_bar_s.to(z.device)                            # one copy, not one per step
+    on_device = common.on_device(alpha_bar_s, z.device)             # one copy, not one per step
     for t in range(len(alpha_bar_s) - 1, 0, -1):
         x0, _, _ = eps_at(D, z, on_device[t])                       # f_Theta^(t)(x'_t), Eq. 11
         if clip:
@@ -198,7 +198,7 @@ def sample_ancestral(D, z, alpha_bar_s, noise=torch.randn_like, clip=True):
 @torch.no_grad()
 def sample_ddim(D, z, alpha_bar_s, clip=True):
     """DDIM (Song et al. 2021, Eq. 12, eta = 0) over the student's T' steps; at t = 1 it returns x0_hat."""
-    on_device = alpha_bar_s.to(z.device)                            # one copy, not one per step
+    on_device = common.on_device(alpha_bar_s, z.device)             # one copy, not one per step
     for t in range(len(alpha_bar_s) - 1, 0, -1):
         a, a_prev = float(alpha_bar_s[t]), float(alpha_bar_s[t - 1])
         x0, eps, _ = eps_at(D, z, on_device[t])

@@ -432,6 +432,18 @@ def test_dist_refuses_an_unknown_device():
         common.Dist("tpu")
 
 
+@pytest.mark.skipif(common.mps_available(), reason="this machine has an Apple GPU")
+@pytest.mark.parametrize("module", [sfd, fid])
+def test_device_mps_without_an_apple_gpu_is_one_line(module, tmp_path, monkeypatch, capsys):
+    """--device mps is accepted where torch has it (Apple laptops) and one line elsewhere, in the scripts and fid.py."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--preset", "smoke", "--device", "mps"] if module is sfd else ["a", "b", "--device", "mps"]
+    code, _, err = main_exit(module, argv, monkeypatch, capsys)
+    assert code == 2 and err == ["error: --device mps: MPS (an Apple GPU) is not available on this machine; use "
+                                 "--device cpu"], err
+    assert common.default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 # --- 7. A blow-up is never saved ------------------------------------------------------------------
 
 def test_non_finite_weights_are_refused_at_save(tmp_path):

@@ -100,7 +100,7 @@ def main_guard(main):
         close_bars()
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"{e.prefix}{e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        leave_group(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted (checkpoints written so far are kept; rerun with --resume)", file=sys.stderr)
         sys.exit(130)
@@ -111,7 +111,19 @@ def main_guard(main):
         close_bars()
         if line:
             print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
+        leave_group(2)
+
+
+def leave_group(code):
+    """Exit with code; under torchrun, at once (os._exit, once stdout and stderr are flushed): a normal exit tears
+    down gloo's threads while the other ranks are leaving too, and one in a few such processes then ended by SIGABRT
+    ("terminate called without an active exception") instead of its exit status. Locks are the OS's, released
+    with the process; nothing else waits for the interpreter's exit."""
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def close_bars():

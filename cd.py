@@ -329,7 +329,7 @@ def main():
     if args.nfe > 1:
         info.update(onestep_rms(args, pg, D, teacher_path, f_ema, data.shape[1:]))
     fid.report(args, pg, out / f"nfe{args.nfe}", D, teacher_path, make_sampler(f_ema, args.taus, args.clip), info,
-               data.shape[1:])
+               data.shape[1:], student=f_ema, curves=[common.curve_of("CD", run)])
     pg.close()
 
 

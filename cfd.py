@@ -363,7 +363,7 @@ def main(argv=None):
         info = dict(method="pd", variant="pd-baseline", nfe=args.nfe, train_seconds=b_totals["seconds"],
                     images_seen=b_totals["images"], start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters)
         m = fid.report(args, pg, b_out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(b, eps, args.nfe),
-                       info, data.shape[1:])
+                       info, data.shape[1:], student=b, curves=b_totals.get("curves"))
         if pg.main:
             baseline = {k: m[k] for k in ("fid", "fid_n", "teacher_rms", "images_seen")} | {
                 "source": str(b_out / f"nfe{args.nfe}" / "metrics.json"), "same_budget": True}
@@ -377,7 +377,7 @@ def main(argv=None):
                 classifier_test_acc=cls_acc, pd_baseline=baseline, sampler="DDIM, x_hat clipped to [-1, 1]")
     # The report compares with the original teacher's solvers.
     fid.report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(student, eps, args.nfe),
-               info, data.shape[1:])
+               info, data.shape[1:], student=student, curves=totals.get("curves"))
     pg.close()
 
 

@@ -1424,6 +1424,34 @@ def plot_lines(series, path, title="", xlabel="", ylabel="", log_x=False, log_y=
     return path
 
 
+def curve_of(label, run, offset=0):
+    """One training run's loss curve for save_curves: (label, column names, rows of window means), its images
+    counted from offset (a chain's stages follow each other)."""
+    names = run.get("curve_names") or ["images", "loss"]
+    return label, names, [[row[0] + offset, *row[1:]] for row in run["curve"]]
+
+
+def save_curves(folder, curves):
+    """folder/loss.csv (stage, images, then every stage's loss parts: window means of the loss the loop reported)
+    and folder/loss.png (the loss against images on a log scale: one line per stage, or per part of a single
+    stage, stage boundaries marked)."""
+    parts = list(dict.fromkeys(name for _, names, _ in curves for name in names[1:]))
+    rows = [["stage", "images", *parts]]
+    for label, names, curve in curves:
+        rows += [[label, row[0], *(dict(zip(names[1:], row[1:])).get(p, "") for p in parts)] for row in curve]
+    with atomic_write(Path(folder) / "loss.csv") as tmp:
+        tmp.write_text("\n".join(",".join(str(v) for v in row) for row in rows) + "\n")
+    if len(curves) == 1:
+        label, names, curve = curves[0]
+        series = {name: [(row[0], row[k]) for row in curve] for k, name in enumerate(names[1:], 1)}
+    else:
+        series = {label: [(row[0], row[1]) for row in curve] for label, _, curve in curves}
+    marks = {curve[0][0]: "" for _, _, curve in curves[1:] if curve}
+    if sum(len(c) for _, _, c in curves) >= 2:
+        plot_lines(series, Path(folder) / "loss.png", "training loss (window means)", "images seen", "loss",
+                   log_y=True, marks=marks)
+
+
 def write_json(path, obj):
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -1820,6 +1848,7 @@ def settle(pg, s, pending, window, total, signum=None):
         if step % window == 0 or done >= total:                 # one loss.csv row per window
             n = (step - 1) % window + 1
             s["curve"].append([images] + [v / n for v in s["acc"].values()])
+            s["curve_names"] = ["images", *s["acc"]]
             s["acc"] = {}
     pending.clear()
     codes = torch.zeros(pg.world, 3, dtype=torch.float64)         # per rank: its first bad loss's step and kind, its signal
@@ -1860,13 +1889,13 @@ def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None
     lrs = budget["lr"] if isinstance(budget["lr"], (list, tuple)) else [budget["lr"]] * len(opt.param_groups)
     schedule, params = budget.get("schedule", constant_lr), [p for g in opt.param_groups for p in g["params"]]
     per_step = 1 if budget["unit"] == "updates" else budget["batch"]     # images, trajectories: one per sample
-    s = dict(step=0, done=0, images=0, seconds=0.0, loss_start=None, loss_avg=None, curve=[], acc={})
+    s = dict(step=0, done=0, images=0, seconds=0.0, loss_start=None, loss_avg=None, curve=[], curve_names=[], acc={})
     if resume is not None:
         check_settings(resume, path, settings)
         for name, module in nets.items():
             load_state(module, resume[name], path)
         opt.load_state_dict(resume["opt"])
-        s.update({k: resume[k] for k in s})
+        s.update({k: resume.get(k, s[k]) for k in s})          # (curve_names: absent in older checkpoints)
         pg.restore_state(gen, resume["rng"])
         for name, g in shared_rngs.items():
             g.set_state(resume[name])
@@ -1966,8 +1995,8 @@ def train_stage(pg, loss, budget, student, path, kind, settings, gen, reuse, res
     with the stage file path as its checkpoint. A finished file is read back instead of trained when reuse,
     an unfinished one continued when resume, else the stage starts over; a file read back must match
     settings (with the budget's updates, lr and batch). Each file counts its own stage's images and seconds;
-    totals: the chain's before this stage. loop: train_loop's other arguments (data, teacher, desc). Returns
-    the chain's totals after it; the student is left frozen (freeze), the next stage's teacher."""
+    totals: the chain's before this stage (images, seconds, curves). loop: train_loop's other arguments (data,
+    teacher, desc). Returns the chain's totals after it; the student is left frozen (freeze), the next stage's teacher."""
     ck = resume_from(path, kind, reuse or resume)
     if ck is not None and not (reuse if ck.get("finished") else resume):
         ck = None
@@ -1975,7 +2004,8 @@ def train_stage(pg, loss, budget, student, path, kind, settings, gen, reuse, res
     opt = torch.optim.Adam(student.parameters(), lr=budget["lr"])
     run = train_loop(pg, loss, budget, opt, dict(net=student.net), path, kind, settings, gen, student=student,
                      resume=ck, **loop)
-    totals = {k: totals[k] + run[k] for k in ("images", "seconds")}
+    totals = {**{k: totals[k] + run[k] for k in ("images", "seconds")},     # and the chain's loss curves so far
+              "curves": [*totals.get("curves", []), curve_of(loop.get("desc", kind), run, totals["images"])]}
     pg.log(f"{loop.get('desc', kind)}: {run['step']:,} updates of {budget['batch']}, {totals['images']:,} images and "
            f"{totals['seconds'] / 60:.1f} min so far; saved {path}")
     freeze(student)
@@ -2054,10 +2084,11 @@ def _train_teacher(dataset, preset, out, data_dir, seed, device, cfg, resume, da
         with torch.no_grad():
             grid = sample_dpmpp(teacher, x, teacher_sigmas("dpm3m", 35))
         save_grid(grid, out / "samples.png", nrow=8)
+        save_curves(out, [curve_of("teacher", run)])
         mem = (f", peak {torch.cuda.max_memory_allocated(pg.device) / 2**30:.2f} GiB on the GPU"
                if pg.device.type == "cuda" else "")
         pg.log(f"teacher: {done:,} images in {seconds / 60:.1f} min ({done / seconds:.0f} img/s{mem}), "
-               f"{count_params(ema) / 1e6:.2f} M params, ranks in sync; saved {path} and {out / 'samples.png'}")
+               f"{count_params(ema) / 1e6:.2f} M params, ranks in sync; saved {path}, {out / 'samples.png'} and loss.png")
     pg.barrier()
     return path
 

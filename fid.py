@@ -293,23 +293,27 @@ def preprocess(images):
 # ----------------------------------------------------------------------------------------------
 # Statistics and the Frechet distance.
 
-def feature_stats(batches, device="cpu", fast=False, progress=True, inception=None, total=None, pg=None):
-    """Mean, unbiased covariance (float64) and count of the features of an iterable of image batches.
+def feature_stats(batches, device="cpu", fast=False, progress=True, inception=None, total=None, pg=None, keep=0):
+    """Mean, unbiased covariance (float64) and count of the features of an iterable of image batches; with keep,
+    also the first `keep` features themselves (float32, N x 2048: what KID compares).
     fast=True: bfloat16 autocast, NOT the exact FID (features off by ~1e-2); worth it on GPUs only.
     pg (common.Dist) of several processes: each takes its share of the batches and the sums are added over
     the processes, so the statistics are one process's to float64 rounding."""
     net = load_inception(inception, str(device))
     split = pg is not None and pg.world > 1
     if split:
-        batches = pg.share(list(batches))
+        batches = list(batches)
+        sizes, batches = [len(b) for b in batches], pg.share(batches)
         total, progress = sum(len(b) for b in batches), progress and pg.main
-    s1, s2, n = 0.0, 0.0, 0  # running sums of f and of f f^T
+    s1, s2, n, kept = 0.0, 0.0, 0, []  # running sums of f and of f f^T; the features kept
     exact_cudnn = torch.backends.cudnn.flags(enabled=True, allow_tf32=fast)  # TF32 would be inexact too
     with torch.inference_mode(), exact_cudnn, tqdm(total=total, unit="img", desc="fid", disable=not progress) as bar:
         for images in batches:
             x = preprocess(images.to(device)).contiguous(memory_format=torch.channels_last)
             with torch.autocast(x.device.type, torch.bfloat16, enabled=fast):
                 f = net(x)
+            if keep:
+                kept.append(f.float().cpu())
             f = (f.cpu() if f.device.type == "mps" else f).double()   # float64 sums (MPS has no float64: on the host)
             s1, s2, n = s1 + f.sum(0), s2 + f.T @ f, n + len(f)
             bar.update(len(f))
@@ -317,10 +321,13 @@ def feature_stats(batches, device="cpu", fast=False, progress=True, inception=No
         zeros = torch.zeros(FEATURES, dtype=torch.float64, device=device)
         s1, s2 = pg.sum(s1 + zeros), pg.sum(s2 + torch.outer(zeros, zeros))
         n = int(pg.sum(torch.tensor(float(n), dtype=torch.float64)))
+        kept = [pg.gather_shares(kept, sizes)] if keep else kept
     if n < 2:
         raise ValueError(f"FID needs at least 2 images, got {n}")
     mu = s1 / n
     sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)  # divide by N-1 as TTUR/pytorch-fid/EDM
+    if keep:
+        return mu.cpu().numpy(), sigma.cpu().numpy(), n, torch.cat(kept)[:keep].numpy()
     return mu.cpu().numpy(), sigma.cpu().numpy(), n
 
 
@@ -349,6 +356,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000       # as clean-fid and torch-fidelity: 100 subsets of at most 1,000
+KID_REF = 10_000                               # reference features kept for KID (subsets of <= 1,000 are drawn from them)
 
 
 def mmd2_unbiased(x, y):
@@ -403,7 +411,8 @@ def reference_stats(dataset, data_dir=None, n=None, device="cpu", split="train",
     settings = json.dumps(dict(dataset=dataset, split=split, n=n, subset="randperm(seed 0)[:n]",
                                images=f"{tuple(subset.shape)} sum {int(subset.sum())}",  # stale if data changes
                                weights=find_weights(inception).name, resize="tf1-bilinear-299",
-                               quantise="uint8", stats="float64, unbiased"))
+                               quantise="uint8", stats="float64, unbiased", kid=f"features of the first {KID_REF}"))
+
     def cached():
         if path.is_file():
             with np.load(path) as z:
@@ -415,16 +424,23 @@ def reference_stats(dataset, data_dir=None, n=None, device="cpu", split="train",
     if found is not None:
         return found
     t0 = time.time()
-    mu, sigma, n = feature_stats(subset.split(batch_size), device, inception=inception,
-                                 progress=progress, total=n, pg=pg)
+    mu, sigma, n, features = feature_stats(subset.split(batch_size), device, inception=inception,
+                                           progress=progress, total=n, pg=pg, keep=KID_REF)
     if pg is None or pg.main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, n=n, settings=settings)
+            np.savez(f, mu=mu, sigma=sigma, n=n, settings=settings, features=features)
         os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
         print(f"fid: reference stats of {dataset}/{split}, N={n}, {time.time() - t0:.0f} s -> {path}")
     return mu, sigma, n
+
+
+def reference_features(dataset, data_dir=None, device="cpu", inception=None, pg=None):
+    """The Inception features of (at most KID_REF of) the reference images, float32, from reference_stats' cache."""
+    _, _, n = reference_stats(dataset, data_dir, device=device, inception=inception, progress=False, pg=pg)
+    with np.load(ref_path(dataset, "train", n)) as z:
+        return z["features"]
 
 
 def reference_fingerprint(dataset, data_dir=None, device="cpu", pg=None):
@@ -437,11 +453,14 @@ def reference_fingerprint(dataset, data_dir=None, device="cpu", pg=None):
 
 def fid_of_samples(images, dataset, data_dir=None, device="cpu", batch_size=BATCH_SIZE,
                    fast=False, inception=None, progress=True, pg=None):
-    """FID of generated images (float in [-1, 1], N x C x H x W) against the dataset's training stats.
-    Report it as fid_label(len(images)). pg of several processes: the features split over them (feature_stats)."""
+    """FID and KID of generated images (float in [-1, 1], N x C x H x W) against the dataset's training images:
+    {fid, kid, kid_std} (kid: mean over subsets, kernel_inception_distance). Report FID as fid_label(len(images)).
+    pg of several processes: the features split over them (feature_stats)."""
     mu_ref, sigma_ref, _ = reference_stats(dataset, data_dir, device=device, inception=inception, progress=progress, pg=pg)
-    mu, sigma, _ = feature_stats(images.split(batch_size), device, fast, progress, inception, total=len(images), pg=pg)
-    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    mu, sigma, _, features = feature_stats(images.split(batch_size), device, fast, progress, inception,
+                                           total=len(images), pg=pg, keep=len(images))
+    kid, kid_std = kernel_inception_distance(features, reference_features(dataset, data_dir, device, inception, pg))
+    return dict(fid=frechet_distance(mu, sigma, mu_ref, sigma_ref), kid=kid, kid_std=kid_std)
 
 
 def sampling_spread(dataset, k, n, data_dir=None, device="cpu", batch_size=BATCH_SIZE, inception=None):
@@ -603,14 +622,14 @@ def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device,
             common.save_checkpoint(samples_path, "samples", images=common.to_uint8(samples), teacher_sha256=teacher_sha256)
     metrics_path = cache / f"{key}.json"
     if not with_fid:
-        return {"fid": None}, samples
+        return dict(fid=None, kid=None, kid_std=None), samples
     made_with = dict(teacher_sha256=teacher_sha256,
                      ref_sha256=reference_fingerprint(args.dataset, args.data_dir, device, pg))
 
     def cached_metrics():
         if metrics_path.exists():
             metrics = json.loads(metrics_path.read_text())
-            if all(metrics.get(k) == v for k, v in made_with.items()):
+            if all(metrics.get(k) == v for k, v in made_with.items()) and "kid" in metrics:
                 return metrics
             tqdm.write(f"{metrics_path}: made with another teacher or reference statistics (or before fingerprints); rebuilding")
         return None
@@ -618,15 +637,16 @@ def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device,
     metrics = decide(cached_metrics)
     if metrics is not None:
         return metrics, samples
-    metrics = {"fid": fid_or_none(samples, args, device, pg), **made_with}
+    metrics = {**scores_or_none(samples, args, device, pg), **made_with}
     if main:
         common.write_json(metrics_path, metrics)
     return metrics, samples
 
 
-def fid_or_none(samples, args, device, pg=None):
+def scores_or_none(samples, args, device, pg=None):
+    """fid_of_samples' {fid, kid, kid_std}, each None for fewer than 2 samples (FID skipped)."""
     if len(samples) < 2:
-        return None
+        return dict(fid=None, kid=None, kid_std=None)
     return fid_of_samples(samples, args.dataset, args.data_dir, device, pg=pg)
 
 
@@ -728,8 +748,10 @@ def export_samples(args, out, sample_fn, shape, device, pg=None):
     return target
 
 
-def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
-    """Evaluate a student against its teacher and write out/metrics.json and out/samples.png.
+def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape, student=None, curves=None):
+    """Evaluate a student against its teacher and write out/metrics.json and out/samples.png; with student (the
+    module sample_fn calls as D(x, sigma)) also out/trajectory.png (trajectory_png), with curves (training's loss
+    curves, common.curve_of) out/loss.csv and out/loss.png.
 
     sample_fn(eps) maps unit Gaussian noise (N x C x H x W) to images in [-1, 1], so every method
     and the teacher see the same noise. info: method, variant, nfe, train_seconds, images_seen, ...
@@ -752,21 +774,25 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     if device.type == "cuda":
         cost["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     batch, bf16, made = args.batch_size or 250, getattr(args, "bf16_eval", False), GENERATED["images"]
-    student = generate(sample_fn, n_rms, shape, batch, device, "student samples", pg, bf16)
+    images = generate(sample_fn, n_rms, shape, batch, device, "student samples", pg, bf16)
     if pg.main:
-        common.save_grid(student[:64], out / "samples.png", nrow=8)
+        common.save_grid(images[:64], out / "samples.png", nrow=8)
+        if student is not None:                   # what the student learned to skip, for 3 of the same noises
+            trajectory_png(out / "trajectory.png", student, sample_fn, teacher, shape, device)
+        if curves:
+            common.save_curves(out, curves)
     ref_metrics, ref = teacher_baseline(teacher, teacher_path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, device, n >= 2, pg)
     metrics = {"method": info["method"], "variant": info.get("variant", info["method"]), "dataset": args.dataset,
                "preset": args.preset, "nfe": info["nfe"], "fid_n": n if n >= 2 else 0,
-               "fid": fid_or_none(student[:n], args, device, pg), "teacher_rms": rms_distance(student, ref)}
+               **scores_or_none(images[:n], args, device, pg), "teacher_rms": rms_distance(images, ref)}
     nfe = info["nfe"]
     for solver in ("dpm3m", "euler"):
         if solver == "dpm3m" and nfe == 1:        # one call: DPM-Solver++ is Euler
             continue
         m, s = teacher_baseline(teacher, teacher_path, args, solver, nfe, n_rms, shape, device, n >= 2, pg)
-        metrics[f"teacher_fid_{solver}"] = m["fid"] if n >= 2 else None
+        metrics[f"teacher_fid_{solver}"], metrics[f"teacher_kid_{solver}"] = m["fid"], m.get("kid")
         metrics[f"teacher_rms_{solver}"] = rms_distance(s, ref)
-    metrics["teacher_fid_dpm3m_35"] = ref_metrics["fid"] if n >= 2 else None
+    metrics["teacher_fid_dpm3m_35"], metrics["teacher_kid_dpm3m_35"] = ref_metrics["fid"], ref_metrics.get("kid")
     metrics["rms_n"] = n_rms
     metrics["teacher"] = str(teacher_path)
     metrics["teacher_sha256"] = common.fingerprint(teacher_path)
@@ -785,10 +811,13 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape):
     label = fid_label(n) if n >= 2 else "FID"
     tq = metrics.get("teacher_rms_dpm3m", metrics.get("teacher_rms_euler"))
     tf = metrics.get("teacher_fid_dpm3m", metrics.get("teacher_fid_euler"))
+    tk = metrics.get("teacher_kid_dpm3m", metrics.get("teacher_kid_euler"))
+    kid = lambda v: "n/a" if v is None else f"{1e3 * v:.1f}"
     print(f"{metrics['variant']} {args.dataset} NFE {nfe}: student {label} {fmt(metrics['fid'])} vs teacher "
           f"DPM-Solver++(3M) {fmt(tf)} (Euler {fmt(metrics.get('teacher_fid_euler'))}, 35-NFE "
-          f"{fmt(metrics['teacher_fid_dpm3m_35'])}); teacher_rms student {metrics['teacher_rms']:.4f} vs teacher "
-          f"{tq:.4f}; {info.get('train_seconds', 0) / 60:.1f} min, {info.get('images_seen', 0):,} images; {out}")
+          f"{fmt(metrics['teacher_fid_dpm3m_35'])}); KID x 1e3 {kid(metrics['kid'])} vs {kid(tk)}; teacher_rms student "
+          f"{metrics['teacher_rms']:.4f} vs teacher {tq:.4f}; {info.get('train_seconds', 0) / 60:.1f} min, "
+          f"{info.get('images_seen', 0):,} images; {out}")
     pg.barrier()
     return metrics
 
@@ -812,7 +841,8 @@ def teacher_rows(args, solvers, nfes):
         out = common.run_dir(args, f"teacher-{args.preset}-rows") / f"{solver}-nfe{nfe}"
         common.write_json(out / "metrics.json", {
             "method": "teacher", "variant": f"teacher-{solver}", "dataset": args.dataset, "preset": args.preset,
-            "nfe": nfe, "fid_n": n if n >= 2 else 0, "fid": m["fid"], "teacher_rms": rms_distance(samples, ref),
+            "nfe": nfe, "fid_n": n if n >= 2 else 0, "fid": m["fid"], "kid": m.get("kid"), "kid_std": m.get("kid_std"),
+            "teacher_rms": rms_distance(samples, ref),
             "rms_n": n_rms, "teacher": str(path), "teacher_sha256": common.fingerprint(path), "train_seconds": 0,
             "images_seen": 0, "command": " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])})
         pg.log(f"teacher {common.SAMPLER_NAMES[solver]} {nfe} NFE: FID-{n} {m['fid']}, teacher_rms "

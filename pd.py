@@ -254,7 +254,7 @@ def main(argv=None):
                 batch=args.batch, xflip=args.xflip, sampler="DDIM, x_hat clipped to [-1, 1]")
     # The report compares with the original teacher's solvers.
     fid.report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: sample_ddim(student, eps, args.nfe),
-               info, data.shape[1:])
+               info, data.shape[1:], student=student, curves=run.get("curves"))
     pg.close()
 
 

@@ -349,7 +349,8 @@ def train(args, pg):
         method="sfd", variant=variant, nfe=n, train_seconds=seconds, images_seen=done, trajectories=done,
         teacher_solver=f"{solver} (stage 1)" if second_stage else solver, teacher_steps_K=K,
         teacher_threshold=settings["threshold"], teacher_nfe_per_trajectory=K * (len(grids[n]) - 1) * TEACHER_SOLVERS[solver][1],
-        t_min=args.t_min, afs=afs, loss=args.loss, lr=lr, batch=batch, student_grid=grids[n].tolist()), shape) for n in nfes]
+        t_min=args.t_min, afs=afs, loss=args.loss, lr=lr, batch=batch, student_grid=grids[n].tolist()), shape,
+        student=D, curves=[common.curve_of(variant, run)]) for n in nfes]
     if variable and pg.main:                         # SFD-v: all NFEs side by side, one row of samples each
         common.write_json(out / "metrics-all.json", all_metrics)       # each nfe<N>/metrics.json is one row
         eps = common.PerSampleNoise(common.EVAL_SEED, range(8), pg.device).randn(*shape)

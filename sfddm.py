@@ -30,14 +30,12 @@ Deviations
 - Lab preset: a fresh student on the shared teacher's own lab budget and recipe (common.TEACHER_PRESETS: lr 2e-3,
   warm-up, grad clip 1), so SFDDM, --scratch and the teacher differ only in their targets. Paper: App. D.
 """
-import csv
 import functools
 import json
 import math
 import time
 
 import torch
-from PIL import Image, ImageDraw
 
 import common
 import fid
@@ -251,25 +249,6 @@ def train(args, pg, teacher, net, ema, data, alpha_bar_s, phi, out, teacher_sha2
                              emas=[(ema, net, common.ema_beta(args.batch, args.ema))], resume=resume, desc="sfddm")
 
 
-def save_curve(out, curve):
-    """out/loss.csv (window means of the training loss on rank 0's batches) and out/loss.png (log scale)."""
-    with open(out / "loss.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["images", "loss", "loss_eps", "loss_h"]] + curve)
-    if len(curve) < 2:
-        return
-    W, H, m = 480, 240, 30
-    xs, ys = [r[0] for r in curve], [math.log10(max(r[1], 1e-12)) for r in curve]
-    lo, hi = min(ys), max(ys) + 1e-9
-    pts = [(m + (W - 2 * m) * (x - xs[0]) / (xs[-1] - xs[0]), H - m - (H - 2 * m) * (y - lo) / (hi - lo))
-           for x, y in zip(xs, ys)]
-    img = Image.new("L", (W, H), 255)
-    draw = ImageDraw.Draw(img)
-    draw.rectangle([m, m, W - m, H - m], outline=160)
-    draw.line(pts, fill=0, width=2)
-    draw.text((m, 4), f"loss (log10) {10 ** hi:.3g} .. {10 ** lo:.3g} over {xs[0]:,}..{xs[-1]:,} images", fill=0)
-    img.save(out / "loss.png")
-
-
 def ceiling_rows(args, pg, folder, teacher, teacher_path, alpha_bar_s, phi, shape):
     """The teacher on phi with each of phi_samplers (the ceiling rows), into folder/<sampler>/, unless
     they are there for this teacher (sha256), phi, N and clipping."""
@@ -370,7 +349,7 @@ def main():
         common.save_checkpoint(out / "student.pt", "sfddm-student", net_config=ema.config, ema=ema.state_dict(),
                                phi=phi, alpha_bar=alpha_bar_s, teacher_steps=args.teacher_steps, dataset=args.dataset,
                                teacher_sha256=teacher_sha256, **stats)
-        save_curve(out, run["curve"])
+        common.save_curves(out, [common.curve_of("scratch" if args.scratch else "sfddm", run)])
         pg.log(f"SFDDM: {stats['images_seen']:,} images in {stats['train_seconds'] / 60:.1f} min "
                f"({stats['images_seen'] / stats['train_seconds']:.0f} img/s), loss {stats['loss_start']:.4g} -> "
                f"{stats['loss_end']:.4g}; saved {out / 'student.pt'}, {out / 'loss.csv'}")
@@ -383,7 +362,7 @@ def main():
                     teacher_steps=args.teacher_steps, subseq=args.subseq, phi=phi, student_sigmas=sigmas,
                     init=args.init, scratch=args.scratch, hidden_weight=args.hidden_weight, lr=args.lr,
                     batch=args.batch, clip=not args.no_clip, **stats)
-        fid.report(args, pg, out / name, teacher, teacher_path, samplers[name], info, shape)
+        fid.report(args, pg, out / name, teacher, teacher_path, samplers[name], info, shape, student=D_ema)
     ceiling_rows(args, pg, ceiling, teacher, teacher_path, alpha_bar_s, phi, shape)
     pg.close()
 

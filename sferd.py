@@ -235,7 +235,7 @@ def train_cd(args, pg, data, D, out, settings, gen):
                             emas=cd.ema_updates(f, f_target, f_ema, args.mu, args.ema_rate),
                             resume=common.resume_from(path, "sferd-cd-student", args.resume), desc="CD")
     alg1 = lambda s, T, x0, g, E, G: alg1_cd(s, T, x0, g, E, G, sigmas)
-    return f_ema.eval(), teacher, alg1, dict(images=run["images"], seconds=run["seconds"])
+    return f_ema.eval(), teacher, alg1, dict(images=run["images"], seconds=run["seconds"], curves=[common.curve_of("CD", run)])
 
 
 def train_predictor(args, pg, data, student, teacher, alg1, out, settings, totals):
@@ -253,7 +253,9 @@ def train_predictor(args, pg, data, student, teacher, alg1, out, settings, total
         resume=common.resume_from(path, "sferd-predictor", args.resume), desc="predictor",
         before_step=lambda step: student.requires_grad_(step >= P // 2))     # phase 1 frozen, phase 2 joint (Sec. 4.2)
     student.requires_grad_(False).eval()
-    return E.eval().requires_grad_(False), G.eval().requires_grad_(False), {k: totals[k] + run[k] for k in totals}
+    totals = dict(images=totals["images"] + run["images"], seconds=totals["seconds"] + run["seconds"],
+                  curves=[*totals.get("curves", []), common.curve_of("predictor", run, totals["images"])])
+    return E.eval().requires_grad_(False), G.eval().requires_grad_(False), totals
 
 
 def train_latent(args, pg, data, E, out, settings, totals):
@@ -279,7 +281,8 @@ def train_latent(args, pg, data, E, out, settings, totals):
                             torch.optim.Adam(mlp.parameters(), lr=args.latent_lr), dict(mlp=mlp, ema=ema), path,
                             "sferd-latent", settings, torch.Generator().manual_seed(args.seed * 1000 + pg.rank + 900),
                             data=zn, student=mlp, emas=[(ema, mlp, args.latent_ema)], resume=ck, desc="latent DDPM")
-    return ema.eval(), dict(totals, seconds=totals["seconds"] + run["seconds"])    # part of SFERD's training cost
+    return ema.eval(), dict(totals, seconds=totals["seconds"] + run["seconds"],    # part of SFERD's training cost
+                            curves=[*totals.get("curves", []), common.curve_of("latent DDPM", run, totals["images"])])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,7 +403,8 @@ def main(argv=None):
                 latent_ddim_steps=args.latent_steps if G is not None else 0, start_steps=args.start_steps, stages=args.stages,
                 calls_per_step="student + G_tau (its own encoder pass)" if G is not None else "student",
                 schedule=args.schedule, **base_run_metrics(args))
-    fid.report(args, pg, out, D, teacher_path, make_sampler(args, student, G, latent), info, data.shape[1:])
+    fid.report(args, pg, out, D, teacher_path, make_sampler(args, student, G, latent), info, data.shape[1:],
+               student=student, curves=totals.get("curves"))
     pg.close()
 
 

@@ -94,3 +94,22 @@ def smoke_teacher(fashion_dir, tmp_path_factory):
     """A smoke-preset teacher trained on the generated data (a few seconds); its path."""
     import common
     return common.train_teacher("fashion", "smoke", tmp_path_factory.mktemp("teacher"), fashion_dir, images=64)
+
+
+def check_run_pictures(folder, stages, trajectory=True):
+    """A finished run's pictures and loss curve: loss.png (and trajectory.png, the student beside the teacher) are
+    whole PNG files; loss.csv has a stage column naming the stages in order, images growing, finite losses.
+    Returns loss.csv's rows (header first)."""
+    import csv
+    import math
+    from PIL import Image
+    for name in ("loss.png", "trajectory.png") if trajectory else ("loss.png",):
+        with Image.open(Path(folder) / name) as im:
+            assert im.format == "PNG" and min(im.size) > 100, name
+            im.verify()
+    rows = list(csv.reader(open(Path(folder) / "loss.csv")))
+    assert rows[0][:3] == ["stage", "images", "loss"], rows[0]
+    assert list(dict.fromkeys(r[0] for r in rows[1:])) == list(stages), rows
+    images = [int(r[1]) for r in rows[1:]]
+    assert images == sorted(set(images)) and all(math.isfinite(float(r[2])) for r in rows[1:]), rows
+    return rows

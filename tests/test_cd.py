@@ -8,7 +8,7 @@ import torch
 
 import cd
 import common
-from conftest import gaussian_denoiser, run_script
+from conftest import check_run_pictures, gaussian_denoiser, run_script
 
 torch.set_num_threads(2)
 EPS, SD = cd.SIGMA_MIN, common.SIGMA_DATA
@@ -357,6 +357,7 @@ def test_smoke_end_to_end(full_run):
                 "teacher_rms_euler", "train_seconds", "onestep_teacher_rms", "onestep_teacher_rms_euler"):
         assert key in m
     assert (out / "nfe4" / "samples.png").exists() and (out / "student.pt").exists()
+    check_run_pictures(out / "nfe4", ["CD"])
     assert "NFE 4" in r.stdout.strip().splitlines()[-1]
 
 

@@ -15,7 +15,7 @@ import cfd
 import common
 import fid
 import pd
-from conftest import gaussian_denoiser, run_script
+from conftest import check_run_pictures, gaussian_denoiser, run_script
 
 torch.set_num_threads(2)
 MU, VAR = 0.3, 0.2 ** 2
@@ -258,6 +258,8 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
     m = json.loads((a / "nfe2" / "metrics.json").read_text())
     assert m["method"] == "cfd" and m["variant"] == "rcfd" and m["nfe"] == 2 and (a / "nfe2" / "samples.png").exists()
     assert m["pd_stages"] == [4] and m["stages"] == [2] and m["xflip"] is True
+    rows = check_run_pictures(a / "nfe2", ["pd 8 -> 4 steps", "cfd 4 -> 2 steps"])
+    assert rows[0][2:] == ["loss", "cfd", "entropy", "diversity"]           # RCFD's parts, blank on PD's rows
     assert m["images_seen"] == 2 * 3 * 8                         # PD 8->4 and RCFD 4->2, 3 updates of 8
     assert 0 <= m["classifier_test_acc"] <= 1
     b = json.loads((a / "pd-baseline" / "nfe2" / "metrics.json").read_text())       # the baseline run's own record

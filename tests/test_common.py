@@ -15,7 +15,7 @@ from PIL import Image
 
 import common
 import fid
-from conftest import ROOT, gaussian_denoiser, make_fashion, run_script
+from conftest import gaussian_denoiser, make_fashion, run_script
 
 torch.set_num_threads(2)
 
@@ -199,7 +199,7 @@ def test_dpmpp_order2_step_matches_formula():
     x = torch.randn(4, dtype=torch.float64)
     sig = [10.0, 3.0, 1.0]
     seen = []
-    out = common.sample_dpmpp(D, x, sig + [0.5], order=2, callback=lambda i, xi: seen.append(xi))
+    common.sample_dpmpp(D, x, sig + [0.5], order=2, callback=lambda i, xi: seen.append(xi))
     x1 = seen[0]
     D0, Dm1 = gaussian_D(x1, 3.0), gaussian_D(x, 10.0)
     h, h_prev = math.log(3.0 / 1.0), math.log(10.0 / 3.0)

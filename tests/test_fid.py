@@ -195,10 +195,10 @@ def test_reference_stats_are_cached(monkeypatch, tmp_path, torchscript):
     monkeypatch.setattr(common, "load_dataset", lambda name, data_dir=None, split="train": (images, None))
     calls = []
 
-    def fake_stats(batches, *args, **kwargs):
+    def fake_stats(batches, *args, keep=0, **kwargs):
         n = sum(len(b) for b in batches)
         calls.append(n)
-        return np.full(3, 1.0), np.eye(3), n
+        return np.full(3, 1.0), np.eye(3), n, np.ones((min(keep, n), 3), np.float32)
 
     monkeypatch.setattr(fid, "feature_stats", fake_stats)
     first = fid.reference_stats("toy", n=20, progress=False)
@@ -207,6 +207,7 @@ def test_reference_stats_are_cached(monkeypatch, tmp_path, torchscript):
     assert np.array_equal(first[1], second[1])
     assert (tmp_path / "toy" / "fid" / "ref-train-n20.npz").is_file()
     assert fid.reference_stats("toy", n=0, progress=False)[2] == 30  # n=0: the whole split
+    assert fid.reference_features("toy").shape == (30, 3) and calls == [20, 30]     # KID's features: from the cache
 
 
 def test_missing_weights_say_how_to_install(monkeypatch):

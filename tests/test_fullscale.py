@@ -3,6 +3,7 @@ without CUDA, --export in both formats (and that fid.py scores the export as the
 fid.py's .npz readers (statistics, EDM's reference file, arr_0 samples), and python common.py bench."""
 import argparse
 import json
+import math
 import shutil
 import time
 
@@ -160,7 +161,10 @@ def test_fid_of_the_export_equals_the_runs_own_fid(fashion_dir, smoke_teacher, t
     base = ["--preset", "smoke", "--data-dir", fashion_dir, "--teacher", smoke_teacher, "--out", run, "--fid-samples", 8]
     r = run_script("sfd.py", *base, cwd=tmp_path, timeout=1800)        # 4 FID-8s and the reference: ~1 min quiet
     assert r.returncode == 0, r.stderr
-    own = json.loads((run / "metrics.json").read_text())["fid"]
+    m = json.loads((run / "metrics.json").read_text())
+    own = m["fid"]
+    assert all(math.isfinite(m[k]) for k in ("kid", "teacher_kid_dpm3m", "teacher_kid_euler")) and m["kid_std"] > 0
+    assert f"KID x 1e3 {1e3 * m['kid']:.1f} vs {1e3 * m['teacher_kid_dpm3m']:.1f}" in r.stdout, r.stdout   # beside FID
     for fmt, target in (("png", run / "samples-8"), ("npz", run / "samples-8.npz")):
         r = run_script("sfd.py", *base, "--resume", "--export", 8, "--export-format", fmt, cwd=tmp_path, timeout=1800)
         assert r.returncode == 0 and f"exported 8 samples to {target}" in r.stdout, r.stderr

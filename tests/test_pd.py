@@ -9,7 +9,7 @@ import torch
 
 import common
 import pd
-from conftest import gaussian_denoiser, run_script
+from conftest import check_run_pictures, gaussian_denoiser, run_script
 
 torch.set_num_threads(2)
 MU, VAR = 0.3, 0.2 ** 2          # data ~ N(MU, VAR) per pixel: the exact denoiser is known
@@ -255,6 +255,8 @@ def test_smoke_run_writes_outputs_and_resumes_at_the_right_stage(fashion_dir, sm
     m = json.loads((a / "nfe2" / "metrics.json").read_text())
     assert m["method"] == "pd" and m["nfe"] == 2 and m["stages"] == [4, 2] and (a / "nfe2" / "samples.png").exists()
     assert m["images_seen"] == 2 * 3 * 8 and m["xflip"] is True
+    rows = check_run_pictures(a / "nfe2", ["pd 8 -> 4 steps", "pd 4 -> 2 steps"])
+    assert int(rows[-1][1]) == m["images_seen"]                   # the chain's images, counted on over its stages
     # The stage files are what cfd.py reuses: finished, with their settings; the student differs from the teacher.
     ck = common.load_checkpoint(a / "student-4steps.pt", "pd-student")
     assert ck["finished"] and ck["step"] == 3 and ck["settings"]["start_steps"] == 8 and ck["settings"]["iters"] == 3

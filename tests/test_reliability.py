@@ -5,8 +5,6 @@ or TorchScript archive whose pickle would create a file, a retrained teacher and
 with another teacher, an unwritable or full output folder, bad arguments, a blow-up at save, and the
 error line under a progress bar and under torchrun."""
 import hashlib
-import io
-import json
 import os
 import pickle
 import shutil
@@ -140,9 +138,11 @@ def test_retrained_teacher_invalidates_its_caches(smoke_teacher, other_teacher, 
     assert not torch.equal(a, b) and torch.equal(common.to_uint8(b), common.to_uint8(fresh))
     # The cached FID is keyed by the teacher and by the reference statistics' content.
     calls, ref = [], ["ref-1"]
-    monkeypatch.setattr(fid, "fid_or_none", lambda samples, a, d, pg=None: calls.append(1) or float(len(calls)))
+    monkeypatch.setattr(fid, "scores_or_none", lambda samples, a, d, pg=None: calls.append(1) or
+                        dict(fid=float(len(calls)), kid=len(calls) / 1e3, kid_std=0.0))
     monkeypatch.setattr(fid, "reference_fingerprint", lambda *a, **k: ref[0])
     assert baseline(True)[0]["fid"] == 1.0 and baseline(True)[0]["fid"] == 1.0          # computed once
+    assert baseline(True)[0]["kid"] == 1e-3                                              # KID cached beside it
     ref[0] = "ref-2"                                                                   # new reference statistics
     assert baseline(True)[0]["fid"] == 2.0
     shutil.copyfile(smoke_teacher, path)

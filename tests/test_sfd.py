@@ -10,7 +10,7 @@ import torch
 
 import common
 import sfd
-from conftest import gaussian_denoiser, run_script
+from conftest import check_run_pictures, gaussian_denoiser, run_script
 
 
 @pytest.fixture(autouse=True)
@@ -262,6 +262,9 @@ def test_smoke_end_to_end_and_second_stage_init(fashion_dir, smoke_teacher, tmp_
         assert key in m, key
     assert m["method"] == "sfd" and m["nfe"] == 5 and m["images_seen"] == 8
     assert (tmp_path / "sfd-nfe5" / "samples.png").exists()
+    rows = check_run_pictures(tmp_path / "sfd-nfe5", ["sfd"])
+    ck = torch.load(tmp_path / "sfd-nfe5" / "student.pt", weights_only=True)
+    assert [[float(v) for v in r[1:]] for r in rows[1:]] == [[float(v) for v in r] for r in ck["curve"]]
     assert r.stdout.strip().splitlines()[-1].startswith("sfd fashion NFE 5: student")
     stage1 = torch.load(tmp_path / "sfd-nfe5" / "student.pt", weights_only=True)
     teacher = torch.load(smoke_teacher, weights_only=True)["ema"]

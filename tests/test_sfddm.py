@@ -372,7 +372,8 @@ def test_smoke_end_to_end_rows_ceiling_and_resume_continue_exactly(tmp_path, fas
     for f in ("student.pt", "checkpoint.pt", "loss.png"):
         assert (tmp_path / "full" / f).exists(), f
     rows = list(csv.reader(open(tmp_path / "full" / "loss.csv")))
-    assert rows[0] == ["images", "loss", "loss_eps", "loss_h"] and [int(r[0]) for r in rows[1:]] == [16, 32, 48, 64]
+    assert rows[0] == ["stage", "images", "loss", "loss_eps", "loss_h"] and [int(r[1]) for r in rows[1:]] == [16, 32, 48, 64]
+    assert {r[0] for r in rows[1:]} == {"sfddm"}
     out = r.stdout.strip().splitlines()
     assert sum("student" in line and "teacher_rms" in line for line in out) == 5        # 2 rows + 3 ceiling rows
     # Stopped at 32 images and resumed to 64: the same weights and loss curve as the uninterrupted run;
@@ -388,7 +389,7 @@ def test_smoke_end_to_end_rows_ceiling_and_resume_continue_exactly(tmp_path, fas
     assert split["images_seen"] == 64
     for k, v in full["ema"].items():
         assert torch.allclose(v, split["ema"][k], atol=1e-6), k
-    curve = lambda run: np.loadtxt(tmp_path / run / "loss.csv", delimiter=",", skiprows=1)
+    curve = lambda run: np.loadtxt(tmp_path / run / "loss.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3, 4))
     assert np.allclose(curve("split"), curve("full"), rtol=1e-5)
     # --init teacher: nothing to train, so nothing is trained; the rows are the (existing) ceiling rows.
     r = cli(tmp_path, fashion_dir, smoke_teacher, "tinit", "--init", "teacher")

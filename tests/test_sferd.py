@@ -3,6 +3,7 @@ semantic gradient predictor (zero init, loss scale of Alg. 1 line 18 at the teac
 against hand-written loops, exact resume of the predictor phase), the latent DDPM, and the CLI (--nfe
 validation, smoke runs on PD and CD, --resume and its refusal of changed settings, torchrun)."""
 import argparse
+import csv
 import json
 import math
 
@@ -13,7 +14,7 @@ import cd
 import common
 import pd
 import sferd
-from conftest import run_script
+from conftest import check_run_pictures, run_script
 
 torch.set_num_threads(2)
 
@@ -376,6 +377,10 @@ def test_smoke_end_to_end_and_resume(base, fashion_dir, smoke_teacher, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (tmp_path / "run" / "samples.png").exists()
+    rows = list(csv.reader(open(tmp_path / "run" / "loss.csv")))
+    stages = list(dict.fromkeys(r[0] for r in rows[1:]))     # the base's stage(s), then the predictor's, the latent's
+    assert stages[-2:] == ["predictor", "latent DDPM"] and stages[0] == ("CD" if base == "cd" else "sferd-pd 8 -> 4 steps")
+    check_run_pictures(tmp_path / "run", stages)
     assert m["method"] == "sferd" and m["variant"] == f"sferd-{base}" and m["nfe"] == 2 and m["guidance"]
     assert m["images_seen"] > m["base_phase_images"] > 0 and math.isfinite(m["teacher_rms"])
     assert "teacher_rms_euler" in m and "base_note" in m

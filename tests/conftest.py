@@ -94,3 +94,52 @@ def smoke_teacher(fashion_dir, tmp_path_factory):
     """A smoke-preset teacher trained on the generated data (a few seconds); its path."""
     import common
     return common.train_teacher("fashion", "smoke", tmp_path_factory.mktemp("teacher"), fashion_dir, images=64)
+
+
+@pytest.fixture(scope="session")
+def random_teacher(tmp_path_factory):
+    """A smoke-sized fashion teacher.pt with random (non-zero) weights, written without training: for the tests of
+    what a script's main builds (MainSpy), which never train it."""
+    import common
+    torch.manual_seed(0)
+    net = common.UNet(in_ch=1, res=32, **common.NET_CONFIGS["smoke"])
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("random-teacher") / "teacher.pt"
+    common.save_checkpoint(path, "teacher", net_config=net.config, ema=net.state_dict(), dataset="fashion")
+    return path
+
+
+class MainSpy:
+    """Runs a script's main with common.train_loop and fid.report replaced, to inspect what main builds (not a re-run
+    of the same code): each loop is recorded (its arguments and the train/eval mode of its nets and of the student),
+    then 'trains' by adding a different random perturbation to every net it was given (so an online network and its
+    EMA differ afterwards); each report records its arguments, the sampler, and the modes of every net seen so far."""
+
+    def __init__(self, monkeypatch):
+        import common
+        import fid
+        self.loops, self.reports, self._nets = [], [], []
+        monkeypatch.setattr(common, "train_loop", self._loop)
+        monkeypatch.setattr(fid, "report", self._report)
+
+    def _loop(self, pg, loss, budget, opt, nets, path, kind, settings, gen, **kw):
+        student = kw.get("student")
+        self.loops.append(dict(loss=loss, budget=budget, opt=opt, nets=nets, path=path, kind=kind, settings=settings,
+                               gen=gen, training={k: m.training for k, m in nets.items()},
+                               student_training=getattr(student, "training", None), **kw))
+        self._nets += list(nets.values())
+        g = torch.Generator().manual_seed(len(self.loops))
+        with torch.no_grad():
+            for module in nets.values():
+                for p in module.parameters():
+                    p.add_(0.01 * torch.randn(p.shape, generator=g).to(p.device))
+        steps = -(-budget["total"] // (1 if budget["unit"] == "updates" else budget["batch"]))
+        return dict(step=steps, done=budget["total"], images=steps * budget["batch"], seconds=1.0, loss_start=1.0,
+                    loss_avg=0.5, curve=[[budget["batch"], 1.0, 0.5, 0.5]], acc={}, finished=True)
+
+    def _report(self, args, pg, out, teacher, teacher_path, sample_fn, info, shape):
+        self.reports.append(dict(args=args, out=out, teacher=teacher, sample_fn=sample_fn, info=info, shape=shape,
+                                 training={id(m): m.training for m in self._nets}))
+        return dict(info, fid=None, fid_n=0, teacher_rms=0.0, images_seen=info.get("images_seen"))

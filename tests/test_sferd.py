@@ -29,8 +29,8 @@ def smoke_denoiser(seed=0):
 
 
 def guided(D, **kw):
-    """sferd.guided with the CLI's defaults (k 1, w 0.3, blur sigma 3 of size 15, the default attention block)."""
-    opts = dict(no_guidance=False, attn_block=None, k=1.0, w=0.3, blur_sigma=3.0, blur_size=15)
+    """sferd.guided with the CLI's defaults (k 1, w 0.3, blur sigma 3 of size 15, the default attention block, x0 space)."""
+    opts = dict(no_guidance=False, attn_block=None, k=1.0, w=0.3, blur_sigma=3.0, blur_size=15, guidance_space="x0")
     return sferd.guided(D, argparse.Namespace(**{**opts, **kw}))
 
 
@@ -141,6 +141,30 @@ def test_w0_gives_the_plain_teacher_and_w_matches_alg1_in_vp_notation():
     out = common.vp_predict(guided(D, k=k, w=w), z_t, alpha, s)[0]
     assert torch.allclose(out, ref, atol=1e-5)
     assert (out - x0_hat).abs().max() > 1e-3                                           # guidance does something
+
+
+def test_eps_space_guidance_is_the_authors_and_differs_by_the_sharpening_term():
+    """--guidance-space eps, the authors' distill_losses_enc in VP notation: eps_attn of the re-noised blurred image,
+    eps~ = eps_attn + (1 + w)*(eps_hat - eps_attn) (their uncond + w_guide*(pred - uncond) at w_guide = 1 + w), x0 =
+    (z - s*eps~)/alpha. Substituting z_attn - z = alpha*psi*(B(x0_hat) - x0_hat) gives Eq. 11's x0 minus
+    w*psi*(x0_hat - B(x0_hat)): the x0 form sharpens where psi = 1 by that much more."""
+    D, w = smoke_denoiser(), 0.3
+    x, sigma = torch.randn(2, 1, 32, 32) * 2, torch.tensor([0.7, 3.0])
+    alpha, s = (1 / (1 + sigma**2).sqrt()).view(-1, 1, 1, 1), (sigma / (1 + sigma**2).sqrt()).view(-1, 1, 1, 1)
+    z_t = alpha * x
+    x0_hat, eps_hat, _, ext = common.vp_predict(D, z_t, alpha, s, attn="dec16.1")
+    psi = (ext["attn"].mean(1).sum(1).reshape(2, 1, 16, 16) > 1.0).float().repeat_interleave(2, 2).repeat_interleave(2, 3)
+    blurred = common.gaussian_blur(x0_hat, 3.0, 15)
+    z_attn = alpha * ((1 - psi) * x0_hat + psi * blurred) + s * eps_hat                 # their q_sample(mask_blurred, eps)
+    eps_attn = common.vp_predict(D, z_attn, alpha, s)[1]
+    eps_tilde = eps_attn + (1 + w) * (eps_hat - eps_attn)
+    ref = (z_t - s * eps_tilde) / alpha                                                 # pred_x0_from_eps
+    out_eps = common.vp_predict(guided(D, w=w, guidance_space="eps"), z_t, alpha, s)[0]
+    out_x0 = common.vp_predict(guided(D, w=w), z_t, alpha, s)[0]
+    assert torch.allclose(out_eps, ref, atol=1e-4)
+    term = w * psi * (x0_hat - blurred)
+    assert torch.allclose(out_x0 - out_eps, term, atol=1e-4) and term.abs().max() > 1e-2 and 0 < psi.mean() < 1
+    assert sferd.parse_args([]).guidance_space == "x0"                                  # Eq. 11 by default
 
 
 # --- Semantic gradient predictor (Sec. 4.2, Alg. 1 line 18, Alg. 2) ----------------------------

@@ -128,6 +128,7 @@ class MainSpy:
         student = kw.get("student")
         self.loops.append(dict(loss=loss, budget=budget, opt=opt, nets=nets, path=path, kind=kind, settings=settings,
                                gen=gen, training={k: m.training for k, m in nets.items()},
+                               states={k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in nets.items()},
                                student_training=getattr(student, "training", None), **kw))
         self._nets += list(nets.values())
         g = torch.Generator().manual_seed(len(self.loops))

@@ -98,11 +98,11 @@ def smoke_teacher(fashion_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def random_teacher(tmp_path_factory):
-    """A smoke-sized fashion teacher.pt with random (non-zero) weights, written without training: for the tests of
-    what a script's main builds (MainSpy), which never train it."""
+    """A smoke-sized fashion teacher.pt with random (non-zero) weights and dropout 0.1, written without training: for
+    the tests of what a script's main builds (MainSpy), which never train it."""
     import common
     torch.manual_seed(0)
-    net = common.UNet(in_ch=1, res=32, **common.NET_CONFIGS["smoke"])
+    net = common.UNet(in_ch=1, res=32, **dict(common.NET_CONFIGS["smoke"], dropout=0.1))   # dropout as the paper net's
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -115,12 +115,13 @@ class MainSpy:
     """Runs a script's main with common.train_loop and fid.report replaced, to inspect what main builds (not a re-run
     of the same code): each loop is recorded (its arguments and the train/eval mode of its nets and of the student),
     then 'trains' by adding a different random perturbation to every net it was given (so an online network and its
-    EMA differ afterwards); each report records its arguments, the sampler, and the modes of every net seen so far."""
+    EMA differ afterwards); each report records its arguments, the sampler, and the modes of every net seen so far.
+    probe(record), if set, is called inside each loop (a stage's loss may bind the stage's variables late)."""
 
     def __init__(self, monkeypatch):
         import common
         import fid
-        self.loops, self.reports, self._nets = [], [], []
+        self.loops, self.reports, self._nets, self.probe = [], [], [], None
         monkeypatch.setattr(common, "train_loop", self._loop)
         monkeypatch.setattr(fid, "report", self._report)
 
@@ -131,6 +132,8 @@ class MainSpy:
                                states={k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in nets.items()},
                                student_training=getattr(student, "training", None), **kw))
         self._nets += list(nets.values())
+        if self.probe:                               # a test's look at this loop while it runs (its loss binds late)
+            self.probe(self.loops[-1])
         g = torch.Generator().manual_seed(len(self.loops))
         with torch.no_grad():
             for module in nets.values():

@@ -9,7 +9,7 @@ import torch
 
 import common
 import pd
-from conftest import gaussian_denoiser, run_script
+from conftest import MainSpy, gaussian_denoiser, run_script
 
 torch.set_num_threads(2)
 MU, VAR = 0.3, 0.2 ** 2          # data ~ N(MU, VAR) per pixel: the exact denoiser is known
@@ -317,3 +317,56 @@ def test_resume_refuses_a_chain_trained_with_another_budget(fashion_dir, smoke_t
         pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "a", "--nfe", 2, "--resume", "--lr", 1e-3))
     with pytest.raises(common.UserError, match="start_steps 8 .now 16."):           # trains 16 -> 8, then refuses 8 -> 4
         pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "a", "--nfe", 4, "--resume", "--start-steps", 16))
+
+
+# --- The paper preset and what main builds ------------------------------------------------------
+
+# (key, value, source: google-research diffusion_distillation/config/cifar_distill.py, and the paper's Sec. 4)
+PAPER = [("start_steps", 8192, "start_num_steps = 8192"), ("iters", 50_000, "distill_steps_per_iter = 50000"),
+         ("batch", 128, "train.batch_size"), ("lr", 5e-5, "train.learning_rate, linear anneal"),
+         ("grad_clip", 1.0, "train.grad_clip"), ("xflip", True, "dataset.args.randflip"),
+         ("later_factor", 2.0, "Sec. 4: the 2- and 1-step stages gain from twice the updates"), ("later_steps", 2, "idem")]
+
+
+@pytest.mark.parametrize("key,value,source", PAPER)
+def test_paper_preset_values(key, value, source):
+    assert getattr(pd.parse_args(["--preset", "paper"]), key) == value, source
+
+
+def test_main_builds_each_stage_and_samples_the_last_student(fashion_dir, random_teacher, tmp_path, monkeypatch):
+    """What pd.main hands each stage's loop and the report (MainSpy): a fresh Adam at --lr per stage, annealed linearly
+    to 0, clip 1; each student a dropout-free copy of its teacher (the previous student, frozen, eval mode) in train
+    mode; pd_loss with the stage's N and the flips; the report samples the last student, in eval mode, with clipped
+    DDIM over --nfe steps."""
+    monkeypatch.chdir(tmp_path)
+    spy, real, seen = MainSpy(monkeypatch), pd.pd_loss, []
+
+    def probe(loop):                                          # the loss this stage's loop gets, called while it runs
+        pd.pd_loss = lambda *a: seen.append(a) or torch.zeros(())
+        try:
+            loop["loss"](loop["student"], loop["teacher"], torch.rand(2, 1, 32, 32) * 2 - 1, torch.Generator())
+        finally:
+            pd.pd_loss = real
+    spy.probe = probe
+    pd.main(["--preset", "smoke", "--nfe", "2", "--data-dir", str(fashion_dir), "--teacher", str(random_teacher),
+             "--out", str(tmp_path / "run")])
+    assert len(spy.loops) == 2 and len(spy.reports) == 1
+    previous = spy.loops[0]["teacher"]
+    assert previous.source == str(random_teacher)                  # the loaded teacher file teaches the first stage
+    for loop, N in zip(spy.loops, (4, 2)):
+        opt, student, b = loop["opt"], loop["student"], loop["budget"]
+        group = opt.param_groups[0]
+        assert type(opt) is torch.optim.Adam and (group["lr"], group["betas"], group["eps"]) == (1e-4, (0.9, 0.999), 1e-8)
+        assert (b["total"], b["unit"], b["batch"], b["lr"], b["clip"]) == (3, "updates", 8, 1e-4, 1.0)
+        assert [b["schedule"](1.0, d, 4) for d in (0, 1, 3)] == pytest.approx([1.0, 0.75, 0.25])
+        assert loop["teacher"] is previous and not previous.training and loop["student_training"]
+        assert all(torch.equal(v, previous.net.state_dict()[k]) for k, v in loop["states"]["net"].items())
+        assert all(m.p == 0 for m in student.modules() if isinstance(m, torch.nn.Dropout))
+        assert loop["path"].name == f"student-{N}steps.pt" and loop["settings"]["xflip"] is True
+        assert seen.pop(0)[4:] == (N, True)                      # pd_loss with the stage's N and the flips
+        previous = student
+    (rep,) = spy.reports
+    eps = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert rep["training"][id(previous.net)] is False
+    assert torch.equal(rep["sample_fn"](eps), pd.sample_ddim(previous, eps, 2, clip=True))
+    assert not torch.allclose(rep["sample_fn"](eps), pd.sample_ddim(spy.loops[0]["student"], eps, 2), atol=1e-4)

@@ -467,6 +467,7 @@ def test_main_builds_adam_the_lr_drop_and_samples_with_euler_afs(random_teacher,
     assert all(torch.equal(v, teacher.net.state_dict()[k]) for k, v in loop["states"]["net"].items())
     assert loop["teacher"].source == str(random_teacher) and loop["noise"] == (1, 32, 32)
     eps = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    D.eval()                                                                  # no dropout noise in this comparison
     ours = [v.item() for v in loop["loss"](D, teacher, eps, None)]
     ref = [v.item() for v in sfd.sfd_loss(D, teacher, eps, None, [4], torch.Generator(), None, 4, "dpm3m", True, "l1", 0.006)]
     assert ours == ref and len(ours) == 4

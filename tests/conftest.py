@@ -139,6 +139,8 @@ class MainSpy:
             for module in nets.values():
                 for p in module.parameters():
                     p.add_(0.01 * torch.randn(p.shape, generator=g).to(p.device))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()                                 # the checkpoint's place (a caller may remove it), empty
         steps = -(-budget["total"] // (1 if budget["unit"] == "updates" else budget["batch"]))
         return dict(step=steps, done=budget["total"], images=steps * budget["batch"], seconds=1.0, loss_start=1.0,
                     loss_avg=0.5, curve=[[budget["batch"], 1.0, 0.5, 0.5]], acc={}, finished=True)

@@ -276,3 +276,16 @@ def test_sampling_spread_scores_disjoint_test_subsets(monkeypatch):
     assert scores == pytest.approx(expect)
     with pytest.raises(common.UserError):
         fid.sampling_spread("fashion", 4, 3)                                          # 12 > 10 test images
+
+
+def test_rms_distance_is_in_units_of_the_value_range():
+    """teacher_rms: the RMS over pixels of the saved (uint8) images' difference, divided by 127.5, so one quantisation
+    level everywhere is 1/127.5 and the whole [-1, 1] range is 2."""
+    a = torch.zeros(2, 3, 4, 4)                                             # uint8 128
+    one = a + 1 / 127.5                                                     # uint8 129: one level up
+    assert fid.rms_distance(a, one) == pytest.approx(1 / 127.5, rel=1e-6)
+    half = a.clone()
+    half[:, :, :2] += 2 / 127.5                                             # half the pixels two levels up
+    assert fid.rms_distance(a, half) == pytest.approx(2**0.5 / 127.5, rel=1e-6)     # root of the mean square
+    assert fid.rms_distance(-torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2)) == pytest.approx(2.0)
+    assert fid.rms_distance(a, a + 0.2 / 127.5) == 0.0                     # below half a level: the same saved image

@@ -91,8 +91,10 @@ def test_loss_is_truncated_snr_weighted_x_error():
     N, B = 8, 48
     teacher, student = gaussian_denoiser(MU, VAR), gaussian_denoiser(mu=-0.1, var=0.3)
     x = torch.rand(B, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    losses = {}
     for xflip in (False, True):
         loss = pd.pd_loss(student, teacher, x, torch.Generator().manual_seed(7), N, xflip)
+        losses[xflip] = loss.item()
         g = torch.Generator().manual_seed(7)                   # the same draws, by hand
         xs = pd.random_xflip(x, g) if xflip else x
         eps, i = torch.randn(x.shape, generator=g), torch.randint(N, (B,), generator=g)
@@ -116,6 +118,8 @@ def test_loss_is_truncated_snr_weighted_x_error():
         assert min(weights) == 1.0 and max(weights) > 10
         assert loss.item() == pytest.approx(sum(expected) / B, rel=1e-5)
     assert not torch.equal(pd.random_xflip(x, torch.Generator().manual_seed(7)), x)   # the flips did something
+    default = pd.pd_loss(student, teacher, x, torch.Generator().manual_seed(7), N).item()    # no flips unless asked
+    assert default == losses[False] != losses[True]
     # The weight function itself: max(SNR, 1) at SNR = 4 and SNR = 1/4.
     a, s = torch.tensor([2.0, 1.0]) / math.sqrt(5), torch.tensor([1.0, 2.0]) / math.sqrt(5)
     assert torch.allclose(pd.truncated_snr_weight(a, s), torch.tensor([4.0, 1.0]))

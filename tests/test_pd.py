@@ -165,6 +165,20 @@ def test_ddim_clips_x_hat_at_every_step():
     assert not torch.allclose(seen[-1], unclipped[-1], atol=1e-3)
 
 
+def test_student_is_a_dropout_free_trainable_copy_of_its_teacher():
+    """theta <- eta (Alg. 2), dropout 0 as the authors' distillation config: the student computes the teacher's
+    function even in train mode, and its own parameters train."""
+    torch.manual_seed(0)
+    net = common.build_net(dict(in_ch=1, res=32, **dict(common.NET_CONFIGS["smoke"], dropout=0.5)))
+    torch.nn.init.normal_(net.conv_out.weight, std=0.1)
+    teacher = common.Denoiser(net).eval().requires_grad_(False)
+    student = pd.make_student(teacher).train()
+    dropouts = [m for m in student.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0 for m in dropouts) and all(p.requires_grad for p in student.parameters())
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(student(x, 2.0), teacher(x, 2.0)) and student.net is not teacher.net
+
+
 def test_random_xflip_flips_the_drawn_half():
     x = torch.arange(6 * 2 * 3, dtype=torch.float32).reshape(6, 1, 2, 3)
     out = pd.random_xflip(x, torch.Generator().manual_seed(1))

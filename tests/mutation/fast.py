@@ -1,7 +1,8 @@
 """pytest plugin of the mutation runs (tests/mutation/run.py loads it with -p fast).
 
 Always: keeps a test file's fast math tests and deselects the end-to-end ones, i.e. every test whose body or
-(transitive) fixtures run a script (run_script, a method's main, fid.report), or train or use the smoke teacher.
+(transitive) fixtures run a script (run_script, a method's main, fid.report), or train or use the smoke teacher; a
+main run under conftest's MainSpy (no training, no evaluation) counts as fast.
 FEWSTEP_MUT_TRACE=FILE (the unmutated baseline run): records, for the module FEWSTEP_MUT_MODULE, which of its
 lines each test executes, and each test's duration, into FILE (JSON).
 FEWSTEP_MUT_MAP=FILE (the mutant runs): finds the mutated lines by comparing FEWSTEP_MUT_MODULE with its pristine
@@ -40,7 +41,7 @@ def _slow(item):
             return True
         for fixturedef in fixtures.name2fixturedefs.get(name, ()):
             texts.append(_source(fixturedef.func))
-    return any(SLOW.search(text) for text in texts)
+    return any(SLOW.search(text) and "MainSpy(" not in text for text in texts)     # MainSpy: no training, no report
 
 
 def _mutated_lines():

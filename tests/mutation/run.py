@@ -12,6 +12,7 @@ Surviving mutants are written to WORK/survivors.txt with their diffs."""
 import argparse
 import ast
 import os
+import random
 import re
 import shutil
 import sqlite3
@@ -75,6 +76,18 @@ def restrict(session, module, names, exclude):
     return len(rows) - len(out)
 
 
+def sample(session, n):
+    """Keep a random sample (seed 0) of n in-scope mutants; the others are marked skipped, 'not sampled' (results they
+    may have are dropped, so the sample does not depend on which mutants ran first)."""
+    db = sqlite3.connect(session)
+    jobs = sorted(job for (job,) in db.execute("SELECT s.job_id FROM mutation_specs s LEFT JOIN work_results r ON "
+                                               "s.job_id = r.job_id WHERE r.output IS NULL OR r.output != 'out of scope'"))
+    keep = set(random.Random(0).sample(jobs, min(n, len(jobs))))
+    db.executemany("INSERT OR REPLACE INTO work_results (job_id, worker_outcome, output) VALUES (?, 'SKIPPED', "
+                   "'not sampled')", [(j,) for j in jobs if j not in keep])
+    db.commit()
+
+
 def equivalents():
     """(file, operator, mutated line's text) of the survivors judged equivalent: equivalent.md's table rows."""
     rows = set()
@@ -87,11 +100,12 @@ def equivalents():
 
 def report(work, name, module):
     db = sqlite3.connect(work / "session.sqlite")
-    rows = db.execute("SELECT s.job_id, s.operator_name, s.start_pos_row, r.worker_outcome, r.test_outcome, r.diff "
-                      "FROM mutation_specs s LEFT JOIN work_results r ON s.job_id = r.job_id").fetchall()
+    rows = db.execute("SELECT s.job_id, s.operator_name, s.start_pos_row, r.worker_outcome, r.test_outcome, r.diff, "
+                      "r.output FROM mutation_specs s LEFT JOIN work_results r ON s.job_id = r.job_id").fetchall()
     lines = (work / module).read_text().splitlines()
     known, counts, survivors = equivalents(), dict(killed=0, survived=0, equivalent=0, pending=0, other=0), []
-    for job, op, row, worker, test, diff in rows:
+    in_scope = sum(output != "out of scope" for *_, output in rows)
+    for job, op, row, worker, test, diff, output in rows:
         worker, test = (worker or "").lower() or None, (test or "").lower()
         if worker == "skipped":
             continue
@@ -109,7 +123,9 @@ def report(work, name, module):
     (work / "survivors.txt").write_text("\n".join(survivors))
     done = counts["killed"] + counts["survived"]
     score = f"{100 * counts['killed'] / done:.1f}%" if done else "n/a"
-    print(f"mutation {module}: score {score} = {counts['killed']} killed / {done} non-equivalent "
+    sampled = sum(counts.values())
+    print(f"mutation {module}: {sampled} of {in_scope} in-scope mutants"
+          + (" (a random sample)" if sampled < in_scope else "") + f"; score {score} = {counts['killed']} killed / {done} non-equivalent "
           f"({counts['equivalent']} equivalent, {counts['pending']} pending, {counts['other']} abnormal); "
           f"survivors: {work / 'survivors.txt'}")
 
@@ -119,6 +135,8 @@ def main():
     p.add_argument("name", help="the config tests/mutation/<name>.toml (common, fid, pd, cd, cfd, sferd, sfddm, sfd)")
     p.add_argument("--work", help="scratch folder (default: a new temporary one); an existing one is resumed")
     p.add_argument("--report-only", metavar="WORK", help="only print the score of the session in WORK")
+    p.add_argument("--sample", type=int, metavar="N", help="run only a random sample (seed 0) of N of the in-scope "
+                   "mutants: an estimate of the score in a fraction of the time")
     p.add_argument("--rerun-survivors", action="store_true", help="with --work: copy the current tests into WORK and run "
                    "the survivors again (the module itself must be unchanged)")
     p.add_argument("--cosmic-ray", default="cosmic-ray", help="the cosmic-ray executable (default: on PATH)")
@@ -153,6 +171,8 @@ def main():
         scope = config["filters"]["fewstep-scope"]
         n = restrict(work / "session.sqlite", work / module, scope["names"], scope.get("exclude-operators", []))
         print(f"mutation {module}: {n} mutants in scope; working in {work}", flush=True)
+    if args.sample:
+        sample(work / "session.sqlite", args.sample)
     # Each mutant runs only the tests that execute its line (fast.py), fastest first.
     subprocess.run([args.cosmic_ray, "exec", str(HERE / f"{args.name}.toml"), "session.sqlite"], cwd=work,
                    env=dict(env, FEWSTEP_MUT_MAP=str(work / "lines.json")), check=True)

@@ -318,6 +318,11 @@ def test_nfe_validation():
     grid = [(80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(18)]   # EDM Eq. 5, by hand
     assert cd.sampling_taus(1) == [] and cd.sampling_taus(2) == pytest.approx([grid[11]], rel=1e-15, abs=0)  # 0.585348
     assert cd.sampling_taus(4) == pytest.approx([grid[9], grid[11], grid[13]], rel=1e-15, abs=0)  # indexed, not rounded
+    assert cd.sampling_taus(3) == pytest.approx([grid[9], grid[12]], rel=1e-15, abs=0)
+    with pytest.raises(common.UserError, match="pass --taus with 4 decreasing values"):       # --nfe 5: 4 sigmas
+        cd.sampling_taus(5)
+    with pytest.raises(common.UserError, match="--nfe 3 needs 2 re-noising sigmas, --taus gave 1"):
+        cd.sampling_taus(3, [1.0])
     assert len(cd.sampling_taus(3)) == 2 and len(cd.sampling_taus(4)) == 3
     assert cd.sampling_taus(3, [2.0, 0.1]) == [2.0, 0.1]
     for nfe, taus in ((0, None), (5, None), (3, [1.0]), (3, [0.1, 2.0]), (2, [80.0]), (2, [0.001])):

@@ -7,10 +7,11 @@ It copies the repository (tracked and untracked, not ignored files) into a scrat
 mutates the module in place there, never in the checkout), then: cosmic-ray init with tests/mutation/<name>.toml,
 marks every mutant outside the file's scope (the functions and constants that config lists) and every excluded
 operator as skipped, cosmic-ray exec, and prints the score: killed / (killed + survived - equivalent), where
-equivalent is a survivor listed in tests/mutation/equivalent.md (by file, operator and the mutated line's text).
+equivalent is a survivor listed in tests/mutation/equivalent.md (by file, operator and the mutated line's code).
 Surviving mutants are written to WORK/survivors.txt with their diffs."""
 import argparse
 import ast
+import io
 import os
 import random
 import re
@@ -19,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import tokenize
 import tomllib
 from pathlib import Path
 
@@ -88,13 +90,25 @@ def sample(session, n):
     db.commit()
 
 
+def code(line):
+    """A line's code without its trailing comment (Python's tokenizer finds it): what equivalent.md's rows quote."""
+    line = line.strip()
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(line + "\n").readline):
+            if tok.type == tokenize.COMMENT:
+                return line[:tok.start[1]].strip()
+    except (tokenize.TokenError, SyntaxError):    # the line of a statement that goes on below: its comment came first
+        pass
+    return line
+
+
 def equivalents():
     """(file, operator, mutated line's text) of the survivors judged equivalent: equivalent.md's table rows."""
     rows = set()
     for line in (HERE / "equivalent.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 4 and cells[0].endswith(".py"):
-            rows.add((cells[0], cells[2], cells[1].strip("`")))
+            rows.add((cells[0], cells[2], code(cells[1].strip("`"))))
     return rows
 
 
@@ -115,7 +129,7 @@ def report(work, name, module):
             counts["other"] += 1                    # abnormal: the mutant broke the import or the test run itself
         elif test == "killed":
             counts["killed"] += 1
-        elif (module, op, lines[row - 1].strip()) in known:
+        elif (module, op, code(lines[row - 1])) in known:
             counts["equivalent"] += 1
         else:
             counts["survived"] += 1

@@ -20,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import tokenize
 import tomllib
 from pathlib import Path
@@ -187,9 +188,19 @@ def main():
         print(f"mutation {module}: {n} mutants in scope; working in {work}", flush=True)
     if args.sample:
         sample(work / "session.sqlite", args.sample)
-    # Each mutant runs only the tests that execute its line (fast.py), fastest first.
-    subprocess.run([args.cosmic_ray, "exec", str(HERE / f"{args.name}.toml"), "session.sqlite"], cwd=work,
-                   env=dict(env, FEWSTEP_MUT_MAP=str(work / "lines.json")), check=True)
+    # Each mutant runs only the tests that execute its line (fast.py), fastest first, in a child of server.py.
+    env = dict(env, FEWSTEP_MUT_MAP=str(work / "lines.json"))
+    sock = work / "server.sock"
+    server = subprocess.Popen([sys.executable, str(HERE / "server.py"), str(sock)], cwd=work, env=env)
+    try:
+        pytest_args = config["test-command"].split(" -m pytest ", 1)[1]
+        (work / "exec.toml").write_text((HERE / f"{args.name}.toml").read_text().replace(
+            config["test-command"], f"python {HERE / 'server.py'} --client {sock} -- {pytest_args}"))
+        while not sock.exists():
+            time.sleep(0.1)
+        subprocess.run([args.cosmic_ray, "exec", "exec.toml", "session.sqlite"], cwd=work, env=env, check=True)
+    finally:
+        server.kill()
     report(work, args.name, module)
 
 

@@ -9,22 +9,28 @@ FEWSTEP_MUT_MAP=FILE (the mutant runs): finds the mutated lines by comparing FEW
 copy FEWSTEP_MUT_PRISTINE and runs only the tests that execute them, fastest first (all tests when none does,
 e.g. a module-level constant read at import)."""
 import inspect
+import io
 import json
 import os
 import re
 import sys
+import textwrap
 import time
+import tokenize
 from pathlib import Path
 
 import pytest
 
-SLOW = re.compile(r"run_script\(|\bmain\(|train_teacher\(|fid\.report\(|torchrun")
+SLOW = re.compile(r"run_script \(|\bmain \(|train_teacher \(|fid \. report \(|torchrun")   # in tokens joined by spaces
 
 
 def _source(func):
+    """func's code without its comments and strings (a docstring that mentions main() is not a call)."""
     try:
-        return inspect.getsource(func)
-    except (OSError, TypeError):
+        text = textwrap.dedent(inspect.getsource(func))
+        tokens = tokenize.generate_tokens(io.StringIO(text).readline)
+        return " ".join(t.string for t in tokens if t.type not in (tokenize.COMMENT, tokenize.STRING))
+    except (OSError, TypeError, tokenize.TokenError, SyntaxError):
         return ""
 
 
@@ -41,7 +47,7 @@ def _slow(item):
             return True
         for fixturedef in fixtures.name2fixturedefs.get(name, ()):
             texts.append(_source(fixturedef.func))
-    return any(SLOW.search(text) and "MainSpy(" not in text for text in texts)     # MainSpy: no training, no report
+    return any(SLOW.search(text) and "MainSpy (" not in text for text in texts)    # MainSpy: no training, no report
 
 
 def _mutated_lines():

@@ -325,7 +325,8 @@ def test_nfe_validation():
         cd.sampling_taus(3, [1.0])
     assert len(cd.sampling_taus(3)) == 2 and len(cd.sampling_taus(4)) == 3
     assert cd.sampling_taus(3, [2.0, 0.1]) == [2.0, 0.1]
-    for nfe, taus in ((0, None), (5, None), (3, [1.0]), (2, [1.0, 0.5]), (3, [0.1, 2.0]), (2, [80.0]), (2, [0.001])):
+    for nfe, taus in ((0, None), (5, None), (3, [1.0]), (2, [1.0, 0.5]), (3, [0.1, 2.0]), (3, [1.0, 1.0]), (2, [80.0]),
+                      (2, [100.0]), (2, [0.002]), (2, [0.001])):
         with pytest.raises(common.UserError):
             cd.sampling_taus(nfe, taus)
 

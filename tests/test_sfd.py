@@ -216,8 +216,9 @@ def test_distances():
     assert torch.isclose(sfd.distance("l1", a, b), (a - b).abs().mean())
     assert torch.isclose(sfd.distance("l2", a, b), ((a - b) ** 2).mean())
     c = 0.00054 * 8
-    ref = torch.stack([((a[i] - b[i]).norm() ** 2 + c**2).sqrt() - c for i in range(4)]).mean()
-    assert torch.isclose(sfd.distance("huber", a, b), ref)
+    for scale in (1.0, 1e-4):                            # at 1e-4 per pixel (|a - b|^2 << c^2) c itself matters
+        ref = torch.stack([((scale * (a[i] - b[i])).double().norm() ** 2 + c**2).sqrt() - c for i in range(4)]).mean()
+        assert torch.isclose(sfd.distance("huber", scale * a, scale * b).double(), ref, rtol=1e-4, atol=0)
 
 
 # --- SFD-v: the step condition ----------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tests of cd.py: the consistency function's boundary condition, the Heun teacher step, the
 stop-gradient target, the EMA updates, multistep re-noising, and the command line."""
+import hashlib
 import json
 import math
 import sys
@@ -298,6 +299,22 @@ def test_sampler_starts_at_sigma_max_and_clips_before_renoising():
     assert x0.abs().max() > 1
     noise = math.sqrt(0.5**2 - EPS**2) * z
     assert torch.allclose(seen[False], x0 + noise) and torch.allclose(seen[True], x0.clamp(-1, 1) + noise)
+    cd.sample_cd(wide, x_T, [0.5], lambda x: z, callback=lambda i, x_hat: seen.__setitem__("default", x_hat))
+    assert torch.equal(seen["default"], seen[False])                   # Alg. 1's way unless asked (SFERD-CD's sampler)
+    taus = [1.09, 0.3]
+    assert torch.equal(cd.make_sampler(f, taus)(eps), cd.make_sampler(f, taus, False)(eps))
+    assert not torch.equal(cd.make_sampler(f, taus)(eps), cd.make_sampler(f, taus, True)(eps))
+
+
+def test_renoising_noise_is_keyed_by_each_samples_starting_noise():
+    """renoise_source: sample k's re-noising generator is seeded EVAL_SEED*1_000_003 + its key, the first 6 bytes of
+    the SHA-1 of its starting noise (big-endian): the evaluation noise every published number was measured with."""
+    eps = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    draws = cd.renoise_source(eps).randn(3)
+    for k in range(2):
+        key = int.from_bytes(hashlib.sha1(eps[k].numpy().tobytes()).digest()[:6], "big")
+        g = torch.Generator().manual_seed(common.EVAL_SEED * 1_000_003 + key)
+        assert torch.equal(draws[k], torch.randn(3, generator=g))
 
 
 def test_samples_do_not_depend_on_batching():
@@ -325,6 +342,8 @@ def test_nfe_validation():
         cd.sampling_taus(3, [1.0])
     assert len(cd.sampling_taus(3)) == 2 and len(cd.sampling_taus(4)) == 3
     assert cd.sampling_taus(3, [2.0, 0.1]) == [2.0, 0.1]
+    with pytest.raises(common.UserError, match="at least one network call"):
+        cd.sampling_taus(0)
     for nfe, taus in ((0, None), (5, None), (3, [1.0]), (2, [1.0, 0.5]), (3, [0.1, 2.0]), (3, [1.0, 1.0]), (2, [80.0]),
                       (2, [100.0]), (2, [0.002]), (2, [0.001])):
         with pytest.raises(common.UserError):

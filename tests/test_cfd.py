@@ -451,3 +451,16 @@ def test_main_builds_the_classifier_the_pd_chain_and_the_cfd_stages(fashion_dir,
     eps = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     assert rep["training"][id(previous.net)] is False
     assert torch.equal(rep["sample_fn"](eps), pd.sample_ddim(previous, eps, 1))
+
+
+def test_cfd_stages_and_their_refusals():
+    """PD down to --cfd-from (a power of two, at most --start-steps; equal: no PD stage), then CFD down to --nfe (a
+    power of two below --cfd-from); each refusal names its own flag."""
+    lab = lambda *a: cfd.parse_args(["--preset", "lab", *a])
+    assert cfd.cfd_stages(lab("--nfe", "4")) == ([16, 8], [4])
+    assert cfd.cfd_stages(lab("--nfe", "2", "--cfd-from", "32")) == ([], [16, 8, 4, 2])
+    for argv, message in ((["--cfd-from", "64"], "--cfd-from 64"), (["--cfd-from", "12"], "--cfd-from 12"),
+                          (["--nfe", "8"], "--nfe 8: CFD halves"), (["--nfe", "16"], "--nfe 16: CFD halves"),
+                          (["--nfe", "3"], "--nfe 3: CFD halves")):
+        with pytest.raises(common.UserError, match=message):
+            cfd.cfd_stages(lab(*argv))

@@ -15,11 +15,24 @@ import time
 
 
 def client(path, args):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect(path)
+    for attempt in range(300):                       # the server may still be starting: retry for a minute
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            break
+        except OSError:
+            s.close()
+            time.sleep(0.2)
+    else:
+        sys.exit(f"mutation: no server at {path}")
+    with s:
         s.sendall(json.dumps(dict(cwd=os.getcwd(), args=args, env=dict(os.environ))).encode() + b"\n")
-        reply = s.makefile().readline()              # the child's exit code; empty if the server died
-    sys.exit(int(reply) if reply.strip() else 3)
+        reply = s.makefile().readline()              # {"code": the child's exit code, "output": what it printed}
+    if not reply.strip():
+        sys.exit("mutation: the server closed the connection without an answer")
+    reply = json.loads(reply)
+    print(reply["output"])
+    sys.exit(reply["code"])
 
 
 def child(request):
@@ -28,9 +41,9 @@ def child(request):
     os.environ.update(request["env"])
     sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.dont_write_bytecode = True                   # a mutant's module must never be cached
-    devnull = os.open(os.devnull, os.O_WRONLY)       # cosmic-ray needs the exit code only
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
+    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)   # what the client reports to cosmic-ray
+    os.dup2(log, 1)
+    os.dup2(log, 2)
     import pytest
     code = pytest.main(request["args"])
     sys.stdout.flush()
@@ -53,7 +66,11 @@ def serve(path):
         while True:
             conn, _ = server.accept()
             with conn:
-                request = json.loads(conn.makefile().readline())
+                try:
+                    request = json.loads(conn.makefile().readline())
+                except (OSError, ValueError):             # a client that went away before asking
+                    continue
+                request["log"] = f"{path}.child.log"
                 pid = os.fork()
                 if pid == 0:
                     conn.close()
@@ -69,9 +86,14 @@ def serve(path):
                             os.kill(pid, signal.SIGKILL)
                     except BlockingIOError:
                         pass
+                    except OSError:                   # the client is gone (cosmic-ray's timeout)
+                        os.kill(pid, signal.SIGKILL)
                     time.sleep(0.02)
+                with open(request["log"], errors="replace") as f:
+                    output = f.read()[-20_000:]
                 try:
-                    conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+                    conn.setblocking(True)
+                    conn.sendall(json.dumps(dict(code=os.waitstatus_to_exitcode(status), output=output)).encode() + b"\n")
                 except OSError:
                     pass
 

@@ -191,11 +191,12 @@ def main():
     # Each mutant runs only the tests that execute its line (fast.py), fastest first, in a child of server.py.
     env = dict(env, FEWSTEP_MUT_MAP=str(work / "lines.json"))
     sock = work / "server.sock"
-    server = subprocess.Popen([sys.executable, str(HERE / "server.py"), str(sock)], cwd=work, env=env)
+    serve = work / "tests" / "mutation" / "server.py"        # the scratch copy's: editing the checkout changes nothing here
+    server = subprocess.Popen([sys.executable, str(serve), str(sock)], cwd=work, env=env)
     try:
         pytest_args = config["test-command"].split(" -m pytest ", 1)[1]
         (work / "exec.toml").write_text((HERE / f"{args.name}.toml").read_text().replace(
-            config["test-command"], f"python {HERE / 'server.py'} --client {sock} -- {pytest_args}"))
+            config["test-command"], f"python {serve} --client {sock} -- {pytest_args}"))
         while not sock.exists():
             time.sleep(0.1)
         subprocess.run([args.cosmic_ray, "exec", "exec.toml", "session.sqlite"], cwd=work, env=env, check=True)

@@ -16,6 +16,8 @@ What is implemented
   teacher's U-Net (training.finetune), theta, theta- and the sampling EMA all without dropout (the authors' CD config).
 - theta- <- mu theta- + (1 - mu) theta (Eq. 8; mu = 0, stopgrad, in the authors' CIFAR-10 CD); a separate EMA
   samples; RAdam without clipping, weight decay or warm-up (jcm/losses.py warms up only Adam).
+- Training images flipped left-right at random (--xflip, on: consistency_models_cifar10 configs/
+  default_cifar10_configs.py data.random_flip = True, applied in jcm/datasets.py).
 - Sampling (Alg. 1): x = f(T z, T), then x = f(x + sqrt(tau^2 - eps^2) z', tau) for each tau: NFE = 1 + #taus;
   x clamped to [-1, 1] before each re-noising, as the authors' samplers do (--no-clip: Alg. 1's way).
 - Also reported: the one-step student's teacher_rms (re-noising mixes fresh noise into it at NFE > 1).
@@ -38,6 +40,7 @@ import torch
 
 import common
 import fid
+import pd
 
 SIGMA_MIN, SIGMA_MAX, RHO = common.SIGMA_MIN, common.SIGMA_MAX, common.RHO   # eps, T and rho of the Karras grid (paper App. C)
 
@@ -53,7 +56,8 @@ PRESETS = {
     "paper": dict(iterations=800_000, batch=512, lr=4e-4, N=18, mu=0.0, ema_rate=0.9999, metric="pseudo-huber",
                   ckpt_every=5_000, weighting="uniform", n_dist="uniform"),
 }
-# Re-noising sigmas tau_1 > tau_2 > ... for NFE = 1 + len(taus): indices into the 18-point Karras grid
+# Re-noising sigmas tau_1 > tau_2 > ... for NFE = 1 + len(taus): indices into the 18-point Karras grid, the grid's
+# values exactly (the authors index it: openai/consistency_models cm/karras_diffusion.py stochastic_iterative_sampler)
 # [80, 57.6, 40.8, 28.4, 19.4, 12.9, 8.40, 5.32, 3.26, 1.92, 1.09, 0.585, 0.296, 0.140, 0.060, 0.023, 0.0075, 0.002].
 # 2 steps: the paper's sigma_11 = 0.585. 4 steps: picked as the paper picks its sigmas (by FID), on VALIDATION
 # noise (seed 12345, not the evaluation noise) with the lab student, among (9, 11, 13), (9, 12, 14), (10, 12, 14),
@@ -85,6 +89,8 @@ def parse_args(argv=None):
                        "or lognormal, iCT's discretised lognormal in sigma (P_mean -1.1, P_std 2.0, Sec. 3.5)")
     p.add_argument("--taus", type=float, nargs="+", default=None, help="re-noising sigmas tau_1 > tau_2 > ... of "
                    "multistep sampling (Alg. 1), nfe - 1 values in (0.002, 80) (default: see DEFAULT_TAUS)")
+    p.add_argument("--xflip", action=argparse.BooleanOptionalAction, default=True, help="flip each training image "
+                   "left-right with probability 1/2 (the authors' CIFAR-10 random_flip; default on)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=CLIP_DEFAULT, help="clamp x to [-1, 1] "
                    "before each re-noising of multistep sampling, as the authors' samplers do (Alg. 1 does not; "
                    f"default {'on' if CLIP_DEFAULT else 'off'}, see the header)")
@@ -104,7 +110,7 @@ def sampling_taus(nfe, taus=None):
             raise common.UserError(f"--nfe {nfe}: CD has default re-noising sigmas for --nfe 1-4 only; "
                             f"pass --taus with {nfe - 1} decreasing values in ({SIGMA_MIN}, {SIGMA_MAX})")
         grid = common.karras_sigmas(18, SIGMA_MIN, SIGMA_MAX, RHO)
-        return [round(grid[i].item(), 4) for i in DEFAULT_TAUS[nfe]]
+        return [grid[i].item() for i in DEFAULT_TAUS[nfe]]
     if len(taus) != nfe - 1:
         raise common.UserError(f"--nfe {nfe} needs {nfe - 1} re-noising sigmas, --taus gave {len(taus)}")
     if any(not SIGMA_MIN < t < SIGMA_MAX for t in taus) or any(a <= b for a, b in zip(taus, taus[1:])):
@@ -150,10 +156,13 @@ def consistency_nets(D, mu):
     return f, f_target, f_ema
 
 
-def cd_loss(f, D, x0, gen, *, f_target, sigmas, metric, weighting="uniform", n_dist="uniform"):
+def cd_loss(f, D, x0, gen, *, f_target, sigmas, metric, weighting="uniform", n_dist="uniform", xflip=False):
     """Alg. 2, lines 3-6, for a batch x0 (line 3's x ~ data, drawn by train_loop): the loss L(theta, theta-; phi)
     of the consistency function f = f_theta, with the teacher phi = D and the target network f_target = f_theta-
-    (f itself when mu = 0). sigmas: the N-point grid, noisiest first. Lines 7-8 are train_loop's (ema_updates)."""
+    (f itself when mu = 0). sigmas: the N-point grid, noisiest first. Lines 7-8 are train_loop's (ema_updates).
+    Draws from gen: the flips (xflip, pd.random_xflip: first, as in pd.pd_loss), n, then z."""
+    if xflip:
+        x0 = pd.random_xflip(x0, gen)                                     # the authors' random_flip
     n = draw_n(len(sigmas), sigmas, len(x0), gen, n_dist).to(x0.device)  # line 3: n ~ U[[1, N-1]] (here 0..N-2)
     z = torch.randn(x0.shape, generator=gen).to(x0.device)
     t, t2 = sigmas[n].reshape(-1, 1, 1, 1), sigmas[n + 1].reshape(-1, 1, 1, 1)   # the paper's t_{n+1}, t_n
@@ -308,14 +317,15 @@ def main():
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)   # each process its own data and noise
     path = out / "student.pt"
     resume = common.resume_from(path, "cd-student", args.resume, pg)
-    settings = {k: getattr(args, k) for k in ("N", "mu", "ema_rate", "lr", "metric", "batch", "weighting", "n_dist")}
+    settings = {k: getattr(args, k) for k in ("N", "mu", "ema_rate", "lr", "metric", "batch", "weighting", "n_dist",
+                                              "xflip")}
     settings["teacher_sha256"] = common.fingerprint(teacher_path)    # checked on --resume
     nets = dict(net=f.net, ema=f_ema.net, **({"target": f_target.net} if f_target is not f else {}))
     pg.log(f"CD: {args.dataset}, preset {args.preset}, N {args.N}, mu {args.mu}, EMA {args.ema_rate}, "
            f"d = {args.metric}, lr {args.lr:g}, batch {args.batch}, {args.iterations:,} iterations, "
            f"{pg.world} process(es) on {pg.device}")
     loss = functools.partial(cd_loss, f_target=f_target, sigmas=sigmas, metric=args.metric, weighting=args.weighting,
-                             n_dist=args.n_dist)
+                             n_dist=args.n_dist, xflip=args.xflip)
     budget = dict(total=args.iterations, unit="updates", batch=args.batch, lr=args.lr, ckpt_every=args.ckpt_every)
     run = common.train_loop(pg, loss, budget, opt, nets, path, "cd-student", settings, gen, data=data, student=f,
                             teacher=D, emas=ema_updates(f, f_target, f_ema, args.mu, args.ema_rate), resume=resume,
@@ -325,7 +335,7 @@ def main():
     info = dict(method="cd", variant=f"cd-{args.metric}", nfe=args.nfe, train_seconds=run["seconds"],
                 images_seen=run["images"], taus=args.taus, N=args.N, mu=args.mu, ema_rate=args.ema_rate, lr=args.lr,
                 batch=args.batch, iterations=args.iterations, weighting=args.weighting, n_dist=args.n_dist,
-                clip=args.clip)
+                xflip=args.xflip, clip=args.clip)
     if args.nfe > 1:
         info.update(onestep_rms(args, pg, D, teacher_path, f_ema, data.shape[1:]))
     fid.report(args, pg, out / f"nfe{args.nfe}", D, teacher_path, make_sampler(f_ema, args.taus, args.clip), info,

@@ -24,6 +24,8 @@ Deviations (why):
   - Teacher and schedule are pd.py's (the shared EDM teacher, the cosine log-SNR ending at sigma 80), not the paper's
     iDDPM cosine grid of 1024 steps: PD and CFD then share stage files and compare on one grid.
   - The PD chain anneals its lr linearly (pd.py's), not cosine (App. C.4); its updates, batch and lr are cfd.py's.
+  - At t'' = 0 the target x^T is the teacher's last x_hat (pd.teacher_target, PD's rule); the authors apply the x~ formula
+    at their table's index 0 (diffusion.py), one step above 0; on pd.py's schedule (sigma(0) = 4.5e-5) it gives x_hat to 1e-4.
   - App. C.4's "20000 for 4 to 1-step" is read as the 4->2 and 2->1 stages (METHODS.md reads it as 2->1 only).
   - Classifier: Adam, cosine lr, no augmentation, on rank 0 only (authors': SGD for 300 epochs, AutoAugment, Cutout);
     lab: a narrow 4-stage ResNet for one epoch. It sees images in [-1, 1], as the diffusion model outputs them.

@@ -19,8 +19,10 @@ What is implemented (../shared/papers/sfd-slides.md, ../shared/specs/METHODS.md 
 Deviations (and why)
   - The teacher is fewstep's shared one (so all methods compare), the authors' EDM checkpoint with --dataset
     cifar10 --preset paper. SFD reads no training image: images_seen counts trajectories.
-  - L1 is the per-pixel mean, not the authors' per-sample sum (Adam ignores the factor); the second stage's LPIPS
-    term on the last step is left out (no LPIPS weights offline).
+  - L1 is the per-pixel mean, not the authors' per-sample sum (sfd-main/training/training_loop.py): for Adam a loss c
+    times smaller is the same as eps*c (c = C*H*W: 1e-8 -> 3e-5 on CIFAR-10), so the updates agree except on elements with
+    tiny gradients. The authors also train in fp16 and zero NaN gradients. The second stage's LPIPS term on the last step
+    is left out (no LPIPS weights offline).
   - SFD-v embeds the NFE (authors: NFE + 2 grid points) and its maps into the U-Net start at zero, so it starts as
     the teacher (authors: random xavier init, a perturbed teacher).
   - The teacher's D is not dynamically thresholded unless --teacher-threshold (the authors' always is; in the lab

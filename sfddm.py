@@ -9,8 +9,8 @@ Run
   torchrun:   torchrun --nproc_per_node=2 sfddm.py --preset smoke
 
 What is implemented (the paper's alpha_t, DDPM's cumulative product, is alpha_bar here)
-- Teacher (Sec. 3.1): the shared teacher read as a T-step DDPM (T = 1024, linear betas scaled by 1000/T as in the
-  authors' code); eps_theta(x_t, t) is common.vp_predict's eps at alpha_bar_t.
+- Teacher (Sec. 3.1): the shared teacher read as a T-step DDPM (T = 1024, linear betas scaled by 1000/T, the authors'
+  linear_beta_schedule; see Deviations); eps_theta(x_t, t) is common.vp_predict's eps at alpha_bar_t.
 - Student (Sec. 3.3, 3.6, App. B): T' = --nfe steps on phi_0 = 0 < ... < phi_T' = T (c*t, round(linspace), or
   Sec. 4.2's 'concentrated'); its marginal at t is the teacher's at phi_t (Eq. 9). fewstep's networks are
   denoisers D(x, sigma): eps'_Theta(x'_t, t) is the student at sigma_phi_t, step t's one noise level.
@@ -26,6 +26,9 @@ What is implemented (the paper's alpha_t, DDPM's cumulative product, is alpha_ba
 Deviations
 - The shared EDM-trained teacher (comparability across fewstep), not a DDPM trained on the table with the paper's
   sigmoid schedule; phi_T' = T as the paper (the authors' code's phi_t = c(t-1) + 1 ends c-1 steps short of T).
+- Linear betas: the authors' linear_beta_schedule, which their run does not use (run.py builds GaussianDiffusion without
+  beta_schedule, whose default is sigmoid); the table only places the student's levels on the shared teacher.
+- Paper preset: App. D's lr 2e-5 and DDPM's batch 128 and EMA; the authors' run.py trains with batch 50, Adam 2e-4, no EMA.
 - 'concentrated' is our reading of Sec. 4.2 (subsequence); the EMA is a half-life in images.
 - Lab preset: a fresh student on the shared teacher's own lab budget and recipe (common.TEACHER_PRESETS: lr 2e-3,
   warm-up, grad clip 1), so SFDDM, --scratch and the teacher differ only in their targets. Paper: App. D.
@@ -90,7 +93,8 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 
 def teacher_alpha_bar(T):
-    """The teacher DDPM's alpha_bar_0..T: linear betas 1e-4..0.02, scaled by 1000/T (authors' code)."""
+    """The teacher DDPM's alpha_bar_0..T: linear betas 1e-4..0.02, scaled by 1000/T (the authors' linear_beta_schedule,
+    denoising_diffusion_pytorch.py; their run uses its sigmoid default, see the header)."""
     return common.ddpm_alpha_bar(T, 1e-4 * 1000 / T, 0.02 * 1000 / T)
 
 

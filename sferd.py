@@ -17,14 +17,19 @@ What is implemented (Alg. 1-2, Sec. 4, App. B; authors' partial code: Sainzerjj/
     normalised z_sem (Table 4). --resume continues each phase.
   - Sampling (Alg. 2): x0~ = x0_theta + c*G_tau, then the base's step. Ablations: --no-guidance, --no-predictor (both: the base).
 
-Deviations (why):
+Deviations (why; Sainzerjj/SFERD's training code raises TypeError in two places, so fewstep follows the paper and lists
+where that code, diffusion/gaussian_diffusion.py distill_losses_enc, differs):
   - The shared EDM teacher (METHODS.md 0), not ADM / NCSN++; AdaGN keeps common.UNet's (1+z_s)*GN(h)+z_b, not Eq. 15's.
   - --g-scale train (default) scales G by s_{t-1}^2/alpha_{t-1}, what line 18 trains; Alg. 2's c_t = s_t (--g-scale paper)
     adds s_t^2/alpha_t*G, ~2e4*G at PD's first step.
-  - SFERD-PD: t on the student's grid (the authors' train_utils.py), not between grid points; PD's truncated-SNR weight,
-    not the authors' 1 + SNR; paper batch 128 (App. B.1 gives none), clip 1. SFERD-CD: CD's own target.
-  - Lab/smoke: the bases' budgets (equal cost), SFERD-PD lab from 16 steps, no flips; lab w = 0.1, not 0.3 (README);
-    a 64-d z_sem, a 4 x 256 latent MLP with EMA 0.995; the predictor's length and joint lr are fewstep's choice.
+  - Eq. 11 guides x0; the authors guide eps (eps_attn + w_g*(eps_hat - eps_attn): SAG's form for w_g = 1 + w) and re-derive
+    x0 (--guidance-space eps): Eq. 11's x0 less w*psi*(x0_hat - B(x0_hat)). They call the teacher once, at q_sample(x0,
+    t-1) with z_t's noise (not n DDIM steps from z_t), and clip its x0 before the blur and the student's x0 in line 18.
+  - SFERD-PD: t on the student's grid (their train_utils.py); PD's truncated-SNR weight, not their 1 + SNR inside the
+    square ((1 + SNR)^2); paper batch 128 (App. B.1 gives none), clip 1. SFERD-CD: CD's own target.
+  - No preset flips images (their scripts/image_datasets.py does). Lab/smoke: the bases' budgets (equal cost), SFERD-PD
+    lab from 16 steps; lab w = 0.1, not 0.3 (README); a 64-d z_sem, a 4 x 256 latent MLP with EMA 0.995; the predictor's
+    length and joint lr are fewstep's choice.
 """
 import copy
 import math
@@ -74,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--no-predictor", action="store_true", help="ablation: no E_phi / G_tau / latent DDPM")
     p.add_argument("--k", type=float, default=1.0, help="k, mask threshold psi = 1[A > k] (Eq. 10; paper 1.0)")
     common.preset_flag(p, "w", float, "w, attention guidance strength (Eq. 11; paper 0.3)")
+    p.add_argument("--guidance-space", choices=["x0", "eps"], default="x0", help="guide x0 as Eq. 11 (default) or eps as "
+                   "the authors' code, x0 re-derived (see the header)")
     p.add_argument("--blur-sigma", type=float, default=3.0, help="sigma of the Gaussian blur B (paper 3)")
     p.add_argument("--blur-size", type=int, default=15, help="kernel size of B (authors' code 15)")
     p.add_argument("--attn-block", help="teacher attention block of A (default: the highest-resolution decoder one)")
@@ -134,7 +141,8 @@ def attn_block(net, name=None):
 
 
 def guided(D, args):
-    """D~(x, sigma) = x0_teacher of Alg. 1 lines 8-13, EDM view x = z_t/alpha_t, sigma = s_t/alpha_t (--no-guidance: D)."""
+    """D~(x, sigma) = x0_teacher of Alg. 1 lines 8-13, EDM view x = z_t/alpha_t, sigma = s_t/alpha_t (--no-guidance: D);
+    --guidance-space eps: eps~ = (1 + w)*eps_hat - w*eps_attn and x0 = x - sigma*eps~ (the authors' code)."""
     if args.no_guidance:
         return D
     block = attn_block(D.net, args.attn_block)
@@ -147,6 +155,8 @@ def guided(D, args):
         x_tilde = common.gaussian_blur(x0_hat, args.blur_sigma, args.blur_size) + sigma * eps_hat   # line 11 / alpha_t
         x_attn = (1 - psi) * x + psi * x_tilde                          # line 12, Eq. 10
         x0_attn = D(x_attn, sigma)                                      # Eq. 11
+        if args.guidance_space == "eps":                                # the authors': guide eps, re-derive x0
+            return x - sigma * ((1 + args.w) * eps_hat - args.w * (x_attn - x0_attn) / sigma)
         return (1 + args.w) * x0_hat - args.w * x0_attn                 # line 13
     return common.full_precision(D_guided)                               # a frozen teacher: fp32, blur included
 
@@ -318,7 +328,7 @@ def sample_sferd_pd(D, eps, N, G, z_sem, mode="train", g_drop=0.0, n=2):
 
 def sample_sferd_cd(f, eps, taus, G, z_sem, N, mode="train", g_drop=0.0):
     """cd.sample_cd with Alg. 2's x0~; a call at sigma has t-1 = the next lower point of CD's N-point grid (alg1_cd's t2;
-    a point within 1% is sigma itself: the default taus are rounded grid points)."""
+    a point within 1% counts as sigma itself, for --taus written with a few decimals)."""
     grid = common.append_zero(common.karras_sigmas(N))
     sigma_prev = [grid[grid < 0.99 * s][0].item() for s in [cd.SIGMA_MAX, *taus]]
     f_tilde = corrected_denoiser(f, G, z_sem, sigma_prev, mode, g_drop)
@@ -375,7 +385,8 @@ def bench_step(teacher, preset, device, batch=None):
 def main(argv=None):
     args = parse_args(argv)
     pg = common.Dist(args.device, args.compile, args.channels_last)
-    variant = f"sferd-{args.base}" + "-noguide" * args.no_guidance + "-nopred" * args.no_predictor
+    eps_space = args.guidance_space == "eps" and not args.no_guidance
+    variant = f"sferd-{args.base}" + "-noguide" * args.no_guidance + "-epsguide" * eps_space + "-nopred" * args.no_predictor
     out = common.run_dir(args, f"{variant}-nfe{args.nfe}")
     base_files = [common.stage_path(out, N) for N in args.stages] if args.base == "pd" else [out / "student.pt"]
     common.resume_note(pg, args.resume, *base_files, out / "predictor.pt", out / "latent.pt")
@@ -387,7 +398,8 @@ def main(argv=None):
     pg.log(f"{variant}: {args.dataset}, preset {args.preset}, NFE {args.nfe}, attention block {args.attn_block}, "
            f"k {args.k}, w {args.w}, blur sigma {args.blur_sigma}, {pg.world} process(es) on {pg.device}")
     # What the trained networks depend on: saved with every file of the run, a --resume with others is refused.
-    settings = dict(teacher_sha256=common.fingerprint(teacher_path), start_steps=args.start_steps, guidance=not args.no_guidance,
+    settings = dict(teacher_sha256=common.fingerprint(teacher_path), start_steps=args.start_steps,   # guidance: "eps" or a bool
+                    guidance="eps" if eps_space else not args.no_guidance,
                     **(dict(schedule=args.schedule, lr_schedule=args.lr_schedule) if args.base == "pd" else {}),
                     **({} if args.no_guidance else {k: getattr(args, k) for k in ("k", "w", "blur_sigma", "blur_size", "attn_block")}))
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)              # as pd.py's and cd.py's
@@ -399,7 +411,8 @@ def main(argv=None):
         latent, totals = train_latent(args, pg, data, E, out, settings, totals)
     info = dict(method="sferd", variant=variant, nfe=args.nfe, train_seconds=totals["seconds"], images_seen=totals["images"],
                 base=args.base, base_phase_images=base_images, guidance=not args.no_guidance, predictor=not args.no_predictor,
-                **{k: getattr(args, k) for k in ("attn_block", "k", "w", "blur_sigma", "blur_size", "g_scale", "g_drop")},
+                **{k: getattr(args, k) for k in ("attn_block", "k", "w", "guidance_space", "blur_sigma", "blur_size",
+                                                 "g_scale", "g_drop")},
                 latent_ddim_steps=args.latent_steps if G is not None else 0, start_steps=args.start_steps, stages=args.stages,
                 calls_per_step="student + G_tau (its own encoder pass)" if G is not None else "student",
                 schedule=args.schedule, **base_run_metrics(args))

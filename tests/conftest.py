@@ -113,3 +113,58 @@ def check_run_pictures(folder, stages, trajectory=True):
     images = [int(r[1]) for r in rows[1:]]
     assert images == sorted(set(images)) and all(math.isfinite(float(r[2])) for r in rows[1:]), rows
     return rows
+
+
+@pytest.fixture(scope="session")
+def random_teacher(tmp_path_factory):
+    """A smoke-sized fashion teacher.pt with random (non-zero) weights and dropout 0.1, written without training: for
+    the tests of what a script's main builds (MainSpy), which never train it."""
+    import common
+    torch.manual_seed(0)
+    net = common.UNet(in_ch=1, res=32, **dict(common.NET_CONFIGS["smoke"], dropout=0.1))   # dropout as the paper net's
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("random-teacher") / "teacher.pt"
+    common.save_checkpoint(path, "teacher", net_config=net.config, ema=net.state_dict(), dataset="fashion")
+    return path
+
+
+class MainSpy:
+    """Runs a script's main with common.train_loop and fid.report replaced, to inspect what main builds (not a re-run
+    of the same code): each loop is recorded (its arguments and the train/eval mode of its nets and of the student),
+    then 'trains' by adding a different random perturbation to every net it was given (so an online network and its
+    EMA differ afterwards); each report records its arguments, the sampler, and the modes of every net seen so far.
+    probe(record), if set, is called inside each loop (a stage's loss may bind the stage's variables late)."""
+
+    def __init__(self, monkeypatch):
+        import common
+        import fid
+        self.loops, self.reports, self._nets, self.probe = [], [], [], None
+        monkeypatch.setattr(common, "train_loop", self._loop)
+        monkeypatch.setattr(fid, "report", self._report)
+
+    def _loop(self, pg, loss, budget, opt, nets, path, kind, settings, gen, **kw):
+        student = kw.get("student")
+        self.loops.append(dict(loss=loss, budget=budget, opt=opt, nets=nets, path=path, kind=kind, settings=settings,
+                               gen=gen, training={k: m.training for k, m in nets.items()},
+                               states={k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in nets.items()},
+                               student_training=getattr(student, "training", None), **kw))
+        self._nets += list(nets.values())
+        if self.probe:                               # a test's look at this loop while it runs (its loss binds late)
+            self.probe(self.loops[-1])
+        g = torch.Generator().manual_seed(len(self.loops))
+        with torch.no_grad():
+            for module in nets.values():
+                for p in module.parameters():
+                    p.add_(0.01 * torch.randn(p.shape, generator=g).to(p.device))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()                                 # the checkpoint's place (a caller may remove it), empty
+        steps = -(-budget["total"] // (1 if budget["unit"] == "updates" else budget["batch"]))
+        return dict(step=steps, done=budget["total"], images=steps * budget["batch"], seconds=1.0, loss_start=1.0,
+                    loss_avg=0.5, curve=[[budget["batch"], 1.0, 0.5, 0.5]], acc={}, finished=True)
+
+    def _report(self, args, pg, out, teacher, teacher_path, sample_fn, info, shape, student=None, curves=None):
+        self.reports.append(dict(args=args, out=out, teacher=teacher, sample_fn=sample_fn, info=info, shape=shape,
+                                 training={id(m): m.training for m in self._nets}, student=student, curves=curves))
+        return dict(info, fid=None, fid_n=0, teacher_rms=0.0, images_seen=info.get("images_seen"))

@@ -1,14 +1,16 @@
 """Tests of cd.py: the consistency function's boundary condition, the Heun teacher step, the
 stop-gradient target, the EMA updates, multistep re-noising, and the command line."""
+import hashlib
 import json
 import math
+import sys
 
 import pytest
 import torch
 
 import cd
 import common
-from conftest import check_run_pictures, gaussian_denoiser, run_script
+from conftest import MainSpy, check_run_pictures, gaussian_denoiser, run_script
 
 torch.set_num_threads(2)
 EPS, SD = cd.SIGMA_MIN, common.SIGMA_DATA
@@ -166,7 +168,7 @@ def test_lognormal_n_follows_icts_distribution():
     sigmas = common.karras_sigmas(18)
     gen = torch.Generator().manual_seed(0)
     n = cd.draw_n(18, sigmas, 200_000, gen, "lognormal")
-    assert n.min() >= 0 and n.max() <= 16
+    assert torch.equal(n.unique(), torch.arange(17))                                  # every interval 0..N-2, no other
     freq = torch.bincount(n, minlength=17).double() / len(n)
     # p(n) = P(ln sigma in [ln t2, ln t]) for ln sigma ~ N(-1.1, 2.0^2), renormalised to the grid's range.
     normal = torch.distributions.Normal(-1.1, 2.0)
@@ -297,6 +299,22 @@ def test_sampler_starts_at_sigma_max_and_clips_before_renoising():
     assert x0.abs().max() > 1
     noise = math.sqrt(0.5**2 - EPS**2) * z
     assert torch.allclose(seen[False], x0 + noise) and torch.allclose(seen[True], x0.clamp(-1, 1) + noise)
+    cd.sample_cd(wide, x_T, [0.5], lambda x: z, callback=lambda i, x_hat: seen.__setitem__("default", x_hat))
+    assert torch.equal(seen["default"], seen[False])                   # Alg. 1's way unless asked (SFERD-CD's sampler)
+    taus = [1.09, 0.3]
+    assert torch.equal(cd.make_sampler(f, taus)(eps), cd.make_sampler(f, taus, False)(eps))
+    assert not torch.equal(cd.make_sampler(f, taus)(eps), cd.make_sampler(f, taus, True)(eps))
+
+
+def test_renoising_noise_is_keyed_by_each_samples_starting_noise():
+    """renoise_source: sample k's re-noising generator is seeded EVAL_SEED*1_000_003 + its key, the first 6 bytes of
+    the SHA-1 of its starting noise (big-endian): the evaluation noise every published number was measured with."""
+    eps = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    draws = cd.renoise_source(eps).randn(3)
+    for k in range(2):
+        key = int.from_bytes(hashlib.sha1(eps[k].numpy().tobytes()).digest()[:6], "big")
+        g = torch.Generator().manual_seed(common.EVAL_SEED * 1_000_003 + key)
+        assert torch.equal(draws[k], torch.randn(3, generator=g))
 
 
 def test_samples_do_not_depend_on_batching():
@@ -314,10 +332,20 @@ def test_samples_do_not_depend_on_batching():
 # --- Command line ----------------------------------------------------------------------------
 
 def test_nfe_validation():
-    assert cd.sampling_taus(1) == [] and cd.sampling_taus(2) == [0.5853]          # the authors' CIFAR-10 2 steps
+    grid = [(80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(18)]   # EDM Eq. 5, by hand
+    assert cd.sampling_taus(1) == [] and cd.sampling_taus(2) == pytest.approx([grid[11]], rel=1e-15, abs=0)  # 0.585348
+    assert cd.sampling_taus(4) == pytest.approx([grid[9], grid[11], grid[13]], rel=1e-15, abs=0)  # indexed, not rounded
+    assert cd.sampling_taus(3) == pytest.approx([grid[9], grid[12]], rel=1e-15, abs=0)
+    with pytest.raises(common.UserError, match="pass --taus with 4 decreasing values"):       # --nfe 5: 4 sigmas
+        cd.sampling_taus(5)
+    with pytest.raises(common.UserError, match="--nfe 3 needs 2 re-noising sigmas, --taus gave 1"):
+        cd.sampling_taus(3, [1.0])
     assert len(cd.sampling_taus(3)) == 2 and len(cd.sampling_taus(4)) == 3
     assert cd.sampling_taus(3, [2.0, 0.1]) == [2.0, 0.1]
-    for nfe, taus in ((0, None), (5, None), (3, [1.0]), (3, [0.1, 2.0]), (2, [80.0]), (2, [0.001])):
+    with pytest.raises(common.UserError, match="at least one network call"):
+        cd.sampling_taus(0)
+    for nfe, taus in ((0, None), (5, None), (3, [1.0]), (2, [1.0, 0.5]), (3, [0.1, 2.0]), (3, [1.0, 1.0]), (2, [80.0]),
+                      (2, [100.0]), (2, [0.002]), (2, [0.001])):
         with pytest.raises(common.UserError):
             cd.sampling_taus(nfe, taus)
 
@@ -405,3 +433,83 @@ def test_torchrun_two_processes(fashion_dir, smoke_teacher, work):
     m = json.loads((out / "nfe4" / "metrics.json").read_text())
     assert m["nfe"] == 4 and m["mu"] == 0.5 and m["images_seen"] == 8 * cd.PRESETS["smoke"]["batch"]
     assert "target" in common.load_checkpoint(out / "student.pt", "cd-student")      # theta- kept when mu > 0
+
+
+# --- Flips, the paper preset's values, and what main builds -----------------------------------
+
+def test_xflip_draws_the_flips_first_and_is_on_by_default():
+    """--xflip (on: the authors' CIFAR-10 random_flip): cd_loss flips x0 with pd.random_xflip's draws first, then
+    draws n and z; the loss is that of the flipped batch, and differs from the unflipped one."""
+    f = cd.ConsistencyFunction(random_net(3))
+    D = common.Denoiser(random_net(4)).requires_grad_(False)
+    sigmas = common.karras_sigmas(18).float()
+    x0 = torch.rand(6, 1, 32, 32) * 2 - 1
+    x0[:, :, :, :16] = -1                                              # left half dark: a flip changes the image
+    g = gen(5)
+    flip = torch.rand(6, generator=g) < 0.5                            # pd.random_xflip's draw, written out
+    flipped = torch.where(flip.reshape(-1, 1, 1, 1), x0.flip(-1), x0)
+    n, z = cd.draw_n(18, sigmas, 6, g, "uniform"), torch.randn(x0.shape, generator=g)
+    assert 0 < flip.sum() < 6
+    x_t, t, _, target = cd.cd_pair(f, D, flipped, n, z, sigmas)
+    ref = cd.distance(f(x_t, t), target, "l2").mean()
+    loss = cd.cd_loss(f, D, x0, gen(5), f_target=f, sigmas=sigmas, metric="l2", xflip=True)
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    assert not torch.allclose(loss, cd.cd_loss(f, D, x0, gen(5), f_target=f, sigmas=sigmas, metric="l2"), rtol=1e-3)
+    assert all(cd.parse_args(["--preset", p]).xflip for p in ("smoke", "lab", "paper"))
+    assert not cd.parse_args(["--no-xflip"]).xflip
+
+
+# (flag or preset key, value, the number the header and PRESETS cite)
+PAPER = [("batch", 512, "consistency_models_cifar10 configs/cifar10_ve_cd.py training.batch_size"),
+         ("lr", 4e-4, "cifar10_ve_cd.py optim.lr (RAdam)"),
+         ("iterations", 800_000, "the paper's CIFAR-10 CD: 800k iterations"),
+         ("N", 18, "cifar10_ve_cd.py model.num_scales"),
+         ("mu", 0.0, "the authors' CIFAR-10 CD: mu = 0 (stopgrad)"),
+         ("ema_rate", 0.9999, "cifar10_ve_cd.py model.ema_rate"),
+         ("weighting", "uniform", "Eq. 7: lambda(t_n) = 1"),
+         ("n_dist", "uniform", "Alg. 2 line 3: n ~ U[[1, N-1]]"),
+         ("metric", "pseudo-huber", "deviation: LPIPS needs VGG weights (header)"),
+         ("xflip", True, "default_cifar10_configs.py data.random_flip"),
+         ("clip", True, "the authors' samplers clamp before re-noising (header)")]
+
+
+@pytest.mark.parametrize("key,value,source", PAPER)
+def test_paper_preset_values(key, value, source):
+    assert getattr(cd.parse_args(["--preset", "paper"]), key) == value, source
+
+
+def test_main_builds_radam_the_karras_grid_and_samples_from_the_ema(fashion_dir, random_teacher, tmp_path, monkeypatch):
+    """What cd.main hands the loop and the report (MainSpy): RAdam (eta, betas 0.9/0.999, eps 1e-8, no weight decay,
+    no clipping or schedule), cd_loss on the 18-point Karras grid with the preset's d, lambda, n and flips, theta- =
+    theta at mu = 0, the sampling EMA at ema_rate; the student trains in train mode; the report samples the EMA in
+    eval mode with the exact grid taus and the clamp, not the online network."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cd, "onestep_rms", lambda *a: {})
+    spy = MainSpy(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["cd.py", "--preset", "smoke", "--nfe", "2", "--data-dir", str(fashion_dir),
+                                      "--teacher", str(random_teacher), "--out", str(tmp_path / "run")])
+    cd.main()
+    (loop,), (rep,) = spy.loops, spy.reports
+    opt, f = loop["opt"], loop["student"]
+    assert type(opt) is torch.optim.RAdam and len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (4e-4, (0.9, 0.999), 1e-8, 0)
+    assert [id(p) for p in group["params"]] == [id(p) for p in f.parameters()]
+    assert loop["budget"] == dict(total=8, unit="updates", batch=8, lr=4e-4, ckpt_every=4)
+    assert isinstance(f, cd.ConsistencyFunction) and loop["student_training"] and loop["training"]["net"]
+    assert set(loop["nets"]) == {"net", "ema"} and loop["nets"]["net"] is f.net
+    ((ema, model, beta),) = loop["emas"]
+    assert model is f and ema.net is loop["nets"]["ema"] and beta == 0.5
+    kw = loop["loss"].keywords
+    grid = torch.tensor([(80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(18)],
+                        dtype=torch.float64)
+    assert torch.allclose(kw["sigmas"].double(), grid, rtol=1e-6)
+    assert (kw["f_target"], kw["metric"], kw["weighting"], kw["n_dist"], kw["xflip"]) == (f, "pseudo-huber", "uniform",
+                                                                                          "uniform", True)
+    assert loop["settings"]["xflip"] is True and loop["teacher"].source == str(random_teacher)
+    assert rep["info"]["taus"] == pytest.approx([grid[11].item()], rel=1e-15) and rep["info"]["xflip"] is True
+    assert rep["training"][id(ema.net)] is False
+    eps = common.PerSampleNoise(3, range(2)).randn(1, 32, 32)
+    sample = lambda g: cd.sample_cd(g, 80 * eps, [grid[11].item()], cd.renoise_source(eps).randn_like, clip=True)
+    assert torch.equal(rep["sample_fn"](eps), sample(ema))
+    assert not torch.allclose(rep["sample_fn"](eps), sample(f), atol=1e-4)            # not the online network

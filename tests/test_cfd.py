@@ -10,12 +10,13 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import cfd
 import common
 import fid
 import pd
-from conftest import check_run_pictures, gaussian_denoiser, run_script
+from conftest import MainSpy, check_run_pictures, gaussian_denoiser, run_script
 
 torch.set_num_threads(2)
 MU, VAR = 0.3, 0.2 ** 2
@@ -261,7 +262,8 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
     rows = check_run_pictures(a / "nfe2", ["pd 8 -> 4 steps", "cfd 4 -> 2 steps"])
     assert rows[0][2:] == ["loss", "cfd", "entropy", "diversity"]           # RCFD's parts, blank on PD's rows
     assert m["images_seen"] == 2 * 3 * 8                         # PD 8->4 and RCFD 4->2, 3 updates of 8
-    assert 0 <= m["classifier_test_acc"] <= 1
+    cls_ck = common.load_checkpoint(tmp_path / "runs" / "fashion" / "classifier-smoke" / "classifier.pt", "cfd-classifier")
+    assert m["classifier_test_acc"] == cls_ck["test_acc"]                # the saved classifier's (cfd.accuracy: its test)
     b = json.loads((a / "pd-baseline" / "nfe2" / "metrics.json").read_text())       # the baseline run's own record
     assert m["pd_baseline"]["teacher_rms"] == b["teacher_rms"] and b["variant"] == "pd-baseline"
     assert m["pd_baseline"]["images_seen"] == b["images_seen"] == m["images_seen"]
@@ -352,3 +354,115 @@ def test_torchrun_two_processes(fashion_dir, smoke_teacher, tmp_path):
     m = json.loads((tmp_path / "ddp" / "nfe2" / "metrics.json").read_text())
     assert m["method"] == "cfd" and m["images_seen"] == 2 * 3 * 8
     assert r.stdout.strip().splitlines()[-1].startswith("rcfd fashion NFE 2: student")
+
+
+# --- The paper preset, every term of Eq. 7, the schedules, the classifier, and what main builds ---------------
+
+# (key, value, source: zju-SWJ/RCFD config/CIFAR10_RCFD.txt and RCFD.py; the paper's App. C.3-C.4)
+PAPER = [("lr", 5e-5, "CIFAR10_RCFD.txt --lr=5e-5 (Adam)"), ("batch", 128, "--batch_size=128"),
+         ("grad_clip", 1.0, "--grad_clip=1.0"), ("iters", 10_000, "--total_steps=10000"),
+         ("start_steps", 1024, "App. C.3: a 1024-step base sampler"), ("cfd_from", 8, "App. C.3: PD down to 8 steps"),
+         ("later_factor", 2.0, "App. C.4: 20000 for 4 to 1-step"), ("later_steps", 2, "read as the 4->2, 2->1 stages"),
+         ("xflip", True, "RCFD.py: RandomHorizontalFlip"), ("variant", "rcfd", "Eq. 7"),
+         ("cls_width", 64, "App. C.4: ResNet-18"), ("cls_blocks", (2, 2, 2, 2), "ResNet-18")]
+
+
+@pytest.mark.parametrize("key,value,source", PAPER)
+def test_paper_preset_values(key, value, source):
+    assert getattr(cfd.parse_args(["--preset", "paper"]), key) == value, source
+
+
+def test_stage_hyperparameters_are_app_c4s_and_every_term_moves_the_gradient():
+    """(tau, beta, gamma) of App. C.4 (ResNet-18): 0.95/0.003/0.75 at 4 and 2 steps, 0.85/0.003/0.5 at 1; by default
+    beta > 0 and 0 < gamma < 1, so the feature KL, the entropy and the diversity each change the student's gradient."""
+    args = cfd.parse_args([])
+    assert [cfd.stage_hparams(args, N) for N in (4, 2, 1)] == [(0.95, 0.003, 0.75), (0.95, 0.003, 0.75), (0.85, 0.003, 0.5)]
+    torch.manual_seed(0)
+    teacher = common.Denoiser(common.build_net(dict(in_ch=1, res=32, **common.NET_CONFIGS["smoke"]))).eval()
+    teacher.requires_grad_(False)
+    student = pd.make_student(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    cls = cfd.ResNet(1, 10, 4, (1, 1)).eval().requires_grad_(False)
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+
+    loss, parts = cfd.rcfd_loss(student, teacher, x, torch.Generator().manual_seed(3), 4, cls, 0.95, 0.003, 0.75)
+    grad = lambda v: torch.cat([g.flatten() for g in torch.autograd.grad(v, list(student.parameters()), retain_graph=True)])
+    terms = [grad(parts["cfd"]), 0.003 * 0.75 * grad(parts["entropy"]), 0.003 * 0.25 * grad(parts["diversity"])]
+    full = grad(loss)
+    assert torch.allclose(full, sum(terms), rtol=1e-3, atol=1e-5 * full.abs().max().item())
+    for k, term in enumerate(terms):                   # each term, with its Eq. 7 weight, is a visible part of it
+        assert term.abs().max() > 1e-4 * full.abs().max(), k
+
+
+def test_cosine_anneal_and_accuracy_values():
+    """App. C.4's cosine lr (RCFD.py's CosineAnnealingLR over the stage) and the classifier's test accuracy."""
+    assert [cfd.cosine_anneal(2.0, d, 8) for d in (0, 2, 4, 8)] == pytest.approx([2.0, 1 + 2 ** -0.5, 1.0, 0.0])
+    values = torch.tensor([0, 200, 0, 200, 0, 0, 200, 200], dtype=torch.uint8)
+    images, labels = values.reshape(8, 1, 1, 1).expand(8, 1, 4, 4).contiguous(), torch.tensor([0, 1, 0, 1, 0, 1, 1, 1])
+    guess = lambda x: (None, torch.stack([torch.zeros(len(x)), x.flatten(1)[:, 0]], 1))   # class 1 where x > 0
+    assert cfd.accuracy(guess, images, labels, "cpu", batch=3) == 7 / 8                  # it sees x in [-1, 1]
+
+
+def test_main_builds_the_classifier_the_pd_chain_and_the_cfd_stages(fashion_dir, random_teacher, tmp_path, monkeypatch):
+    """What cfd.main hands its loops and the report (MainSpy): the classifier trains alone (Adam at cls_lr, cosine lr)
+    on the images in [-1, 1] with their labels, in train mode, then is frozen in eval mode; the PD chain's stages use
+    pd_loss and the linear anneal; the CFD stages rcfd_loss with their (tau, beta, gamma), the frozen classifier and the
+    flips, the cosine anneal, each student starting from the previous stage's (the first from the --cfd-from-step PD
+    student); the report samples the last student in eval mode with clipped DDIM."""
+    monkeypatch.chdir(tmp_path)
+    spy, real, seen = MainSpy(monkeypatch), cfd.rcfd_loss, []
+
+    def probe(loop):
+        if loop["kind"] == "cfd-student":
+            cfd.rcfd_loss = lambda *a: seen.append(a) or (torch.zeros(()), {})
+            try:
+                loop["loss"](loop["student"], loop["teacher"], torch.rand(2, 1, 32, 32) * 2 - 1, torch.Generator())
+            finally:
+                cfd.rcfd_loss = real
+    spy.probe = probe
+    cfd.main(["--preset", "smoke", "--nfe", "1", "--start-steps", "8", "--cfd-from", "4", "--data-dir", str(fashion_dir),
+              "--teacher", str(random_teacher), "--out", str(tmp_path / "run")])
+    kinds = [loop["kind"] for loop in spy.loops]
+    assert kinds == ["cfd-classifier-training", "pd-student", "cfd-student", "cfd-student"]
+    c = spy.loops[0]
+    cls, cfg = c["student"], cfd.PRESETS["smoke"]
+    assert type(c["opt"]) is torch.optim.Adam and c["opt"].param_groups[0]["lr"] == cfg["cls_lr"] and c["training"]["net"]
+    assert c["budget"]["schedule"] is cfd.cosine_anneal and c["budget"]["total"] == cfg["cls_images"] // cfg["cls_batch"]
+    images, labels = common.load_dataset("fashion", fashion_dir)
+    idx = torch.tensor([0, 5, 9])
+    assert torch.allclose(c["loss"](cls, None, idx, None), F.cross_entropy(cls((images[idx].float() - 127.5) / 127.5)[1],
+                                                                          labels[idx]))
+    pd_loop, stages = spy.loops[1], spy.loops[2:]
+    assert pd_loop["budget"]["schedule"] is pd.linear_anneal and pd_loop["path"].name == "student-4steps.pt"
+    previous = pd_loop["student"]
+    for loop, N, (tau, beta, gamma) in zip(stages, (2, 1), ((0.95, 0.003, 0.75), (0.85, 0.003, 0.5))):
+        b = loop["budget"]
+        assert b["schedule"] is cfd.cosine_anneal and (b["lr"], b["clip"], b["total"]) == (1e-4, 1.0, 3)   # later_factor 1
+        assert type(loop["opt"]) is torch.optim.Adam and loop["student_training"]
+        assert loop["teacher"] is previous and not previous.training
+        assert all(torch.equal(v, previous.net.state_dict()[k]) for k, v in loop["states"]["net"].items())
+        args_seen = seen.pop(0)
+        assert args_seen[4] == N and args_seen[6:] == (tau, beta, gamma, True)
+        loaded = args_seen[5]
+        assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+        assert (loop["settings"]["tau"], loop["settings"]["beta"], loop["settings"]["gamma"]) == (tau, beta, gamma)
+        previous = loop["student"]
+    (rep,) = spy.reports
+    eps = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert rep["training"][id(previous.net)] is False
+    assert torch.equal(rep["sample_fn"](eps), pd.sample_ddim(previous, eps, 1))
+
+
+def test_cfd_stages_and_their_refusals():
+    """PD down to --cfd-from (a power of two, at most --start-steps; equal: no PD stage), then CFD down to --nfe (a
+    power of two below --cfd-from); each refusal names its own flag."""
+    lab = lambda *a: cfd.parse_args(["--preset", "lab", *a])
+    assert cfd.cfd_stages(lab("--nfe", "4")) == ([16, 8], [4])
+    assert cfd.cfd_stages(lab("--nfe", "2", "--cfd-from", "32")) == ([], [16, 8, 4, 2])
+    for argv, message in ((["--cfd-from", "64"], "--cfd-from 64"), (["--cfd-from", "12"], "--cfd-from 12"),
+                          (["--nfe", "8"], "--nfe 8: CFD halves"), (["--nfe", "16"], "--nfe 16: CFD halves"),
+                          (["--nfe", "3"], "--nfe 3: CFD halves")):
+        with pytest.raises(common.UserError, match=message):
+            cfd.cfd_stages(lab(*argv))

@@ -15,7 +15,7 @@ from PIL import Image
 
 import common
 import fid
-from conftest import gaussian_denoiser, make_fashion, run_script
+from conftest import MainSpy, gaussian_denoiser, make_fashion, run_script
 
 torch.set_num_threads(2)
 
@@ -47,6 +47,19 @@ def test_vp_sigma_round_trips():
     sigma = torch.logspace(-3, 2, 20, dtype=torch.float64)
     alpha, s = common.vp_from_sigma(sigma)
     assert torch.allclose(alpha**2 + s**2, torch.ones_like(sigma))
+    # The values themselves (a round trip s/alpha = sigma holds for any alpha): alpha = 1/sqrt(1 + sigma^2).
+    a, b = common.vp_from_sigma(torch.tensor([0.0, 1.0, 80.0], dtype=torch.float64))
+    assert a.tolist() == pytest.approx([1.0, 0.5**0.5, 6401**-0.5], rel=1e-14)
+    assert b.tolist() == pytest.approx([0.0, 0.5**0.5, 80 * 6401**-0.5], rel=1e-14)
+    assert common.vp_from_sigma(2.0)[0].dtype == torch.float64                  # a number: float64
+    # The cosine schedule at t = 1/2 is logsnr 0 (alpha = s); its ends are logsnr_max and logsnr_min.
+    assert common.cosine_logsnr(torch.tensor([0.0, 1.0]), -6.0, 4.0).tolist() == pytest.approx([4, -6], abs=1e-6)
+    alpha_t, s_t = common.cosine_alpha_sigma(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), -6.0, 6.0)
+    assert (alpha_t**2).tolist() == pytest.approx([1 / (1 + math.exp(-6)), 0.5, 1 / (1 + math.exp(6))], rel=1e-12)
+    assert (s_t**2).tolist() == pytest.approx([1 / (1 + math.exp(6)), 0.5, 1 / (1 + math.exp(-6))], rel=1e-12)
+    # The DDPM table by hand: alpha_bar_t = prod (1 - beta_s), betas linear from beta_1 to beta_T; sigma = sqrt((1 - abar)/abar).
+    assert common.ddpm_alpha_bar(3, 0.1, 0.3).tolist() == pytest.approx([1, 0.9, 0.9 * 0.8, 0.9 * 0.8 * 0.7], rel=1e-12)
+    assert common.sigma_from_alpha_bar(torch.tensor([0.5, 0.2])).tolist() == pytest.approx([1, 2])
     assert torch.allclose(common.sigma_from_vp(alpha, s), sigma)
     t = torch.linspace(0.01, 0.99, 30, dtype=torch.float64)
     alpha_t, s_t = common.cosine_alpha_sigma(t)
@@ -157,12 +170,14 @@ def test_dpm3m_converges_at_about_third_order_at_practical_step_counts():
     assert 2.8 < observed < 4.5
 
 
-def dpmpp_local_error(order, h):
-    """One dpmpp_step from the exact solution with exact history, steps of h in lambda."""
+def dpmpp_local_error(order, h, r0=0.6, r1=1.7):
+    """One dpmpp_step of h in lambda = -ln sigma from the exact solution with exact history, whose past steps are
+    r0*h and r1*h (not h: uniform steps would hide the r0, r1 weights)."""
     x0 = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    sig = [math.exp(h * k) for k in (2, 1, 0, -1)]               # sigma_-2, sigma_-1, sigma_0, sigma_1
+    lam = [-(r0 + r1) * h, -r0 * h, 0.0, h]                      # lambda_-2, lambda_-1, lambda_0, lambda_1
+    sig = [math.exp(-v) for v in lam]                            # sigma_-2, sigma_-1, sigma_0, sigma_1
     xs = [exact_ode(x0, 1.0, s) for s in sig]
-    history = [(gaussian_D(xs[1], sig[1]), h), (gaussian_D(xs[0], sig[0]), h)]
+    history = [(gaussian_D(xs[1], sig[1]), r0 * h), (gaussian_D(xs[0], sig[0]), r1 * h)]
     out = common.dpmpp_step(xs[2], sig[2], sig[3], gaussian_D(xs[2], sig[2]), history, order)
     return (out - xs[3]).abs().max().item()
 
@@ -179,12 +194,28 @@ def test_dpmpp_local_error_orders(order, local_order):
         assert dpmpp_local_error(3, 0.05) < 0.5 * dpmpp_local_error(2, 0.05)     # still better than 2M
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "dpm2m", "dpm3m", "ddpm"])
+@pytest.mark.parametrize("name", ["euler", "heun", "dpm2m", "dpm3m"])
 def test_samplers_exact_for_a_point_mass(name):
-    """With data = one point, D(x, sigma) = MU for every x: each sampler lands on MU exactly."""
-    x = torch.randn(16, dtype=torch.float64) * 80
-    out = common.SAMPLERS[name](lambda x, s: torch.full_like(x, MU), x, common.append_zero(common.karras_sigmas(7)))
-    assert torch.allclose(out, torch.full_like(out, MU), atol=1e-12)
+    """With data = one point, D(x, sigma) = MU for every x and the ODE's solution is x(sigma) = MU + (sigma/80)(x - MU):
+    each deterministic sampler follows it exactly at every step of a grid that stays above 0 (on a grid ending at 0
+    the last step would return D = MU whatever came before)."""
+    x, grid, seen = torch.randn(16, dtype=torch.float64) * 80, common.karras_sigmas(7), []
+    common.SAMPLERS[name](lambda x, s: torch.full_like(x, MU), x, grid, lambda i, x_i: seen.append(x_i))
+    for x_i, sigma in zip(seen, grid[1:].tolist()):
+        assert torch.allclose(x_i, MU + sigma / 80 * (x - MU), rtol=1e-12, atol=1e-12)
+
+
+def test_ddpm_keeps_the_marginal_of_a_point_mass():
+    """Ancestral DDPM with D = MU: x - MU stays N(0, sigma_i^2) at every sigma_i (sigma_down^2 + sigma_up^2 =
+    sigma_next^2), and the last step to 0 lands on MU."""
+    g = torch.Generator().manual_seed(0)
+    x, grid, seen = torch.randn(200_000, dtype=torch.float64, generator=g) * 80, common.karras_sigmas(5), []
+    noise = lambda x: torch.randn(x.shape, dtype=x.dtype, generator=g)
+    out = common.sample_ddpm(lambda x, s: torch.full_like(x, MU), x, common.append_zero(grid), lambda i, x_i: seen.append(x_i),
+                             noise=noise)
+    for x_i, sigma in zip(seen, grid[1:].tolist()):
+        assert (x_i - MU).std().item() == pytest.approx(sigma, rel=0.01) and abs((x_i - MU).mean().item()) < 0.01 * sigma
+    assert torch.equal(out, torch.full_like(out, MU))
 
 
 def test_samplers_approach_the_exact_ode_solution():
@@ -206,6 +237,24 @@ def test_dpmpp_order2_step_matches_formula():
     phi1 = math.expm1(-h)
     expect = (1.0 / 3.0) * x1 - phi1 * D0 - 0.5 * phi1 * (D0 - Dm1) / (h_prev / h)
     assert torch.allclose(seen[1], expect)
+
+
+def test_dpmpp_order3_step_matches_the_reference_form():
+    """A third-order step on steps of unequal length, in k-diffusion's form (sample_dpmpp_3m_sde at eta = 0):
+    x = e^-h x + (1 - e^-h) D0 + phi2 d1 - phi3 d2, r0 = h_-1/h, r1 = h_-2/h."""
+    D = Counter(gaussian_D)
+    x = torch.randn(4, dtype=torch.float64)
+    sig, seen = [20.0, 5.0, 2.0, 0.4, 0.3], []
+    common.sample_dpmpp(D, x, sig, order=3, lower_order_final=False, callback=lambda i, xi: seen.append(xi))
+    D_2, D_1, D0 = gaussian_D(x, 20.0), gaussian_D(seen[0], 5.0), gaussian_D(seen[1], 2.0)
+    h, h_1, h_2 = math.log(2.0 / 0.4), math.log(5.0 / 2.0), math.log(20.0 / 5.0)
+    r0, r1 = h_1 / h, h_2 / h
+    d1_0, d1_1 = (D0 - D_1) / r0, (D_1 - D_2) / r1
+    d1, d2 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1), (d1_0 - d1_1) / (r0 + r1)
+    phi2 = math.expm1(-h) / h + 1
+    phi3 = phi2 / h - 0.5
+    expect = math.exp(-h) * seen[1] + (1 - math.exp(-h)) * D0 + phi2 * d1 - phi3 * d2
+    assert torch.allclose(seen[2], expect, rtol=1e-12) and not torch.allclose(seen[2], expect - phi2 * d1, rtol=1e-6)
 
 
 def test_ddpm_step_is_the_ddpm_posterior():
@@ -394,6 +443,77 @@ def test_save_grid(tmp_path):
 
 
 # --- The shared teacher ----------------------------------------------------------------------
+
+def test_edm_loss_is_eq2_with_table1s_noise_distribution_and_weight():
+    """EDM Eq. 2 with Table 1's training choices ("Ours"), computed here in numpy float64: ln sigma ~ N(P_mean, P_std^2)
+    with P_mean = -1.2, P_std = 1.2; n ~ N(0, sigma^2 I); lambda(sigma) = (sigma^2 + sigma_data^2)/(sigma*sigma_data)^2
+    with sigma_data = 0.5; the loss is the mean of lambda*|D(y + n, sigma) - y|^2. Draws: B normals, then the noise."""
+    seen = []
+
+    def D(x, sigma):                                   # any denoiser; records what it is called with
+        seen.append((x.double().numpy(), sigma.double().flatten().numpy()))
+        return 0.7 * torch.tanh(x) + 0.1 * torch.log(sigma)
+
+    y = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    loss = common.edm_loss(D, y, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    r, noise = torch.randn(6, generator=g).double().numpy(), torch.randn(y.shape, generator=g).double().numpy()
+    sigma = np.exp(-1.2 + 1.2 * r)                                             # Table 1: P_mean, P_std
+    lam = (sigma**2 + 0.5**2) / (sigma * 0.5) ** 2                              # Table 1: lambda(sigma), sigma_data
+    y64 = y.double().numpy()
+    x = y64 + sigma[:, None, None, None] * noise
+    D_x = 0.7 * np.tanh(x) + 0.1 * np.log(sigma)[:, None, None, None]
+    ref = (lam[:, None, None, None] * (D_x - y64) ** 2).mean()
+    assert np.allclose(seen[0][0], x, rtol=1e-5, atol=1e-5) and np.allclose(seen[0][1], sigma, rtol=1e-5)
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    assert sigma.min() < 0.3 < 1.0 < sigma.max()                                # the draws span both sides of sigma_data
+    # The noise distribution over many draws: mean and std of ln sigma.
+    big = torch.zeros(20_000, 1, 1, 1)
+    logs = []
+    common.edm_loss(lambda x, s: logs.append(s.log()) or x, big, torch.Generator().manual_seed(2))
+    assert logs[0].mean().item() == pytest.approx(-1.2, abs=0.03) and logs[0].std().item() == pytest.approx(1.2, rel=0.02)
+
+
+# (key, value, EDM's CIFAR-10 recipe as TEACHER_PRESETS cites it: arXiv:2206.00364 Table 7 / App. F.1 and training.py)
+TEACHER_PAPER = [("images", 200_000_000, "200 Mimg"), ("batch", 512, "batch 512"), ("lr", 1e-3, "lr 1e-3"),
+                 ("warmup", 10_000_000, "lr ramp-up 10 Mimg"), ("ema", 500_000, "EMA half-life 0.5 Mimg")]
+
+
+@pytest.mark.parametrize("key,value,source", TEACHER_PAPER)
+def test_teacher_paper_preset_values(key, value, source):
+    assert common.TEACHER_PRESETS["paper"][key] == value, source
+
+
+def test_warmup_lr_and_ema_values():
+    """EDM's lr ramp counted in images after the step, and the EMA decay of a half-life in images."""
+    ramp = common.warmup_lr(100, 10)
+    assert [ramp(1.0, done, 1000) for done in (0, 40, 89, 90, 500)] == pytest.approx([0.1, 0.5, 0.99, 1.0, 1.0])
+    assert common.warmup_lr(0, 10)(2.0, 0, 1000) == 2.0 and common.constant_lr(3.0, 5, 10) == 3.0
+    assert common.ema_beta(32, 64) == pytest.approx(0.5**0.5) and common.ema_beta(10, 10) == pytest.approx(0.5)
+
+
+def test_train_teacher_builds_edms_recipe(fashion_dir, tmp_path, monkeypatch):
+    """What train_teacher hands the loop (MainSpy): Adam (lr, betas 0.9/0.999, eps 1e-8), the preset's U-Net in train
+    mode, the EDM loss, warm-up, clipping, the EMA at the preset's half-life; teacher.pt holds the EMA, not the net."""
+    spy = MainSpy(monkeypatch)
+    monkeypatch.setattr(common, "sample_dpmpp", lambda D, x, sigmas: x.clamp(-1, 1))      # its samples.png: not under test
+    path = common.train_teacher("fashion", "smoke", tmp_path / "t", fashion_dir)
+    (loop,) = spy.loops
+    cfg, opt, D = common.TEACHER_PRESETS["smoke"], loop["opt"], loop["student"]
+    group = opt.param_groups[0]
+    assert type(opt) is torch.optim.Adam and (group["lr"], group["betas"], group["eps"]) == (cfg["lr"], (0.9, 0.999), 1e-8)
+    assert {k: v for k, v in D.net.config.items() if k in common.NET_CONFIGS["smoke"]} == common.NET_CONFIGS["smoke"]
+    assert loop["training"]["net"] and loop["nets"]["net"] is D.net
+    b = loop["budget"]
+    assert (b["total"], b["unit"], b["batch"], b["lr"], b["clip"]) == (cfg["images"], "images", cfg["batch"], cfg["lr"], 1.0)
+    assert b["schedule"](1.0, 0, 512) == pytest.approx(cfg["batch"] / cfg["warmup"])
+    ((ema, model, beta),) = loop["emas"]
+    assert model is D.net and ema is loop["nets"]["ema"] and beta == pytest.approx(0.5 ** (cfg["batch"] / cfg["ema"]))
+    x = torch.rand(4, 1, 32, 32) * 2 - 1
+    assert loop["loss"](D, None, x, torch.Generator().manual_seed(3)) == common.edm_loss(D, x, torch.Generator().manual_seed(3))
+    saved = common.load_checkpoint(path, "teacher")["ema"]
+    assert all(torch.equal(saved[k], v) for k, v in ema.state_dict().items())
+    assert any(not torch.equal(saved[k], v) for k, v in D.net.state_dict().items())
 
 def test_teacher_resume_continues_exactly(fashion_dir, tmp_path):
     straight = common.train_teacher("fashion", "smoke", tmp_path / "a", fashion_dir, images=128)

@@ -342,3 +342,16 @@ def test_record_calls_and_trajectory_png(tmp_path):
     img = Image.open(path)
     assert img.height == 22 + 32 + 4 * (16 + 4) + 4 and img.width >= 90 + 4 * (16 + 4)   # 4 rows, 3 calls + final
     assert len(D._forward_hooks) == 0                                                    # the hooks are removed
+
+
+def test_rms_distance_is_in_units_of_the_value_range():
+    """teacher_rms: the RMS over pixels of the saved (uint8) images' difference, divided by 127.5, so one quantisation
+    level everywhere is 1/127.5 and the whole [-1, 1] range is 2."""
+    a = torch.zeros(2, 3, 4, 4)                                             # uint8 128
+    one = a + 1 / 127.5                                                     # uint8 129: one level up
+    assert fid.rms_distance(a, one) == pytest.approx(1 / 127.5, rel=1e-6)
+    half = a.clone()
+    half[:, :, :2] += 2 / 127.5                                             # half the pixels two levels up
+    assert fid.rms_distance(a, half) == pytest.approx(2**0.5 / 127.5, rel=1e-6)     # root of the mean square
+    assert fid.rms_distance(-torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2)) == pytest.approx(2.0)
+    assert fid.rms_distance(a, a + 0.2 / 127.5) == 0.0                     # below half a level: the same saved image

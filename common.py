@@ -34,6 +34,7 @@ import argparse
 import collections
 import datetime
 import errno
+import functools
 import gzip
 import hashlib
 import io
@@ -1359,7 +1360,9 @@ def font(size=13):
 
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]     # matplotlib's tab10, by hand
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),     # matplotlib's tab10, by hand,
+           (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148),
+           (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229)]   # then tab20's light halves
 
 
 def nice_ticks(lo, hi, log=False, count=5):
@@ -1717,7 +1720,8 @@ def no_autocast(x):
 
 def full_precision(fn):
     """fn (a frozen teacher's call, e.g. sferd.py's guided teacher) run in fp32 whatever autocast surrounds it:
-    the teacher's roll-out in training and its evaluation share one precision."""
+    the teacher's roll-out in training and its evaluation share one precision. Keeps fn's name (functools.wraps)."""
+    @functools.wraps(fn)
     def call(x, *args, **kwargs):
         with no_autocast(x):
             return fn(x.float(), *args, **kwargs)
@@ -2990,6 +2994,25 @@ def refuse_paper_on_cpu(args, method, cost=None):
 # 10. Command line: python common.py teacher ... | bench ...
 # ----------------------------------------------------------------------------------------------
 
+def prepare(args):
+    """common.py prepare: everything a class's runs share, made once (what each student's run would otherwise make
+    on its own): the shared teacher (trained, or the cached one reused), the reference statistics of FID and KID
+    (runs/<dataset>/fid/) and the teacher's own samples and scores at every solver and NFE 1-5 the methods compare
+    with (its eval/ folder, and the teacher's rows of the results table). Every cache is keyed by content, not by
+    path or machine: a copied runs/<dataset>/ is used as is."""
+    import fid
+    t0, nfes = time.time(), args.nfe
+    args = argparse.Namespace(rows=args.dataset, dataset=args.dataset, data_dir=args.data_dir, preset=args.preset,
+                              fid_samples=args.fid_samples, device=args.device, teacher=None, out=None, batch_size=None,
+                              inception=None)
+    fid.teacher_rows(args, ["euler", "heun", "dpm3m"], nfes)
+    folder = RUNS / dataset_slug(args.dataset)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"prepared {folder} in {(time.time() - t0) / 60:.1f} min: copy it into each student's checkout (the same "
+              f"path, {folder}/ beside the scripts); their {args.preset} runs then train no teacher and compute no "
+              "reference statistics")
+
+
 def main():
     p = Parser(description=first_paragraph(__doc__))
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -3023,10 +3046,21 @@ def main():
     f.add_argument("--channels", default=3, type=int, choices=[1, 3], help="image channels (3: CIFAR-10, default)")
     f.add_argument("--mfu", default=ASSUMED_MFU, type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"),
                    help=f"the assumed model FLOP utilisation of the projection (default {ASSUMED_MFU:g})")
+    r = sub.add_parser("prepare", help="for a class: train (or reuse) the shared teacher, compute the FID reference "
+                       "statistics and the teacher's rows once; then copy runs/<dataset>/ into each student's checkout")
+    r.add_argument("--dataset", default="fashion", type=dataset_name, help="fashion (default) | cifar10 | folder:PATH")
+    r.add_argument("--data-dir", default=None, help="folder holding the dataset files")
+    r.add_argument("--preset", default="lab", choices=list(TEACHER_PRESETS), help="the students' preset (default lab)")
+    r.add_argument("--fid-samples", default=None, type=fid_count, help="N of the FIDs (default: the preset's)")
+    r.add_argument("--nfe", default=[1, 2, 3, 4, 5], type=positive_int, nargs="+",
+                   help="the NFEs the students will run (default 1 2 3 4 5): the teacher's rows at each")
+    r.add_argument("--device", default=None, type=device_name, help="cpu | cuda | mps (default: the best available)")
     args = p.parse_args()
-    if args.cmd in ("bench", "flops"):
+    if args.cmd in ("bench", "flops", "prepare"):
         import common             # the module the method files import (this file runs as __main__: another copy)
         try:
+            if args.cmd == "prepare":
+                return common.prepare(args)
             return common.bench(args) if args.cmd == "bench" else common.flops_table(args)
         except common.UserError as e:
             raise UserError(str(e)) from None

@@ -4,6 +4,7 @@ fid.py's .npz readers (statistics, EDM's reference file, arr_0 samples), and pyt
 import argparse
 import json
 import math
+import re
 import shutil
 import time
 
@@ -260,3 +261,32 @@ def test_bench_reports_every_method_at_smoke(tmp_path):
     assert "training's code path: fp32, channels_last False, compile False" in head
     assert common.gpu_peak("NVIDIA H100 80GB HBM3") == (989e12, "H100") and common.gpu_peak("NVIDIA A100-SXM4-40GB")[0] == 312e12
     assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["unit"] == "trajectories"
+
+
+# --- A class's shared work, prepared once (issue 33) ------------------------------------------------------------
+
+@pytest.mark.fid
+def test_a_prepared_folder_copied_into_a_fresh_checkout_is_used_as_is(fashion_dir, tmp_path):
+    """python common.py prepare in the instructor's checkout, runs/ copied into a student's: the student's run trains
+    no teacher, computes no reference statistics and no teacher baseline, and changes no file it was given."""
+    teacher_side, student_side = tmp_path / "instructor", tmp_path / "student"
+    teacher_side.mkdir()
+    student_side.mkdir()
+    r = run_script("common.py", "prepare", "--preset", "smoke", "--data-dir", fashion_dir, "--fid-samples", 8,
+                   "--nfe", 4, "--device", "cpu", cwd=teacher_side, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "prepared runs/fashion in " in r.stdout and "training it now" in r.stderr     # it trained the teacher
+    given = teacher_side / "runs" / "fashion"
+    assert (given / "teacher-smoke" / "teacher.pt").is_file() and list((given / "fid").glob("ref-train-n*.npz"))
+    shutil.copytree(teacher_side / "runs", student_side / "runs")
+    before = {p: p.stat().st_mtime_ns for p in (student_side / "runs").rglob("*") if p.is_file()}
+    r = run_script("sfd.py", "--preset", "smoke", "--data-dir", fashion_dir, "--fid-samples", 8, "--nfe", 4,
+                   cwd=student_side, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = r.stdout + r.stderr
+    assert "training it now" not in said and "fid: reference stats" not in said and "rebuilding" not in said, said
+    assert not re.search(r"teacher \S+ \d+ NFE:", said), said                        # no teacher baseline sampled
+    assert [p for p, t in before.items() if p.stat().st_mtime_ns != t and p.name != ".lock"] == []
+    made = {p.relative_to(student_side / "runs" / "fashion").parts[0] for p in (student_side / "runs").rglob("*")
+            if p.is_file() and p not in before}
+    assert made == {"sfd-nfe4"}, made                                                  # only the student's run folder

@@ -36,9 +36,9 @@ import functools
 import hashlib
 import math
 
+import common  # first: it sets OpenMP's wait policy, read when torch loads (common.py's top)
 import torch
 
-import common
 import fid
 import pd
 

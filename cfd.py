@@ -36,11 +36,11 @@ import json
 import math
 from pathlib import Path
 
+import common  # first: it sets OpenMP's wait policy, read when torch loads (common.py's top)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
 import fid
 import pd
 

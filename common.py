@@ -52,13 +52,19 @@ import urllib.request
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
+# OpenMP's threads wait for work by spinning: beside one other busy process on a 2-core laptop (a second run, a
+# browser) a training step then ran at about a third of its quiet speed; waiting passively keeps well over half, at
+# about a tenth less when the machine is quiet (README, "Speed on a shared machine"; OMP_WAIT_POLICY=ACTIVE for a
+# quiet one). OpenMP reads this once, when torch loads it: so common is imported before torch everywhere.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 try:
     import fcntl                        # POSIX (Linux, macOS): run folders and downloads are locked; elsewhere not

@@ -44,6 +44,7 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
+import common  # first: it sets OpenMP's wait policy, read when torch loads (common.py's top)
 import numpy as np
 import scipy.linalg
 import torch
@@ -52,7 +53,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import common
 
 REF_N = 5000  # default reference images: ~8 min once on a free 2-core CPU (~10 img/s), then cached
 REF_N_OF = {"cifar10": 0}  # ... except CIFAR-10: all 50,000 training images, as the papers (EDM's fid.py ref) use

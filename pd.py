@@ -30,9 +30,9 @@ Deviations (why):
 import argparse
 import math
 
+import common  # first: it sets OpenMP's wait policy, read when torch loads (common.py's top)
 import torch
 
-import common
 import fid
 
 PRESETS = {

@@ -33,10 +33,10 @@ import argparse
 import math
 from pathlib import Path
 
+import common  # first: it sets OpenMP's wait policy, read when torch loads (common.py's top)
 import torch
 import torch.nn as nn
 
-import common
 import fid
 
 # ----------------------------------------------------------------------------------------------

@@ -38,9 +38,9 @@ import json
 import math
 import time
 
+import common  # first: it sets OpenMP's wait policy, read when torch loads (common.py's top)
 import torch
 
-import common
 import fid
 
 # images: training length; batch: global batch; lr: Adam lr, reached after `warmup` images of linear

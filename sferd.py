@@ -34,12 +34,12 @@ where that code, diffusion/gaussian_diffusion.py distill_losses_enc, differs):
 import copy
 import math
 
+import common  # first: it sets OpenMP's wait policy, read when torch loads (common.py's top)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import cd
-import common
 import fid
 import pd
 

@@ -686,3 +686,25 @@ def test_resume_without_a_checkpoint_says_so_in_the_same_words(module, extra, sm
     lines = [line for line in (out + err).splitlines() if line.startswith("--resume:")]
     assert len(lines) == 1 and lines[0].startswith(f"--resume: no checkpoint at {tmp_path / 'run'}"), out + err
     assert lines[0].endswith(", starting from scratch")
+
+
+def test_every_script_sets_openmps_wait_policy_before_torch_loads():
+    """OpenMP reads OMP_WAIT_POLICY once, when torch loads it: each script imports common (which sets PASSIVE, the
+    throughput a shared 2-core machine keeps) before anything imports torch; a user's own setting is kept."""
+    probe = ("import builtins, os, sys\n"
+             "real, seen = builtins.__import__, []\n"
+             "def spy(name, *a, **k):\n"
+             "    if name.split('.')[0] == 'torch' and 'torch' not in sys.modules:\n"
+             "        seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+             "    return real(name, *a, **k)\n"
+             "builtins.__import__ = spy\n"
+             "import {module}\n"
+             "print(seen[0], os.environ['OMP_WAIT_POLICY'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for module in ("pd", "cd", "cfd", "sferd", "sfddm", "sfd", "fid", "common"):
+        r = subprocess.run([sys.executable, "-c", probe.format(module=module)], cwd=ROOT, env=env, capture_output=True,
+                           text=True)
+        assert r.returncode == 0 and r.stdout.split() == ["PASSIVE", "PASSIVE"], (module, r.stdout, r.stderr[-2000:])
+    r = subprocess.run([sys.executable, "-c", probe.format(module="sfd")], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(env, OMP_WAIT_POLICY="ACTIVE"))
+    assert r.stdout.split() == ["ACTIVE", "ACTIVE"], r.stderr[-2000:]

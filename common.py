@@ -263,8 +263,8 @@ def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of 
                    "folder, or edm | ddpm (the published CIFAR-10 checkpoints, downloaded once); default: the shared "
                    "teacher of the preset, trained on first use (cifar10 with --preset paper: edm)")
     p.add_argument("--seed", default=0, type=int, help="random seed of training (evaluation noise is fixed separately)")
-    p.add_argument("--device", default=None, type=device_name, help="cpu | cuda | cuda:N (default: cuda if available; "
-                   "under torchrun each process takes the GPU of its LOCAL_RANK)")
+    p.add_argument("--device", default=None, type=device_name, help="cpu | cuda | cuda:N | mps (default: cuda, else mps, "
+                   "else cpu; under torchrun each process takes the GPU of its LOCAL_RANK)")
     p.add_argument("--batch-size", default=None, type=positive_int, help="global batch size (default: the preset's)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--compile", action="store_true", help="torch.compile every network (training and evaluation)")
@@ -3028,7 +3028,7 @@ def main():
     t.add_argument("--preset", default="lab", choices=list(TEACHER_PRESETS), help="smoke | lab (CPU, default) | paper (CUDA)")
     t.add_argument("--out", default=None, help="output folder (default runs/<dataset>/teacher-<preset>)")
     t.add_argument("--seed", default=0, type=int, help="random seed")
-    t.add_argument("--device", default=None, type=device_name, help="cpu | cuda (default: cuda if available)")
+    t.add_argument("--device", default=None, type=device_name, help="cpu | cuda | mps (default: cuda, else mps, else cpu)")
     t.add_argument("--batch-size", default=None, type=positive_int, help="global batch size (default: the preset's)")
     t.add_argument("--images", default=None, type=positive_int, help="training length in images (default: the preset's)")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
@@ -3041,7 +3041,7 @@ def main():
     b.add_argument("--steps", default=5, type=positive_int, help="timed steps per method (default 5)")
     b.add_argument("--warmup", default=2, type=checked(int, lambda v: v >= 0, "an integer >= 0"),
                    help="untimed steps first (default 2)")
-    b.add_argument("--device", default=None, type=device_name, help="cpu | cuda (default: cuda if available)")
+    b.add_argument("--device", default=None, type=device_name, help="cpu | cuda | mps (default: cuda, else mps, else cpu)")
     b.add_argument("--channels-last", action="store_true", help="NHWC memory format for the networks (training's flag)")
     b.add_argument("--compile", action="store_true", help="torch.compile every network (training's flag; no FLOP count then)")
     b.add_argument("--out", default=None, help="also write the table to OUT.md and OUT.json")
@@ -3060,7 +3060,7 @@ def main():
     r.add_argument("--fid-samples", default=None, type=fid_count, help="N of the FIDs (default: the preset's)")
     r.add_argument("--nfe", default=[1, 2, 3, 4, 5], type=positive_int, nargs="+",
                    help="the NFEs the students will run (default 1 2 3 4 5): the teacher's rows at each")
-    r.add_argument("--device", default=None, type=device_name, help="cpu | cuda | mps (default: the best available)")
+    r.add_argument("--device", default=None, type=device_name, help="cpu | cuda | mps (default: cuda, else mps, else cpu)")
     args = p.parse_args()
     if args.cmd in ("bench", "flops", "prepare"):
         import common             # the module the method files import (this file runs as __main__: another copy)

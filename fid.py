@@ -1048,7 +1048,7 @@ def main():
                    help=f"reference images, a fixed random subset (default {REF_N}, cifar10 all 50,000; 0 = the whole split)")
     p.add_argument("--data-dir", default=None, help="dataset location passed to common.load_dataset")
     p.add_argument("--device", default=None, type=common.device_name,
-                   help="torch device: cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+                   help="torch device: cpu, cuda, cuda:N, mps (default: cuda, else mps, else cpu)")
     p.add_argument("--batch-size", type=common.positive_int, default=None,
                    help=f"images per forward pass (default {BATCH_SIZE}; with --rows: the sampling batch, default 250)")
     p.add_argument("--inception", metavar="PATH", default=None, help="a copy of default_1.pt (checked by sha256, read as "

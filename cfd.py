@@ -6,7 +6,7 @@ Sampling with Classifier-based Feature Distillation", ICME 2023, arXiv:2211.1203
   python cfd.py --dataset cifar10 --preset paper --nfe 1           # CUDA: PD 1024->8, RCFD 8->4->2->1
   torchrun --nproc_per_node=2 cfd.py --preset smoke                # two processes (gloo on CPU)
 
-What is implemented (authors' code: zju-SWJ/RCFD; ../shared/specs/METHODS.md 5; read next to pd.py):
+What is implemented (authors' code: zju-SWJ/RCFD; read next to pd.py):
   - PD stages (pd.pd_loss) down to --cfd-from steps, "without the classifier" (Sec. 4.1), in pd.py's folder
     runs/<dataset>/pd-<preset>/ (its stage files are shared) or, at another budget, pd-<preset>-cfd-budget/ or --pd-dir.
   - Then CFD stages (rcfd_loss): PD's z_t and target image x^T = x~ (pd.teacher_target, Eq. 12) and the student's
@@ -26,7 +26,7 @@ Deviations (why):
   - The PD chain anneals its lr linearly (pd.py's), not cosine (App. C.4); its updates, batch and lr are cfd.py's.
   - At t'' = 0 the target x^T is the teacher's last x_hat (pd.teacher_target, PD's rule); the authors apply the x~ formula
     at their table's index 0 (diffusion.py), one step above 0; on pd.py's schedule (sigma(0) = 4.5e-5) it gives x_hat to 1e-4.
-  - App. C.4's "20000 for 4 to 1-step" is read as the 4->2 and 2->1 stages (METHODS.md reads it as 2->1 only).
+  - App. C.4's "20000 for 4 to 1-step" is read as the 4->2 and 2->1 stages (it can also be read as 2->1 only).
   - Classifier: Adam, cosine lr, no augmentation, on rank 0 only (authors': SGD for 300 epochs, AutoAugment, Cutout);
     lab: a narrow 4-stage ResNet for one epoch. It sees images in [-1, 1], as the diffusion model outputs them.
   - Lab: pd.py's lab budget (32 start steps, not 1024), each CFD stage as long as a pd.py lab stage.

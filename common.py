@@ -18,7 +18,7 @@ Sections, in reading order:
   9. The bench of every method's training step (python common.py bench), its FLOPs (flops), the CPU refusal
 The evaluation every method reports (metrics.json, the teacher's rows, --export) is fid.py's: common <- fid <- methods.
 
-Conventions (../shared/specs/METHODS.md, section 0): images are N x C x H x W in [-1, 1]; every
+Conventions: images are N x C x H x W in [-1, 1]; every
 network is used as a denoiser D(x, sigma) in the variance-exploding view x = x0 + sigma*eps
 (Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models", NeurIPS
 2022, arXiv:2206.00364, "EDM" below). A VP process z_t = alpha_t*x0 + s_t*eps is the same process
@@ -558,7 +558,7 @@ def edm_precond(sigma, sigma_data=SIGMA_DATA):
 class Denoiser(nn.Module):
     """D(x, sigma) = c_skip*x + c_out*F(c_in*x, c_noise)  (EDM Eq. 7), sigma_data from the net's config
     (EDM snapshots store theirs); for DDPM's eps network (section 8b) D(x, sigma) = x - sigma*eps(z, t)
-    with z = x/sqrt(1 + sigma^2) (x = z/alpha, METHODS.md 0) and t(sigma) on its discrete table.
+    with z = x/sqrt(1 + sigma^2) (x = z/alpha: the VP process in EDM's scaling, EDM Sec. 2) and t(sigma) on its discrete table.
     Extra keywords (cond, attn, features) go to the U-Net; with attn/features it returns (D, extras)."""
 
     def __init__(self, net, sigma_data=None):
@@ -606,7 +606,7 @@ def sigma_from_vp(alpha, s):
 
 
 def vp_predict(D, z, alpha, s, cond=None, **extras):
-    """The VP adapter (METHODS.md 0): x0_hat = D(z/alpha, s/alpha), eps_hat = (z - alpha*x0_hat)/s,
+    """The VP adapter (x = z/alpha, sigma = s/alpha: EDM Sec. 2 and Eq. 4): x0_hat = D(z/alpha, s/alpha), eps_hat = (z - alpha*x0_hat)/s,
     v_hat = alpha*eps_hat - s*x0_hat. alpha and s: scalars or per-sample tensors.
     Returns (x0_hat, eps_hat, v_hat), plus the extras dict when attn/features are asked for."""
     alpha, s = as_batch(alpha, z), as_batch(s, z)
@@ -691,7 +691,7 @@ def sample_heun(D, x, sigmas, callback=None, euler_last=False):
 
 
 def dpmpp_step(x, t_cur, t_next, D0, history, order):
-    """One DPM-Solver++ multistep update from t_cur to t_next > 0 (METHODS.md 0), given
+    """One DPM-Solver++ multistep update from t_cur to t_next > 0 (Lu et al., arXiv:2211.01095, Alg. 2), given
     D0 = D(x, t_cur) and history = [(D_-1, h_-1), (D_-2, h_-2), ...] (most recent first),
     with h = lambda_next - lambda_cur in lambda = -ln(sigma); order <= 1 + len(history).
     The third-order D2 term uses -phi3 exactly as the reference implementations do (DPM-Solver,

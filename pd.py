@@ -7,7 +7,7 @@ Models", ICLR 2022, arXiv:2202.00512, Algorithm 2): halve a DDIM sampler's steps
   python pd.py --dataset cifar10 --preset paper --start-steps 1024 --nfe 4   # the SFERD/CFD baseline
   torchrun --nproc_per_node=2 pd.py --preset smoke              # two processes (gloo on CPU)
 
-What is implemented (authors' code: google-research diffusion_distillation/; ../shared/specs/METHODS.md 1):
+What is implemented (authors' code: google-research diffusion_distillation/):
   - The cosine VP schedule in continuous t in [0, 1]: z_t = alpha_t*x + sigma_t*eps, lambda_t = -2 ln tan(a t + b);
     every network is called through common.vp_predict: x_hat(z_t) = D(z_t/alpha_t, sigma_t/alpha_t).
   - Alg. 2's inner loop (pd_loss): i ~ U{0..N-1}, t = (i+1)/N, two DDIM steps of the 2N-step teacher t -> t - 0.5/N
@@ -21,7 +21,7 @@ What is implemented (authors' code: google-research diffusion_distillation/; ../
     finished one and continues an unfinished one; each NFE is evaluated into nfe<N>/ there.
 
 Deviations (why):
-  - The teacher is fewstep's shared EDM denoiser (METHODS.md 0), not a v-prediction U-Net; the students keep its
+  - The teacher is fewstep's shared EDM denoiser (common.py's Denoiser), not a v-prediction U-Net; the students keep its
     parametrisation (PD needs only x_hat).
   - The schedule ends at lambda = -2 ln 80 (EDM sigma 80 at t = 1, the teacher's sigma_max), not the authors'
     logsnr_min = -20 (sigma 2.2e4, 9 standard deviations outside the shared teacher's training noise; see README).

@@ -7,7 +7,7 @@ Run
   SFD-v / second stage:      python sfd.py --nfe 2,3,4,5        python sfd.py --nfe 1
   Several processes:         torchrun --nproc_per_node=2 sfd.py --preset smoke
 
-What is implemented (../shared/papers/sfd-slides.md, ../shared/specs/METHODS.md 3, zju-pi/diff-sampler sfd-main)
+What is implemented (arXiv:2409.19681; authors' code: zju-pi/diff-sampler sfd-main)
   - SFD, Alg. 2 (sfd_loss): one Euler step per interval of a polynomial (rho 7) grid 80 -> t_min = 0.006, the
     first one the analytical first step (AFS, no network call: NFE = points - 2). The teacher (DPM-Solver++(3M))
     runs without gradients on a grid K = 4 times finer; the student steps from its own detached state, is pulled
@@ -49,7 +49,7 @@ PRESETS = {
     "smoke": dict(batch=4, trajectories=8, trajectories_v=8, trajectories_2=8, lr=1e-4, lr_2=1e-3, ckpt_every=4),
     # A 2-core CPU in minutes: 4x the paper's lr for a run 28x shorter.
     "lab": dict(batch=32, trajectories=7040, trajectories_v=7040, trajectories_2=7040, lr=2e-4, lr_2=5e-4, ckpt_every=1760),
-    # METHODS.md 3: batch 128, Adam 5e-5; 200k trajectories (SFD), 800k (SFD-v), 2M at lr 5e-4 (2nd stage).
+    # sfd-main's launch.sh and train.py: batch 128, Adam 5e-5; 200k trajectories (SFD), 800k (SFD-v), 2M at lr 5e-4 (2nd stage).
     "paper": dict(batch=128, trajectories=200_000, trajectories_v=800_000, trajectories_2=2_000_000, lr=5e-5,
                   lr_2=5e-4, ckpt_every=10_000),
 }
@@ -101,7 +101,7 @@ def parse_nfe(text):
 
 
 # ----------------------------------------------------------------------------------------------
-# Time grids (METHODS.md 3) and SFD's additions to the shared samplers: AFS, the thresholded teacher
+# Time grids (EDM's polynomial grid, arXiv:2206.00364 Eq. 5) and SFD's additions to the shared samplers: AFS, the thresholded teacher
 # ----------------------------------------------------------------------------------------------
 
 def student_grid(nfe, t_min=0.006, afs=True):

@@ -6,7 +6,7 @@ of Denoising Diffusion Models", AAAI 2024, arXiv:2311.03830) on PD or CD: an att
   torchrun --nproc_per_node=2 sferd.py --preset smoke
   python sferd.py --nfe 4 --no-predictor --w 0.5 --blur-sigma 1 --out runs/fashion/sferd-abl     # an ablation
 
-What is implemented (Alg. 1-2, Sec. 4, App. B; authors' partial code: Sainzerjj/SFERD; ../shared/specs/METHODS.md 4):
+What is implemented (Alg. 1-2, Sec. 4, App. B; authors' partial code: Sainzerjj/SFERD):
   - Alg. 1 in alg1_pd / alg1_cd. Lines 8-13, attention guidance (guided): psi = 1[A > k] of the attention A each position
     of a decoder block receives, upsampled (Eq. 10), a Gaussian blur, the guided x0 (Eq. 11), in the EDM view x = z/alpha.
     Lines 15-16: the base's target from it, "t-1" the teacher's step (PD: n DDIM steps per student step, t - 1/(nN); CD:
@@ -19,7 +19,7 @@ What is implemented (Alg. 1-2, Sec. 4, App. B; authors' partial code: Sainzerjj/
 
 Deviations (why; Sainzerjj/SFERD's training code raises TypeError in two places, so fewstep follows the paper and lists
 where that code, diffusion/gaussian_diffusion.py distill_losses_enc, differs):
-  - The shared EDM teacher (METHODS.md 0), not ADM / NCSN++; AdaGN keeps common.UNet's (1+z_s)*GN(h)+z_b, not Eq. 15's.
+  - The shared EDM teacher (common.py), not ADM / NCSN++; AdaGN keeps common.UNet's (1+z_s)*GN(h)+z_b, not Eq. 15's.
   - --g-scale train (default) scales G by s_{t-1}^2/alpha_{t-1}, what line 18 trains; Alg. 2's c_t = s_t (--g-scale paper)
     adds s_t^2/alpha_t*G, ~2e4*G at PD's first step.
   - Eq. 11 guides x0; the authors guide eps (eps_attn + w_g*(eps_hat - eps_attn): SAG's form for w_g = 1 + w) and re-derive

@@ -4,6 +4,7 @@ import importlib
 import io
 import json
 import math
+import pathlib
 import pickle
 import sys
 import tarfile
@@ -91,7 +92,7 @@ def test_karras_grid_endpoints():
     sig = common.karras_sigmas(18, 0.002, 80.0, 7.0)
     assert len(sig) == 18 and sig[0].item() == pytest.approx(80.0) and sig[-1].item() == pytest.approx(0.002)
     assert (sig[1:] < sig[:-1]).all()
-    # CD's two-step sampler uses grid index 11 of 18: sigma = 0.585 (METHODS.md 2).
+    # CD's two-step sampler uses grid index 11 of 18: sigma = 0.585 (cd.py's DEFAULT_TAUS).
     assert sig[11].item() == pytest.approx(0.5848, abs=1e-3)
     # SFD's NFE-2 grid with AFS: 4 points 80, 10.929, 0.670, 0.006.
     assert common.karras_sigmas(4, 0.006, 80.0).tolist() == pytest.approx([80, 10.929, 0.670, 0.006], abs=1e-3)
@@ -185,7 +186,7 @@ def dpmpp_local_error(order, h, r0=0.6, r1=1.7):
 @pytest.mark.parametrize("order,local_order", [(1, 2), (2, 3), (3, 3)])
 def test_dpmpp_local_error_orders(order, local_order):
     """Local error O(h^(p+1)) for orders 1 and 2. The third-order step, with the D2 coefficient
-    -phi3 of METHODS.md (as in the DPM-Solver, k-diffusion and diffusers code), also shows O(h^3):
+    -phi3 (as in the DPM-Solver, k-diffusion and diffusers code), also shows O(h^3):
     a Taylor expansion gives D2 = h^2 D''/2 and an exact weight of -2*phi3, so that term is
     under-weighted by half. fewstep keeps the reference formula so its teacher matches theirs."""
     observed = math.log2(dpmpp_local_error(order, 0.1) / dpmpp_local_error(order, 0.05))
@@ -225,7 +226,7 @@ def test_samplers_approach_the_exact_ode_solution():
 
 
 def test_dpmpp_order2_step_matches_formula():
-    """One second-order step against the formula written out (METHODS.md 0)."""
+    """One second-order step against the formula written out (arXiv:2211.01095, Alg. 2)."""
     D = Counter(gaussian_D)
     x = torch.randn(4, dtype=torch.float64)
     sig = [10.0, 3.0, 1.0]
@@ -621,3 +622,14 @@ def test_plot_lines_draws_every_series_in_its_colour(tmp_path):
     assert not (img == common.PALETTE[2]).all(-1).any()
     with pytest.raises(ValueError):
         common.plot_lines({"a": [(1, float("nan"))]}, tmp_path / "q.png")
+
+
+def test_no_file_cites_what_users_do_not_have():
+    """The repository cites papers (arXiv id, section, equation) and the authors' code (repository, path): never the
+    developers' private reading material, which a reader of the repository does not have."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    files = [p for p in [*root.glob("*.py"), root / "README.md", *root.glob("tests/**/*.py"), *root.glob("tests/**/*.md")]
+             if p.is_file()]
+    private = [w.replace("~", "") for w in ("../~shared", "METHODS~.md", "FID~.md", "STYLE~.md", "/~work/")]   # (~: not here)
+    found = [f"{p.relative_to(root)}: {word}" for p in files for word in private if word in p.read_text()]
+    assert found == [] and len(files) > 20, found

@@ -56,7 +56,7 @@ def test_target_makes_one_student_step_land_on_two_teacher_steps(N):
         a_t, s_t, sig_t = cosine(tk)
         _, _, sig_p = cosine(tk - 0.5 / N)
         a_pp, s_pp, sig_pp = cosine(tk - 1 / N)
-        # The teacher's two DDIM steps are two Euler steps in x = z/alpha, sigma = s/alpha (METHODS.md 0).
+        # The teacher's two DDIM steps are two Euler steps in x = z/alpha, sigma = s/alpha (EDM, arXiv:2206.00364 Sec. 2).
         x_pp = common.sample_euler(D, z_t[k:k + 1] / a_t, [sig_t, sig_p, sig_pp])
         assert torch.allclose(z_pp[k:k + 1], a_pp * x_pp, rtol=1e-5, atol=1e-6)
         # One student DDIM step t -> t'' with x_hat = x~ lands exactly on the teacher's z_t''.

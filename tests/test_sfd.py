@@ -41,7 +41,7 @@ def small_net(seed=0):
 # --- grids and AFS ----------------------------------------------------------------------------
 
 def test_student_grid_matches_paper_example():
-    t = sfd.student_grid(2)                              # METHODS.md 3: NFE 2 -> 80, 10.929, 0.670, 0.006
+    t = sfd.student_grid(2)                              # NFE 2 -> 80, 10.929, 0.670, 0.006
     assert torch.allclose(t, torch.tensor([80.0, 10.929, 0.670, 0.006], dtype=torch.float64), atol=1e-3)
     assert len(sfd.student_grid(4)) == 4 + 2 and len(sfd.student_grid(4, afs=False)) == 4 + 1
 

@@ -194,7 +194,8 @@ def train_classifier(args, pg, path):
 def load_classifier(args, pg, channels):
     """The frozen classifier: --classifier PATH, else the cached one of dataset and preset, trained
     first (by every process). Returns (classifier, path, test accuracy)."""
-    path = Path(args.classifier or common.RUNS / common.dataset_slug(args.dataset) / f"classifier-{args.preset}" / "classifier.pt")
+    default = common.RUNS / common.dataset_slug(args.dataset) / f"classifier-{args.preset}" / "classifier.pt"
+    path = Path(args.classifier or default)
     if not args.classifier and not pg.decide(path.exists):
         train_classifier(args, pg, path)
     ck = common.load_checkpoint(path, "cfd-classifier")
@@ -295,7 +296,8 @@ def pd_metrics(folder, args, teacher_sha256):
 # ----------------------------------------------------------------------------------------------
 
 # The paper preset's cost, which a paper run on a machine without CUDA is refused with at once: FLOPs of
-# one image of an RCFD stage (PD's teacher calls, the student, the classifier), counted on the meta device by `python common.py flops`
+# one image of an RCFD stage (PD's teacher calls, the student, the classifier), counted on the meta device by
+# `python common.py flops`
 # (tests/test_distributed.py counts them again), and the units in the preset's budget (bench_step's total).
 PAPER_COST = dict(unit="images", units=15_360_000, flops_per_unit=2.152e11)
 

@@ -252,8 +252,10 @@ def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of 
     paper_cost: the method's PAPER_COST, what the refusal of a paper run without CUDA estimates from."""
     p = FewstepParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.presets, p.paper_cost = presets, paper_cost
-    p.add_argument("--dataset", default="fashion", type=dataset_name, help="fashion | cifar10 | folder:PATH (default: fashion, offline)")
-    p.add_argument("--data-dir", default=None, help="folder holding the dataset files (CIFAR-10 tarball or batches, Fashion-MNIST .gz)")
+    p.add_argument("--dataset", default="fashion", type=dataset_name,
+                   help="fashion | cifar10 | folder:PATH (default: fashion, offline)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding the dataset files (CIFAR-10 tarball or batches, Fashion-MNIST .gz)")
     p.add_argument("--nfe", default=nfe_default, type=nfe_type, help=f"{nfe_help} (default: {nfe_default})")
     p.add_argument("--preset", default=None, choices=["smoke", "lab", "paper"],
                    help="smoke: seconds, for tests; lab: a 2-core CPU in minutes; paper: the published setup, CUDA "
@@ -272,7 +274,8 @@ def common_parser(description, nfe_default=4, nfe_type=int, nfe_help="number of 
                    "on recent GPUs)")
     p.add_argument("--bf16-eval", action="store_true", help="sample the student under bf16 autocast in evaluation and "
                    "--export (default: off, fp32, until a GPU shows it leaves FID unchanged; the teacher is always fp32)")
-    p.add_argument("--fid-samples", default=None, type=fid_count, help="N, the number of generated images for FID (default: the preset's; 0 skips FID)")
+    p.add_argument("--fid-samples", default=None, type=fid_count,
+                   help="N, the number of generated images for FID (default: the preset's; 0 skips FID)")
     p.add_argument("--export", default=None, type=int, metavar="N",
                    help="write N samples of the fixed evaluation noise for external FID tools (with --resume: from the "
                         "finished run's student, no retraining) into <run folder>/samples-<N>/ or samples-<N>.npz")
@@ -606,8 +609,8 @@ def sigma_from_vp(alpha, s):
 
 
 def vp_predict(D, z, alpha, s, cond=None, **extras):
-    """The VP adapter (x = z/alpha, sigma = s/alpha: EDM Sec. 2 and Eq. 4): x0_hat = D(z/alpha, s/alpha), eps_hat = (z - alpha*x0_hat)/s,
-    v_hat = alpha*eps_hat - s*x0_hat. alpha and s: scalars or per-sample tensors.
+    """The VP adapter (x = z/alpha, sigma = s/alpha: EDM Sec. 2 and Eq. 4): x0_hat = D(z/alpha, s/alpha),
+    eps_hat = (z - alpha*x0_hat)/s, v_hat = alpha*eps_hat - s*x0_hat. alpha and s: scalars or per-sample tensors.
     Returns (x0_hat, eps_hat, v_hat), plus the extras dict when attn/features are asked for."""
     alpha, s = as_batch(alpha, z), as_batch(s, z)
     out = D(z / alpha, s / alpha, cond, **extras)
@@ -1674,7 +1677,8 @@ class GradSync:
         order = [p for p in reversed(list(params)) if p.requires_grad]
         self.buckets, size = [], 0
         for p in order:
-            if not self.buckets or size + p.numel() * p.element_size() > self.BUCKET_BYTES or self.buckets[-1][-1].dtype != p.dtype:
+            full = size + p.numel() * p.element_size() > self.BUCKET_BYTES
+            if not self.buckets or full or self.buckets[-1][-1].dtype != p.dtype:
                 self.buckets.append([])
                 size = 0
             self.buckets[-1].append(p)
@@ -2237,7 +2241,8 @@ class EDMConv2d(nn.Conv2d):
                 x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
                 return x + self.bias.reshape(1, -1, 1, 1)
             if self.up:
-                x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=pad)
+                x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2,
+                                       padding=pad)
             else:
                 x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=pad)
         return super().forward(x)
@@ -2342,7 +2347,8 @@ class SongUNet(nn.Module):
         if self.fourier:
             freqs = 2 * math.pi * self.map_noise.freqs.float()
         else:
-            freqs = (1 / 10_000) ** (torch.arange(self.noise_ch // 2, dtype=torch.float32, device=x.device) / (self.noise_ch // 2 - 1))
+            half = self.noise_ch // 2
+            freqs = (1 / 10_000) ** (torch.arange(half, dtype=torch.float32, device=x.device) / (half - 1))
         emb = c_noise.float().ger(freqs)
         emb = torch.cat([emb.sin(), emb.cos()], dim=1)      # EDM's [cos, sin], swapped by SongUNet
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
@@ -2486,18 +2492,21 @@ class DDPMUNet(nn.Module):
         self.down_blocks, cout = nn.ModuleList(), ch[0]
         for i, kind in enumerate(u["down_block_types"]):
             cin, cout, last = cout, ch[i], i == len(ch) - 1
-            self.down_blocks.append(DDPMLevel([DDPMResnet(cin if j == 0 else cout, cout, emb_ch, groups, eps, drop) for j in range(n)],
+            self.down_blocks.append(DDPMLevel([DDPMResnet(cin if j == 0 else cout, cout, emb_ch, groups, eps, drop)
+                                               for j in range(n)],
                                               [attn(cout) for _ in range(n)] if kind.startswith("Attn") else None,
                                               None if last else DDPMSample(cout, True, u["downsample_padding"]), up=False))
         scale = u["mid_block_scale_factor"]
         self.mid_block = nn.Module()
         self.mid_block.resnets = nn.ModuleList([DDPMResnet(ch[-1], ch[-1], emb_ch, groups, eps, drop, scale) for _ in range(2)])
-        self.mid_block.attentions = nn.ModuleList([attn(ch[-1], u["attn_norm_num_groups"] or groups, scale)] if u["add_attention"] else [])
+        self.mid_block.attentions = nn.ModuleList([attn(ch[-1], u["attn_norm_num_groups"] or groups, scale)]
+                                                  if u["add_attention"] else [])
         rev, self.up_blocks = list(reversed(ch)), nn.ModuleList()
         for i, kind in enumerate(u["up_block_types"]):
             prev, cout, cskip = rev[max(i - 1, 0)], rev[i], rev[min(i + 1, len(ch) - 1)]
             self.up_blocks.append(DDPMLevel(
-                [DDPMResnet((prev if j == 0 else cout) + (cskip if j == n else cout), cout, emb_ch, groups, eps, drop) for j in range(n + 1)],
+                [DDPMResnet((prev if j == 0 else cout) + (cskip if j == n else cout), cout, emb_ch, groups, eps, drop)
+                 for j in range(n + 1)],
                 [attn(cout) for _ in range(n + 1)] if kind.startswith("Attn") else None,
                 None if i == len(ch) - 1 else DDPMSample(cout, False), up=True))
         self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps)
@@ -2671,7 +2680,8 @@ def read_safetensors(path):
         dtype, shape = dtypes[info["dtype"]], info["shape"]
         if not 0 <= start <= end <= len(body) or end - start != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"tensor {name} lies outside the file or has the wrong size")
-        out[name] = torch.frombuffer(bytearray(body[start:end]), dtype=dtype).reshape(shape) if end > start else torch.zeros(shape, dtype=dtype)
+        out[name] = (torch.frombuffer(bytearray(body[start:end]), dtype=dtype).reshape(shape) if end > start
+                     else torch.zeros(shape, dtype=dtype))
     return out
 
 
@@ -2699,7 +2709,8 @@ def read_diffusers_unet(folder):
     if weights is None:
         raise UserError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin")
     try:
-        state = read_safetensors(weights) if weights.suffix == ".safetensors" else torch.load(weights, map_location="cpu", weights_only=True)
+        state = (read_safetensors(weights) if weights.suffix == ".safetensors"
+                 else torch.load(weights, map_location="cpu", weights_only=True))
     except Exception as e:
         raise UserError(f"{weights}: truncated or unreadable weights ({e.__class__.__name__})") from None
     # Older diffusers files name the attention maps query/key/value/proj_attn.
@@ -2937,13 +2948,15 @@ def bench_table(rows, device):
     """The bench as a Markdown table, with MFU against the GPU's bf16 peak where it is known."""
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU"
     peak, _ = gpu_peak(name)
-    lines = ["| method | preset | network | unit | per step | s/step | units/s | peak GiB | TFLOP/s | MFU (bf16) | budget | projected |",
+    lines = ["| method | preset | network | unit | per step | s/step | units/s | peak GiB | TFLOP/s | MFU (bf16) | budget "
+             "| projected |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     num = lambda v, f: "–" if v is None else f.format(v)
     for r in rows:
         mfu = r["achieved_tflops"] * 1e12 / peak if peak and r["achieved_tflops"] else None
-        lines.append(f"| {r['method']} | {r['preset']} | {r['net']}, {r['params'] / 1e6:.1f} M | {r['unit']} | {r['per_step']:,} | {r['seconds_per_step']:.3f} "
-                     f"| {r['throughput']:.4g} | {num(r['peak_mem_gib'], '{:.2f}')} | {num(r['achieved_tflops'], '{:.2f}')} "
+        lines.append(f"| {r['method']} | {r['preset']} | {r['net']}, {r['params'] / 1e6:.1f} M | {r['unit']} "
+                     f"| {r['per_step']:,} | {r['seconds_per_step']:.3f} | {r['throughput']:.4g} "
+                     f"| {num(r['peak_mem_gib'], '{:.2f}')} | {num(r['achieved_tflops'], '{:.2f}')} "
                      f"| {num(mfu, '{:.1%}')} | {r['total']:,} | {duration(r['projected_hours'] * 3600)} |")
     return "\n".join(lines), name
 
@@ -2963,10 +2976,12 @@ def bench(args):
     table, device_name = bench_table(rows, pg.device)
     peak, matched = gpu_peak(device_name)
     cuda = pg.device.type == "cuda"
-    head = (f"bench on {device_name} ({pg.device}), MFU against {f'{peak / 1e12:g} TFLOP/s (dense bf16 of the {matched})' if peak else 'no known peak'}, "
+    against = f"{peak / 1e12:g} TFLOP/s (dense bf16 of the {matched})" if peak else "no known peak"
+    path = "bf16 autocast for the trained networks, the frozen teacher fp32 with TF32, cudnn.benchmark" if cuda else "fp32"
+    head = (f"bench on {device_name} ({pg.device}), MFU against {against}, "
             f"torch {torch.__version__}, commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
             f"{args.steps} steps after {args.warmup} warm-up; training's code path: "
-            f"{'bf16 autocast for the trained networks, the frozen teacher fp32 with TF32, cudnn.benchmark' if cuda else 'fp32'}, "
+            f"{path}, "
             f"channels_last {args.channels_last}, compile {args.compile}, batch {args.batch_size or 'the presets'}")
     print(head + "\n\n" + table)
     if args.out:
@@ -2991,7 +3006,8 @@ def refuse_paper_on_cpu(args, method, cost=None):
     lab = " ".join(["python", f"{method}.py", *kept, "--preset", "lab"])
     seconds = cost["flops_per_unit"] * cost["units"] / CPU_FLOPS
     raise UserError(f"--preset paper without CUDA: at least {duration(seconds)} on a CPU ({cost['flops_per_unit']:.3g} "
-                    f"FLOP per {UNIT_NAMES.get(cost['unit'], cost['unit'])}, counted, x {cost['units']:,} {cost['unit']} in the preset's budget, "
+                    f"FLOP per {UNIT_NAMES.get(cost['unit'], cost['unit'])}, counted, x {cost['units']:,} {cost['unit']} "
+                    f"in the preset's budget, "
                     f"at an assumed {CPU_FLOPS / 1e9:g} GFLOP/s); run `{lab}` instead, or pass --device cpu to run the "
                     "paper preset anyway")
 

@@ -1065,7 +1065,8 @@ def main():
     p.add_argument("--rows", metavar="NAME", type=common.dataset_name, help="the teacher's rows of the results table "
                    "of dataset NAME: Euler, Heun, DPM-Solver++(3M) at each --nfe, FID at the preset's N and teacher_rms "
                    "(runs/<dataset>/teacher-<preset>-rows/)")
-    p.add_argument("--preset", default="lab", choices=list(common.TEACHER_PRESETS), help="--rows: the teacher's preset (default lab)")
+    p.add_argument("--preset", default="lab", choices=list(common.TEACHER_PRESETS),
+                   help="--rows: the teacher's preset (default lab)")
     p.add_argument("--teacher", default=None, help="--rows: teacher.pt, EDM .pkl, diffusers folder, edm or ddpm (default: "
                    "the preset's shared teacher)")
     p.add_argument("--nfe", default=[1, 2, 3, 4, 5], type=int, nargs="+", help="--rows: network calls (default 1 2 3 4 5)")

@@ -211,7 +211,8 @@ def distil(args, pg, data, teacher, stages, out, settings, gen):
 # ----------------------------------------------------------------------------------------------
 
 # The paper preset's cost, which a paper run on a machine without CUDA is refused with at once: FLOPs of
-# one image of a halving stage (two teacher calls, the student with its backward), counted on the meta device by `python common.py flops`
+# one image of a halving stage (two teacher calls, the student with its backward), counted on the meta device by
+# `python common.py flops`
 # (tests/test_distributed.py counts them again), and the units in the preset's budget (bench_step's total).
 PAPER_COST = dict(unit="images", units=96_000_000, flops_per_unit=2.119e11)
 

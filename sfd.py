@@ -83,7 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--first-stage", default=None,
                    help="--nfe 1: the first-stage run folder (default: <runs or --out's parent>/sfd-nfe5; trained if missing)")
     p.add_argument("--stop-after", default=None, type=int,
-                   help="stop (checkpointed, resumable with --resume) after this many trajectories; for time-sliced runs and tests")
+                   help="stop (checkpointed, resumable with --resume) after this many trajectories; for time-sliced runs "
+                   "and tests")
     return p.parse_args(argv)
 
 
@@ -96,12 +97,14 @@ def parse_nfe(text):
     if nfes[0] < 1 or nfes[-1] > MAX_NFE:
         raise common.UserError(f"--nfe {text}: SFD needs 1 <= NFE <= {MAX_NFE}")
     if len(nfes) > 1 and nfes[0] == 1:
-        raise common.UserError("--nfe 1 is the second stage (distilled from the NFE-5 model); pass it alone, not in an SFD-v list")
+        raise common.UserError("--nfe 1 is the second stage (distilled from the NFE-5 model); pass it alone, not in an "
+                               "SFD-v list")
     return nfes
 
 
 # ----------------------------------------------------------------------------------------------
-# Time grids (EDM's polynomial grid, arXiv:2206.00364 Eq. 5) and SFD's additions to the shared samplers: AFS, the thresholded teacher
+# Time grids (EDM's polynomial grid, arXiv:2206.00364 Eq. 5) and SFD's additions to the shared samplers: AFS, the
+# thresholded teacher
 # ----------------------------------------------------------------------------------------------
 
 def student_grid(nfe, t_min=0.006, afs=True):
@@ -371,7 +374,8 @@ def train(args, pg):
 # ----------------------------------------------------------------------------------------------
 
 # The paper preset's cost, which a paper run on a machine without CUDA is refused with at once: FLOPs of
-# one trajectory of Alg. 2 at NFE 4 (the teacher's roll-out and the student's steps), counted on the meta device by `python common.py flops`
+# one trajectory of Alg. 2 at NFE 4 (the teacher's roll-out and the student's steps), counted on the meta device by
+# `python common.py flops`
 # (tests/test_distributed.py counts them again), and the units in the preset's budget (bench_step's total).
 PAPER_COST = dict(unit="trajectories", units=200_000, flops_per_unit=1.356e12)
 

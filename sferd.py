@@ -1,5 +1,6 @@
 """sferd.py: SFERD, Spatial Fitting-Error Reduction Distillation (Zhou et al., "Reducing Spatial Fitting Error in Distillation
-of Denoising Diffusion Models", AAAI 2024, arXiv:2311.03830) on PD or CD: an attention-guided teacher + a semantic gradient predictor.
+of Denoising Diffusion Models", AAAI 2024, arXiv:2311.03830) on PD or CD: an attention-guided teacher + a semantic
+gradient predictor.
 
   python sferd.py --dataset fashion --nfe 4 --base pd          # CPU lab (+ --no-guidance --no-predictor: its base)
   python sferd.py --dataset cifar10 --preset paper --base cd --nfe 1 --device cuda
@@ -220,7 +221,8 @@ def train_pd(args, pg, data, D, out, settings, gen):
     """SFERD-PD's base phase: PD's outer loop (as pd.distil), guided teachers, n-step targets. Returns the student, the
     guided teacher of its stage, Alg. 1 for the predictor phase, and the images and seconds so far."""
     n, schedule = args.speeds, pd.linear_anneal if args.lr_schedule == "anneal" else common.constant_lr
-    pg.log(f"SFERD-PD stages {args.start_steps} -> {' -> '.join(map(str, args.stages))}, n {n}, lr {args.lr:g} {args.lr_schedule}")
+    stages = " -> ".join(map(str, [args.start_steps, *args.stages]))
+    pg.log(f"SFERD-PD stages {stages}, n {n}, lr {args.lr:g} {args.lr_schedule}")
     student, totals = D, dict(images=0, seconds=0.0)
     for N in args.stages:
         teacher, student = guided(student, args), pd.make_student(student)   # eta <- theta, guided; theta <- eta
@@ -251,7 +253,8 @@ def train_cd(args, pg, data, D, out, settings, gen):
 def train_predictor(args, pg, data, student, teacher, alg1, out, settings, totals):
     """E_phi and G_tau on Alg. 1 (alg1_pd or alg1_cd), the student frozen for the first half, then trained jointly at
     joint_lr (Sec. 4.2); resumable from out/predictor.pt. Returns (E, G, the images and seconds so far)."""
-    E, G = common.SemanticEncoder(data.shape[1], args.z_dim).to(pg.device), GradientPredictor(student.net, args.z_dim).to(pg.device)
+    E = common.SemanticEncoder(data.shape[1], args.z_dim).to(pg.device)
+    G = GradientPredictor(student.net, args.z_dim).to(pg.device)
     opt = torch.optim.Adam([{"params": list(E.parameters()) + list(G.parameters()), "lr": args.pred_lr},
                             {"params": list(student.net.parameters()), "lr": args.joint_lr}])
     path, P = out / "predictor.pt", args.pred_iters
@@ -360,7 +363,8 @@ def base_run_metrics(args):
 
 
 # The paper preset's cost, which a paper run on a machine without CUDA is refused with at once: FLOPs of
-# one image of SFERD-PD's first stage (the guided teacher's steps, the student), counted on the meta device by `python common.py flops`
+# one image of SFERD-PD's first stage (the guided teacher's steps, the student), counted on the meta device by
+# `python common.py flops`
 # (tests/test_distributed.py counts them again), and the units in the preset's budget (bench_step's total).
 PAPER_COST = dict(unit="images", units=64_000_000, flops_per_unit=8.337e11)
 
@@ -401,7 +405,8 @@ def main(argv=None):
     settings = dict(teacher_sha256=common.fingerprint(teacher_path), start_steps=args.start_steps,   # guidance: "eps" or a bool
                     guidance="eps" if eps_space else not args.no_guidance,
                     **(dict(schedule=args.schedule, lr_schedule=args.lr_schedule) if args.base == "pd" else {}),
-                    **({} if args.no_guidance else {k: getattr(args, k) for k in ("k", "w", "blur_sigma", "blur_size", "attn_block")}))
+                    **({} if args.no_guidance else
+                       {k: getattr(args, k) for k in ("k", "w", "blur_sigma", "blur_size", "attn_block")}))
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)              # as pd.py's and cd.py's
     student, teacher, alg1, totals = (train_pd if args.base == "pd" else train_cd)(args, pg, data, D, out, settings, gen)
     base_images, G, latent = totals["images"], None, None

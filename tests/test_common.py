@@ -396,7 +396,8 @@ def test_folder_loader_crops_and_resizes(tmp_path):
 
 def test_per_sample_noise_ignores_batching():
     full = common.PerSampleNoise(3, range(6)).randn(1, 4, 4)
-    parts = torch.cat([common.PerSampleNoise(3, range(0, 4)).randn(1, 4, 4), common.PerSampleNoise(3, range(4, 6)).randn(1, 4, 4)])
+    parts = torch.cat([common.PerSampleNoise(3, range(0, 4)).randn(1, 4, 4),
+                       common.PerSampleNoise(3, range(4, 6)).randn(1, 4, 4)])
     assert torch.equal(full, parts)
     assert not torch.equal(full[0], full[1])
 

@@ -315,7 +315,8 @@ def test_train_loop_reads_the_device_only_once_per_interval(monkeypatch, tmp_pat
     run = common.train_loop(pg, lambda s, _, x, g: (s(x) ** 2).mean(), budget, opt, dict(net=net), tmp_path / "ck.pt",
                             "meta-test", {}, torch.Generator(), noise=(4,), student=net)
     window = 600 // 100                                                  # about 100 loss.csv rows
-    assert run["step"] == 600 and [r for r in reads if r] == [list(range(k - window + 1, k + 1)) for k in range(window, 601, window)]
+    expected = [list(range(k - window + 1, k + 1)) for k in range(window, 601, window)]
+    assert run["step"] == 600 and [r for r in reads if r] == expected
 
 
 def test_settle_books_the_losses_as_one_read_per_step_would():

@@ -87,7 +87,8 @@ def test_crafted_cifar_batch_runs_no_code(tmp_path, monkeypatch):
     # ... and were its md5 right, the restricted unpickler refuses the global it names.
     monkeypatch.setattr(common, "CIFAR10_BATCH_MD5", {p.name: hashlib.md5(p.read_bytes()).hexdigest()
                                                       for p in batches.iterdir()})
-    with pytest.raises(common.UserError, match=r"data_batch_2: not a CIFAR-10 python batch .*open is not part of a CIFAR-10 batch"):
+    with pytest.raises(common.UserError,
+                       match=r"data_batch_2: not a CIFAR-10 python batch .*open is not part of a CIFAR-10 batch"):
         common.load_dataset("cifar10", tmp_path)
     assert not marker.exists()
     # The tarball route reads its members with the same unpickler.

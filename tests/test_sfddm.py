@@ -394,7 +394,7 @@ def test_smoke_end_to_end_rows_ceiling_and_resume_continue_exactly(tmp_path, fas
     # --init teacher: nothing to train, so nothing is trained; the rows are the (existing) ceiling rows.
     r = cli(tmp_path, fashion_dir, smoke_teacher, "tinit", "--init", "teacher")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "training skipped" in r.stdout + r.stderr        # the folder is test-written and locked first, nothing else lands in it
+    assert "training skipped" in r.stdout + r.stderr   # the folder is test-written and locked first: nothing else in it
     assert [p.name for p in (tmp_path / "tinit").rglob("*")] == [".lock"]
     # --scratch: the baseline's rows, its own run folder.
     r = cli(tmp_path, fashion_dir, smoke_teacher, "scratch", "--scratch", "--images", 32)

@@ -118,7 +118,8 @@ def test_ncsnpp_settings_build_edm_ve_layout():
                              "resample_filter": [1, 3, 3, 1]}).eval()
     state = net.state_dict()
     assert state["map_noise.freqs"].shape == (16,)
-    assert [k for k in state if "aux_residual" in k and k.endswith("weight")] == ["enc.8x8_aux_residual.weight", "enc.4x4_aux_residual.weight"]
+    assert [k for k in state if "aux_residual" in k and k.endswith("weight")] == ["enc.8x8_aux_residual.weight",
+                                                                                  "enc.4x4_aux_residual.weight"]
     assert state["enc.8x8_aux_residual.resample_filter"].shape == (1, 1, 4, 4)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():

@@ -140,7 +140,8 @@ def report(work, name, module):
     score = f"{100 * counts['killed'] / done:.1f}%" if done else "n/a"
     sampled = sum(counts.values())
     print(f"mutation {module}: {sampled} of {in_scope} in-scope mutants"
-          + (" (a random sample)" if sampled < in_scope else "") + f"; score {score} = {counts['killed']} killed / {done} non-equivalent "
+          + (" (a random sample)" if sampled < in_scope else "")
+          + f"; score {score} = {counts['killed']} killed / {done} non-equivalent "
           f"({counts['equivalent']} equivalent, {counts['pending']} pending, {counts['other']} abnormal); "
           f"survivors: {work / 'survivors.txt'}")
 

@@ -125,10 +125,12 @@ def leave_group(code):
     """Exit with code; under torchrun, at once (os._exit, once stdout and stderr are flushed): a normal exit tears
     down gloo's threads while the other ranks are leaving too, and one in a few such processes then ended by SIGABRT
     ("terminate called without an active exception") instead of its exit status. Locks are the OS's, released
-    with the process; nothing else waits for the interpreter's exit."""
+    with the process; nothing else waits for the interpreter's exit. The other ranks give rank 0 time to print first."""
     if dist.is_available() and dist.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
+        if dist.get_rank() != 0:          # rank 0 prints the line: leaving first, another rank would have torchrun end
+            time.sleep(2.0)               # rank 0 before it has printed it
         os._exit(code)
     sys.exit(code)
 

@@ -235,8 +235,8 @@ def test_npz_samples_reader_feeds_the_images_as_a_folder_would(tmp_path, monkeyp
 def test_cifar10_reference_is_the_whole_training_set(tmp_path, monkeypatch):
     images = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8)
     monkeypatch.setattr(common, "load_dataset", lambda name, data_dir=None, split="train": (images, None))
-    monkeypatch.setattr(fid, "feature_stats", lambda batches, *a, total=None, **k: (
-        np.zeros(fid.FEATURES), np.eye(fid.FEATURES), sum(len(b) for b in batches)))
+    monkeypatch.setattr(fid, "feature_stats", lambda batches, *a, total=None, keep=0, **k: (
+        np.zeros(fid.FEATURES), np.eye(fid.FEATURES), sum(len(b) for b in batches), np.zeros((keep, 4), np.float32)))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(fid, "REF_N", 30)                                # the subset other datasets get (5,000)
     assert fid.reference_stats("cifar10")[2] == 70                      # all of them (the papers' 50,000)

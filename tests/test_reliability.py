@@ -523,8 +523,18 @@ def tiny_loop(path, total=20, signal_at=None, signals=(), resume=None):
     return net, run, calls
 
 
+@pytest.fixture
+def python_sigint():
+    """SIGINT as Python sets it in a foreground process (KeyboardInterrupt), whatever this run inherited (a job started
+    in the background, or under nohup, ignores SIGINT), restored afterwards."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_training_after_the_update_with_a_checkpoint_of_that_step(signum, tmp_path, monkeypatch):
+def test_a_signal_stops_training_after_the_update_with_a_checkpoint_of_that_step(signum, tmp_path, monkeypatch,
+                                                                                 python_sigint):
     monkeypatch.setattr(sys, "argv", ["sfd.py", "--nfe", "4"])
     full, _, _ = tiny_loop(tmp_path / "full.pt")
     with pytest.raises(common.Stopped) as e:                # step 13 of 20, between the checkpoints of 10 and 15
@@ -539,7 +549,7 @@ def test_a_signal_stops_training_after_the_update_with_a_checkpoint_of_that_step
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
 
 
-def test_the_same_signal_twice_exits_at_once(tmp_path):
+def test_the_same_signal_twice_exits_at_once(tmp_path, python_sigint):
     with pytest.raises(KeyboardInterrupt):                  # SIGINT's own handler again: no checkpoint first
         tiny_loop(tmp_path / "ck.pt", signal_at=3, signals=[signal.SIGINT, signal.SIGINT])
     assert not (tmp_path / "ck.pt").exists()

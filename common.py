@@ -7,8 +7,7 @@ Sections, in reading order:
   3. The EDM denoiser D(x, sigma) and the VP adapters (x0 / eps / v in VP notation)
   4. Noise schedules: Karras grid, cosine log-SNR, discrete DDPM tables
   5. Samplers with one signature (denoiser, x, sigmas, callback): Euler/DDIM, Heun,
-     DPM-Solver++(2M/3M), ancestral DDPM (no method's flags: AFS and thresholding live in sfd.py)
-  5b. sferd.py's substrate: the Gaussian blur, the image encoder E_phi, a small DDPM over vectors
+     DPM-Solver++(2M/3M) (no method's flags: AFS and thresholding live in sfd.py)
   6. Data: Fashion-MNIST, CIFAR-10, any image folder
   7. Plumbing: seeds with per-sample noise, EMA, checkpoints, image grids, DDP, autocast
   7b. The training loop every method and the teacher run through (train_loop); 7c. chains of stages
@@ -752,32 +751,13 @@ def sample_dpmpp(D, x, sigmas, callback=None, order=3, lower_order_final=True):
     return x
 
 
-def sample_ddpm(D, x, sigmas, callback=None, noise=torch.randn_like):
-    """Ancestral DDPM (Ho et al. 2020, Eq. 6-7) on the sigmas of a VP table, in the x = z/alpha
-    view: x <- x0 + sigma_down*eps_hat + sigma_up*noise, sigma_up^2 = s'^2 (s^2 - s'^2)/s^2,
-    sigma_down^2 = s'^2 - sigma_up^2 (the DDPM posterior, rescaled by 1/alpha_{t-1})."""
-    sigmas = [float(s) for s in sigmas]
-    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x0 = D(x, t_cur)
-        if t_next == 0:
-            x = x0
-        else:
-            sigma_up = t_next * math.sqrt(1 - t_next**2 / t_cur**2)
-            sigma_down = math.sqrt(t_next**2 - sigma_up**2)
-            x = x0 + sigma_down * (x - x0) / t_cur + sigma_up * noise(x)
-        if callback:
-            callback(i, x)
-    return x
-
-
 SAMPLERS = {
     "euler": sample_euler,
     "heun": lambda D, x, sigmas, callback=None, **kw: sample_heun(D, x, sigmas, callback, euler_last=True, **kw),
     "dpm2m": lambda D, x, sigmas, callback=None, **kw: sample_dpmpp(D, x, sigmas, callback, order=2, **kw),
     "dpm3m": lambda D, x, sigmas, callback=None, **kw: sample_dpmpp(D, x, sigmas, callback, order=3, **kw),
-    "ddpm": sample_ddpm,
 }
-SAMPLER_NAMES = {"euler": "Euler", "heun": "Heun", "dpm2m": "DPM-Solver++(2M)", "dpm3m": "DPM-Solver++(3M)", "ddpm": "DDPM"}
+SAMPLER_NAMES = {"euler": "Euler", "heun": "Heun", "dpm2m": "DPM-Solver++(2M)", "dpm3m": "DPM-Solver++(3M)"}
 
 
 def teacher_sigmas(sampler, nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX):
@@ -790,76 +770,6 @@ def teacher_sigmas(sampler, nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX):
                         + (" (Heun needs an odd NFE: two calls per step, one on the last)" if sampler == "heun" else ""))
     steps = (nfe + 1) // 2 if sampler == "heun" else nfe
     return karras_sigmas(steps + 1, sigma_min, sigma_max)
-
-
-# ----------------------------------------------------------------------------------------------
-# 5b. sferd.py's substrate: the Gaussian blur B of its attention guidance (hand-written), the image
-#     encoder E_phi, and a small DDPM over vectors (its latent DDPM over z_sem, Diff-AE's MLP)
-# ----------------------------------------------------------------------------------------------
-
-def gaussian_kernel(sigma, size):
-    """1-D Gaussian, normalised to sum 1 (the blur preserves a constant image)."""
-    g = torch.exp(-(torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2 / (2 * sigma**2))
-    return (g / g.sum()).float()
-
-
-def gaussian_blur(x, sigma=3.0, size=15):
-    """B(x): separable depthwise Gaussian convolution (rows, then columns), reflect padding."""
-    C, pad, g = x.shape[1], size // 2, gaussian_kernel(sigma, size).to(x.device, x.dtype)
-    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), g.view(1, 1, 1, size).expand(C, 1, 1, size), groups=C)
-    return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), g.view(1, 1, size, 1).expand(C, 1, size, 1), groups=C)
-
-
-class SemanticEncoder(nn.Module):
-    """SFERD's E_phi(x0) -> z_sem: stride-2 convs with GroupNorm + SiLU (the encoder part of a U-Net), pooled, Linear."""
-
-    def __init__(self, in_ch, z_dim, ch=32, mults=(1, 2, 4)):
-        super().__init__()
-        layers = [nn.Conv2d(in_ch, ch, 3, padding=1)]
-        for c, m in zip((1, *mults), mults):
-            layers += [nn.Conv2d(c * ch, m * ch, 3, stride=2, padding=1), group_norm(m * ch), nn.SiLU()]
-        self.body, self.out = nn.Sequential(*layers), nn.Linear(mults[-1] * ch, z_dim)
-
-    def forward(self, x0):
-        return self.out(self.body(x0).mean(dim=(2, 3)))
-
-
-class LatentMLP(nn.Module):
-    """eps_omega(z_t, t): an MLP whose every layer also sees z_t (Diff-AE's MLPSkipNet); buffers: the mean and
-    std of the vectors it models (its samples are denormalised with them)."""
-
-    def __init__(self, z_dim, hidden, layers):
-        super().__init__()
-        self.t_emb = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.layers = nn.ModuleList([nn.Linear((hidden if i else 0) + z_dim, hidden) for i in range(layers)])
-        self.out = zero_init(nn.Linear(hidden, z_dim))
-        self.register_buffer("mean", torch.zeros(z_dim))
-        self.register_buffer("std", torch.ones(z_dim))
-
-    def forward(self, z, t):
-        emb, h = self.t_emb(timestep_embedding(t.float(), 64)), z[:, :0]
-        for layer in self.layers:
-            h = F.silu(layer(torch.cat([h, z], dim=1)) + emb)
-        return self.out(h)
-
-
-def latent_loss(mlp, z, t, eps, alpha_bar):
-    """|eps - eps_omega(sqrt(abar_t)*z + sqrt(1-abar_t)*eps, t)|, L1 (SFERD's Eq. 16); alpha_bar[t] for t = 0..T-1."""
-    abar = alpha_bar.to(z.device)[t][:, None]
-    return (eps - mlp(abar.sqrt() * z + (1 - abar).sqrt() * eps, t)).abs().mean()
-
-
-@torch.no_grad()
-def sample_latent(mlp, noise, steps, mean, std, alpha_bar):
-    """DDIM (eta 0) over `steps` evenly spaced of the T = len(alpha_bar) steps; returns z * std + mean."""
-    abar, z = alpha_bar.to(noise.device), noise
-    ts = torch.linspace(len(abar) - 1, 0, steps).round().long().tolist()
-    for i, t in enumerate(ts):
-        eps = mlp(z, torch.full((len(z),), t, device=z.device))
-        z0 = (z - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
-        a_next = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-        z = a_next.sqrt() * z0 + (1 - a_next).sqrt() * eps
-    return z * std + mean
 
 
 # ----------------------------------------------------------------------------------------------

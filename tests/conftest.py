@@ -1,7 +1,8 @@
 """Shared test fixtures: small generated datasets in the real on-disk formats (never a download,
 never the cached lab teacher), a way to run a fewstep script as a user would, and the analytic
-Gaussian denoiser the math tests check samplers and targets against."""
+Gaussian denoiser and the ancestral DDPM sampler the math tests check samplers and targets against."""
 import gzip
+import math
 import os
 import subprocess
 import sys
@@ -47,6 +48,24 @@ def gaussian_denoiser(mu=0.0, var=1.0, calls=None):
             sigma = sigma.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1)) if sigma.ndim else sigma.to(x.dtype)
         return mu + var / (var + sigma**2) * (x - mu)
     return D
+
+
+def sample_ddpm(D, x, sigmas, callback=None, noise=torch.randn_like):
+    """Ancestral DDPM (Ho et al. 2020, Eq. 6-7), the reference sfddm.py's Alg. 2 is checked against, on the sigmas
+    of a VP table, in the x = z/alpha view: x <- x0 + sigma_down*eps_hat + sigma_up*noise, sigma_up^2 = s'^2 (s^2 - s'^2)/s^2,
+    sigma_down^2 = s'^2 - sigma_up^2 (the DDPM posterior, rescaled by 1/alpha_{t-1})."""
+    sigmas = [float(s) for s in sigmas]
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        x0 = D(x, t_cur)
+        if t_next == 0:
+            x = x0
+        else:
+            sigma_up = t_next * math.sqrt(1 - t_next**2 / t_cur**2)
+            sigma_down = math.sqrt(t_next**2 - sigma_up**2)
+            x = x0 + sigma_down * (x - x0) / t_cur + sigma_up * noise(x)
+        if callback:
+            callback(i, x)
+    return x
 
 
 def pytest_configure(config):

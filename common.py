@@ -10,7 +10,7 @@ Sections, in reading order:
      DPM-Solver++(2M/3M) (no method's flags: AFS and thresholding live in sfd.py)
   6. Data: Fashion-MNIST, CIFAR-10, any image folder
   7. Plumbing: seeds with per-sample noise, EMA, checkpoints, image grids, DDP, autocast
-  7b. The training loop every method and the teacher run through (train_loop); 7c. chains of stages
+  7b. The training loop every method and the teacher run through (train_loop); 7c. resuming
   8. The shared teacher (EDM training)
   8b. Published teachers (--teacher edm | ddpm | PATH): EDM's SongUNet, DDPM's U-Net in diffusers'
      layout, an EDM snapshot reader that runs no code, load_denoiser for every teacher spec
@@ -1886,8 +1886,7 @@ def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None
 
 
 # ----------------------------------------------------------------------------------------------
-# 7c. Resuming, and a chain of stages (pd.py's halving stages, cfd.py's, SFERD-PD's): one train_loop run
-#     per stage, whose checkpoint is the stage's file: read back when finished, continued when not
+# 7c. Resuming: every method's checkpoint is read back through resume_from
 # ----------------------------------------------------------------------------------------------
 
 def resume_from(path, kind, resume, pg=None):
@@ -1902,40 +1901,6 @@ def resume_note(pg, resume, *paths):
     """--resume where none of a run's checkpoint files exists: one line, in the same words in every script."""
     if resume and paths and not any(Path(p).exists() for p in paths):
         pg.log(f"--resume: no checkpoint at {paths[0]}, starting from scratch")
-
-
-def stage_path(folder, N):
-    """The file of the stage that ends at an N-step student."""
-    return Path(folder) / f"student-{N}steps.pt"
-
-
-def stage_budget(args, N, schedule):
-    """train_loop's budget of the stage that ends at N steps: --iters updates (times --later-factor where
-    N <= --later-steps) of the batch, the lr under schedule, args.grad_clip and args.ckpt_every."""
-    return dict(total=round(args.iters * (args.later_factor if N <= args.later_steps else 1)), unit="updates",
-                batch=args.batch, lr=args.lr, schedule=schedule, clip=args.grad_clip, ckpt_every=args.ckpt_every)
-
-
-def train_stage(pg, loss, budget, student, path, kind, settings, gen, reuse, resume, totals, **loop):
-    """One stage of a chain: train_loop on student (saved as "net"), a fresh Adam at the budget's lr (PD's),
-    with the stage file path as its checkpoint. A finished file is read back instead of trained when reuse,
-    an unfinished one continued when resume, else the stage starts over; a file read back must match
-    settings (with the budget's updates, lr and batch). Each file counts its own stage's images and seconds;
-    totals: the chain's before this stage (images, seconds, curves). loop: train_loop's other arguments (data,
-    teacher, desc). Returns the chain's totals after it; the student is left frozen (freeze), the next stage's teacher."""
-    ck = resume_from(path, kind, reuse or resume)
-    if ck is not None and not (reuse if ck.get("finished") else resume):
-        ck = None
-    settings = dict(settings, iters=budget["total"], lr=budget["lr"], batch=budget["batch"])
-    opt = torch.optim.Adam(student.parameters(), lr=budget["lr"])
-    run = train_loop(pg, loss, budget, opt, dict(net=student.net), path, kind, settings, gen, student=student,
-                     resume=ck, **loop)
-    totals = {**{k: totals[k] + run[k] for k in ("images", "seconds")},     # and the chain's loss curves so far
-              "curves": [*totals.get("curves", []), curve_of(loop.get("desc", kind), run, totals["images"])]}
-    pg.log(f"{loop.get('desc', kind)}: {run['step']:,} updates of {budget['batch']}, {totals['images']:,} images and "
-           f"{totals['seconds'] / 60:.1f} min so far; saved {path}")
-    freeze(student)
-    return totals
 
 
 # ----------------------------------------------------------------------------------------------

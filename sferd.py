@@ -245,17 +245,14 @@ def alg1_cd(f, teacher, x0, gen, E, G, sigmas):
 
 
 def train_pd(args, pg, data, D, out, settings, gen):
-    """SFERD-PD's base phase: PD's outer loop (as pd.distil), guided teachers, n-step targets. Returns the student, the
+    """SFERD-PD's base phase: PD's outer loop (pd.distil), guided teachers, n-step targets. Returns the student, the
     guided teacher of its stage, Alg. 1 for the predictor phase, and the images and seconds so far."""
     n, schedule = args.speeds, pd.linear_anneal if args.lr_schedule == "anneal" else common.constant_lr
     stages = " -> ".join(map(str, [args.start_steps, *args.stages]))
     pg.log(f"SFERD-PD stages {stages}, n {n}, lr {args.lr:g} {args.lr_schedule}")
-    student, totals = D, dict(images=0, seconds=0.0)
-    for N in args.stages:
-        teacher, student = guided(student, args), pd.make_student(student)   # eta <- theta, guided; theta <- eta
-        totals = common.train_stage(pg, lambda s, T, x, g: pd.pd_loss(s, T, x, g, N, n=n[N]), common.stage_budget(
-            args, N, schedule), student, common.stage_path(out, N), "sferd-pd-student", settings, gen, args.resume,
-            args.resume, totals, data=data, teacher=teacher, desc=f"sferd-pd {n[N] * N} -> {N} steps")
+    student, teacher, totals = pd.distil(args, pg, data, D, args.stages, out, settings, gen, name="sferd-pd",
+                                         loss=lambda s, T, x, g, N: pd.pd_loss(s, T, x, g, N, n=n[N]), schedule=schedule,
+                                         guide=lambda s: guided(s, args), speeds=n)        # eta <- theta, guided
     return student, teacher, lambda s, T, x0, g, E, G: alg1_pd(s, T, x0, g, E, G, args.nfe, n[args.nfe]), totals
 
 
@@ -447,7 +444,7 @@ def bench_step(teacher, preset, device, batch=None):
             out = pd.pd_loss(student, T, x, gen, N, n=args.speeds[N])
         common.optimizer_steps(pg, out, opt, list(student.parameters()), clip=args.grad_clip)
 
-    total = sum(common.stage_budget(args, N, None)["total"] for N in args.stages) * args.batch
+    total = sum(pd.stage_budget(args, N, None)["total"] for N in args.stages) * args.batch
     return dict(step=step, unit="images", per_step=batch, total=total, nets=[teacher.net, student.net])
 
 
@@ -457,7 +454,7 @@ def main(argv=None):
     eps_space = args.guidance_space == "eps" and not args.no_guidance
     variant = f"sferd-{args.base}" + "-noguide" * args.no_guidance + "-epsguide" * eps_space + "-nopred" * args.no_predictor
     out = common.run_dir(args, f"{variant}-nfe{args.nfe}")
-    base_files = [common.stage_path(out, N) for N in args.stages] if args.base == "pd" else [out / "student.pt"]
+    base_files = [pd.stage_path(out, N) for N in args.stages] if args.base == "pd" else [out / "student.pt"]
     common.resume_note(pg, args.resume, *base_files, out / "predictor.pt", out / "latent.pt")
     fid.check_exports(args, out)
     data, D, teacher_path = common.load_inputs(args, pg, ("fewstep",), "SFERD reads the teacher U-Net's attention maps "

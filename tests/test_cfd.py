@@ -319,7 +319,7 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
 
 def test_each_cfd_stage_trains_eq7_with_its_own_tau(fashion_dir, smoke_teacher, tmp_path, monkeypatch):
     """main(): after the PD chain (8 -> 4, pd.py's loss, linear lr), each CFD stage (4 -> 2, 2 -> 1) is given Eq. 7
-    (rcfd_loss) at the paper's (tau, beta, gamma) of that stage (App. C.4) and the cosine lr. common.train_stage is
+    (rcfd_loss) at the paper's (tau, beta, gamma) of that stage (App. C.4) and the cosine lr. pd.train_stage is
     replaced by one evaluation of the loss it is given (the loop itself is test_pd's)."""
     monkeypatch.chdir(tmp_path)
     calls, real = [], cfd.rcfd_loss
@@ -336,7 +336,7 @@ def test_each_cfd_stage_trains_eq7_with_its_own_tau(fashion_dir, smoke_teacher, 
         return totals
 
     monkeypatch.setattr(cfd, "rcfd_loss", spy)
-    monkeypatch.setattr(common, "train_stage", one_evaluation)
+    monkeypatch.setattr(pd, "train_stage", one_evaluation)
     monkeypatch.setattr(fid, "report", lambda *a, **k: None)
     net = cfd.ResNet(1, 10, 4, (1,))
     common.save_checkpoint(tmp_path / "cls.pt", "cfd-classifier", config=net.config, net=net.state_dict(), test_acc=0.5)

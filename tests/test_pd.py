@@ -215,12 +215,12 @@ def test_chain_teachers_students_lr_and_flips(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.Adam, "step", spy_step)
     monkeypatch.setattr(pd, "pd_loss", spy_loss)
     out = tmp_path / "spy"
-    student, run = pd.distil(args, pg, data, teacher, [4, 2], out, dict(start_steps=8), torch.Generator().manual_seed(0))
+    student, _, run = pd.distil(args, pg, data, teacher, [4, 2], out, dict(start_steps=8), torch.Generator().manual_seed(0))
     iters = args.iters
     assert [s["N"] for s in seen] == [4] * iters + [2] * iters and all(s["xflip"] for s in seen)
     assert run["images"] == 2 * iters * args.batch
     original = weights_of(teacher)
-    first4 = common.load_checkpoint(common.stage_path(out, 4), "pd-student")["net"]
+    first4 = common.load_checkpoint(pd.stage_path(out, 4), "pd-student")["net"]
     assert all(same(s["teacher"], original) for s in seen[:iters])                  # stage 1: the original teacher
     assert all(same(s["teacher"], first4) for s in seen[iters:])                     # stage 2: the 4-step student
     assert not same(first4, original) and same(weights_of(student), common.load_checkpoint(out / "student-2steps.pt")["net"])

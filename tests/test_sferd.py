@@ -443,7 +443,7 @@ def test_two_stage_schedule_is_table6_and_the_lab_keeps_halving():
 
 def test_each_base_stage_trains_its_n_step_target_with_its_lr_schedule(tmp_path, monkeypatch):
     """train_pd: stage k distils the guided last student with n = its speed (Table 6) under App. B.1's constant lr
-    (paper) or PD's linear anneal (lab); common.train_stage is replaced by one evaluation of the loss it is given."""
+    (paper) or PD's linear anneal (lab); pd.train_stage is replaced by one evaluation of the loss it is given."""
     calls, real = [], pd.pd_loss
     monkeypatch.setattr(pd, "pd_loss", lambda s, T, x, g, N, xflip=False, n=2: calls.append((N, n)) or real(s, T, x, g, N,
                                                                                                         xflip, n))
@@ -453,7 +453,7 @@ def test_each_base_stage_trains_its_n_step_target_with_its_lr_schedule(tmp_path,
         loss(student, loop["teacher"], common.to_float(loop["data"][:2]), gen)
         return totals
 
-    monkeypatch.setattr(common, "train_stage", one_evaluation)
+    monkeypatch.setattr(pd, "train_stage", one_evaluation)
     monkeypatch.setattr(pd, "teacher_target", lambda T, z, t, N, n=2: (z, z))            # the teacher is not under test
     data, pg = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8), common.Dist("cpu")
     for preset, expected in (("paper", [("student-32steps.pt", [1.0, 1.0], 250_000), (32, 32), ("student-1steps.pt",

@@ -326,10 +326,10 @@ def main():
            f"{pg.world} process(es) on {pg.device}")
     loss = functools.partial(cd_loss, f_target=f_target, sigmas=sigmas, metric=args.metric, weighting=args.weighting,
                              n_dist=args.n_dist, xflip=args.xflip)
-    budget = dict(total=args.iterations, unit="updates", batch=args.batch, lr=args.lr, ckpt_every=args.ckpt_every)
-    run = common.train_loop(pg, loss, budget, opt, nets, path, "cd-student", settings, gen, data=data, student=f,
-                            teacher=D, emas=ema_updates(f, f_target, f_ema, args.mu, args.ema_rate), resume=resume,
-                            desc="CD")
+    budget = common.Budget(args.iterations, "updates", args.batch, args.lr, args.ckpt_every)
+    run = common.train_loop(pg, loss, data, f, D, opt, budget, common.Run(
+        path, "cd-student", settings, nets, gen, emas=ema_updates(f, f_target, f_ema, args.mu, args.ema_rate),
+        resume=resume, desc="CD"))
     f_ema.eval()
 
     info = dict(method="cd", variant=f"cd-{args.metric}", nfe=args.nfe, train_seconds=run["seconds"],

@@ -177,10 +177,10 @@ def train_classifier(args, pg, path):
     steps = max(1, args.cls_images // args.cls_batch)
     loss = lambda c, _, idx, gen: F.cross_entropy(c(common.to_float(images[idx.cpu()]).to(pg.device))[1],
                                                   labels[idx.cpu()].to(pg.device))
-    budget = dict(total=steps, unit="updates", batch=args.cls_batch, lr=args.cls_lr, schedule=cosine_anneal, ckpt_every=steps)
-    common.train_loop(pg, loss, budget, opt, dict(net=cls), path.parent / "checkpoint.pt", "cfd-classifier-training", {},
-                      torch.Generator().manual_seed(args.seed + 1_000_003 * pg.rank), data=torch.arange(len(images)),
-                      student=cls, desc="classifier")        # data: the indices of the images (and labels) drawn
+    budget = common.Budget(steps, "updates", args.cls_batch, args.cls_lr, steps, schedule=cosine_anneal)
+    gen = torch.Generator().manual_seed(args.seed + 1_000_003 * pg.rank)
+    common.train_loop(pg, loss, torch.arange(len(images)), cls, None, opt, budget, common.Run(      # data: the indices
+        path.parent / "checkpoint.pt", "cfd-classifier-training", {}, dict(net=cls), gen, desc="classifier"))   # drawn
     acc = accuracy(cls.eval(), test_images, test_labels, pg.device)
     if pg.main:
         common.save_checkpoint(path, "cfd-classifier", config=cls.config, net=cls.state_dict(), test_acc=acc,

@@ -48,7 +48,9 @@ import tarfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # OpenMP's threads wait for work by spinning: beside one other busy process on a 2-core laptop (a second run, a
@@ -1792,96 +1794,130 @@ def settle(pg, s, pending, window, total, signum=None):
     return shown, int(max(code[2] for code in codes))
 
 
-def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None, noise=None, student=None,
-               teacher=None, emas=(), shared_rngs=None, resume=None, before_step=None, desc="train"):
-    """Run loss's updates for budget; returns the run's totals (see the end). The loop owns what every
-    method shares: drawing the batch, lr schedule, backward, gradient sync (DDP), clipping, optimizer
-    step, EMAs, progress bar, loss curve and checkpoints (with the settings check on resume). The losses
-    are read from the device once per logging interval (settle: the loss curve, and every rank stops
-    together when any rank's loss is not finite), never per step.
+@dataclass
+class Budget:
+    """How long and how fast train_loop trains. total: the run's length in unit ("images", "trajectories" or
+    "updates"); batch: the global batch; lr: one per param group, or one for all; ckpt_every: units between
+    checkpoints; schedule(lr, done, total) -> lr; clip: max gradient norm (None: no clipping); stop_after: stop
+    early, resumable (time-sliced runs, tests)."""
+    total: int
+    unit: str
+    batch: int
+    lr: float | list
+    ckpt_every: int
+    schedule: Callable = constant_lr
+    clip: float | None = None
+    stop_after: int | None = None
 
-    loss(student, teacher, x, gen): the method's algorithm for one batch x (training images in [-1, 1]
-        from data, or unit noise of shape noise); it draws the rest from gen. Returns a loss, (loss, {name:
-        part}), or yields losses, one optimizer step each (SFD steps after every student step).
-    budget: a plain dict: total (in unit), unit ("images", "trajectories" or "updates"), batch (global), lr (one per param
-        group, or one for all), schedule(lr, done, total) -> lr, clip (max grad norm, or None), ckpt_every
-        (in unit), stop_after (None, or stop early, resumable: time-sliced runs, tests).
-    nets: {name: module}, saved in every checkpoint and broadcast from rank 0 at the start.
-    emas: (ema, model, beta) updated in order after each step. shared_rngs: {name: generator} drawn
-        alike on every rank (saved; gen, the per-rank one, is saved per rank).
-    resume: a checkpoint of this loop to continue from (checked against settings) or None.
-    before_step(step): called before each update (sferd.py unfreezes its student halfway)."""
-    shared_rngs = shared_rngs or {}
-    lrs = budget["lr"] if isinstance(budget["lr"], (list, tuple)) else [budget["lr"]] * len(opt.param_groups)
-    schedule, params = budget.get("schedule", constant_lr), [p for g in opt.param_groups for p in g["params"]]
-    per_step = 1 if budget["unit"] == "updates" else budget["batch"]     # images, trajectories: one per sample
+
+@dataclass
+class Run:
+    """What a train_loop run keeps besides the optimizer, and saves in its checkpoint: path, of kind, with settings
+    (what the weights depend on: checked on resume). nets: {name: module}, saved, and broadcast from rank 0 at the
+    start. gen: this rank's generator (the batches and the loss's draws; saved per rank). emas: (ema, model, beta),
+    updated in order after each optimizer step. shared_rngs: {name: generator} drawn alike on every rank (saved).
+    resume: a checkpoint of this run to continue (resume_from) or None. before_step(step): called before each update
+    (sferd.py unfreezes its student halfway). desc: the run's name on its progress bar and log lines."""
+    path: Path
+    kind: str
+    settings: dict
+    nets: dict
+    gen: torch.Generator
+    emas: Sequence = ()
+    shared_rngs: dict = field(default_factory=dict)
+    resume: dict | None = None
+    before_step: Callable | None = None
+    desc: str = "train"
+
+
+def restore(pg, opt, run, s, budget):
+    """Continue from run.resume (checked against run.settings): the nets, the optimizer, the counters s, the generators."""
+    ck = run.resume
+    check_settings(ck, run.path, run.settings)
+    for name, module in run.nets.items():
+        load_state(module, ck[name], run.path)
+    opt.load_state_dict(ck["opt"])
+    s.update({k: ck.get(k, s[k]) for k in s})                  # (curve_names: absent in older checkpoints)
+    pg.restore_state(run.gen, ck["rng"])
+    for name, g in run.shared_rngs.items():
+        g.set_state(ck[name])
+    pg.log(f"resuming {run.desc} at {s['done']:,} of {budget.total:,} {budget.unit}")
+
+
+def save_run(pg, opt, run, s, finished):
+    """The run's checkpoint at run.path (rank 0 writes it; every rank's generator state is gathered into it)."""
+    rng = pg.gather_state(run.gen.get_state())
+    if pg.main:
+        save_checkpoint(run.path, run.kind, **{k: m.state_dict() for k, m in run.nets.items()}, opt=opt.state_dict(),
+                        rng=rng, **{k: g.get_state() for k, g in run.shared_rngs.items()}, **s, finished=finished,
+                        settings=run.settings)
+
+
+def train_loop(pg, loss, data, student, teacher, opt, budget, run):
+    """Train on loss for budget (a Budget) and return the run's totals (see the end); run (a Run): what is saved
+    and resumed. The steps every method shares are here: the lr schedule, drawing the batch, the loss, the optimizer
+    step(s) with the gradient sync of several processes (DDP) and the EMAs, the log (progress bar, loss curve) and the
+    checkpoints. The losses are read from the device once per logging interval (settle: the loss curve, and every
+    rank stops together when any rank's loss is not finite), never per step.
+
+    loss(student, teacher, x, gen): the method's algorithm for one batch x; it draws the rest from gen (run.gen).
+        Returns a loss, (loss, {name: part}), or yields losses, one optimizer step each (SFD steps after every
+        student step).
+    data: the training images (a batch: random_batch, in [-1, 1]), or a shape: a batch of unit noise of that shape."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    lrs = budget.lr if isinstance(budget.lr, (list, tuple)) else [budget.lr] * len(opt.param_groups)
+    per_step = 1 if budget.unit == "updates" else budget.batch          # images, trajectories: one per sample
     s = dict(step=0, done=0, images=0, seconds=0.0, loss_start=None, loss_avg=None, curve=[], curve_names=[], acc={})
-    if resume is not None:
-        check_settings(resume, path, settings)
-        for name, module in nets.items():
-            load_state(module, resume[name], path)
-        opt.load_state_dict(resume["opt"])
-        s.update({k: resume.get(k, s[k]) for k in s})          # (curve_names: absent in older checkpoints)
-        pg.restore_state(gen, resume["rng"])
-        for name, g in shared_rngs.items():
-            g.set_state(resume[name])
-        pg.log(f"resuming {desc} at {s['done']:,} of {budget['total']:,} {budget['unit']}")
-    for module in nets.values():
+    if run.resume is not None:
+        restore(pg, opt, run, s, budget)
+    for module in run.nets.values():
         pg.broadcast(module)
         pg.prepare(module)                                       # --channels-last, --compile
-    total, local = budget["total"], pg.batch(budget["batch"])
-    stop = total if budget.get("stop_after") is None else min(total, budget["stop_after"])
+    total, local = budget.total, pg.batch(budget.batch)
+    stop = total if budget.stop_after is None else min(total, budget.stop_after)
     window = max(1, -(-total // per_step) // 100)               # loss curve: about 100 window means
-
-    def checkpoint(finished):
-        rng = pg.gather_state(gen.get_state())
-        if pg.main:
-            save_checkpoint(path, kind, **{k: m.state_dict() for k, m in nets.items()}, opt=opt.state_dict(), rng=rng,
-                            **{k: g.get_state() for k, g in shared_rngs.items()}, **s, finished=finished,
-                            settings=settings)
-
-    bar = tqdm(total=total, initial=s["done"], unit={"images": "img", "updates": "it"}.get(budget["unit"], "traj"),
-               disable=not pg.main, desc=desc, unit_scale=per_step > 1)
-    t0, next_ckpt, pending = time.time() - s["seconds"], s["done"] + budget["ckpt_every"], []
+    bar = tqdm(total=total, initial=s["done"], unit={"images": "img", "updates": "it"}.get(budget.unit, "traj"),
+               disable=not pg.main, desc=run.desc, unit_scale=per_step > 1)
+    t0, next_ckpt, pending = time.time() - s["seconds"], s["done"] + budget.ckpt_every, []
     every = 1 if pg.device.type == "cpu" else min(window, SETTLE_EVERY)    # a read costs a host sync on a GPU only
     with StopSignals() as signals:
         while s["done"] < stop:
-            if before_step:
-                before_step(s["step"])
-            for group, lr in zip(opt.param_groups, lrs):
-                group["lr"] = schedule(lr, s["done"], total)
-            if data is not None:
-                x = random_batch(data, local, gen)
+            if run.before_step:
+                run.before_step(s["step"])
+            for group, lr in zip(opt.param_groups, lrs):                  # the lr schedule
+                group["lr"] = budget.schedule(lr, s["done"], total)
+            if torch.is_tensor(data):                                      # draw the batch
+                x = random_batch(data, local, run.gen)
                 x = (to_float(x) if x.dtype == torch.uint8 else x).to(pg.device)
             else:
-                x = torch.randn((local, *noise), generator=gen).to(pg.device)
+                x = torch.randn((local, *data), generator=run.gen).to(pg.device)
             with autocast(pg.device):
-                out = loss(student, teacher, x, gen)
-            values, parts = optimizer_steps(pg, out, opt, params, budget.get("clip"), emas)
+                out = loss(student, teacher, x, run.gen)                   # the method's loss
+            values, parts = optimizer_steps(pg, out, opt, params, budget.clip, run.emas)    # backward, step, EMAs
             s["step"] += 1
             s["done"] += per_step
-            s["images"] += budget["batch"]
+            s["images"] += budget.batch
             pending.append((s["step"], s["images"], s["done"], values, parts))
             signum = signals.signum if pg.world == 1 else 0     # several processes: they agree in settle
-            if s["step"] % every == 0 or s["done"] >= stop or s["done"] >= next_ckpt or signum:
+            if s["step"] % every == 0 or s["done"] >= stop or s["done"] >= next_ckpt or signum:     # log
                 shown, signum = settle(pg, s, pending, window, total, signals.signum)  # one host sync per interval
                 bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
             s["seconds"] = time.time() - t0
             bar.update(per_step)
-            if s["done"] >= next_ckpt and s["done"] < stop:
-                next_ckpt += budget["ckpt_every"]
-                checkpoint(False)
+            if s["done"] >= next_ckpt and s["done"] < stop:               # checkpoint
+                next_ckpt += budget.ckpt_every
+                save_run(pg, opt, run, s, False)
             if signum:                                   # SIGTERM / SIGINT: this update done, its checkpoint, one line
                 bar.close()
-                checkpoint(s["done"] >= total)
+                save_run(pg, opt, run, s, s["done"] >= total)
                 raise Stopped(f"stopped by {signal.Signals(signum).name} after {s['done']:,} of {total:,} "
-                              f"{budget['unit']}; checkpoint {path} written; continue with `{resume_command(pg.world)}`",
+                              f"{budget.unit}; checkpoint {run.path} written; continue with `{resume_command(pg.world)}`",
                               signum)
     bar.close()
     settle(pg, s, pending, window, total)
-    for module in nets.values():
+    for module in run.nets.values():
         pg.check_in_sync(module)
-    checkpoint(s["done"] >= total)
+    save_run(pg, opt, run, s, s["done"] >= total)
     return dict(s, finished=s["done"] >= total)
 
 
@@ -1959,12 +1995,12 @@ def _train_teacher(dataset, preset, out, data_dir, seed, device, cfg, resume, da
     ema.load_state_dict(net.state_dict())
     pg.log(f"teacher: {dataset}, preset {preset}, {count_params(net) / 1e6:.2f} M params, "
            f"{cfg['images']:,} images, batch {cfg['batch']}, {pg.world} process(es) on {pg.device}")
-    budget = dict(total=cfg["images"], unit="images", batch=cfg["batch"], lr=cfg["lr"], clip=cfg["grad_clip"],
-                  schedule=warmup_lr(cfg["warmup"], cfg["batch"]), ckpt_every=cfg["ckpt_every"])
+    budget = Budget(cfg["images"], "images", cfg["batch"], cfg["lr"], cfg["ckpt_every"], clip=cfg["grad_clip"],
+                    schedule=warmup_lr(cfg["warmup"], cfg["batch"]))
     net.train()
-    run = train_loop(pg, lambda D, _, x0, gen: edm_loss(D, x0, gen), budget, opt, dict(net=net, ema=ema), ckpt_path,
-                     "teacher-training", dict(seed=seed, batch=cfg["batch"], dataset=dataset), gen, data=data,
-                     student=D, emas=[(ema, net, ema_beta(cfg["batch"], cfg["ema"]))], resume=ck, desc="teacher")
+    run = train_loop(pg, lambda D, _, x0, gen: edm_loss(D, x0, gen), data, D, None, opt, budget, Run(
+        ckpt_path, "teacher-training", dict(seed=seed, batch=cfg["batch"], dataset=dataset), dict(net=net, ema=ema), gen,
+        emas=[(ema, net, ema_beta(cfg["batch"], cfg["ema"]))], resume=ck, desc="teacher"))
     done, seconds = run["images"], run["seconds"]
     path = out / "teacher.pt"
     if pg.main:

@@ -206,27 +206,27 @@ def stage_path(folder, N):
 def stage_budget(args, N, schedule):
     """train_loop's budget of the stage that ends at N steps: --iters updates (times --later-factor where
     N <= --later-steps) of the batch, the lr under schedule, args.grad_clip and args.ckpt_every."""
-    return dict(total=round(args.iters * (args.later_factor if N <= args.later_steps else 1)), unit="updates",
-                batch=args.batch, lr=args.lr, schedule=schedule, clip=args.grad_clip, ckpt_every=args.ckpt_every)
+    return common.Budget(round(args.iters * (args.later_factor if N <= args.later_steps else 1)), "updates", args.batch,
+                         args.lr, args.ckpt_every, schedule=schedule, clip=args.grad_clip)
 
 
-def train_stage(pg, loss, budget, student, path, kind, settings, gen, reuse, resume, totals, **loop):
+def train_stage(pg, loss, budget, student, path, kind, settings, gen, reuse, resume, totals, data, teacher, desc):
     """One stage of a chain: common.train_loop on student (saved as "net"), a fresh Adam at the budget's lr (PD's),
     with the stage file path as its checkpoint. A finished file is read back instead of trained when reuse,
     an unfinished one continued when resume, else the stage starts over; a file read back must match
     settings (with the budget's updates, lr and batch). Each file counts its own stage's images and seconds;
-    totals: the chain's before this stage (images, seconds, curves). loop: train_loop's other arguments (data,
-    teacher, desc). Returns the chain's totals after it; the student is left frozen (freeze), the next stage's teacher."""
+    totals: the chain's before this stage (images, seconds, curves). Returns the chain's totals after it; the
+    student is left frozen (freeze), the next stage's teacher."""
     ck = common.resume_from(path, kind, reuse or resume)
     if ck is not None and not (reuse if ck.get("finished") else resume):
         ck = None
-    settings = dict(settings, iters=budget["total"], lr=budget["lr"], batch=budget["batch"])
-    opt = torch.optim.Adam(student.parameters(), lr=budget["lr"])
-    run = common.train_loop(pg, loss, budget, opt, dict(net=student.net), path, kind, settings, gen, student=student,
-                            resume=ck, **loop)
+    settings = dict(settings, iters=budget.total, lr=budget.lr, batch=budget.batch)
+    opt = torch.optim.Adam(student.parameters(), lr=budget.lr)
+    run = common.train_loop(pg, loss, data, student, teacher, opt, budget,
+                            common.Run(path, kind, settings, dict(net=student.net), gen, resume=ck, desc=desc))
     totals = {**{k: totals[k] + run[k] for k in ("images", "seconds")},     # and the chain's loss curves so far
-              "curves": [*totals.get("curves", []), common.curve_of(loop.get("desc", kind), run, totals["images"])]}
-    pg.log(f"{loop.get('desc', kind)}: {run['step']:,} updates of {budget['batch']}, {totals['images']:,} images and "
+              "curves": [*totals.get("curves", []), common.curve_of(desc, run, totals["images"])]}
+    pg.log(f"{desc}: {run['step']:,} updates of {budget.batch}, {totals['images']:,} images and "
            f"{totals['seconds'] / 60:.1f} min so far; saved {path}")
     common.freeze(student)
     return totals

@@ -328,12 +328,13 @@ def train(args, pg):
     pg.log(f"{out.name}: student NFE {','.join(map(str, nfes))}, {common.count_params(net) / 1e6:.2f} M params, teacher "
            f"{'stage-1 ' * second_stage}{solver} with K = {K}, {total:,} trajectories, batch {batch}, lr {lr:g}, "
            f"{pg.world} process(es) on {pg.device}")
-    budget = dict(total=total, unit="trajectories", batch=batch, lr=lr, ckpt_every=args.ckpt_every, stop_after=args.stop_after,
-                  schedule=lambda lr, done, total: lr if done < total / 2 else lr / 10)      # lr/10 after half the run
+    budget = common.Budget(total, "trajectories", batch, lr, args.ckpt_every, stop_after=args.stop_after,
+                           schedule=lambda lr, done, total: lr if done < total / 2 else lr / 10)    # lr/10 after half the run
     loss = lambda student, teacher, eps, gen: sfd_loss(student, teacher, eps, gen, nfes, nfe_gen, embed, K, solver,
                                                        afs, args.loss, args.t_min)
-    run = common.train_loop(pg, loss, budget, opt, nets, ck_path, "sfd-student", settings, gen, noise=common.image_shape(net),
-                            student=D, teacher=rollout, shared_rngs=dict(nfe_rng=nfe_gen), resume=resume, desc="sfd")
+    # sfd_loss yields one loss per student step: the loop takes an optimizer step after each (Alg. 2 line 5).
+    run = common.train_loop(pg, loss, common.image_shape(net), D, rollout, opt, budget, common.Run(   # data: noise
+        ck_path, "sfd-student", settings, nets, gen, shared_rngs=dict(nfe_rng=nfe_gen), resume=resume, desc="sfd"))
     done, seconds = run["done"], run["seconds"]
     if not run["finished"]:
         pg.log(f"stopped at {done:,} of {total:,} trajectories; continue with --resume")

@@ -265,11 +265,11 @@ def train_cd(args, pg, data, D, out, settings, gen):
     settings = dict(settings, **{k: getattr(args, k) for k in ("N", "mu", "ema_rate", "lr", "metric", "batch", "weighting")})
     loss = lambda s, T, x0, g: cd.cd_loss(s, T, x0, g, f_target=f_target, sigmas=sigmas, metric=args.metric,
                                           weighting=args.weighting)
-    budget = dict(total=args.iters, unit="updates", batch=args.batch, lr=args.lr, ckpt_every=args.ckpt_every)
-    run = common.train_loop(pg, loss, budget, torch.optim.RAdam(f.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8),
-                            nets, path, "sferd-cd-student", settings, gen, data=data, student=f, teacher=teacher,
-                            emas=cd.ema_updates(f, f_target, f_ema, args.mu, args.ema_rate),
-                            resume=common.resume_from(path, "sferd-cd-student", args.resume), desc="CD")
+    opt = torch.optim.RAdam(f.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    budget = common.Budget(args.iters, "updates", args.batch, args.lr, args.ckpt_every)
+    run = common.train_loop(pg, loss, data, f, teacher, opt, budget, common.Run(
+        path, "sferd-cd-student", settings, nets, gen, emas=cd.ema_updates(f, f_target, f_ema, args.mu, args.ema_rate),
+        resume=common.resume_from(path, "sferd-cd-student", args.resume), desc="CD"))
     alg1 = lambda s, T, x0, g, E, G: alg1_cd(s, T, x0, g, E, G, sigmas)
     return f_ema.eval(), teacher, alg1, dict(images=run["images"], seconds=run["seconds"], curves=[common.curve_of("CD", run)])
 
@@ -282,13 +282,13 @@ def train_predictor(args, pg, data, student, teacher, alg1, out, settings, total
     opt = torch.optim.Adam([{"params": list(E.parameters()) + list(G.parameters()), "lr": args.pred_lr},
                             {"params": list(student.net.parameters()), "lr": args.joint_lr}])
     path, P = out / "predictor.pt", args.pred_iters
-    run = common.train_loop(pg, lambda s, T, x0, g: alg1(s, T, x0, g, E, G), dict(
-        total=P, unit="updates", batch=args.pred_batch, lr=[args.pred_lr, args.joint_lr], ckpt_every=args.ckpt_every), opt,
-        dict(E=E, G=G, student=student.net), path, "sferd-predictor",
-        dict(settings, **{k: getattr(args, k) for k in ("z_dim", "pred_batch", "pred_lr", "joint_lr")}),
-        torch.Generator().manual_seed(args.seed * 1000 + pg.rank + 500), data=data, student=student, teacher=teacher,
+    budget = common.Budget(P, "updates", args.pred_batch, [args.pred_lr, args.joint_lr], args.ckpt_every)
+    settings = dict(settings, **{k: getattr(args, k) for k in ("z_dim", "pred_batch", "pred_lr", "joint_lr")})
+    run = common.train_loop(pg, lambda s, T, x0, g: alg1(s, T, x0, g, E, G), data, student, teacher, opt, budget, common.Run(
+        path, "sferd-predictor", settings, dict(E=E, G=G, student=student.net),
+        torch.Generator().manual_seed(args.seed * 1000 + pg.rank + 500),
         resume=common.resume_from(path, "sferd-predictor", args.resume), desc="predictor",
-        before_step=lambda step: student.requires_grad_(step >= P // 2))     # phase 1 frozen, phase 2 joint (Sec. 4.2)
+        before_step=lambda step: student.requires_grad_(step >= P // 2)))     # phase 1 frozen, phase 2 joint (Sec. 4.2)
     student.requires_grad_(False).eval()
     totals = dict(images=totals["images"] + run["images"], seconds=totals["seconds"] + run["seconds"],
                   curves=[*totals.get("curves", []), common.curve_of("predictor", run, totals["images"])])
@@ -351,11 +351,11 @@ def train_latent(args, pg, data, E, out, settings, totals):
     ema = copy.deepcopy(mlp).requires_grad_(False)                  # Table 4: the EMA samples
     loss = lambda m, _, z, g: latent_loss(m, z, torch.randint(len(LATENT_ALPHA_BAR), (len(z),), generator=g).to(
         z.device), torch.randn(z.shape, generator=g).to(z.device), LATENT_ALPHA_BAR)      # Eq. 16
-    run = common.train_loop(pg, loss, dict(total=args.latent_iters, unit="updates", batch=args.latent_batch,
-                                           lr=args.latent_lr, ckpt_every=args.ckpt_every),
-                            torch.optim.Adam(mlp.parameters(), lr=args.latent_lr), dict(mlp=mlp, ema=ema), path,
-                            "sferd-latent", settings, torch.Generator().manual_seed(args.seed * 1000 + pg.rank + 900),
-                            data=zn, student=mlp, emas=[(ema, mlp, args.latent_ema)], resume=ck, desc="latent DDPM")
+    budget = common.Budget(args.latent_iters, "updates", args.latent_batch, args.latent_lr, args.ckpt_every)
+    run = common.train_loop(pg, loss, zn, mlp, None, torch.optim.Adam(mlp.parameters(), lr=args.latent_lr), budget,
+                            common.Run(path, "sferd-latent", settings, dict(mlp=mlp, ema=ema),
+                                       torch.Generator().manual_seed(args.seed * 1000 + pg.rank + 900),
+                                       emas=[(ema, mlp, args.latent_ema)], resume=ck, desc="latent DDPM"))
     return ema.eval(), dict(totals, seconds=totals["seconds"] + run["seconds"],    # part of SFERD's training cost
                             curves=[*totals.get("curves", []), common.curve_of("latent DDPM", run, totals["images"])])
 
@@ -444,7 +444,7 @@ def bench_step(teacher, preset, device, batch=None):
             out = pd.pd_loss(student, T, x, gen, N, n=args.speeds[N])
         common.optimizer_steps(pg, out, opt, list(student.parameters()), clip=args.grad_clip)
 
-    total = sum(pd.stage_budget(args, N, None)["total"] for N in args.stages) * args.batch
+    total = sum(pd.stage_budget(args, N, None).total for N in args.stages) * args.batch
     return dict(step=step, unit="images", per_step=batch, total=total, nets=[teacher.net, student.net])
 
 

@@ -151,10 +151,10 @@ def random_teacher(tmp_path_factory):
 
 class MainSpy:
     """Runs a script's main with common.train_loop and fid.report replaced, to inspect what main builds (not a re-run
-    of the same code): each loop is recorded (its arguments and the train/eval mode of its nets and of the student),
-    then 'trains' by adding a different random perturbation to every net it was given (so an online network and its
-    EMA differ afterwards); each report records its arguments, the sampler, and the modes of every net seen so far.
-    probe(record), if set, is called inside each loop (a stage's loss may bind the stage's variables late)."""
+    of the same code): each loop is recorded (its arguments, its Run's fields and the train/eval mode of its nets and
+    of the student), then 'trains' by adding a different random perturbation to every net it was given (so an online
+    network and its EMA differ afterwards); each report records its arguments, the sampler, and the modes of every net
+    seen so far. probe(record), if set, is called inside each loop (a stage's loss may bind the stage's variables late)."""
 
     def __init__(self, monkeypatch):
         import common
@@ -163,12 +163,12 @@ class MainSpy:
         monkeypatch.setattr(common, "train_loop", self._loop)
         monkeypatch.setattr(fid, "report", self._report)
 
-    def _loop(self, pg, loss, budget, opt, nets, path, kind, settings, gen, **kw):
-        student = kw.get("student")
-        self.loops.append(dict(loss=loss, budget=budget, opt=opt, nets=nets, path=path, kind=kind, settings=settings,
-                               gen=gen, training={k: m.training for k, m in nets.items()},
+    def _loop(self, pg, loss, data, student, teacher, opt, budget, run):
+        nets = run.nets
+        self.loops.append(dict(vars(run), loss=loss, data=data, student=student, teacher=teacher, opt=opt, budget=budget,
+                               training={k: m.training for k, m in nets.items()},
                                states={k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in nets.items()},
-                               student_training=getattr(student, "training", None), **kw))
+                               student_training=getattr(student, "training", None)))
         self._nets += list(nets.values())
         if self.probe:                               # a test's look at this loop while it runs (its loss binds late)
             self.probe(self.loops[-1])
@@ -177,11 +177,11 @@ class MainSpy:
             for module in nets.values():
                 for p in module.parameters():
                     p.add_(0.01 * torch.randn(p.shape, generator=g).to(p.device))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()                                 # the checkpoint's place (a caller may remove it), empty
-        steps = -(-budget["total"] // (1 if budget["unit"] == "updates" else budget["batch"]))
-        return dict(step=steps, done=budget["total"], images=steps * budget["batch"], seconds=1.0, loss_start=1.0,
-                    loss_avg=0.5, curve=[[budget["batch"], 1.0, 0.5, 0.5]], acc={}, finished=True)
+        run.path.parent.mkdir(parents=True, exist_ok=True)
+        run.path.touch()                             # the checkpoint's place (a caller may remove it), empty
+        steps = -(-budget.total // (1 if budget.unit == "updates" else budget.batch))
+        return dict(step=steps, done=budget.total, images=steps * budget.batch, seconds=1.0, loss_start=1.0,
+                    loss_avg=0.5, curve=[[budget.batch, 1.0, 0.5, 0.5]], acc={}, finished=True)
 
     def _report(self, args, pg, out, teacher, teacher_path, sample_fn, info, shape, student=None, curves=None):
         self.reports.append(dict(args=args, out=out, teacher=teacher, sample_fn=sample_fn, info=info, shape=shape,

@@ -507,8 +507,8 @@ def test_train_teacher_builds_edms_recipe(fashion_dir, tmp_path, monkeypatch):
     assert {k: v for k, v in D.net.config.items() if k in common.NET_CONFIGS["smoke"]} == common.NET_CONFIGS["smoke"]
     assert loop["training"]["net"] and loop["nets"]["net"] is D.net
     b = loop["budget"]
-    assert (b["total"], b["unit"], b["batch"], b["lr"], b["clip"]) == (cfg["images"], "images", cfg["batch"], cfg["lr"], 1.0)
-    assert b["schedule"](1.0, 0, 512) == pytest.approx(cfg["batch"] / cfg["warmup"])
+    assert (b.total, b.unit, b.batch, b.lr, b.clip) == (cfg["images"], "images", cfg["batch"], cfg["lr"], 1.0)
+    assert b.schedule(1.0, 0, 512) == pytest.approx(cfg["batch"] / cfg["warmup"])
     ((ema, model, beta),) = loop["emas"]
     assert model is D.net and ema is loop["nets"]["ema"] and beta == pytest.approx(0.5 ** (cfg["batch"] / cfg["ema"]))
     x = torch.rand(4, 1, 32, 32) * 2 - 1

@@ -377,8 +377,8 @@ def test_main_builds_each_stage_and_samples_the_last_student(fashion_dir, random
         opt, student, b = loop["opt"], loop["student"], loop["budget"]
         group = opt.param_groups[0]
         assert type(opt) is torch.optim.Adam and (group["lr"], group["betas"], group["eps"]) == (1e-4, (0.9, 0.999), 1e-8)
-        assert (b["total"], b["unit"], b["batch"], b["lr"], b["clip"]) == (3, "updates", 8, 1e-4, 1.0)
-        assert [b["schedule"](1.0, d, 4) for d in (0, 1, 3)] == pytest.approx([1.0, 0.75, 0.25])
+        assert (b.total, b.unit, b.batch, b.lr, b.clip) == (3, "updates", 8, 1e-4, 1.0)
+        assert [b.schedule(1.0, d, 4) for d in (0, 1, 3)] == pytest.approx([1.0, 0.75, 0.25])
         assert loop["teacher"] is previous and not previous.training and loop["student_training"]
         assert all(torch.equal(v, previous.net.state_dict()[k]) for k, v in loop["states"]["net"].items())
         assert all(m.p == 0 for m in student.modules() if isinstance(m, torch.nn.Dropout))

@@ -469,8 +469,8 @@ def test_main_builds_adam_the_ramp_the_ema_and_samples_the_ema(fashion_dir, rand
     group = opt.param_groups[0]
     assert type(opt) is torch.optim.Adam and (group["lr"], group["betas"], group["eps"]) == (cfg["lr"], (0.9, 0.999), 1e-8)
     b = loop["budget"]
-    assert (b["total"], b["unit"], b["batch"], b["lr"], b["clip"]) == (cfg["images"], "images", cfg["batch"], cfg["lr"], 1.0)
-    assert [b["schedule"](1.0, d, 64) for d in (0, 16, 32)] == pytest.approx([0.5, 1.0, 1.0])    # warm-up of 32 images
+    assert (b.total, b.unit, b.batch, b.lr, b.clip) == (cfg["images"], "images", cfg["batch"], cfg["lr"], 1.0)
+    assert [b.schedule(1.0, d, 64) for d in (0, 16, 32)] == pytest.approx([0.5, 1.0, 1.0])    # warm-up of 32 images
     ((e, model, beta),) = loop["emas"]
     assert e is ema and model is net and beta == pytest.approx(0.5 ** (cfg["batch"] / cfg["ema"]))
     assert loop["training"]["net"] and loop["student"].net is net and net.config == teacher.net.config

@@ -449,7 +449,7 @@ def test_each_base_stage_trains_its_n_step_target_with_its_lr_schedule(tmp_path,
                                                                                                         xflip, n))
 
     def one_evaluation(pg, loss, budget, student, path, kind, settings, gen, reuse, resume, totals, **loop):
-        calls.append((path.name, [budget["schedule"](1.0, k, 10) for k in (0, 5)], budget["total"]))
+        calls.append((path.name, [budget.schedule(1.0, k, 10) for k in (0, 5)], budget.total))
         loss(student, loop["teacher"], common.to_float(loop["data"][:2]), gen)
         return totals
 
@@ -690,7 +690,7 @@ def test_main_builds_the_phases_and_samples_with_g_and_the_latent_ema(fashion_di
     assert [loop["kind"] for loop in spy.loops] == ["sferd-pd-student", "sferd-predictor", "sferd-latent"]
     base, pred, latent = spy.loops
     args = sferd.parse_args(["--preset", "smoke", "--nfe", "4"])
-    assert base["teacher"].__name__ == "D_guided" and base["budget"]["schedule"] is pd.linear_anneal
+    assert base["teacher"].__name__ == "D_guided" and base["budget"].schedule is pd.linear_anneal
     assert base["settings"]["guidance"] is True and base["settings"]["w"] == 0.3
     student, opt = pred["student"], pred["opt"]
     assert student is base["student"] and pred["teacher"] is base["teacher"]
@@ -699,14 +699,14 @@ def test_main_builds_the_phases_and_samples_with_g_and_the_latent_ema(fashion_di
     assert type(opt) is torch.optim.Adam and (g1["lr"], g2["lr"]) == (args.pred_lr, args.joint_lr)
     assert [id(p) for p in g1["params"]] == [id(p) for p in list(E.parameters()) + list(G.parameters())]
     assert [id(p) for p in g2["params"]] == [id(p) for p in student.net.parameters()]
-    assert pred["budget"]["lr"] == [args.pred_lr, args.joint_lr] and pred["budget"]["total"] == 4
+    assert pred["budget"].lr == [args.pred_lr, args.joint_lr] and pred["budget"].total == 4
     for step, trains in ((0, False), (1, False), (2, True), (3, True)):         # Sec. 4.2: frozen, then joint
         pred["before_step"](step)
         assert all(p.requires_grad == trains for p in student.net.parameters()), step
     mlp, ema = latent["nets"]["mlp"], latent["nets"]["ema"]
     lopt = latent["opt"]
     assert type(lopt) is torch.optim.Adam and lopt.param_groups[0]["lr"] == args.latent_lr
-    assert latent["emas"] == [(ema, mlp, args.latent_ema)] and latent["budget"]["batch"] == args.latent_batch
+    assert latent["emas"] == [(ema, mlp, args.latent_ema)] and latent["budget"].batch == args.latent_batch
     images, _ = common.load_dataset("fashion", fashion_dir)
     with torch.no_grad():
         z = E(common.to_float(images))

@@ -37,6 +37,7 @@ import common  # first: it sets OpenMP's wait policy, read when torch loads (com
 import torch
 import torch.nn as nn
 
+import cd
 import fid
 
 # ----------------------------------------------------------------------------------------------
@@ -206,13 +207,12 @@ def euler_step(D, x, t_cur, t_next, cond=None):
 
 
 def distance(name, a, b):
-    """d(x_n^psi, x~_n): the slides' ablation, L1 > pseudo-Huber > LPIPS > L2."""
+    """d(x_n^psi, x~_n): the slides' ablation, L1 > pseudo-Huber (cd.py's, iCT's) > LPIPS > L2."""
     if name == "l1":
         return (a - b).abs().mean()
     if name == "l2":
         return ((a - b) ** 2).mean()
-    c = 0.00054 * math.sqrt(a[0].numel())           # pseudo-Huber constant of iCT (Song & Dhariwal 2023)
-    return (((a - b) ** 2).flatten(1).sum(1) + c**2).sqrt().sub(c).mean()
+    return cd.pseudo_huber(a, b).mean()
 
 
 def sfd_loss(student, teacher, eps, gen, nfes, nfe_gen, embed=None, K=4, solver="dpm3m", afs=True, loss="l1",

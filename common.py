@@ -31,6 +31,7 @@ Command line:
   python common.py flops                                       # count their FLOPs (no GPU) and project GPU hours
 """
 import argparse
+import codecs
 import collections
 import datetime
 import errno
@@ -982,23 +983,43 @@ def _cifar_batches(split):
     return ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
 
 
-class CifarUnpickler(pickle.Unpickler):
-    """Reads a CIFAR-10 batch (a dict of bytes, lists and one uint8 numpy array) and nothing else: any
-    other global a pickle names, e.g. os.system in a crafted __reduce__, is refused before it is called."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+class AllowlistUnpickler(pickle.Unpickler):
+    """A pickle reader that builds only what its table names, {(module, name): the object built for it}, an entry
+    (package, "*") standing for every class under that package. A pickle calls the globals it names, so any other
+    (os.system in a crafted __reduce__) is refused before it is called: no file we read runs code. One table per file
+    family: CIFAR10_BATCH (below), EDM_SNAPSHOT (section 8b), fid.py's TORCHSCRIPT_WEIGHTS. what: the family, for
+    the refusal; persistent_load: the reader of data kept beside the pickle (a TorchScript archive's storages)."""
+
+    def __init__(self, file, table, what, persistent_load=None, **kwargs):
+        super().__init__(file, **kwargs)
+        self.table, self.what = table, what
+        if persistent_load is not None:
+            self.persistent_load = persistent_load
 
     def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR-10 batch")
-        return super().find_class(module, name)
+        found = self.table.get((module, name), self.table.get((module.split(".")[0], "*")))
+        if found is None:
+            raise UserError(f"refusing {module}.{name}: {name} is not part of {self.what} (it could run code)")
+        return found
+
+
+_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core      # numpy 1.x pickles name numpy.core, numpy 2.x numpy._core
+CIFAR10_BATCH = {                  # a dict of bytes, lists and one uint8 numpy array
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct   # the array, protocols 2-4
+       for core in ("core", "_core")},
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,                        # ... its class and dtype
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _NUMPY_CORE.numeric._frombuffer       # the array, protocol 5
+       for core in ("core", "_core")},
+    ("_codecs", "encode"): codecs.encode,                  # bytes in a protocol-2 pickle (the published batches)
+}
 
 
 def _unpickle(f, where):
     try:
-        d = CifarUnpickler(f, encoding="bytes").load()
+        d = AllowlistUnpickler(f, CIFAR10_BATCH, "a CIFAR-10 batch", encoding="bytes").load()
         return np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], np.int64)
+    except UserError as e:     # a global the table refuses
+        raise UserError(f"{where}: not a CIFAR-10 python batch ({e})") from None
     except Exception as e:     # a corrupt batch can fail in many ways; all mean the same to the user
         detail = f": {e}" if isinstance(e, pickle.UnpicklingError) else ""
         raise UserError(f"{where}: not a CIFAR-10 python batch ({e.__class__.__name__}{detail})") from None
@@ -2587,29 +2608,18 @@ def _storage_from_bytes(b):
     return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
 
 
-_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core
-EDM_PICKLE_ALLOWED = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
-    ("torch.nn.modules.container", "ModuleDict"): _Persistent,
-    ("dnnlib.util", "EasyDict"): _EasyDict,
-    ("collections", "OrderedDict"): collections.OrderedDict,
+EDM_SNAPSHOT = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,   # EDM's networks: class name and state
+    ("torch.nn.modules.container", "ModuleDict"): _Persistent,                  # pickled by value inside them
+    ("dnnlib.util", "EasyDict"): _EasyDict,                                     # dataset_kwargs and the like
+    ("collections", "OrderedDict"): collections.OrderedDict,                   # parameter and buffer dicts
     ("builtins", "set"): set,                           # protocols < 4 spell empty sets this way
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,    # the weights ...
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
-    **{(f"numpy.{core}.multiarray", "scalar"): _np_scalar for core in ("core", "_core")},
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,                 # ... and their storages, weights-only
+    **{(f"numpy.{core}.multiarray", "scalar"): _np_scalar for core in ("core", "_core")},   # numbers in the kwargs
     ("numpy", "dtype"): np.dtype,
 }
-
-
-class EDMUnpickler(pickle.Unpickler):
-    """pickle.Unpickler whose find_class knows only EDM_PICKLE_ALLOWED: anything else is refused."""
-
-    def find_class(self, module, name):
-        if (module, name) not in EDM_PICKLE_ALLOWED:
-            raise UserError(f"refusing {module}.{name}: an EDM snapshot needs only tensors, dicts and EDM's "
-                            "persistent classes, and this file names something else (it could run code)")
-        return EDM_PICKLE_ALLOWED[(module, name)]
 
 
 def _edm_state_dict(obj, prefix=""):
@@ -2637,10 +2647,10 @@ def _plain(v):
 
 def read_edm_snapshot(path):
     """EDMPrecond(SongUNet) of an EDM snapshot (dict(ema, loss_fn, augment_pipe, dataset_kwargs) or a
-    bare network), read with EDMUnpickler; returns a SongUNet with its weights and sigma_data."""
+    bare network), read by AllowlistUnpickler with EDM_SNAPSHOT; returns a SongUNet with its weights and sigma_data."""
     try:
         with open(path, "rb") as f:
-            data = EDMUnpickler(f).load()
+            data = AllowlistUnpickler(f, EDM_SNAPSHOT, "an EDM snapshot").load()
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     except Exception as e:        # truncated or not a pickle: many exception types, one meaning

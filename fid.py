@@ -36,7 +36,6 @@ import importlib.util
 import json
 import math
 import os
-import pickle
 import re
 import sys
 import time
@@ -197,49 +196,40 @@ def find_weights(path=None):
                            "(it ships default_1.pt) or pass --inception PATH to a copy of that file")
 
 
-class ScriptTensors(pickle.Unpickler):
-    """The tensors of a TorchScript archive, read without running it. torch.jit.load would run the
-    archive's code/ (a file can make that anything); this reads only data.pkl, whose module objects
-    become plain attribute holders, and the raw storages beside it. Any other global is refused."""
-    DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-              "LongStorage": torch.int64, "IntStorage": torch.int32, "BoolStorage": torch.bool}
+class ScriptModule:
+    """One of a TorchScript archive's __torch__ classes, read as its attributes only (never its code)."""
 
-    class Module:  # one of the archive's __torch__ classes: its attributes only
-        pass
 
-    def __init__(self, archive, root):
-        super().__init__(archive.open(f"{root}/data.pkl"))
-        self.archive, self.root = archive, root
-
-    def find_class(self, module, name):
-        if module.startswith("__torch__."):
-            return self.Module
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return lambda storage, offset, size, stride, *_: storage.as_strided(size, stride, offset)
-        if (module, name) == ("collections", "OrderedDict"):
-            return OrderedDict
-        if module == "torch.jit._pickle" and name in ("build_intlist", "build_doublelist", "build_boollist"):
-            return list
-        if module == "torch" and name in self.DTYPES:
-            return self.DTYPES[name]
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a TorchScript module's weights")
-
-    def persistent_load(self, pid):  # ('storage', dtype, key, location, numel): the raw bytes of data/<key>
-        _, dtype, key, _, numel = pid
-        raw = bytearray(self.archive.read(f"{self.root}/data/{key}"))
-        return torch.frombuffer(raw, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+TORCHSCRIPT_WEIGHTS = {            # data.pkl of a TorchScript archive: its modules, their tensors
+    ("__torch__", "*"): ScriptModule,                           # the archive's own classes: attribute holders
+    ("torch._utils", "_rebuild_tensor_v2"): lambda storage, offset, size, stride, *_: storage.as_strided(size, stride, offset),
+    ("collections", "OrderedDict"): OrderedDict,                 # parameter and buffer dicts
+    **{("torch.jit._pickle", f"build_{kind}list"): list for kind in ("int", "double", "bool")},   # lists of attributes
+    **{("torch", f"{kind}Storage"): dtype for kind, dtype in (        # a storage's dtype (persistent_load's pid)
+        ("Float", torch.float32), ("Double", torch.float64), ("Half", torch.float16), ("Long", torch.int64),
+        ("Int", torch.int32), ("Bool", torch.bool))},
+}
 
 
 def script_state_dict(path):
-    """{name: tensor} of a TorchScript archive, as torch.jit.load(path).state_dict() names them."""
+    """{name: tensor} of a TorchScript archive, as torch.jit.load(path).state_dict() names them. torch.jit.load would
+    run the archive's code/ (a file can make that anything); this reads only data.pkl (common.AllowlistUnpickler with
+    TORCHSCRIPT_WEIGHTS) and the raw storages beside it."""
     with zipfile.ZipFile(path) as archive:
         root = next(n for n in archive.namelist() if n.endswith("/data.pkl")).rsplit("/", 1)[0]
-        obj = ScriptTensors(archive, root).load()
+
+        def storage(pid):  # ('storage', dtype, key, location, numel): the raw bytes of data/<key>
+            _, dtype, key, _, numel = pid
+            raw = bytearray(archive.read(f"{root}/data/{key}"))
+            return torch.frombuffer(raw, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+
+        obj = common.AllowlistUnpickler(archive.open(f"{root}/data.pkl"), TORCHSCRIPT_WEIGHTS,
+                                        "a TorchScript module's weights", persistent_load=storage).load()
     state, todo = {}, [("", obj)]
     while todo:
         prefix, m = todo.pop()
         for key, value in vars(m).items():
-            if isinstance(value, ScriptTensors.Module):
+            if isinstance(value, ScriptModule):
                 todo.append((f"{prefix}{key}.", value))
             elif torch.is_tensor(value):
                 state[prefix + key] = value

@@ -225,7 +225,7 @@ def write_snapshot(data, path, monkeypatch, protocol=4, numpy_core="numpy._core"
 
 def read_tree(path):
     with open(path, "rb") as f:
-        return common.EDMUnpickler(f).load()
+        return common.AllowlistUnpickler(f, common.EDM_SNAPSHOT, "an EDM snapshot").load()
 
 
 def test_torch1_style_snapshot_reads_the_same(tmp_path, monkeypatch):

@@ -50,7 +50,7 @@ import tarfile
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 # OpenMP's threads wait for work by spinning: beside one other busy process on a 2-core laptop (a second run, a
@@ -898,28 +898,13 @@ def md5sum(path):
     return h.hexdigest()
 
 
-@contextmanager
-def download_lock(path):
-    """Hold an exclusive lock on path.lock, beside path: one process downloads path, every other one (of this
-    torchrun job or of another job) waits here and then finds the file in place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:                            # no POSIX locks (Windows): every process fetches for itself
-        yield
-        return
-    with open(path.with_name(path.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def download(url, path, md5, check=None):
     """Fetch url to path (temp file + rename) and check its md5 (None: only the length the server
     announced, which urlretrieve checks) and, if given, check(temp file), which raises UserError when the file
     does not read as what it should be: nothing that fails a check is cached. One process fetches while the others
-    wait for it (download_lock); UserError when offline."""
-    with download_lock(path):
+    wait for it (the lock path.lock beside it); UserError when offline."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with lock(path.parent, wait="", name=path.name + ".lock"):
         if path.exists():                        # another process fetched it while this one waited
             return path
         tmp = path.with_name(path.name + ".part")
@@ -1224,14 +1209,16 @@ def run_dir(args, name):
     return hold_folder(prepare_out_dir(Path(args.out) if args.out else RUNS / dataset_slug(args.dataset) / name))
 
 
-_LOCKS = {}                                       # resolved folder -> its open lock file, while this process holds it
+_LOCKS = {}                                       # resolved lock file -> its open file, while this process holds it
+_HELD = ExitStack()                               # the locks held until this process ends (hold_folder)
 
 
-def _lock(folder, wait=None):
-    """Take the exclusive OS lock (flock) of folder/.lock and write this process into it. Held by another process:
-    refused in one line naming it, or (wait: what is waited for) a line saying so, then wait. The OS drops the
-    lock when the process ends, however it ends, so a killed run never leaves a stale lock."""
-    path = Path(folder) / ".lock"
+def _lock(folder, wait=None, name=".lock"):
+    """Take the exclusive OS lock (flock) of folder/name and write this process into it. Held by another process:
+    refused in one line naming it, or (wait: what is waited for) a line saying so, then wait; wait "": wait without a
+    word (a download, which every process of a job waits for). The OS drops the lock when the process ends, however
+    it ends, so a killed run never leaves a stale lock."""
+    path = Path(folder) / name
     f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1240,7 +1227,8 @@ def _lock(folder, wait=None):
         if wait is None:
             f.close()
             raise UserError(f"{folder} is in use by {holder}: wait for it to finish or choose another --out") from None
-        print(f"{folder} is in use by {holder}; waiting for {wait}", file=sys.stderr)
+        if wait:
+            print(f"{folder} is in use by {holder}; waiting for {wait}", file=sys.stderr)
         fcntl.flock(f, fcntl.LOCK_EX)
     f.seek(0)
     f.truncate()
@@ -1249,28 +1237,34 @@ def _lock(folder, wait=None):
     return f
 
 
-def hold_folder(folder):
-    """One run per folder: this process holds folder's lock until it ends (rank 0 under torchrun: the one that
-    writes). A folder this process already holds is fine (a chain's stages, the teacher's rows)."""
-    key = Path(folder).resolve()
-    if fcntl is not None and int(os.environ.get("RANK", 0)) == 0 and key not in _LOCKS:
-        _LOCKS[key] = _lock(folder)
-    return Path(folder)
-
-
 @contextmanager
-def folder_lock(folder, wait=None):
-    """folder's lock for the length of a with block (a cache built once for several runs: the shared teacher);
-    wait: wait for another holder instead of refusing (see _lock)."""
-    key = Path(folder).resolve()
-    if fcntl is None or int(os.environ.get("RANK", 0)) != 0 or key in _LOCKS:
+def lock(folder, wait=None, name=".lock"):
+    """folder/name's lock (_lock) for the length of a with block; one this process already holds is fine (a chain's
+    stages, the teacher's rows). The one lock of fewstep: a run's folder (hold_folder), a cache built once for several
+    runs (folder_lock: the shared teacher), a download (download). No POSIX locks (Windows): nothing is locked."""
+    key = (Path(folder) / name).resolve()
+    if fcntl is None or key in _LOCKS:
         yield
         return
-    _LOCKS[key] = _lock(folder, wait)
+    _LOCKS[key] = _lock(folder, wait, name)
     try:
         yield
     finally:
         _LOCKS.pop(key).close()                   # closing the file releases the lock
+
+
+def hold_folder(folder):
+    """One run per folder: this process holds folder's lock until it ends (rank 0 under torchrun: the one that
+    writes)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        _HELD.enter_context(lock(folder))
+    return Path(folder)
+
+
+def folder_lock(folder, wait=None):
+    """folder's lock for the length of a with block, taken by rank 0 under torchrun (the one that writes);
+    wait: wait for another holder instead of refusing (see _lock)."""
+    return lock(folder, wait) if int(os.environ.get("RANK", 0)) == 0 else nullcontext()
 
 
 WEIGHT_LIMIT = math.sqrt(torch.finfo(torch.float32).max)    # ~1.8e19: its square overflows float32

@@ -278,7 +278,7 @@ def first_stage(args, pg, teacher, teacher_sha256):
     """--nfe 1: the first-stage student, from --first-stage or else from the folder a plain `--nfe 5` run with the
     same flags writes (it must hold what that run trains); trained first if the folder holds no finished one."""
     name = run_name(args, [FIRST_STAGE_NFE])
-    folder = args.first_stage or (Path(args.out).parent / name if args.out else common.run_dir(with_(args, out=None), name))
+    folder = args.first_stage or (Path(args.out).parent / name if args.out else common.run_dir(None, args.dataset, name))
     path = Path(folder) / "student.pt"
     stage1_args = with_(args, nfe=str(FIRST_STAGE_NFE), out=str(path.parent), resume=True, first_stage=None, stop_after=None)
     if not (path.exists() and common.load_checkpoint(path, "sfd-student")["finished"]):
@@ -304,9 +304,10 @@ def train(args, pg):
     afs, second_stage, variable = not args.no_afs, nfes == [1], len(nfes) > 1
     settings = run_settings(args, nfes)
     solver, K, total, lr, batch = (settings[k] for k in ("solver", "K", "trajectories", "lr", "batch"))
-    out = common.run_dir(args, run_name(args, nfes))
-    fid.check_exports(args, *([out / f"nfe{n}" for n in nfes] if variable else [out]))
-    teacher, teacher_path = common.load_teacher(args, pg)               # the shared teacher: evaluation reference
+    out = common.run_dir(args.out, args.dataset, run_name(args, nfes))
+    ev = common.Eval.of(args)
+    fid.check_exports(ev, *([out / f"nfe{n}" for n in nfes] if variable else [out]))
+    teacher, teacher_path = common.load_teacher(ev, pg)                 # the shared teacher: evaluation reference
     settings["teacher_sha256"] = common.fingerprint(teacher_path)      # checked on --resume
     source = first_stage(args, pg, teacher, settings["teacher_sha256"]) if second_stage else teacher
 
@@ -351,7 +352,7 @@ def train(args, pg):
         return lambda eps: sampler(lambda x, s: D(x, s, cond(len(x))), SIGMA_MAX * eps, grids[n])
 
     variant = "sfd-stage2" if second_stage else ("sfd-v" if variable else "sfd")
-    all_metrics = [fid.report(args, pg, out / f"nfe{n}" if variable else out, teacher, teacher_path, sample_fn(n), dict(
+    all_metrics = [fid.report(ev, pg, out / f"nfe{n}" if variable else out, teacher, teacher_path, sample_fn(n), dict(
         method="sfd", variant=variant, nfe=n, train_seconds=seconds, images_seen=done, trajectories=done,
         teacher_solver=f"{solver} (stage 1)" if second_stage else solver, teacher_steps_K=K,
         teacher_threshold=settings["threshold"], teacher_nfe_per_trajectory=K * (len(grids[n]) - 1) * TEACHER_SOLVERS[solver][1],

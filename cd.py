@@ -256,15 +256,15 @@ def make_sampler(f, taus, clip=False):
 
 
 @torch.no_grad()
-def onestep_rms(args, pg, teacher, teacher_path, f, shape):
+def onestep_rms(ev, pg, teacher, teacher_path, f, shape):
     """teacher_rms of the ONE-step student (and of the teacher's 1-NFE Euler), the deterministic measure; every
     process makes its share of the samples (fid.generate)."""
-    n = fid.FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
-    n, batch = max(n, 64), args.batch_size or 250
-    _, ref = fid.teacher_baseline(teacher, teacher_path, args, "dpm3m", fid.REFERENCE_NFE, n, shape, pg.device,
+    n = fid.FID_SAMPLES[ev.preset] if ev.fid_samples is None else ev.fid_samples
+    n, batch = max(n, 64), ev.batch_size or 250
+    _, ref = fid.teacher_baseline(teacher, teacher_path, ev, "dpm3m", fid.REFERENCE_NFE, n, shape, pg.device,
                                   with_fid=False, pg=pg)
     one = fid.generate(lambda eps: f(SIGMA_MAX * eps, SIGMA_MAX), n, shape, batch, pg.device, "student 1 step", pg,
-                       args.bf16_eval)
+                       ev.bf16_eval)
     euler = fid.generate(lambda eps: teacher(SIGMA_MAX * eps, SIGMA_MAX), n, shape, batch, pg.device, "teacher 1 NFE", pg)
     return {"onestep_teacher_rms": fid.rms_distance(one, ref), "onestep_teacher_rms_euler": fid.rms_distance(euler, ref)}
 
@@ -305,10 +305,11 @@ def bench_step(teacher, preset, device, batch=None):
 def main():
     args = parse_args()
     pg = common.Dist(args.device, args.compile, args.channels_last)
-    out = common.run_dir(args, f"cd-{args.preset}")                  # the NFE only changes sampling: nfe<N>/
-    fid.check_exports(args, out / f"nfe{args.nfe}")
-    data, D, teacher_path = common.load_inputs(args, pg, ("fewstep", "edm-songunet"), "CD's consistency function "
-                                               "(Eq. 5) reuses the teacher's EDM preconditioning F(c_in*x, c_noise)")
+    out = common.run_dir(args.out, args.dataset, f"cd-{args.preset}")   # the NFE only changes sampling: nfe<N>/
+    ev = common.Eval.of(args)
+    fid.check_exports(ev, out / f"nfe{args.nfe}")
+    data, D, teacher_path = common.load_inputs(ev, pg, args.seed, ("fewstep", "edm-songunet"), "CD's consistency "
+                                               "function (Eq. 5) reuses the teacher's EDM preconditioning F(c_in*x, c_noise)")
 
     # Training (boilerplate around Alg. 2): cd_loss through the shared loop, resumable from student.pt.
     sigmas = common.karras_sigmas(args.N, SIGMA_MIN, SIGMA_MAX, RHO).float().to(pg.device)
@@ -337,8 +338,8 @@ def main():
                 batch=args.batch, iterations=args.iterations, weighting=args.weighting, n_dist=args.n_dist,
                 xflip=args.xflip, clip=args.clip)
     if args.nfe > 1:
-        info.update(onestep_rms(args, pg, D, teacher_path, f_ema, data.shape[1:]))
-    fid.report(args, pg, out / f"nfe{args.nfe}", D, teacher_path, make_sampler(f_ema, args.taus, args.clip), info,
+        info.update(onestep_rms(ev, pg, D, teacher_path, f_ema, data.shape[1:]))
+    fid.report(ev, pg, out / f"nfe{args.nfe}", D, teacher_path, make_sampler(f_ema, args.taus, args.clip), info,
                data.shape[1:], student=f_ema, curves=[common.curve_of("CD", run)])
     pg.close()
 

@@ -319,11 +319,12 @@ def main(argv=None):
     args = parse_args(argv)
     pd_stages, stages = cfd_stages(args)
     pg = common.Dist(args.device, args.compile, args.channels_last)
-    out, folder = common.run_dir(args, f"{args.variant}-{args.preset}"), common.hold_folder(common.prepare_out_dir(
-        pd_chain_dir(args)))                                     # pd.py's chain folder: one writer at a time
+    out = common.run_dir(args.out, args.dataset, f"{args.variant}-{args.preset}")
+    folder = common.hold_folder(common.prepare_out_dir(pd_chain_dir(args)))  # pd.py's chain folder: one writer at a time
     common.resume_note(pg, args.resume, *[pd.stage_path(out, N) for N in stages])
-    fid.check_exports(args, out / f"nfe{args.nfe}")
-    data, teacher, teacher_path = common.load_inputs(args, pg)
+    ev = common.Eval.of(args)
+    fid.check_exports(ev, out / f"nfe{args.nfe}")
+    data, teacher, teacher_path = common.load_inputs(ev, pg, args.seed)
     cls, cls_path, cls_acc = load_classifier(args, pg, data.shape[1])
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
     hparams = {N: stage_hparams(args, N) for N in stages}
@@ -352,7 +353,7 @@ def main(argv=None):
         b, _, b_totals = pd.distil(args, pg, data, start, stages, b_out, settings, b_gen, totals=prefix)
         info = dict(method="pd", variant="pd-baseline", nfe=args.nfe, train_seconds=b_totals["seconds"],
                     images_seen=b_totals["images"], start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters)
-        m = fid.report(args, pg, b_out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(b, eps, args.nfe),
+        m = fid.report(ev, pg, b_out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(b, eps, args.nfe),
                        info, data.shape[1:], student=b, curves=b_totals.get("curves"))
         if pg.main:
             baseline = {k: m[k] for k in ("fid", "fid_n", "teacher_rms", "images_seen")} | {
@@ -366,7 +367,7 @@ def main(argv=None):
                 iters_per_stage=args.iters, lr=args.lr, batch=args.batch, xflip=args.xflip, classifier=str(cls_path),
                 classifier_test_acc=cls_acc, pd_baseline=baseline, sampler="DDIM, x_hat clipped to [-1, 1]")
     # The report compares with the original teacher's solvers.
-    fid.report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(student, eps, args.nfe),
+    fid.report(ev, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(student, eps, args.nfe),
                info, data.shape[1:], student=student, curves=totals.get("curves"))
     pg.close()
 

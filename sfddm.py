@@ -269,9 +269,9 @@ def ceiling_rows(args, pg, folder, teacher, teacher_path, alpha_bar_s, phi, shap
 
         pg.log(f"ceiling rows (the teacher on phi) already in {folder}")
         return
-    t0 = time.time()
+    t0, ev = time.time(), common.Eval.of(args)
     for name, fn in phi_samplers(teacher, alpha_bar_s, not args.no_clip).items():
-        fid.report(args, pg, folder / name, teacher, teacher_path, fn, dict(
+        fid.report(ev, pg, folder / name, teacher, teacher_path, fn, dict(
             method="teacher", variant=f"teacher-phi-{name}", nfe=len(phi) - 1, train_seconds=0, images_seen=0,
             teacher_steps=args.teacher_steps, subseq=args.subseq, **key), shape)
     pg.log(f"ceiling rows (the teacher on phi) in {(time.time() - t0) / 60:.1f} min: {folder}")
@@ -314,13 +314,14 @@ def main():
     pg = common.Dist(args.device, args.compile, args.channels_last)
     suffix = f"-nfe{args.nfe}" + ("-concentrated" if args.subseq == "concentrated" else "")
     kind = "scratch" if args.scratch else {"fresh": "", "teacher": "tinit"}[args.init]
-    out = common.run_dir(args, "sfddm" + (f"-{kind}" if kind else "") + suffix)
-    fid.check_exports(args, out / "ddim", out / "alg2")
+    out = common.run_dir(args.out, args.dataset, "sfddm" + (f"-{kind}" if kind else "") + suffix)
+    ev = common.Eval.of(args)
+    fid.check_exports(ev, out / "ddim", out / "alg2")
     if args.nfe == 2:
         pg.log("warning: SFDDM is not meant for 2 steps (paper Sec. 5); expect blurry samples")
     alpha_bar_s = student_alpha_bar(teacher_alpha_bar(args.teacher_steps), phi)       # Eq. 9
     data, _ = common.load_dataset(args.dataset, args.data_dir)
-    teacher, teacher_path = common.load_teacher(args, pg)
+    teacher, teacher_path = common.load_teacher(ev, pg)
     common.check_data_shape(data, teacher, args.dataset)
     if args.hidden_weight > 0:
         common.require_arch(teacher.net, ("fewstep",), "SFDDM's hidden-variable term (--hidden-weight > 0; "
@@ -366,7 +367,7 @@ def main():
                     teacher_steps=args.teacher_steps, subseq=args.subseq, phi=phi, student_sigmas=sigmas,
                     init=args.init, scratch=args.scratch, hidden_weight=args.hidden_weight, lr=args.lr,
                     batch=args.batch, clip=not args.no_clip, **stats)
-        fid.report(args, pg, out / name, teacher, teacher_path, samplers[name], info, shape, student=D_ema)
+        fid.report(ev, pg, out / name, teacher, teacher_path, samplers[name], info, shape, student=D_ema)
     ceiling_rows(args, pg, ceiling, teacher, teacher_path, alpha_bar_s, phi, shape)
     pg.close()
 

@@ -453,12 +453,13 @@ def main(argv=None):
     pg = common.Dist(args.device, args.compile, args.channels_last)
     eps_space = args.guidance_space == "eps" and not args.no_guidance
     variant = f"sferd-{args.base}" + "-noguide" * args.no_guidance + "-epsguide" * eps_space + "-nopred" * args.no_predictor
-    out = common.run_dir(args, f"{variant}-nfe{args.nfe}")
+    out = common.run_dir(args.out, args.dataset, f"{variant}-nfe{args.nfe}")
     base_files = [pd.stage_path(out, N) for N in args.stages] if args.base == "pd" else [out / "student.pt"]
     common.resume_note(pg, args.resume, *base_files, out / "predictor.pt", out / "latent.pt")
-    fid.check_exports(args, out)
-    data, D, teacher_path = common.load_inputs(args, pg, ("fewstep",), "SFERD reads the teacher U-Net's attention maps "
-                                               "and splits its encoder from its decoder")
+    ev = common.Eval.of(args)
+    fid.check_exports(ev, out)
+    data, D, teacher_path = common.load_inputs(ev, pg, args.seed, ("fewstep",), "SFERD reads the teacher U-Net's "
+                                               "attention maps and splits its encoder from its decoder")
     if not args.no_guidance:
         args.attn_block = attn_block(D.net, args.attn_block)         # a bad --attn-block fails now, not in training
     pg.log(f"{variant}: {args.dataset}, preset {args.preset}, NFE {args.nfe}, attention block {args.attn_block}, "
@@ -483,7 +484,7 @@ def main(argv=None):
                 latent_ddim_steps=args.latent_steps if G is not None else 0, start_steps=args.start_steps, stages=args.stages,
                 calls_per_step="student + G_tau (its own encoder pass)" if G is not None else "student",
                 schedule=args.schedule, **base_run_metrics(args))
-    fid.report(args, pg, out, D, teacher_path, make_sampler(args, student, G, latent), info, data.shape[1:],
+    fid.report(ev, pg, out, D, teacher_path, make_sampler(args, student, G, latent), info, data.shape[1:],
                student=student, curves=totals.get("curves"))
     pg.close()
 

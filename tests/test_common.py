@@ -532,12 +532,12 @@ def test_load_teacher_trains_when_missing(fashion_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = common.common_parser("t").parse_args(["--preset", "smoke", "--data-dir", str(fashion_dir)])
     monkeypatch.setitem(common.TEACHER_PRESETS, "smoke", {**common.TEACHER_PRESETS["smoke"], "images": 64})
-    D, path = common.load_teacher(args)
+    D, path = common.load_teacher(common.Eval.of(args))
     assert path == common.RUNS / "fashion" / "teacher-smoke" / "teacher.pt" and path.exists()
     assert not any(p.requires_grad for p in D.parameters())
     args.teacher = str(tmp_path / "nothing.pt")
     with pytest.raises(common.UserError):
-        common.load_teacher(args)
+        common.load_teacher(common.Eval.of(args))
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
@@ -573,11 +573,11 @@ def test_report_measures_rms_to_the_teachers_reference(smoke_teacher, fashion_di
     args = common.common_parser("t").parse_args(["--preset", "smoke", "--data-dir", str(fashion_dir),
                                                  "--teacher", str(smoke_teacher)])
     pg = common.Dist("cpu")
-    D, path = common.load_teacher(args, pg)
+    D, path = common.load_teacher(common.Eval.of(args), pg)
     ref = common.teacher_sigmas("dpm3m", fid.REFERENCE_NFE)
     same = lambda eps: common.sample_dpmpp(D, eps * 80.0, ref)
     info = dict(method="teacher", nfe=2, train_seconds=0, images_seen=0)
-    m = fid.report(args, pg, tmp_path / "run", D, path, same, info, (1, 32, 32))
+    m = fid.report(common.Eval.of(args), pg, tmp_path / "run", D, path, same, info, (1, 32, 32))
     assert m["teacher_rms"] == 0 and m["fid"] is None and m["fid_n"] == 0 and m["rms_n"] == 64
     assert m["teacher_rms_euler"] > 0.01 and m["teacher_rms_dpm3m"] > 0
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -1,7 +1,6 @@
 """Tests of the full-scale path (issue 21): the preset default by dataset, the refusal of a paper run
 without CUDA, --export in both formats (and that fid.py scores the export as the run scored itself),
 fid.py's .npz readers (statistics, EDM's reference file, arr_0 samples), and python common.py bench."""
-import argparse
 import json
 import math
 import re
@@ -66,15 +65,15 @@ def test_refusal_estimate_is_the_counted_flops_times_the_budget(monkeypatch):
     cost = dict(unit="trajectories", units=86_400, flops_per_unit=2 * common.CPU_FLOPS)     # 2 s each: 2 days
     with pytest.raises(common.UserError, match=r"at least 2 days on a CPU \(2e\+11 FLOP per trajectory, counted, x "
                        r"86,400 trajectories .*`python sfd.py --dataset cifar10 --nfe 4 --preset lab`"):
-        common.refuse_paper_on_cpu(argparse.Namespace(dataset="cifar10"), "sfd", cost)
+        common.refuse_paper_on_cpu("sfd", cost)
     assert common.duration(3 * 365.25 * 86400) == "3.0 years" and common.duration(5400) == "1.50 h"
 
 
 # --- export ----------------------------------------------------------------------------------
 
 def export_args(tmp_path, **kw):
-    return argparse.Namespace(**{**dict(export=5, export_format="png", export_dir=None, resume=False, batch_size=2,
-                                        dataset="fashion"), **kw})
+    return common.Eval(**{**dict(export=5, export_format="png", export_dir=None, resume=False, batch_size=2,
+                                 dataset="fashion"), **kw})
 
 
 def noise_images(calls):
@@ -170,10 +169,9 @@ def test_fid_of_the_export_equals_the_runs_own_fid(fashion_dir, smoke_teacher, t
         r = run_script("sfd.py", *base, "--resume", "--export", 8, "--export-format", fmt, cwd=tmp_path, timeout=1800)
         assert r.returncode == 0 and f"exported 8 samples to {target}" in r.stdout, r.stderr
         monkeypatch.chdir(tmp_path)                         # the reference statistics the run cached (runs/ here)
-        ns = argparse.Namespace(batch_size=fid.BATCH_SIZE, device="cpu", fast=False, inception=None, data_dir=fashion_dir,
-                                ref_n=None)
-        mu, sigma, n = fid.source_stats(str(target), ns)
-        mu_ref, sigma_ref, _ = fid.source_stats("dataset:fashion", ns)
+        opts = dict(device="cpu", batch_size=fid.BATCH_SIZE, data_dir=fashion_dir)
+        mu, sigma, n = fid.source_stats(str(target), **opts)
+        mu_ref, sigma_ref, _ = fid.source_stats("dataset:fashion", **opts)
         assert n == 8 and abs(fid.frechet_distance(mu, sigma, mu_ref, sigma_ref) - own) < 1e-6 * max(1, own)
     # The same through fid.py's command line.
     r = run_script("fid.py", run / "samples-8", "dataset:fashion", "--data-dir", fashion_dir, cwd=tmp_path, timeout=1800)
@@ -183,7 +181,7 @@ def test_fid_of_the_export_equals_the_runs_own_fid(fashion_dir, smoke_teacher, t
 # --- fid.py's .npz readers -------------------------------------------------------------------
 
 def npz_args():
-    return argparse.Namespace(batch_size=4, device="cpu", fast=False, inception=None, data_dir=None, ref_n=None)
+    return dict(device="cpu", batch_size=4)
 
 
 def test_npz_statistics_reader_and_edm_reference(tmp_path, monkeypatch):
@@ -191,18 +189,18 @@ def test_npz_statistics_reader_and_edm_reference(tmp_path, monkeypatch):
     mu, a = rng.standard_normal(fid.FEATURES), rng.standard_normal((fid.FEATURES, 8))
     sigma = a @ a.T
     np.savez(tmp_path / "ours.npz", mu=mu, sigma=sigma, n=123)
-    m, s, n = fid.source_stats(str(tmp_path / "ours.npz"), npz_args())
+    m, s, n = fid.source_stats(str(tmp_path / "ours.npz"), **npz_args())
     assert np.array_equal(m, mu) and np.array_equal(s, sigma) and n == 123
     # EDM's fid-refs file: mu and sigma only (no n), read from the cache; a missing one is downloaded on request.
     (common.DOWNLOAD_DIR / "fid-refs").mkdir(parents=True)
     np.savez(common.DOWNLOAD_DIR / "fid-refs" / "cifar10-32x32.npz", mu=mu.astype(np.float32), sigma=sigma)
-    m, s, n = fid.source_stats("edm:cifar10-32x32", npz_args())
+    m, s, n = fid.source_stats("edm:cifar10-32x32", **npz_args())
     assert np.array_equal(m, mu.astype(np.float32)) and n is None
     with pytest.raises(common.UserError, match="tried to download https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"
                                                "afhqv2-64x64.npz"):
-        fid.source_stats("edm:afhqv2-64x64", npz_args())
+        fid.source_stats("edm:afhqv2-64x64", **npz_args())
     with pytest.raises(common.UserError, match="edm:NAME"):
-        fid.source_stats("edm:../x", npz_args())
+        fid.source_stats("edm:../x", **npz_args())
     bad = {"shape.npz": dict(mu=mu[:10], sigma=sigma[:10, :10]), "dtype.npz": dict(mu=mu.astype(int), sigma=sigma),
            "keys.npz": dict(features=mu), "obj.npz": dict(mu=np.array([{"a": 1}], dtype=object), sigma=sigma),
            "float-samples.npz": dict(arr_0=rng.random((4, 8, 8, 3))),
@@ -214,7 +212,7 @@ def test_npz_statistics_reader_and_edm_reference(tmp_path, monkeypatch):
                         ("obj.npz", "not a readable .npz of plain arrays"), ("junk.npz", "not a readable .npz"),
                         ("float-samples.npz", "arr_0 is float64"), ("nhwc.npz", r"arr_0 is uint8 \(4, 3, 8, 8\)")):
         with pytest.raises(common.UserError, match=match):
-            fid.source_stats(str(tmp_path / name), npz_args())
+            fid.source_stats(str(tmp_path / name), **npz_args())
 
 
 def test_npz_samples_reader_feeds_the_images_as_a_folder_would(tmp_path, monkeypatch):
@@ -226,7 +224,7 @@ def test_npz_samples_reader_feeds_the_images_as_a_folder_would(tmp_path, monkeyp
     monkeypatch.setattr(fid, "feature_stats", fake_stats)
     arr = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=arr)
-    assert fid.source_stats(str(tmp_path / "s.npz"), npz_args()) == ("mu", "sigma", 6)
+    assert fid.source_stats(str(tmp_path / "s.npz"), **npz_args()) == ("mu", "sigma", 6)
     assert [b.shape for b in seen] == [(4, 3, 8, 8), (2, 3, 8, 8)]          # NHWC -> NCHW batches, uint8
     assert torch.equal(torch.cat(seen), torch.from_numpy(arr).permute(0, 3, 1, 2)) and seen[0].dtype == torch.uint8
 
@@ -248,9 +246,8 @@ def test_cifar10_reference_is_the_whole_training_set(tmp_path, monkeypatch):
 # --- the bench -------------------------------------------------------------------------------
 
 def test_bench_reports_every_method_at_smoke(tmp_path):
-    args = argparse.Namespace(device="cpu", methods=list(common.BENCH_METHODS), preset="smoke", channels=1,
-                              batch_size=None, steps=1, warmup=1, channels_last=False, compile=False, out=str(tmp_path / "b"))
-    rows = common.bench(args)
+    rows = common.bench(methods=list(common.BENCH_METHODS), preset="smoke", channels=1, batch_size=None, steps=1, warmup=1,
+                        device="cpu", channels_last=False, compile=False, out=str(tmp_path / "b"))
     assert [r["method"] for r in rows] == ["sfd", "pd", "cd", "sfddm", "cfd", "sferd"]
     for r in rows:
         assert r["throughput"] > 0 and r["total"] > 0 and r["flops_per_step"] > 0 and r["projected_hours"] > 0

@@ -225,7 +225,7 @@ def write_snapshot(data, path, monkeypatch, protocol=4, numpy_core="numpy._core"
 
 def read_tree(path):
     with open(path, "rb") as f:
-        return common.EDMUnpickler(f).load()
+        return common.AllowlistUnpickler(f, common.EDM_SNAPSHOT, "an EDM snapshot").load()
 
 
 def test_torch1_style_snapshot_reads_the_same(tmp_path, monkeypatch):
@@ -279,14 +279,13 @@ def test_old_fewstep_config_without_arch_still_builds():
 # --- Names: edm / ddpm from the cache, cifar10 paper default, offline error ---------------------------
 
 def test_published_names_use_the_cache_and_paper_default(tmp_path, monkeypatch):
-    import argparse
-    args = argparse.Namespace(teacher=None, dataset="cifar10", preset="paper", device="cpu", data_dir=None)
+    ev = common.Eval(dataset="cifar10", preset="paper", device="cpu")
     with pytest.raises(common.UserError, match="teacher 'edm' is not cached.*edm-cifar10-32x32-uncond-vp.pkl") as e:
-        common.load_teacher(args)                      # the paper default is EDM's checkpoint; tests never download
+        common.load_teacher(ev)                        # the paper default is EDM's checkpoint; tests never download
     assert "\n" not in str(e.value)
     common.DOWNLOAD_DIR.mkdir(parents=True)
     shutil.copy(EDM_PKL, common.DOWNLOAD_DIR / "edm-cifar10-32x32-uncond-vp.pkl")
-    D, path = common.load_teacher(args)
+    D, path = common.load_teacher(ev)
     assert path == common.DOWNLOAD_DIR / "edm-cifar10-32x32-uncond-vp.pkl" and common.net_arch(D.net) == "edm-songunet"
     shutil.copytree(DDPM_DIR, common.DOWNLOAD_DIR / "ddpm-cifar10-32")
     assert common.net_arch(common.load_denoiser("ddpm").net) == "ddpm-diffusers"

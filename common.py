@@ -20,6 +20,19 @@ Part B, machinery a method reader may skip:
      layout, an EDM snapshot reader that runs no code, load_denoiser for every teacher spec
   14. The bench of every method's training step (python common.py bench), its FLOPs (flops), the CPU refusal
   15. The command line
+Part A as each method file uses it (common.<name> in its code; constants left out):
+  pd.py     Denoiser, freeze, vp_predict, cosine_alpha_sigma, Budget, Run, train_loop, optimizer_steps, resume_from,
+            resume_note, student_from
+  cd.py     as_batch, edm_precond, karras_sigmas, build_net, Budget, Run, train_loop, optimizer_steps, resume_from,
+            student_from
+  cfd.py    vp_predict, Budget, Run, train_loop, optimizer_steps, resume_note
+  sferd.py  as_batch, edm_precond, vp_from_sigma, sigma_from_vp, vp_predict, karras_sigmas, append_zero,
+            cosine_alpha_sigma, ddpm_alpha_bar, timestep_embedding, group_norm, zero_init, build_net, constant_lr,
+            Budget, Run, train_loop, optimizer_steps, resume_from, resume_note
+  sfddm.py  Denoiser, vp_predict, append_zero, ddpm_alpha_bar, sigma_from_alpha_bar, sample_dpmpp, build_net,
+            count_params, ema_beta, warmup_lr, Budget, Run, train_loop, optimizer_steps, resume_from, student_from
+  sfd.py    Denoiser, freeze, karras_sigmas, sample_euler, sample_heun, sample_dpmpp, timestep_embedding,
+            count_params, Budget, Run, train_loop, optimizer_steps, resume_from, student_from
 The evaluation every method reports (metrics.json, the teacher's rows, --export) is fid.py's: common <- fid <- methods.
 
 Conventions: images are N x C x H x W in [-1, 1]; every

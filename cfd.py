@@ -179,8 +179,9 @@ def train_classifier(args, pg, path):
                                                   labels[idx.cpu()].to(pg.device))
     budget = common.Budget(steps, "updates", args.cls_batch, args.cls_lr, steps, schedule=cosine_anneal)
     gen = torch.Generator().manual_seed(args.seed + 1_000_003 * pg.rank)
-    common.train_loop(pg, loss, torch.arange(len(images)), cls, None, opt, budget, common.Run(      # data: the indices
-        path.parent / "checkpoint.pt", "cfd-classifier-training", {}, dict(net=cls), gen, desc="classifier"))   # drawn
+    indices = torch.arange(len(images))                      # the data drawn: the indices of the images (and labels)
+    common.train_loop(pg, loss, indices, cls, None, opt, budget, common.Run(
+        path.parent / "checkpoint.pt", "cfd-classifier-training", {}, dict(net=cls), gen, desc="classifier"))
     acc = accuracy(cls.eval(), test_images, test_labels, pg.device)
     if pg.main:
         common.save_checkpoint(path, "cfd-classifier", config=cls.config, net=cls.state_dict(), test_acc=acc,

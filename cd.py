@@ -156,6 +156,17 @@ def consistency_nets(D, mu):
     return f, f_target, f_ema
 
 
+def cd_pair(f_target, D, x0, n, z, sigmas):
+    """Alg. 2 lines 4-6 for grid indices n (B,) and noise z: (x_t, t, t2, the target f_target(x_hat_t2, t2)); cd_loss's
+    and sferd.py's CD terms."""
+    t, t2 = sigmas[n].reshape(-1, 1, 1, 1), sigmas[n + 1].reshape(-1, 1, 1, 1)   # the paper's t_{n+1}, t_n
+    x_t = x0 + t * z                                                      # line 4: x_t ~ N(x0, t^2 I)
+    with torch.no_grad():                                                # stopgrad: phi and theta- get no gradient
+        x_hat_t2 = heun_step(D, x_t, t, t2)                              # line 5: the teacher phi's ODE step t -> t2
+        target = f_target(x_hat_t2, t2)                                  # line 6: f_theta-(x_hat_t2, t2)
+    return x_t, t, t2, target
+
+
 def cd_loss(f, D, x0, gen, *, f_target, sigmas, metric, weighting="uniform", n_dist="uniform", xflip=False):
     """Alg. 2, lines 3-6, for a batch x0 (line 3's x ~ data, drawn by train_loop): the loss L(theta, theta-; phi)
     of the consistency function f = f_theta, with the teacher phi = D and the target network f_target = f_theta-
@@ -165,12 +176,8 @@ def cd_loss(f, D, x0, gen, *, f_target, sigmas, metric, weighting="uniform", n_d
         x0 = pd.random_xflip(x0, gen)                                     # the authors' random_flip
     n = draw_n(len(sigmas), sigmas, len(x0), gen, n_dist).to(x0.device)  # line 3: n ~ U[[1, N-1]] (here 0..N-2)
     z = torch.randn(x0.shape, generator=gen).to(x0.device)
-    t, t2 = sigmas[n].reshape(-1, 1, 1, 1), sigmas[n + 1].reshape(-1, 1, 1, 1)   # the paper's t_{n+1}, t_n
-    x_t = x0 + t * z                                                      # line 4: x_t ~ N(x0, t^2 I)
-    with torch.no_grad():                                                # stopgrad: phi and theta- get no gradient
-        x_hat_t2 = heun_step(D, x_t, t, t2)                              # line 5: the teacher phi's ODE step t -> t2
-        target = f_target(x_hat_t2, t2)                                  # line 6: f_theta-(x_hat_t2, t2) ...
-    lam = weights(n, sigmas, weighting)                                  # ... lambda(t_n) d(f_theta(x_t, t), ...)
+    x_t, t, _, target = cd_pair(f_target, D, x0, n, z, sigmas)          # lines 4-6: x_t, the teacher's step, the target
+    lam = weights(n, sigmas, weighting)                                  # lambda(t_n) d(f_theta(x_t, t), f_theta-(...))
     return (lam * distance(f(x_t, t), target, metric)).mean()
 
 
@@ -205,25 +212,18 @@ def weights(n, sigmas, weighting):
     return 1 / (sigmas[n] - sigmas[n + 1])
 
 
-def distance(a, b, metric):
-    """d(a, b) per image: 'l2' = mean squared error (authors' code), 'pseudo-huber' = sqrt(|a-b|^2 + c^2) - c
-    with c = 0.00054*sqrt(dim) (iCT, Sec. 3.3)."""
+def pseudo_huber(a, b):
+    """sqrt(|a-b|^2 + c^2) - c per image, c = 0.00054*sqrt(dim) (iCT, arXiv:2310.14189, Sec. 3.3); sfd.py's too."""
     sq = ((a - b) ** 2).flatten(1)
-    if metric == "l2":
-        return sq.mean(1)
     c = 0.00054 * math.sqrt(sq.shape[1])
     return (sq.sum(1) + c**2).sqrt() - c
 
 
-def cd_pair(f_target, D, x0, n, z, sigmas):
-    """cd_loss's lines 4-6 for given grid indices n (B,) and noise z: (x_t, t, t2, target f_target(x_hat_t2, t2)),
-    for sferd.py's CD terms (tests/test_cd.py checks that it is what cd_loss computes)."""
-    t, t2 = sigmas[n].reshape(-1, 1, 1, 1), sigmas[n + 1].reshape(-1, 1, 1, 1)
-    x_t = x0 + t * z                                             # Alg. 2 line 4
-    with torch.no_grad():                                        # stopgrad: theta- and phi get no gradient
-        x_hat_t2 = heun_step(D, x_t, t, t2)                      # Alg. 2 line 5, the teacher phi
-        target = f_target(x_hat_t2, t2)
-    return x_t, t, t2, target
+def distance(a, b, metric):
+    """d(a, b) per image: 'l2' = mean squared error (authors' code), 'pseudo-huber' (iCT's, pseudo_huber)."""
+    if metric == "l2":
+        return ((a - b) ** 2).flatten(1).mean(1)
+    return pseudo_huber(a, b)
 
 
 @torch.no_grad()
@@ -327,10 +327,10 @@ def main():
            f"{pg.world} process(es) on {pg.device}")
     loss = functools.partial(cd_loss, f_target=f_target, sigmas=sigmas, metric=args.metric, weighting=args.weighting,
                              n_dist=args.n_dist, xflip=args.xflip)
-    budget = dict(total=args.iterations, unit="updates", batch=args.batch, lr=args.lr, ckpt_every=args.ckpt_every)
-    run = common.train_loop(pg, loss, budget, opt, nets, path, "cd-student", settings, gen, data=data, student=f,
-                            teacher=D, emas=ema_updates(f, f_target, f_ema, args.mu, args.ema_rate), resume=resume,
-                            desc="CD")
+    budget = common.Budget(args.iterations, "updates", args.batch, args.lr, args.ckpt_every)
+    run = common.train_loop(pg, loss, data, f, D, opt, budget, common.Run(
+        path, "cd-student", settings, nets, gen, emas=ema_updates(f, f_target, f_ema, args.mu, args.ema_rate),
+        resume=resume, desc="CD"))
     f_ema.eval()
 
     info = dict(method="cd", variant=f"cd-{args.metric}", nfe=args.nfe, train_seconds=run["seconds"],

@@ -177,10 +177,11 @@ def train_classifier(args, pg, path):
     steps = max(1, args.cls_images // args.cls_batch)
     loss = lambda c, _, idx, gen: F.cross_entropy(c(common.to_float(images[idx.cpu()]).to(pg.device))[1],
                                                   labels[idx.cpu()].to(pg.device))
-    budget = dict(total=steps, unit="updates", batch=args.cls_batch, lr=args.cls_lr, schedule=cosine_anneal, ckpt_every=steps)
-    common.train_loop(pg, loss, budget, opt, dict(net=cls), path.parent / "checkpoint.pt", "cfd-classifier-training", {},
-                      torch.Generator().manual_seed(args.seed + 1_000_003 * pg.rank), data=torch.arange(len(images)),
-                      student=cls, desc="classifier")        # data: the indices of the images (and labels) drawn
+    budget = common.Budget(steps, "updates", args.cls_batch, args.cls_lr, steps, schedule=cosine_anneal)
+    gen = torch.Generator().manual_seed(args.seed + 1_000_003 * pg.rank)
+    indices = torch.arange(len(images))                      # the data drawn: the indices of the images (and labels)
+    common.train_loop(pg, loss, indices, cls, None, opt, budget, common.Run(
+        path.parent / "checkpoint.pt", "cfd-classifier-training", {}, dict(net=cls), gen, desc="classifier"))
     acc = accuracy(cls.eval(), test_images, test_labels, pg.device)
     if pg.main:
         common.save_checkpoint(path, "cfd-classifier", config=cls.config, net=cls.state_dict(), test_acc=acc,
@@ -253,19 +254,8 @@ def cosine_anneal(lr, done, total):
 
 
 # ----------------------------------------------------------------------------------------------
-# The chain: pd.py's stage files, then CFD stages (pd.py's outer loop with Eq. 7 in place of the image MSE)
+# The chain (pd.distil, pd.py's outer loop): pd.py's stage files, then CFD stages with Eq. 7 in place of the image MSE
 # ----------------------------------------------------------------------------------------------
-
-def distil(args, pg, data, student, stages, folder, kind, loss, schedule, settings, gen, totals, reuse):
-    """Halving stages from student (as pd.distil), each a common.train_stage run in folder with loss(N), the lr
-    schedule and settings(N) of the stage ending at N steps. Returns the last student and the chain's totals."""
-    for N in stages:
-        teacher, student = student, pd.make_student(student)     # eta <- theta; theta <- eta
-        totals = common.train_stage(pg, loss(N), common.stage_budget(args, N, schedule), student,     # a fresh Adam
-                                    common.stage_path(folder, N), f"{kind}-student", settings(N), gen, reuse, args.resume,
-                                    totals, data=data, teacher=teacher, desc=f"{kind} {2 * N} -> {N} steps")
-    return student, totals
-
 
 def pd_chain_dir(args):
     """The PD chain's folder: --pd-dir, else pd.py's where the budget is pd.py's preset's (shared_pd, and no flag changed
@@ -332,7 +322,7 @@ def main(argv=None):
     pg = common.Dist(args.device, args.compile, args.channels_last)
     out = common.run_dir(args.out, args.dataset, f"{args.variant}-{args.preset}")
     folder = common.hold_folder(common.prepare_out_dir(pd_chain_dir(args)))  # pd.py's chain folder: one writer at a time
-    common.resume_note(pg, args.resume, *[common.stage_path(out, N) for N in stages])
+    common.resume_note(pg, args.resume, *[pd.stage_path(out, N) for N in stages])
     ev = common.Eval.of(args)
     fid.check_exports(ev, out / f"nfe{args.nfe}")
     data, teacher, teacher_path = common.load_inputs(ev, pg, args.seed)
@@ -343,28 +333,25 @@ def main(argv=None):
            f"{args.variant} -> {' -> '.join(map(str, stages))} (tau, beta, gamma {hparams}); classifier {cls_path} "
            f"(test acc {cls_acc}); {args.iters:,} updates of {args.batch} per stage, {pg.world} process(es) on {pg.device}")
     settings = dict(start_steps=args.start_steps, teacher_sha256=common.fingerprint(teacher_path), xflip=args.xflip)
-    pd_loss = lambda N: lambda s, T, x, g: pd.pd_loss(s, T, x, g, N, args.xflip)
     try:                                     # pd.py's stage files (pd.main's settings): reused whatever --resume says
-        start, totals = distil(args, pg, data, teacher, pd_stages, folder, "pd", pd_loss, pd.linear_anneal,
-                               lambda N: settings, gen, dict(images=0, seconds=0.0), reuse=True)
+        start, _, totals = pd.distil(args, pg, data, teacher, pd_stages, folder, settings, gen, reuse=True)
     except common.UserError as e:
         raise common.UserError(f"{e} (cfd.py's PD chain, folder {folder}: set by --pd-dir)") from None
     prefix, pd_gen = totals, gen.get_state()                                 # for the --pd-baseline below
     settings = dict(settings, cfd_from=args.cfd_from)                        # the stages below start from it
     cfd_settings = lambda N: dict(settings, variant=args.variant, classifier_sha256=common.fingerprint(cls_path),
                                   **dict(zip(("tau", "beta", "gamma"), hparams[N])))
-    rcfd = lambda N: lambda s, T, x, g: rcfd_loss(s, T, x, g, N, cls, *hparams[N], args.xflip)
+    rcfd = lambda s, T, x, g, N: rcfd_loss(s, T, x, g, N, cls, *hparams[N], args.xflip)
     # eta <- theta, each CFD stage with its (tau, beta, gamma) (App. C.4) and the cosine lr
-    student, totals = distil(args, pg, data, start, stages, out, "cfd", rcfd, cosine_anneal, cfd_settings, gen, totals,
-                             args.resume)
+    student, _, totals = pd.distil(args, pg, data, start, stages, out, cfd_settings, gen, loss=rcfd, name="cfd",
+                                   schedule=cosine_anneal, totals=totals)
     # Plain PD at the same stages and budget: pd.py's own run, or (--pd-baseline) one trained here from
     # the same --cfd-from-step student with the same updates, batch, lr and data/noise draws.
     baseline = pd_metrics(folder, args, settings["teacher_sha256"])
     if args.pd_baseline:
         b_out, b_gen = out / "pd-baseline", torch.Generator()
         b_gen.set_state(pd_gen)
-        b, b_totals = distil(args, pg, data, start, stages, b_out, "pd", pd_loss, pd.linear_anneal, lambda N: settings,
-                             b_gen, prefix, args.resume)
+        b, _, b_totals = pd.distil(args, pg, data, start, stages, b_out, settings, b_gen, totals=prefix)
         info = dict(method="pd", variant="pd-baseline", nfe=args.nfe, train_seconds=b_totals["seconds"],
                     images_seen=b_totals["images"], start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters)
         m = fid.report(ev, pg, b_out / f"nfe{args.nfe}", teacher, teacher_path, lambda eps: pd.sample_ddim(b, eps, args.nfe),

@@ -1,21 +1,38 @@
 """fewstep common substrate: what every distillation method needs, written to be read.
 
-Sections, in reading order:
-  1. Errors and the command-line convention shared by all scripts (with where --export writes)
-  2. The compact U-Net (DDPM/ADM style), with attention maps, hidden features,
+Part A, what a method reader meets, in reading order (after the conventions below, the constants):
+  1. The EDM denoiser D(x, sigma) and the VP adapters (x0 / eps / v in VP notation)
+  2. Noise schedules: Karras grid, cosine log-SNR, discrete DDPM tables
+  3. Samplers with one signature (denoiser, x, sigmas, callback): Euler/DDIM, Heun,
+     DPM-Solver++(2M/3M) (no method's flags: AFS and thresholding live in sfd.py)
+  4. The compact U-Net (DDPM/ADM style), with attention maps, hidden features,
      split encoder/decoder and a zero-initialised extra conditioning input
-  3. The EDM denoiser D(x, sigma) and the VP adapters (x0 / eps / v in VP notation)
-  4. Noise schedules: Karras grid, cosine log-SNR, discrete DDPM tables
-  5. Samplers with one signature (denoiser, x, sigmas, callback): Euler/DDIM, Heun,
-     DPM-Solver++(2M/3M), ancestral DDPM (no method's flags: AFS and thresholding live in sfd.py)
-  5b. sferd.py's substrate: the Gaussian blur, the image encoder E_phi, a small DDPM over vectors
-  6. Data: Fashion-MNIST, CIFAR-10, any image folder
-  7. Plumbing: seeds with per-sample noise, EMA, checkpoints, image grids, DDP, autocast
-  7b. The training loop every method and the teacher run through (train_loop); 7c. chains of stages
-  8. The shared teacher (EDM training)
-  8b. Published teachers (--teacher edm | ddpm | PATH): EDM's SongUNet, DDPM's U-Net in diffusers'
+  5. EMA
+  6. The training loop every method and the teacher run through (train_loop, its Budget and Run), resume_from
+  7. The shared teacher (EDM training), and a student initialised from it (student_from)
+Part B, machinery a method reader may skip:
+  8. Errors and the command-line convention shared by all scripts (with where --export writes)
+  9. Data: Fashion-MNIST, CIFAR-10, any image folder
+  10. Plumbing: seeds with per-sample noise, checkpoints, run folders and locks, image grids, DDP, autocast
+  11. The training loop's machinery: reading the losses (settle), stop signals, a run's checkpoint
+  12. Loading the teacher a method distils
+  13. Published teachers (--teacher edm | ddpm | PATH): EDM's SongUNet, DDPM's U-Net in diffusers'
      layout, an EDM snapshot reader that runs no code, load_denoiser for every teacher spec
-  9. The bench of every method's training step (python common.py bench), its FLOPs (flops), the CPU refusal
+  14. The bench of every method's training step (python common.py bench), its FLOPs (flops), the CPU refusal
+  15. The command line
+Part A as each method file uses it (common.<name> in its code; constants left out):
+  pd.py     Denoiser, freeze, vp_predict, cosine_alpha_sigma, Budget, Run, train_loop, optimizer_steps, resume_from,
+            resume_note, student_from
+  cd.py     as_batch, edm_precond, karras_sigmas, build_net, Budget, Run, train_loop, optimizer_steps, resume_from,
+            student_from
+  cfd.py    vp_predict, Budget, Run, train_loop, optimizer_steps, resume_note
+  sferd.py  as_batch, edm_precond, vp_from_sigma, sigma_from_vp, vp_predict, karras_sigmas, append_zero,
+            cosine_alpha_sigma, ddpm_alpha_bar, timestep_embedding, group_norm, zero_init, build_net, constant_lr,
+            Budget, Run, train_loop, optimizer_steps, resume_from, resume_note
+  sfddm.py  Denoiser, vp_predict, append_zero, ddpm_alpha_bar, sigma_from_alpha_bar, sample_dpmpp, build_net,
+            count_params, ema_beta, warmup_lr, Budget, Run, train_loop, optimizer_steps, resume_from, student_from
+  sfd.py    Denoiser, freeze, karras_sigmas, sample_euler, sample_heun, sample_dpmpp, timestep_embedding,
+            count_params, Budget, Run, train_loop, optimizer_steps, resume_from, student_from
 The evaluation every method reports (metrics.json, the teacher's rows, --export) is fid.py's: common <- fid <- methods.
 
 Conventions: images are N x C x H x W in [-1, 1]; every
@@ -51,7 +68,9 @@ import tarfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # OpenMP's threads wait for work by spinning: beside one other busy process on a 2-core laptop (a second run, a
@@ -81,7 +100,719 @@ EVAL_SEED = 1_000_000          # the noise every evaluation uses, so runs compar
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Errors and the shared command line
+# 1. The denoiser D(x, sigma) with EDM preconditioning, and the VP adapters
+# ----------------------------------------------------------------------------------------------
+
+def as_batch(value, x):
+    """A scalar, 0-d or length-B tensor as a B x 1 x 1 x 1 float32 tensor on x's device. A Python number is
+    filled in on the device (x.new_full): torch.as_tensor would copy it from the host, a blocking copy on every
+    network call of a sampler."""
+    if torch.is_tensor(value):
+        value = value.to(x.device, torch.float32)
+    else:
+        value = x.new_full((1, 1, 1, 1), value, dtype=torch.float32)
+    return value.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
+
+
+def edm_precond(sigma, sigma_data=SIGMA_DATA):
+    """EDM Table 1: c_skip, c_out, c_in, c_noise (sigma is B x 1 x 1 x 1)."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+class Denoiser(nn.Module):
+    """D(x, sigma) = c_skip*x + c_out*F(c_in*x, c_noise)  (EDM Eq. 7), sigma_data from the net's config
+    (EDM snapshots store theirs); for DDPM's eps network (section 13) D(x, sigma) = x - sigma*eps(z, t)
+    with z = x/sqrt(1 + sigma^2) (x = z/alpha: the VP process in EDM's scaling, EDM Sec. 2) and t(sigma) on its discrete table.
+    Extra keywords (cond, attn, features) go to the U-Net; with attn/features it returns (D, extras)."""
+
+    def __init__(self, net, sigma_data=None):
+        super().__init__()
+        config = getattr(net, "config", {})
+        self.net, self.sigma_data = net, sigma_data if sigma_data is not None else config.get("sigma_data", SIGMA_DATA)
+        self.predicts_eps = config.get("arch") == "ddpm-diffusers"
+        self.full_precision = False              # a frozen teacher (freeze): fp32 whatever autocast surrounds it
+
+    def forward(self, x, sigma, cond=None, **extras):
+        if self.full_precision:                  # the teacher's roll-out in training = its evaluation, in fp32
+            with no_autocast(x):
+                return self.denoise(x.float(), sigma, cond, **extras)
+        return self.denoise(x, sigma, cond, **extras)
+
+    def denoise(self, x, sigma, cond=None, **extras):
+        sigma = as_batch(sigma, x)
+        if self.predicts_eps:
+            eps = self.net(x / (1 + sigma**2).sqrt(), self.net.t_from_sigma(sigma.flatten()), cond, **extras)
+            return x - sigma * eps.float()
+        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
+        out = self.net(c_in * x, c_noise.flatten(), cond, **extras)
+        F_x, ext = out if isinstance(out, tuple) else (out, None)
+        D_x = c_skip * x + c_out * F_x.float()
+        return (D_x, ext) if ext is not None else D_x
+
+
+def freeze(D):
+    """D as a frozen teacher: eval mode, no gradients, and fp32 with autocast off inside it (full_precision), so
+    that its roll-out in a bf16 training step is the computation its evaluation runs (on CUDA with TF32)."""
+    D.eval().requires_grad_(False)
+    D.full_precision = True
+    return D
+
+
+def vp_from_sigma(sigma):
+    """(alpha, s) of the VP process with the same signal-to-noise ratio: alpha^2 + s^2 = 1."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64 if not torch.is_tensor(sigma) else sigma.dtype)
+    alpha = 1 / (1 + sigma**2).sqrt()
+    return alpha, sigma * alpha
+
+
+def sigma_from_vp(alpha, s):
+    return s / alpha
+
+
+def vp_predict(D, z, alpha, s, cond=None, **extras):
+    """The VP adapter (x = z/alpha, sigma = s/alpha: EDM Sec. 2 and Eq. 4): x0_hat = D(z/alpha, s/alpha),
+    eps_hat = (z - alpha*x0_hat)/s, v_hat = alpha*eps_hat - s*x0_hat. alpha and s: scalars or per-sample tensors.
+    Returns (x0_hat, eps_hat, v_hat), plus the extras dict when attn/features are asked for."""
+    alpha, s = as_batch(alpha, z), as_batch(s, z)
+    out = D(z / alpha, s / alpha, cond, **extras)
+    x0, ext = out if isinstance(out, tuple) else (out, None)
+    eps = (z - alpha * x0) / s
+    v = alpha * eps - s * x0
+    return (x0, eps, v, ext) if ext is not None else (x0, eps, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Noise schedules
+# ----------------------------------------------------------------------------------------------
+
+def karras_sigmas(n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
+    """EDM Eq. 5: n points from sigma_max (i = 0) down to sigma_min (i = n-1), float64."""
+    i = torch.arange(n, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + i / max(n - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def append_zero(sigmas):
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def cosine_logsnr(t, logsnr_min=-20.0, logsnr_max=20.0):
+    """PD's cosine schedule in log-SNR form: logsnr(t) = -2 ln tan(a t + b), t in [0, 1]."""
+    b = math.atan(math.exp(-logsnr_max / 2))
+    a = math.atan(math.exp(-logsnr_min / 2)) - b
+    return -2 * torch.log(torch.tan(a * torch.as_tensor(t, dtype=torch.float64) + b))
+
+
+def cosine_alpha_sigma(t, logsnr_min=-20.0, logsnr_max=20.0):
+    """alpha_t, s_t of the cosine schedule: alpha^2 = sigmoid(logsnr), s^2 = sigmoid(-logsnr)."""
+    logsnr = cosine_logsnr(t, logsnr_min, logsnr_max)
+    return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+
+
+def ddpm_alpha_bar(T=1000, beta_1=1e-4, beta_T=0.02):
+    """Discrete DDPM table (Ho et al. 2020, linear betas): alpha_bar[t] for t = 0..T, alpha_bar[0] = 1."""
+    betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+    return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+
+
+def sigma_from_alpha_bar(alpha_bar):
+    """sigma_t = s_t/alpha_t = sqrt((1 - alpha_bar_t)/alpha_bar_t)."""
+    return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Samplers: sampler(D, x, sigmas, callback=None, **solver options) -> x at sigmas[-1]
+#    x starts at sigmas[0] (x = sigma_max*eps for pure noise); sigmas decrease, may end in 0.
+#    callback(i, x) is called after step i. No method's idea in here: a method's own first step or
+#    a wrapper around D lives in its file (SFD's analytical first step and thresholding: sfd.py).
+# ----------------------------------------------------------------------------------------------
+
+def sample_euler(D, x, sigmas, callback=None):
+    """Euler = DDIM (eta 0) in sigma: d = (x - D(x, s_i))/s_i; x <- x + (s_{i+1} - s_i)*d."""
+    sigmas = [float(s) for s in sigmas]
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        d = (x - D(x, t_cur)) / t_cur
+        x = x + (t_next - t_cur) * d                        # Euler step.
+        if callback:
+            callback(i, x)
+    return x
+
+
+def sample_heun(D, x, sigmas, callback=None, euler_last=False):
+    """EDM Algorithm 1 (deterministic): Euler predictor, trapezoidal corrector unless s_{i+1} = 0.
+    euler_last: no corrector on the last step either (EDM's rule for its step to 0, carried over to a
+    grid that ends at sigma_min: a corrector there divides the network's error by sigma_min)."""
+    sigmas = [float(s) for s in sigmas]
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        d_cur = (x - D(x, t_cur)) / t_cur
+        x_next = x + (t_next - t_cur) * d_cur               # Euler step.
+        if t_next > 0 and not (euler_last and i == len(sigmas) - 2):   # Apply 2nd order correction.
+            d_prime = (x_next - D(x_next, t_next)) / t_next
+            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+        x = x_next
+        if callback:
+            callback(i, x)
+    return x
+
+
+def dpmpp_step(x, t_cur, t_next, D0, history, order):
+    """One DPM-Solver++ multistep update from t_cur to t_next > 0 (Lu et al., arXiv:2211.01095, Alg. 2), given
+    D0 = D(x, t_cur) and history = [(D_-1, h_-1), (D_-2, h_-2), ...] (most recent first),
+    with h = lambda_next - lambda_cur in lambda = -ln(sigma); order <= 1 + len(history).
+    The third-order D2 term uses -phi3 exactly as the reference implementations do (DPM-Solver,
+    k-diffusion, diffusers): a Taylor expansion gives D2 ~ h^2 D''/2, whose exact weight would be
+    -2*phi3, so that step's local error is O(h^3), not O(h^4) (tests/test_common.py measures it).
+    Kept as written so fewstep's teacher solver is the one the papers used."""
+    h = math.log(t_cur) - math.log(t_next)
+    phi1 = math.expm1(-h)
+    if order == 1:                                                   # = DDIM / Euler in lambda
+        return (t_next / t_cur) * x - phi1 * D0
+    (D_m1, h_m1), *older = history
+    r0 = h_m1 / h
+    D1_0 = (D0 - D_m1) / r0
+    if order == 2:
+        return (t_next / t_cur) * x - phi1 * D0 - 0.5 * phi1 * D1_0
+    (D_m2, h_m2), *_ = older
+    r1 = h_m2 / h
+    D1_1 = (D_m1 - D_m2) / r1
+    D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
+    D2 = (D1_0 - D1_1) / (r0 + r1)
+    phi2 = phi1 / h + 1
+    phi3 = phi2 / h - 0.5
+    return (t_next / t_cur) * x - phi1 * D0 + phi2 * D1 - phi3 * D2
+
+
+def dpmpp_order(i, n, order=3, lower_order_final=True):
+    """Order of step i (0-based) of n: the warm-up i + 1 while below `order`, then `order`, lowered to n - i on the
+    last steps (SFD authors' dpm_pp_sampler, sfd-main/solvers.py; LuChengTHU/dpm-solver's multistep warm-up)."""
+    if i + 1 < order:
+        return i + 1
+    return min(order, n - i) if lower_order_final else order
+
+
+def sample_dpmpp(D, x, sigmas, callback=None, order=3, lower_order_final=True):
+    """DPM-Solver++(2M/3M), data prediction, multistep (Lu et al. 2022, arXiv:2211.01095, Alg. 2).
+    Order ramps up 1, 2, 3 at the start and, with lower_order_final, down at the end: that keeps
+    few-step sampling stable; the first-order start and end steps make the global order 2
+    asymptotically, though each step in between is third order. The order of step i of n is the
+    DPM-Solver and SFD authors' rule (dpmpp_order): 3M on 2 steps is [1, 2], not Euler's [1, 1]."""
+    sigmas = [float(s) for s in sigmas]
+    n = len(sigmas) - 1
+    history = []                                                     # (D, h) of past steps, newest first
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        D0 = D(x, t_cur)
+        if t_next == 0:
+            x = D0                                                   # lambda = inf: land on the denoised image
+        else:
+            k = min(dpmpp_order(i, n, order, lower_order_final), len(history) + 1)
+            x = dpmpp_step(x, t_cur, t_next, D0, history, k)
+            history = [(D0, math.log(t_cur / t_next))] + history[:1]
+        if callback:
+            callback(i, x)
+    return x
+
+
+SAMPLERS = {
+    "euler": sample_euler,
+    "heun": lambda D, x, sigmas, callback=None, **kw: sample_heun(D, x, sigmas, callback, euler_last=True, **kw),
+    "dpm2m": lambda D, x, sigmas, callback=None, **kw: sample_dpmpp(D, x, sigmas, callback, order=2, **kw),
+    "dpm3m": lambda D, x, sigmas, callback=None, **kw: sample_dpmpp(D, x, sigmas, callback, order=3, **kw),
+}
+
+
+SAMPLER_NAMES = {"euler": "Euler", "heun": "Heun", "dpm2m": "DPM-Solver++(2M)", "dpm3m": "DPM-Solver++(3M)"}
+
+
+def teacher_sigmas(sampler, nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX):
+    """The Karras grid sigma_max -> sigma_min that spends exactly nfe network calls with this sampler:
+    nfe steps (Heun: (nfe+1)/2 steps, two calls each but the last), ending at sigma_min without a final
+    denoising call, the few-step convention of DPM-Solver and SFD (denoise_to_zero=False). EDM's extra
+    step to sigma = 0 would spend one of very few calls on noise of std 0.002, below one uint8 level."""
+    if nfe < 1 or (sampler == "heun" and nfe % 2 == 0):
+        raise UserError(f"{SAMPLER_NAMES.get(sampler, sampler)} cannot spend exactly {nfe} network calls"
+                        + (" (Heun needs an odd NFE: two calls per step, one on the last)" if sampler == "heun" else ""))
+    steps = (nfe + 1) // 2 if sampler == "heun" else nfe
+    return karras_sigmas(steps + 1, sigma_min, sigma_max)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The compact U-Net (Ho et al. 2020, arXiv:2006.11239; Dhariwal & Nichol 2021, arXiv:2105.05233)
+# ----------------------------------------------------------------------------------------------
+
+NET_CONFIGS = {
+    # ~0.1 M parameters: runs in seconds, for tests only.
+    "smoke": dict(ch=16, mults=(1, 2), blocks=1, attn_res=(16,), heads=1, dropout=0.0),
+    # ~1.5 M parameters: trains on a 2-core CPU in minutes (attention at 8x8: at 16x16 it halves the speed).
+    "lab": dict(ch=32, mults=(1, 2, 2, 2), blocks=1, attn_res=(8,), heads=2, dropout=0.0),
+    # DDPM's CIFAR-10 U-Net: 128 channels, 1,2,2,2, two res blocks, attention at 16x16, ~36 M.
+    "paper": dict(ch=128, mults=(1, 2, 2, 2), blocks=2, attn_res=(16,), heads=1, dropout=0.1),
+}
+
+
+def timestep_embedding(c_noise, dim, max_period=10_000):
+    """Sinusoidal embedding of the noise level (Transformer / DDPM positional embedding)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=c_noise.device) / half)
+    angles = c_noise.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def group_norm(ch):
+    """GroupNorm with 32 groups (DDPM), fewer for narrow layers (at least 4 channels a group)."""
+    groups = max(g for g in range(1, 33) if ch % g == 0 and ch // g >= 4)
+    return nn.GroupNorm(groups, ch, eps=1e-6)
+
+
+def zero_init(module):
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+class ResBlock(nn.Module):
+    """DDPM res block; the noise embedding is added after conv1. An optional extra condition
+    enters as AdaGN, h = (1 + z_scale)*GN(h) + z_shift, through a zero-initialised linear
+    map: a network with the extra input starts out computing exactly what it did without."""
+
+    def __init__(self, cin, cout, emb_dim, cond_dim=0, dropout=0.0):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.cond = zero_init(nn.Linear(cond_dim, 2 * cout)) if cond_dim else None
+        self.norm2, self.drop = group_norm(cout), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb, cond=None):
+        h = self.conv1(F.silu(self.norm1(x))) + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.norm2(h)
+        if self.cond is not None and cond is not None:
+            z_scale, z_shift = self.cond(cond)[:, :, None, None].chunk(2, dim=1)
+            h = (1 + z_scale) * h + z_shift
+        h = self.conv2(self.drop(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, written out so that its attention
+    probabilities softmax(Q K^T / sqrt(d)) can be returned (SFERD reads them)."""
+
+    def __init__(self, ch, heads, name):
+        super().__init__()
+        self.heads, self.name = heads, name
+        self.norm, self.qkv = group_norm(ch), nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = zero_init(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x, record=None):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+        with no_autocast(x):                                # logits and softmax in fp32 under bf16 autocast too
+            logits = torch.einsum("bhcq,bhck->bhqk", q.float(), k.float()) / math.sqrt(C // self.heads)
+            attn = logits.softmax(dim=-1)                   # B x heads x queries x keys
+        if record is not None:
+            record[self.name] = attn
+        h = torch.einsum("bhqk,bhck->bhcq", attn.to(v.dtype), v).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class Level(nn.Module):
+    """One resolution step of the U-Net: a res block, then self-attention at attn_res."""
+
+    def __init__(self, cin, cout, emb_dim, cond_dim, dropout, attn_name=None, heads=1):
+        super().__init__()
+        self.res = ResBlock(cin, cout, emb_dim, cond_dim, dropout)
+        self.attn = AttnBlock(cout, heads, attn_name) if attn_name else None
+
+    def forward(self, h, emb, cond, record):
+        h = self.res(h, emb, cond)
+        return self.attn(h, record) if self.attn is not None else h
+
+
+class UNet(nn.Module):
+    """F(x, c_noise[, cond]) of DDPM's CIFAR-10 architecture, sized by the config.
+
+    forward()          -> the output (same shape as x)
+    encode()/decode()  -> the two halves, so another network can reuse the encoder
+    forward(..., attn=NAME) also returns that attention block's probabilities,
+    forward(..., features=True) also returns the last hidden map before the output conv.
+    """
+
+    def __init__(self, in_ch=3, res=32, ch=128, mults=(1, 2, 2, 2), blocks=2, attn_res=(16,), heads=1,
+                 dropout=0.1, cond_dim=0):
+        super().__init__()
+        self.config = dict(arch="fewstep", in_ch=in_ch, res=res, ch=ch, mults=tuple(mults), blocks=blocks,
+                           attn_res=tuple(attn_res), heads=heads, dropout=dropout, cond_dim=cond_dim)
+        emb_dim, self.ch = 4 * ch, ch
+        self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        level = lambda cin, cout, r, name: Level(cin, cout, emb_dim, cond_dim, dropout,
+                                                 name if r in attn_res else None, heads)
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down, skip_ch, c, r = nn.ModuleList(), [ch], ch, res
+        for i, m in enumerate(mults):
+            for j in range(blocks):
+                self.down.append(level(c, m * ch, r, f"enc{r}.{j}"))
+                c = m * ch
+                skip_ch.append(c)
+            if i < len(mults) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))   # downsample
+                skip_ch.append(c)
+                r //= 2
+        self.mid = nn.ModuleList([Level(c, c, emb_dim, cond_dim, dropout, f"mid{r}", heads),   # DDPM: res, attn, res
+                                  Level(c, c, emb_dim, cond_dim, dropout)])
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(mults))):
+            for j in range(blocks + 1):
+                self.up.append(level(c + skip_ch.pop(), m * ch, r, f"dec{r}.{j}"))
+                c = m * ch
+            if i > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
+                r *= 2
+        self.norm_out = group_norm(c)
+        self.conv_out = zero_init(nn.Conv2d(c, in_ch, 3, padding=1))
+
+    @property
+    def attn_names(self):
+        """Names of the self-attention blocks in execution order, e.g. ['enc16.0', ..., 'dec16.2']."""
+        return [m.name for m in self.modules() if isinstance(m, AttnBlock)]
+
+    def encode(self, x, c_noise, cond=None, record=None):
+        """Input conv and down path: returns (h, skips, emb)."""
+        emb = self.emb(timestep_embedding(c_noise, self.ch))
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb, cond, record) if isinstance(block, Level) else block(h)
+            skips.append(h)
+        return h, skips, emb
+
+    def decode(self, h, skips, emb, cond=None, record=None):
+        """Middle and up path: returns the last hidden feature map (input of the output conv)."""
+        skips = list(skips)
+        for block in self.mid:
+            h = block(h, emb, cond, record)
+        for block in self.up:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, cond, record) if isinstance(block, Level) else block(h)
+        return F.silu(self.norm_out(h))
+
+    def forward(self, x, c_noise, cond=None, attn=None, features=False):
+        record = {} if attn is not None else None
+        if attn is not None and attn not in self.attn_names:
+            raise UserError(f"no attention block named {attn!r}; this U-Net has {', '.join(self.attn_names)}")
+        h, skips, emb = self.encode(x, c_noise, cond, record)
+        feat = self.decode(h, skips, emb, cond, record)
+        out = self.conv_out(feat)
+        if attn is None and not features:
+            return out
+        extras = {}
+        if attn is not None:
+            extras["attn"] = record[attn]
+        if features:
+            extras["features"] = feat
+        return out, extras
+
+
+def build_net(config, **overrides):
+    """The network of a stored config (a checkpoint's 'net_config', any net's .config), with optional
+    changes: fewstep's UNet, EDM's SongUNet or DDPM's U-Net (section 13), by config['arch']."""
+    arch = config.get("arch", "fewstep")
+    if arch == "ddpm-diffusers":
+        return DDPMUNet({**config["unet"], **overrides}, config["scheduler"])
+    kwargs = {k: v for k, v in {**config, **overrides}.items() if k != "arch"}
+    return SongUNet(**kwargs) if arch == "edm-songunet" else UNet(**kwargs)
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. EMA (EDM's ema_halflife_kimg)
+# ----------------------------------------------------------------------------------------------
+
+def ema_beta(batch_size, halflife_images):
+    """EMA decay per step for a half-life counted in images (EDM's ema_halflife_kimg)."""
+    return 0.5 ** (batch_size / max(halflife_images, 1e-8))
+
+
+@torch.no_grad()
+def ema_update(ema, model, beta):
+    """theta_ema <- beta*theta_ema + (1 - beta)*theta (buffers are copied)."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p.detach(), 1 - beta)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The training loop: every method's and the teacher's (EDM's training_loop / loss split); every resume
+#    goes through resume_from
+# ----------------------------------------------------------------------------------------------
+
+def constant_lr(lr, done, total):
+    return lr
+
+
+def warmup_lr(warmup, batch):
+    """EDM's lr_rampup: the lr grows linearly over the first `warmup` images (counted after the step)."""
+    return lambda lr, done, total: lr * min(1.0, (done + batch) / max(warmup, 1))
+
+
+@dataclass
+class Budget:
+    """How long and how fast train_loop trains. total: the run's length in unit ("images", "trajectories" or
+    "updates"); batch: the global batch; lr: one per param group, or one for all; ckpt_every: units between
+    checkpoints; schedule(lr, done, total) -> lr; clip: max gradient norm (None: no clipping); stop_after: stop
+    early, resumable (time-sliced runs, tests)."""
+    total: int
+    unit: str
+    batch: int
+    lr: float | list
+    ckpt_every: int
+    schedule: Callable = constant_lr
+    clip: float | None = None
+    stop_after: int | None = None
+
+
+@dataclass
+class Run:
+    """What a train_loop run keeps besides the optimizer, and saves in its checkpoint: path, of kind, with settings
+    (what the weights depend on: checked on resume). nets: {name: module}, saved, and broadcast from rank 0 at the
+    start. gen: this rank's generator (the batches and the loss's draws; saved per rank). emas: (ema, model, beta),
+    updated in order after each optimizer step. shared_rngs: {name: generator} drawn alike on every rank (saved).
+    resume: a checkpoint of this run to continue (resume_from) or None. before_step(step): called before each update
+    (sferd.py unfreezes its student halfway). desc: the run's name on its progress bar and log lines."""
+    path: Path
+    kind: str
+    settings: dict
+    nets: dict
+    gen: torch.Generator
+    emas: Sequence = ()
+    shared_rngs: dict = field(default_factory=dict)
+    resume: dict | None = None
+    before_step: Callable | None = None
+    desc: str = "train"
+
+
+def train_loop(pg, loss, data, student, teacher, opt, budget, run):
+    """Train on loss for budget (a Budget) and return the run's totals (see the end); run (a Run): what is saved
+    and resumed. The steps every method shares are here: the lr schedule, drawing the batch, the loss, the optimizer
+    step(s) with the gradient sync of several processes (DDP) and the EMAs, the log (progress bar, loss curve) and the
+    checkpoints. The losses are read from the device once per logging interval (settle: the loss curve, and every
+    rank stops together when any rank's loss is not finite), never per step.
+
+    loss(student, teacher, x, gen): the method's algorithm for one batch x; it draws the rest from gen (run.gen).
+        Returns a loss, (loss, {name: part}), or yields losses, one optimizer step each (SFD steps after every
+        student step).
+    data: the training images (a batch: random_batch, in [-1, 1]), or a shape: a batch of unit noise of that shape."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    lrs = budget.lr if isinstance(budget.lr, (list, tuple)) else [budget.lr] * len(opt.param_groups)
+    per_step = 1 if budget.unit == "updates" else budget.batch          # images, trajectories: one per sample
+    s = dict(step=0, done=0, images=0, seconds=0.0, loss_start=None, loss_avg=None, curve=[], curve_names=[], acc={})
+    if run.resume is not None:
+        restore(pg, opt, run, s, budget)
+    for module in run.nets.values():
+        pg.broadcast(module)
+        pg.prepare(module)                                       # --channels-last, --compile
+    total, local = budget.total, pg.batch(budget.batch)
+    stop = total if budget.stop_after is None else min(total, budget.stop_after)
+    window = max(1, -(-total // per_step) // 100)               # loss curve: about 100 window means
+    bar = tqdm(total=total, initial=s["done"], unit={"images": "img", "updates": "it"}.get(budget.unit, "traj"),
+               disable=not pg.main, desc=run.desc, unit_scale=per_step > 1)
+    t0, next_ckpt, pending = time.time() - s["seconds"], s["done"] + budget.ckpt_every, []
+    every = 1 if pg.device.type == "cpu" else min(window, SETTLE_EVERY)    # a read costs a host sync on a GPU only
+    with StopSignals() as signals:
+        while s["done"] < stop:
+            if run.before_step:
+                run.before_step(s["step"])
+            for group, lr in zip(opt.param_groups, lrs):                  # the lr schedule
+                group["lr"] = budget.schedule(lr, s["done"], total)
+            if torch.is_tensor(data):                                      # draw the batch
+                x = random_batch(data, local, run.gen)
+                x = (to_float(x) if x.dtype == torch.uint8 else x).to(pg.device)
+            else:
+                x = torch.randn((local, *data), generator=run.gen).to(pg.device)
+            with autocast(pg.device):
+                out = loss(student, teacher, x, run.gen)                   # the method's loss
+            values, parts = optimizer_steps(pg, out, opt, params, budget.clip, run.emas)    # backward, step, EMAs
+            s["step"] += 1
+            s["done"] += per_step
+            s["images"] += budget.batch
+            pending.append((s["step"], s["images"], s["done"], values, parts))
+            signum = signals.signum if pg.world == 1 else 0     # several processes: they agree in settle
+            if s["step"] % every == 0 or s["done"] >= stop or s["done"] >= next_ckpt or signum:     # log
+                shown, signum = settle(pg, s, pending, window, total, signals.signum)  # one host sync per interval
+                bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+            s["seconds"] = time.time() - t0
+            bar.update(per_step)
+            if s["done"] >= next_ckpt and s["done"] < stop:               # checkpoint
+                next_ckpt += budget.ckpt_every
+                save_run(pg, opt, run, s, False)
+            if signum:                                   # SIGTERM / SIGINT: this update done, its checkpoint, one line
+                bar.close()
+                save_run(pg, opt, run, s, s["done"] >= total)
+                raise Stopped(f"stopped by {signal.Signals(signum).name} after {s['done']:,} of {total:,} "
+                              f"{budget.unit}; checkpoint {run.path} written; continue with `{resume_command(pg.world)}`",
+                              signum)
+    bar.close()
+    settle(pg, s, pending, window, total)
+    for module in run.nets.values():
+        pg.check_in_sync(module)
+    save_run(pg, opt, run, s, s["done"] >= total)
+    return dict(s, finished=s["done"] >= total)
+
+
+def optimizer_steps(pg, out, opt, params, clip=None, emas=()):
+    """The update(s) of one batch: out is what a method's loss returned (a loss, (loss, parts) or an
+    iterator of losses, stepped one by one). Backward with the gradient averaging of several processes
+    overlapped (Dist.grad_sync), clipping, step, EMAs. Returns (the losses, the last parts dict) as device
+    tensors: train_loop reads them once per logging interval (a read here would wait for the GPU every step)."""
+    steps = iter([out]) if torch.is_tensor(out) or isinstance(out, tuple) else out
+    values, parts = [], {}
+    while True:
+        with autocast(params[0].device):
+            out = next(steps, None)
+        if out is None:
+            return values, parts
+        loss, parts = out if isinstance(out, tuple) else (out, {})
+        opt.zero_grad(set_to_none=True)
+        sync = pg.grad_sync(params)
+        loss.backward()
+        if sync is not None:
+            sync.wait()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        for ema, model, beta in emas:
+            ema_update(ema, model, beta)
+        values.append(loss.detach())
+
+
+def random_batch(images, batch_size, generator):
+    """A random minibatch (uint8), drawn with replacement: its only state is the generator's,
+    so a resumed run draws exactly what an uninterrupted one would have."""
+    return images[torch.randint(len(images), (batch_size,), generator=generator)]
+
+
+def resume_from(path, kind, resume, pg=None):
+    """train_loop's resume: the checkpoint at path when --resume and it exists, else None (start over; with pg,
+    a --resume that finds nothing says so: resume_note)."""
+    if pg is not None:
+        resume_note(pg, resume, path)
+    return load_checkpoint(path, kind) if resume and Path(path).exists() else None
+
+
+def resume_note(pg, resume, *paths):
+    """--resume where none of a run's checkpoint files exists: one line, in the same words in every script."""
+    if resume and paths and not any(Path(p).exists() for p in paths):
+        pg.log(f"--resume: no checkpoint at {paths[0]}, starting from scratch")
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The shared teacher: EDM training (EDM Sec. 5, Table 1 "Ours"), and a student initialised from it
+# ----------------------------------------------------------------------------------------------
+
+TEACHER_PRESETS = {
+    # images: training length; warmup: lr ramp; ema: EMA half-life; all counted in images.
+    "smoke": dict(images=512, batch=32, lr=2e-3, warmup=128, ema=256, ckpt_every=256, grad_clip=1.0, minutes=0.1),
+    "lab": dict(images=76_800, batch=64, lr=2e-3, warmup=5_000, ema=10_000, ckpt_every=12_800, grad_clip=1.0, minutes=12),
+    # EDM's CIFAR-10 recipe: 200 M images, batch 512, lr 1e-3, warmup 10 M, EMA half-life 0.5 M.
+    "paper": dict(images=200_000_000, batch=512, lr=1e-3, warmup=10_000_000, ema=500_000, ckpt_every=5_000_000,
+                  grad_clip=1.0, minutes=60 * 48),
+}
+
+
+P_MEAN, P_STD = -1.2, 1.2      # EDM's training noise distribution: ln sigma ~ N(P_mean, P_std^2)
+
+
+def edm_loss(D, x0, generator=None):
+    """EDM Eq. 8 / Table 1: lambda(sigma)*|D(x0 + sigma*n, sigma) - x0|^2, ln sigma ~ N(P_mean, P_std^2),
+    lambda = (sigma^2 + sd^2)/(sigma*sd)^2. Returns the batch mean."""
+    rnd = torch.randn(x0.shape[0], 1, 1, 1, generator=generator).to(x0.device)
+    sigma = (rnd * P_STD + P_MEAN).exp()
+    weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
+    n = torch.randn(x0.shape, generator=generator).to(x0.device) * sigma
+    return (weight * (D(x0 + n, sigma) - x0) ** 2).mean()
+
+
+def teacher_dir(dataset, preset):
+    return RUNS / dataset_slug(dataset) / f"teacher-{preset}"
+
+
+def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed=0, device=None,
+                  batch_size=None, resume=False, images=None, data=None):
+    """Train the shared teacher; returns the path of teacher.pt. Resumable from out/checkpoint.pt. One run at a
+    time in out (its lock; load_teacher waits for it). data: the images, if already loaded."""
+    cfg = dict(TEACHER_PRESETS[preset])
+    cfg["batch"] = batch_size or cfg["batch"]
+    cfg["images"] = images or cfg["images"]
+    out = prepare_out_dir(out or teacher_dir(dataset, preset))
+    with folder_lock(out):
+        return _train_teacher(dataset, preset, out, data_dir, seed, device, cfg, resume, data)
+
+
+def _train_teacher(dataset, preset, out, data_dir, seed, device, cfg, resume, data):
+    pg = Dist(device)
+    if data is None:
+        data, _ = load_dataset(dataset, data_dir)
+    seed_all(seed)
+    net = UNet(in_ch=data.shape[1], res=data.shape[2], **NET_CONFIGS[preset]).to(pg.device)
+    ema = build_net(net.config).to(pg.device).requires_grad_(False)
+    D = Denoiser(net)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8)
+    gen = torch.Generator().manual_seed(seed * 1000 + pg.rank)      # each process its own data/noise
+    ckpt_path = out / "checkpoint.pt"
+    ck = resume_from(ckpt_path, "teacher-training", resume, pg)
+    ema.load_state_dict(net.state_dict())
+    pg.log(f"teacher: {dataset}, preset {preset}, {count_params(net) / 1e6:.2f} M params, "
+           f"{cfg['images']:,} images, batch {cfg['batch']}, {pg.world} process(es) on {pg.device}")
+    budget = Budget(cfg["images"], "images", cfg["batch"], cfg["lr"], cfg["ckpt_every"], clip=cfg["grad_clip"],
+                    schedule=warmup_lr(cfg["warmup"], cfg["batch"]))
+    net.train()
+    run = train_loop(pg, lambda D, _, x0, gen: edm_loss(D, x0, gen), data, D, None, opt, budget, Run(
+        ckpt_path, "teacher-training", dict(seed=seed, batch=cfg["batch"], dataset=dataset), dict(net=net, ema=ema), gen,
+        emas=[(ema, net, ema_beta(cfg["batch"], cfg["ema"]))], resume=ck, desc="teacher"))
+    done, seconds = run["images"], run["seconds"]
+    path = out / "teacher.pt"
+    if pg.main:
+        save_checkpoint(path, "teacher", net_config=ema.config, ema=ema.state_dict(), dataset=dataset, preset=preset,
+                        images=done, seconds=seconds)
+        teacher = Denoiser(ema.eval())
+        x = PerSampleNoise(EVAL_SEED, range(64), pg.device).randn(*data.shape[1:]) * SIGMA_MAX
+        with torch.no_grad():
+            grid = sample_dpmpp(teacher, x, teacher_sigmas("dpm3m", 35))
+        save_grid(grid, out / "samples.png", nrow=8)
+        save_curves(out, [curve_of("teacher", run)])
+        mem = (f", peak {torch.cuda.max_memory_allocated(pg.device) / 2**30:.2f} GiB on the GPU"
+               if pg.device.type == "cuda" else "")
+        pg.log(f"teacher: {done:,} images in {seconds / 60:.1f} min ({done / seconds:.0f} img/s{mem}), "
+               f"{count_params(ema) / 1e6:.2f} M params, ranks in sync; saved {path}, {out / 'samples.png'} and loss.png")
+    pg.barrier()
+    return path
+
+
+def student_from(teacher_net, cond_dim=0):
+    """A trainable copy of the teacher's U-Net, optionally with a zero-initialised extra condition
+    input (so it starts out computing exactly what the teacher computes; fewstep's U-Net only)."""
+    if cond_dim:
+        require_arch(teacher_net, ("fewstep",), "this method feeds an extra condition through the student's U-Net")
+    net = build_net(teacher_net.config, **({"cond_dim": cond_dim} if cond_dim else {}))
+    net = net.to(next(teacher_net.parameters()).device)
+    missing, unexpected = net.load_state_dict(teacher_net.state_dict(), strict=False)
+    assert not unexpected and all(".cond." in k for k in missing), (missing, unexpected)
+    return net.train().requires_grad_(True)
+
+
+# ==============================================================================================
+# PART B: machinery. A method reader may skip everything below: errors and the command line, data, run folders,
+# checkpoints, locks and stop signals, fingerprints, several processes (Dist, GradSync), autocast, plots, the
+# published teachers' readers, the bench. Nothing below is an algorithm of a paper.
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# 8. Errors and the shared command line
 # ----------------------------------------------------------------------------------------------
 
 class UserError(Exception):
@@ -373,523 +1104,7 @@ def dataset_slug(name):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. The compact U-Net (Ho et al. 2020, arXiv:2006.11239; Dhariwal & Nichol 2021, arXiv:2105.05233)
-# ----------------------------------------------------------------------------------------------
-
-NET_CONFIGS = {
-    # ~0.1 M parameters: runs in seconds, for tests only.
-    "smoke": dict(ch=16, mults=(1, 2), blocks=1, attn_res=(16,), heads=1, dropout=0.0),
-    # ~1.5 M parameters: trains on a 2-core CPU in minutes (attention at 8x8: at 16x16 it halves the speed).
-    "lab": dict(ch=32, mults=(1, 2, 2, 2), blocks=1, attn_res=(8,), heads=2, dropout=0.0),
-    # DDPM's CIFAR-10 U-Net: 128 channels, 1,2,2,2, two res blocks, attention at 16x16, ~36 M.
-    "paper": dict(ch=128, mults=(1, 2, 2, 2), blocks=2, attn_res=(16,), heads=1, dropout=0.1),
-}
-
-
-def timestep_embedding(c_noise, dim, max_period=10_000):
-    """Sinusoidal embedding of the noise level (Transformer / DDPM positional embedding)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=c_noise.device) / half)
-    angles = c_noise.float()[:, None] * freqs[None]
-    return torch.cat([angles.cos(), angles.sin()], dim=1)
-
-
-def group_norm(ch):
-    """GroupNorm with 32 groups (DDPM), fewer for narrow layers (at least 4 channels a group)."""
-    groups = max(g for g in range(1, 33) if ch % g == 0 and ch // g >= 4)
-    return nn.GroupNorm(groups, ch, eps=1e-6)
-
-
-def zero_init(module):
-    nn.init.zeros_(module.weight)
-    nn.init.zeros_(module.bias)
-    return module
-
-
-class ResBlock(nn.Module):
-    """DDPM res block; the noise embedding is added after conv1. An optional extra condition
-    enters as AdaGN, h = (1 + z_scale)*GN(h) + z_shift, through a zero-initialised linear
-    map: a network with the extra input starts out computing exactly what it did without."""
-
-    def __init__(self, cin, cout, emb_dim, cond_dim=0, dropout=0.0):
-        super().__init__()
-        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, cout)
-        self.cond = zero_init(nn.Linear(cond_dim, 2 * cout)) if cond_dim else None
-        self.norm2, self.drop = group_norm(cout), nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x, emb, cond=None):
-        h = self.conv1(F.silu(self.norm1(x))) + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.norm2(h)
-        if self.cond is not None and cond is not None:
-            z_scale, z_shift = self.cond(cond)[:, :, None, None].chunk(2, dim=1)
-            h = (1 + z_scale) * h + z_shift
-        h = self.conv2(self.drop(F.silu(h)))
-        return self.skip(x) + h
-
-
-class AttnBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions, written out so that its attention
-    probabilities softmax(Q K^T / sqrt(d)) can be returned (SFERD reads them)."""
-
-    def __init__(self, ch, heads, name):
-        super().__init__()
-        self.heads, self.name = heads, name
-        self.norm, self.qkv = group_norm(ch), nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = zero_init(nn.Conv2d(ch, ch, 1))
-
-    def forward(self, x, record=None):
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        with no_autocast(x):                                # logits and softmax in fp32 under bf16 autocast too
-            logits = torch.einsum("bhcq,bhck->bhqk", q.float(), k.float()) / math.sqrt(C // self.heads)
-            attn = logits.softmax(dim=-1)                   # B x heads x queries x keys
-        if record is not None:
-            record[self.name] = attn
-        h = torch.einsum("bhqk,bhck->bhcq", attn.to(v.dtype), v).reshape(B, C, H, W)
-        return x + self.proj(h)
-
-
-class Level(nn.Module):
-    """One resolution step of the U-Net: a res block, then self-attention at attn_res."""
-
-    def __init__(self, cin, cout, emb_dim, cond_dim, dropout, attn_name=None, heads=1):
-        super().__init__()
-        self.res = ResBlock(cin, cout, emb_dim, cond_dim, dropout)
-        self.attn = AttnBlock(cout, heads, attn_name) if attn_name else None
-
-    def forward(self, h, emb, cond, record):
-        h = self.res(h, emb, cond)
-        return self.attn(h, record) if self.attn is not None else h
-
-
-class UNet(nn.Module):
-    """F(x, c_noise[, cond]) of DDPM's CIFAR-10 architecture, sized by the config.
-
-    forward()          -> the output (same shape as x)
-    encode()/decode()  -> the two halves, so another network can reuse the encoder
-    forward(..., attn=NAME) also returns that attention block's probabilities,
-    forward(..., features=True) also returns the last hidden map before the output conv.
-    """
-
-    def __init__(self, in_ch=3, res=32, ch=128, mults=(1, 2, 2, 2), blocks=2, attn_res=(16,), heads=1,
-                 dropout=0.1, cond_dim=0):
-        super().__init__()
-        self.config = dict(arch="fewstep", in_ch=in_ch, res=res, ch=ch, mults=tuple(mults), blocks=blocks,
-                           attn_res=tuple(attn_res), heads=heads, dropout=dropout, cond_dim=cond_dim)
-        emb_dim, self.ch = 4 * ch, ch
-        self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        level = lambda cin, cout, r, name: Level(cin, cout, emb_dim, cond_dim, dropout,
-                                                 name if r in attn_res else None, heads)
-        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
-        self.down, skip_ch, c, r = nn.ModuleList(), [ch], ch, res
-        for i, m in enumerate(mults):
-            for j in range(blocks):
-                self.down.append(level(c, m * ch, r, f"enc{r}.{j}"))
-                c = m * ch
-                skip_ch.append(c)
-            if i < len(mults) - 1:
-                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))   # downsample
-                skip_ch.append(c)
-                r //= 2
-        self.mid = nn.ModuleList([Level(c, c, emb_dim, cond_dim, dropout, f"mid{r}", heads),   # DDPM: res, attn, res
-                                  Level(c, c, emb_dim, cond_dim, dropout)])
-        self.up = nn.ModuleList()
-        for i, m in reversed(list(enumerate(mults))):
-            for j in range(blocks + 1):
-                self.up.append(level(c + skip_ch.pop(), m * ch, r, f"dec{r}.{j}"))
-                c = m * ch
-            if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
-                r *= 2
-        self.norm_out = group_norm(c)
-        self.conv_out = zero_init(nn.Conv2d(c, in_ch, 3, padding=1))
-
-    @property
-    def attn_names(self):
-        """Names of the self-attention blocks in execution order, e.g. ['enc16.0', ..., 'dec16.2']."""
-        return [m.name for m in self.modules() if isinstance(m, AttnBlock)]
-
-    def encode(self, x, c_noise, cond=None, record=None):
-        """Input conv and down path: returns (h, skips, emb)."""
-        emb = self.emb(timestep_embedding(c_noise, self.ch))
-        h = self.conv_in(x)
-        skips = [h]
-        for block in self.down:
-            h = block(h, emb, cond, record) if isinstance(block, Level) else block(h)
-            skips.append(h)
-        return h, skips, emb
-
-    def decode(self, h, skips, emb, cond=None, record=None):
-        """Middle and up path: returns the last hidden feature map (input of the output conv)."""
-        skips = list(skips)
-        for block in self.mid:
-            h = block(h, emb, cond, record)
-        for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, cond, record) if isinstance(block, Level) else block(h)
-        return F.silu(self.norm_out(h))
-
-    def forward(self, x, c_noise, cond=None, attn=None, features=False):
-        record = {} if attn is not None else None
-        if attn is not None and attn not in self.attn_names:
-            raise UserError(f"no attention block named {attn!r}; this U-Net has {', '.join(self.attn_names)}")
-        h, skips, emb = self.encode(x, c_noise, cond, record)
-        feat = self.decode(h, skips, emb, cond, record)
-        out = self.conv_out(feat)
-        if attn is None and not features:
-            return out
-        extras = {}
-        if attn is not None:
-            extras["attn"] = record[attn]
-        if features:
-            extras["features"] = feat
-        return out, extras
-
-
-def build_net(config, **overrides):
-    """The network of a stored config (a checkpoint's 'net_config', any net's .config), with optional
-    changes: fewstep's UNet, EDM's SongUNet or DDPM's U-Net (section 8b), by config['arch']."""
-    arch = config.get("arch", "fewstep")
-    if arch == "ddpm-diffusers":
-        return DDPMUNet({**config["unet"], **overrides}, config["scheduler"])
-    kwargs = {k: v for k, v in {**config, **overrides}.items() if k != "arch"}
-    return SongUNet(**kwargs) if arch == "edm-songunet" else UNet(**kwargs)
-
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. The denoiser D(x, sigma) with EDM preconditioning, and the VP adapters
-# ----------------------------------------------------------------------------------------------
-
-def as_batch(value, x):
-    """A scalar, 0-d or length-B tensor as a B x 1 x 1 x 1 float32 tensor on x's device. A Python number is
-    filled in on the device (x.new_full): torch.as_tensor would copy it from the host, a blocking copy on every
-    network call of a sampler."""
-    if torch.is_tensor(value):
-        value = value.to(x.device, torch.float32)
-    else:
-        value = x.new_full((1, 1, 1, 1), value, dtype=torch.float32)
-    return value.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
-
-
-def edm_precond(sigma, sigma_data=SIGMA_DATA):
-    """EDM Table 1: c_skip, c_out, c_in, c_noise (sigma is B x 1 x 1 x 1)."""
-    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
-    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
-    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
-    c_noise = sigma.log() / 4
-    return c_skip, c_out, c_in, c_noise
-
-
-class Denoiser(nn.Module):
-    """D(x, sigma) = c_skip*x + c_out*F(c_in*x, c_noise)  (EDM Eq. 7), sigma_data from the net's config
-    (EDM snapshots store theirs); for DDPM's eps network (section 8b) D(x, sigma) = x - sigma*eps(z, t)
-    with z = x/sqrt(1 + sigma^2) (x = z/alpha: the VP process in EDM's scaling, EDM Sec. 2) and t(sigma) on its discrete table.
-    Extra keywords (cond, attn, features) go to the U-Net; with attn/features it returns (D, extras)."""
-
-    def __init__(self, net, sigma_data=None):
-        super().__init__()
-        config = getattr(net, "config", {})
-        self.net, self.sigma_data = net, sigma_data if sigma_data is not None else config.get("sigma_data", SIGMA_DATA)
-        self.predicts_eps = config.get("arch") == "ddpm-diffusers"
-        self.full_precision = False              # a frozen teacher (freeze): fp32 whatever autocast surrounds it
-
-    def forward(self, x, sigma, cond=None, **extras):
-        if self.full_precision:                  # the teacher's roll-out in training = its evaluation, in fp32
-            with no_autocast(x):
-                return self.denoise(x.float(), sigma, cond, **extras)
-        return self.denoise(x, sigma, cond, **extras)
-
-    def denoise(self, x, sigma, cond=None, **extras):
-        sigma = as_batch(sigma, x)
-        if self.predicts_eps:
-            eps = self.net(x / (1 + sigma**2).sqrt(), self.net.t_from_sigma(sigma.flatten()), cond, **extras)
-            return x - sigma * eps.float()
-        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
-        out = self.net(c_in * x, c_noise.flatten(), cond, **extras)
-        F_x, ext = out if isinstance(out, tuple) else (out, None)
-        D_x = c_skip * x + c_out * F_x.float()
-        return (D_x, ext) if ext is not None else D_x
-
-
-def freeze(D):
-    """D as a frozen teacher: eval mode, no gradients, and fp32 with autocast off inside it (full_precision), so
-    that its roll-out in a bf16 training step is the computation its evaluation runs (on CUDA with TF32)."""
-    D.eval().requires_grad_(False)
-    D.full_precision = True
-    return D
-
-
-def vp_from_sigma(sigma):
-    """(alpha, s) of the VP process with the same signal-to-noise ratio: alpha^2 + s^2 = 1."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64 if not torch.is_tensor(sigma) else sigma.dtype)
-    alpha = 1 / (1 + sigma**2).sqrt()
-    return alpha, sigma * alpha
-
-
-def sigma_from_vp(alpha, s):
-    return s / alpha
-
-
-def vp_predict(D, z, alpha, s, cond=None, **extras):
-    """The VP adapter (x = z/alpha, sigma = s/alpha: EDM Sec. 2 and Eq. 4): x0_hat = D(z/alpha, s/alpha),
-    eps_hat = (z - alpha*x0_hat)/s, v_hat = alpha*eps_hat - s*x0_hat. alpha and s: scalars or per-sample tensors.
-    Returns (x0_hat, eps_hat, v_hat), plus the extras dict when attn/features are asked for."""
-    alpha, s = as_batch(alpha, z), as_batch(s, z)
-    out = D(z / alpha, s / alpha, cond, **extras)
-    x0, ext = out if isinstance(out, tuple) else (out, None)
-    eps = (z - alpha * x0) / s
-    v = alpha * eps - s * x0
-    return (x0, eps, v, ext) if ext is not None else (x0, eps, v)
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. Noise schedules
-# ----------------------------------------------------------------------------------------------
-
-def karras_sigmas(n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
-    """EDM Eq. 5: n points from sigma_max (i = 0) down to sigma_min (i = n-1), float64."""
-    i = torch.arange(n, dtype=torch.float64)
-    return (sigma_max ** (1 / rho) + i / max(n - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-
-
-def append_zero(sigmas):
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-def cosine_logsnr(t, logsnr_min=-20.0, logsnr_max=20.0):
-    """PD's cosine schedule in log-SNR form: logsnr(t) = -2 ln tan(a t + b), t in [0, 1]."""
-    b = math.atan(math.exp(-logsnr_max / 2))
-    a = math.atan(math.exp(-logsnr_min / 2)) - b
-    return -2 * torch.log(torch.tan(a * torch.as_tensor(t, dtype=torch.float64) + b))
-
-
-def cosine_alpha_sigma(t, logsnr_min=-20.0, logsnr_max=20.0):
-    """alpha_t, s_t of the cosine schedule: alpha^2 = sigmoid(logsnr), s^2 = sigmoid(-logsnr)."""
-    logsnr = cosine_logsnr(t, logsnr_min, logsnr_max)
-    return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
-
-
-def ddpm_alpha_bar(T=1000, beta_1=1e-4, beta_T=0.02):
-    """Discrete DDPM table (Ho et al. 2020, linear betas): alpha_bar[t] for t = 0..T, alpha_bar[0] = 1."""
-    betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
-    return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
-
-
-def sigma_from_alpha_bar(alpha_bar):
-    """sigma_t = s_t/alpha_t = sqrt((1 - alpha_bar_t)/alpha_bar_t)."""
-    return ((1 - alpha_bar) / alpha_bar).sqrt()
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. Samplers: sampler(D, x, sigmas, callback=None, **solver options) -> x at sigmas[-1]
-#    x starts at sigmas[0] (x = sigma_max*eps for pure noise); sigmas decrease, may end in 0.
-#    callback(i, x) is called after step i. No method's idea in here: a method's own first step or
-#    a wrapper around D lives in its file (SFD's analytical first step and thresholding: sfd.py).
-# ----------------------------------------------------------------------------------------------
-
-def sample_euler(D, x, sigmas, callback=None):
-    """Euler = DDIM (eta 0) in sigma: d = (x - D(x, s_i))/s_i; x <- x + (s_{i+1} - s_i)*d."""
-    sigmas = [float(s) for s in sigmas]
-    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        d = (x - D(x, t_cur)) / t_cur
-        x = x + (t_next - t_cur) * d                        # Euler step.
-        if callback:
-            callback(i, x)
-    return x
-
-
-def sample_heun(D, x, sigmas, callback=None, euler_last=False):
-    """EDM Algorithm 1 (deterministic): Euler predictor, trapezoidal corrector unless s_{i+1} = 0.
-    euler_last: no corrector on the last step either (EDM's rule for its step to 0, carried over to a
-    grid that ends at sigma_min: a corrector there divides the network's error by sigma_min)."""
-    sigmas = [float(s) for s in sigmas]
-    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        d_cur = (x - D(x, t_cur)) / t_cur
-        x_next = x + (t_next - t_cur) * d_cur               # Euler step.
-        if t_next > 0 and not (euler_last and i == len(sigmas) - 2):   # Apply 2nd order correction.
-            d_prime = (x_next - D(x_next, t_next)) / t_next
-            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
-        x = x_next
-        if callback:
-            callback(i, x)
-    return x
-
-
-def dpmpp_step(x, t_cur, t_next, D0, history, order):
-    """One DPM-Solver++ multistep update from t_cur to t_next > 0 (Lu et al., arXiv:2211.01095, Alg. 2), given
-    D0 = D(x, t_cur) and history = [(D_-1, h_-1), (D_-2, h_-2), ...] (most recent first),
-    with h = lambda_next - lambda_cur in lambda = -ln(sigma); order <= 1 + len(history).
-    The third-order D2 term uses -phi3 exactly as the reference implementations do (DPM-Solver,
-    k-diffusion, diffusers): a Taylor expansion gives D2 ~ h^2 D''/2, whose exact weight would be
-    -2*phi3, so that step's local error is O(h^3), not O(h^4) (tests/test_common.py measures it).
-    Kept as written so fewstep's teacher solver is the one the papers used."""
-    h = math.log(t_cur) - math.log(t_next)
-    phi1 = math.expm1(-h)
-    if order == 1:                                                   # = DDIM / Euler in lambda
-        return (t_next / t_cur) * x - phi1 * D0
-    (D_m1, h_m1), *older = history
-    r0 = h_m1 / h
-    D1_0 = (D0 - D_m1) / r0
-    if order == 2:
-        return (t_next / t_cur) * x - phi1 * D0 - 0.5 * phi1 * D1_0
-    (D_m2, h_m2), *_ = older
-    r1 = h_m2 / h
-    D1_1 = (D_m1 - D_m2) / r1
-    D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
-    D2 = (D1_0 - D1_1) / (r0 + r1)
-    phi2 = phi1 / h + 1
-    phi3 = phi2 / h - 0.5
-    return (t_next / t_cur) * x - phi1 * D0 + phi2 * D1 - phi3 * D2
-
-
-def dpmpp_order(i, n, order=3, lower_order_final=True):
-    """Order of step i (0-based) of n: the warm-up i + 1 while below `order`, then `order`, lowered to n - i on the
-    last steps (SFD authors' dpm_pp_sampler, sfd-main/solvers.py; LuChengTHU/dpm-solver's multistep warm-up)."""
-    if i + 1 < order:
-        return i + 1
-    return min(order, n - i) if lower_order_final else order
-
-
-def sample_dpmpp(D, x, sigmas, callback=None, order=3, lower_order_final=True):
-    """DPM-Solver++(2M/3M), data prediction, multistep (Lu et al. 2022, arXiv:2211.01095, Alg. 2).
-    Order ramps up 1, 2, 3 at the start and, with lower_order_final, down at the end: that keeps
-    few-step sampling stable; the first-order start and end steps make the global order 2
-    asymptotically, though each step in between is third order. The order of step i of n is the
-    DPM-Solver and SFD authors' rule (dpmpp_order): 3M on 2 steps is [1, 2], not Euler's [1, 1]."""
-    sigmas = [float(s) for s in sigmas]
-    n = len(sigmas) - 1
-    history = []                                                     # (D, h) of past steps, newest first
-    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        D0 = D(x, t_cur)
-        if t_next == 0:
-            x = D0                                                   # lambda = inf: land on the denoised image
-        else:
-            k = min(dpmpp_order(i, n, order, lower_order_final), len(history) + 1)
-            x = dpmpp_step(x, t_cur, t_next, D0, history, k)
-            history = [(D0, math.log(t_cur / t_next))] + history[:1]
-        if callback:
-            callback(i, x)
-    return x
-
-
-def sample_ddpm(D, x, sigmas, callback=None, noise=torch.randn_like):
-    """Ancestral DDPM (Ho et al. 2020, Eq. 6-7) on the sigmas of a VP table, in the x = z/alpha
-    view: x <- x0 + sigma_down*eps_hat + sigma_up*noise, sigma_up^2 = s'^2 (s^2 - s'^2)/s^2,
-    sigma_down^2 = s'^2 - sigma_up^2 (the DDPM posterior, rescaled by 1/alpha_{t-1})."""
-    sigmas = [float(s) for s in sigmas]
-    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x0 = D(x, t_cur)
-        if t_next == 0:
-            x = x0
-        else:
-            sigma_up = t_next * math.sqrt(1 - t_next**2 / t_cur**2)
-            sigma_down = math.sqrt(t_next**2 - sigma_up**2)
-            x = x0 + sigma_down * (x - x0) / t_cur + sigma_up * noise(x)
-        if callback:
-            callback(i, x)
-    return x
-
-
-SAMPLERS = {
-    "euler": sample_euler,
-    "heun": lambda D, x, sigmas, callback=None, **kw: sample_heun(D, x, sigmas, callback, euler_last=True, **kw),
-    "dpm2m": lambda D, x, sigmas, callback=None, **kw: sample_dpmpp(D, x, sigmas, callback, order=2, **kw),
-    "dpm3m": lambda D, x, sigmas, callback=None, **kw: sample_dpmpp(D, x, sigmas, callback, order=3, **kw),
-    "ddpm": sample_ddpm,
-}
-SAMPLER_NAMES = {"euler": "Euler", "heun": "Heun", "dpm2m": "DPM-Solver++(2M)", "dpm3m": "DPM-Solver++(3M)", "ddpm": "DDPM"}
-
-
-def teacher_sigmas(sampler, nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX):
-    """The Karras grid sigma_max -> sigma_min that spends exactly nfe network calls with this sampler:
-    nfe steps (Heun: (nfe+1)/2 steps, two calls each but the last), ending at sigma_min without a final
-    denoising call, the few-step convention of DPM-Solver and SFD (denoise_to_zero=False). EDM's extra
-    step to sigma = 0 would spend one of very few calls on noise of std 0.002, below one uint8 level."""
-    if nfe < 1 or (sampler == "heun" and nfe % 2 == 0):
-        raise UserError(f"{SAMPLER_NAMES.get(sampler, sampler)} cannot spend exactly {nfe} network calls"
-                        + (" (Heun needs an odd NFE: two calls per step, one on the last)" if sampler == "heun" else ""))
-    steps = (nfe + 1) // 2 if sampler == "heun" else nfe
-    return karras_sigmas(steps + 1, sigma_min, sigma_max)
-
-
-# ----------------------------------------------------------------------------------------------
-# 5b. sferd.py's substrate: the Gaussian blur B of its attention guidance (hand-written), the image
-#     encoder E_phi, and a small DDPM over vectors (its latent DDPM over z_sem, Diff-AE's MLP)
-# ----------------------------------------------------------------------------------------------
-
-def gaussian_kernel(sigma, size):
-    """1-D Gaussian, normalised to sum 1 (the blur preserves a constant image)."""
-    g = torch.exp(-(torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2 / (2 * sigma**2))
-    return (g / g.sum()).float()
-
-
-def gaussian_blur(x, sigma=3.0, size=15):
-    """B(x): separable depthwise Gaussian convolution (rows, then columns), reflect padding."""
-    C, pad, g = x.shape[1], size // 2, gaussian_kernel(sigma, size).to(x.device, x.dtype)
-    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), g.view(1, 1, 1, size).expand(C, 1, 1, size), groups=C)
-    return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), g.view(1, 1, size, 1).expand(C, 1, size, 1), groups=C)
-
-
-class SemanticEncoder(nn.Module):
-    """SFERD's E_phi(x0) -> z_sem: stride-2 convs with GroupNorm + SiLU (the encoder part of a U-Net), pooled, Linear."""
-
-    def __init__(self, in_ch, z_dim, ch=32, mults=(1, 2, 4)):
-        super().__init__()
-        layers = [nn.Conv2d(in_ch, ch, 3, padding=1)]
-        for c, m in zip((1, *mults), mults):
-            layers += [nn.Conv2d(c * ch, m * ch, 3, stride=2, padding=1), group_norm(m * ch), nn.SiLU()]
-        self.body, self.out = nn.Sequential(*layers), nn.Linear(mults[-1] * ch, z_dim)
-
-    def forward(self, x0):
-        return self.out(self.body(x0).mean(dim=(2, 3)))
-
-
-class LatentMLP(nn.Module):
-    """eps_omega(z_t, t): an MLP whose every layer also sees z_t (Diff-AE's MLPSkipNet); buffers: the mean and
-    std of the vectors it models (its samples are denormalised with them)."""
-
-    def __init__(self, z_dim, hidden, layers):
-        super().__init__()
-        self.t_emb = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.layers = nn.ModuleList([nn.Linear((hidden if i else 0) + z_dim, hidden) for i in range(layers)])
-        self.out = zero_init(nn.Linear(hidden, z_dim))
-        self.register_buffer("mean", torch.zeros(z_dim))
-        self.register_buffer("std", torch.ones(z_dim))
-
-    def forward(self, z, t):
-        emb, h = self.t_emb(timestep_embedding(t.float(), 64)), z[:, :0]
-        for layer in self.layers:
-            h = F.silu(layer(torch.cat([h, z], dim=1)) + emb)
-        return self.out(h)
-
-
-def latent_loss(mlp, z, t, eps, alpha_bar):
-    """|eps - eps_omega(sqrt(abar_t)*z + sqrt(1-abar_t)*eps, t)|, L1 (SFERD's Eq. 16); alpha_bar[t] for t = 0..T-1."""
-    abar = alpha_bar.to(z.device)[t][:, None]
-    return (eps - mlp(abar.sqrt() * z + (1 - abar).sqrt() * eps, t)).abs().mean()
-
-
-@torch.no_grad()
-def sample_latent(mlp, noise, steps, mean, std, alpha_bar):
-    """DDIM (eta 0) over `steps` evenly spaced of the T = len(alpha_bar) steps; returns z * std + mean."""
-    abar, z = alpha_bar.to(noise.device), noise
-    ts = torch.linspace(len(abar) - 1, 0, steps).round().long().tolist()
-    for i, t in enumerate(ts):
-        eps = mlp(z, torch.full((len(z),), t, device=z.device))
-        z0 = (z - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
-        a_next = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-        z = a_next.sqrt() * z0 + (1 - a_next).sqrt() * eps
-    return z * std + mean
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. Data: uint8 tensors N x C x 32 x 32 in memory (all three datasets are small)
+# 9. Data: uint8 tensors N x C x 32 x 32 in memory (all three datasets are small)
 # ----------------------------------------------------------------------------------------------
 
 FASHION_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
@@ -997,7 +1212,7 @@ class AllowlistUnpickler(pickle.Unpickler):
     """A pickle reader that builds only what its table names, {(module, name): the object built for it}, an entry
     (package, "*") standing for every class under that package. A pickle calls the globals it names, so any other
     (os.system in a crafted __reduce__) is refused before it is called: no file we read runs code. One table per file
-    family: CIFAR10_BATCH (below), EDM_SNAPSHOT (section 8b), fid.py's TORCHSCRIPT_WEIGHTS. what: the family, for
+    family: CIFAR10_BATCH (below), EDM_SNAPSHOT (section 13), fid.py's TORCHSCRIPT_WEIGHTS. what: the family, for
     the refusal; persistent_load: the reader of data kept beside the pickle (a TorchScript archive's storages)."""
 
     def __init__(self, file, table, what, persistent_load=None, **kwargs):
@@ -1132,7 +1347,7 @@ def to_uint8(x):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Plumbing: seeds, EMA, checkpoints, image grids, DDP, autocast
+# 10. Plumbing: seeds, checkpoints, image grids, DDP, autocast
 # ----------------------------------------------------------------------------------------------
 
 def seed_all(seed):
@@ -1160,20 +1375,6 @@ class PerSampleNoise:
         drawn = iter(torch.stack([torch.stack([torch.randn(shape, generator=g) for g in self.gens]) for _ in range(k)])
                      .to(self.device) if k else ())
         return lambda x: next(drawn)
-
-
-def ema_beta(batch_size, halflife_images):
-    """EMA decay per step for a half-life counted in images (EDM's ema_halflife_kimg)."""
-    return 0.5 ** (batch_size / max(halflife_images, 1e-8))
-
-
-@torch.no_grad()
-def ema_update(ema, model, beta):
-    """theta_ema <- beta*theta_ema + (1 - beta)*theta (buffers are copied)."""
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p.detach(), 1 - beta)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
 
 
 def os_cause(e):
@@ -1780,23 +1981,9 @@ def full_precision(fn):
     return call
 
 
-def random_batch(images, batch_size, generator):
-    """A random minibatch (uint8), drawn with replacement: its only state is the generator's,
-    so a resumed run draws exactly what an uninterrupted one would have."""
-    return images[torch.randint(len(images), (batch_size,), generator=generator)]
-
-
 # ----------------------------------------------------------------------------------------------
-# 7b. The training loop: every method's and the teacher's (EDM's training_loop / loss split)
+# 11. The training loop's machinery: reading the losses (settle), stop signals, a run's checkpoint
 # ----------------------------------------------------------------------------------------------
-
-def constant_lr(lr, done, total):
-    return lr
-
-
-def warmup_lr(warmup, batch):
-    """EDM's lr_rampup: the lr grows linearly over the first `warmup` images (counted after the step)."""
-    return lambda lr, done, total: lr * min(1.0, (done + batch) / max(warmup, 1))
 
 
 class StopSignals:
@@ -1848,32 +2035,6 @@ def check_settings(ck, path, settings):
         raise UserError(f"{path} was trained with other settings: {', '.join(changed)}; use another --out or drop --resume")
 
 
-def optimizer_steps(pg, out, opt, params, clip=None, emas=()):
-    """The update(s) of one batch: out is what a method's loss returned (a loss, (loss, parts) or an
-    iterator of losses, stepped one by one). Backward with the gradient averaging of several processes
-    overlapped (Dist.grad_sync), clipping, step, EMAs. Returns (the losses, the last parts dict) as device
-    tensors: train_loop reads them once per logging interval (a read here would wait for the GPU every step)."""
-    steps = iter([out]) if torch.is_tensor(out) or isinstance(out, tuple) else out
-    values, parts = [], {}
-    while True:
-        with autocast(params[0].device):
-            out = next(steps, None)
-        if out is None:
-            return values, parts
-        loss, parts = out if isinstance(out, tuple) else (out, {})
-        opt.zero_grad(set_to_none=True)
-        sync = pg.grad_sync(params)
-        loss.backward()
-        if sync is not None:
-            sync.wait()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        for ema, model, beta in emas:
-            ema_update(ema, model, beta)
-        values.append(loss.detach())
-
-
 SETTLE_EVERY = 50            # steps at most between two reads of the losses (the non-finite check of every rank)
 
 
@@ -1922,231 +2083,32 @@ def settle(pg, s, pending, window, total, signum=None):
     return shown, int(max(code[2] for code in codes))
 
 
-def train_loop(pg, loss, budget, opt, nets, path, kind, settings, gen, data=None, noise=None, student=None,
-               teacher=None, emas=(), shared_rngs=None, resume=None, before_step=None, desc="train"):
-    """Run loss's updates for budget; returns the run's totals (see the end). The loop owns what every
-    method shares: drawing the batch, lr schedule, backward, gradient sync (DDP), clipping, optimizer
-    step, EMAs, progress bar, loss curve and checkpoints (with the settings check on resume). The losses
-    are read from the device once per logging interval (settle: the loss curve, and every rank stops
-    together when any rank's loss is not finite), never per step.
-
-    loss(student, teacher, x, gen): the method's algorithm for one batch x (training images in [-1, 1]
-        from data, or unit noise of shape noise); it draws the rest from gen. Returns a loss, (loss, {name:
-        part}), or yields losses, one optimizer step each (SFD steps after every student step).
-    budget: a plain dict: total (in unit), unit ("images", "trajectories" or "updates"), batch (global), lr (one per param
-        group, or one for all), schedule(lr, done, total) -> lr, clip (max grad norm, or None), ckpt_every
-        (in unit), stop_after (None, or stop early, resumable: time-sliced runs, tests).
-    nets: {name: module}, saved in every checkpoint and broadcast from rank 0 at the start.
-    emas: (ema, model, beta) updated in order after each step. shared_rngs: {name: generator} drawn
-        alike on every rank (saved; gen, the per-rank one, is saved per rank).
-    resume: a checkpoint of this loop to continue from (checked against settings) or None.
-    before_step(step): called before each update (sferd.py unfreezes its student halfway)."""
-    shared_rngs = shared_rngs or {}
-    lrs = budget["lr"] if isinstance(budget["lr"], (list, tuple)) else [budget["lr"]] * len(opt.param_groups)
-    schedule, params = budget.get("schedule", constant_lr), [p for g in opt.param_groups for p in g["params"]]
-    per_step = 1 if budget["unit"] == "updates" else budget["batch"]     # images, trajectories: one per sample
-    s = dict(step=0, done=0, images=0, seconds=0.0, loss_start=None, loss_avg=None, curve=[], curve_names=[], acc={})
-    if resume is not None:
-        check_settings(resume, path, settings)
-        for name, module in nets.items():
-            load_state(module, resume[name], path)
-        opt.load_state_dict(resume["opt"])
-        s.update({k: resume.get(k, s[k]) for k in s})          # (curve_names: absent in older checkpoints)
-        pg.restore_state(gen, resume["rng"])
-        for name, g in shared_rngs.items():
-            g.set_state(resume[name])
-        pg.log(f"resuming {desc} at {s['done']:,} of {budget['total']:,} {budget['unit']}")
-    for module in nets.values():
-        pg.broadcast(module)
-        pg.prepare(module)                                       # --channels-last, --compile
-    total, local = budget["total"], pg.batch(budget["batch"])
-    stop = total if budget.get("stop_after") is None else min(total, budget["stop_after"])
-    window = max(1, -(-total // per_step) // 100)               # loss curve: about 100 window means
-
-    def checkpoint(finished):
-        rng = pg.gather_state(gen.get_state())
-        if pg.main:
-            save_checkpoint(path, kind, **{k: m.state_dict() for k, m in nets.items()}, opt=opt.state_dict(), rng=rng,
-                            **{k: g.get_state() for k, g in shared_rngs.items()}, **s, finished=finished,
-                            settings=settings)
-
-    bar = tqdm(total=total, initial=s["done"], unit={"images": "img", "updates": "it"}.get(budget["unit"], "traj"),
-               disable=not pg.main, desc=desc, unit_scale=per_step > 1)
-    t0, next_ckpt, pending = time.time() - s["seconds"], s["done"] + budget["ckpt_every"], []
-    every = 1 if pg.device.type == "cpu" else min(window, SETTLE_EVERY)    # a read costs a host sync on a GPU only
-    with StopSignals() as signals:
-        while s["done"] < stop:
-            if before_step:
-                before_step(s["step"])
-            for group, lr in zip(opt.param_groups, lrs):
-                group["lr"] = schedule(lr, s["done"], total)
-            if data is not None:
-                x = random_batch(data, local, gen)
-                x = (to_float(x) if x.dtype == torch.uint8 else x).to(pg.device)
-            else:
-                x = torch.randn((local, *noise), generator=gen).to(pg.device)
-            with autocast(pg.device):
-                out = loss(student, teacher, x, gen)
-            values, parts = optimizer_steps(pg, out, opt, params, budget.get("clip"), emas)
-            s["step"] += 1
-            s["done"] += per_step
-            s["images"] += budget["batch"]
-            pending.append((s["step"], s["images"], s["done"], values, parts))
-            signum = signals.signum if pg.world == 1 else 0     # several processes: they agree in settle
-            if s["step"] % every == 0 or s["done"] >= stop or s["done"] >= next_ckpt or signum:
-                shown, signum = settle(pg, s, pending, window, total, signals.signum)  # one host sync per interval
-                bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
-            s["seconds"] = time.time() - t0
-            bar.update(per_step)
-            if s["done"] >= next_ckpt and s["done"] < stop:
-                next_ckpt += budget["ckpt_every"]
-                checkpoint(False)
-            if signum:                                   # SIGTERM / SIGINT: this update done, its checkpoint, one line
-                bar.close()
-                checkpoint(s["done"] >= total)
-                raise Stopped(f"stopped by {signal.Signals(signum).name} after {s['done']:,} of {total:,} "
-                              f"{budget['unit']}; checkpoint {path} written; continue with `{resume_command(pg.world)}`",
-                              signum)
-    bar.close()
-    settle(pg, s, pending, window, total)
-    for module in nets.values():
-        pg.check_in_sync(module)
-    checkpoint(s["done"] >= total)
-    return dict(s, finished=s["done"] >= total)
+def restore(pg, opt, run, s, budget):
+    """Continue from run.resume (checked against run.settings): the nets, the optimizer, the counters s, the generators."""
+    ck = run.resume
+    check_settings(ck, run.path, run.settings)
+    for name, module in run.nets.items():
+        load_state(module, ck[name], run.path)
+    opt.load_state_dict(ck["opt"])
+    s.update({k: ck.get(k, s[k]) for k in s})                  # (curve_names: absent in older checkpoints)
+    pg.restore_state(run.gen, ck["rng"])
+    for name, g in run.shared_rngs.items():
+        g.set_state(ck[name])
+    pg.log(f"resuming {run.desc} at {s['done']:,} of {budget.total:,} {budget.unit}")
 
 
-# ----------------------------------------------------------------------------------------------
-# 7c. Resuming, and a chain of stages (pd.py's halving stages, cfd.py's, SFERD-PD's): one train_loop run
-#     per stage, whose checkpoint is the stage's file: read back when finished, continued when not
-# ----------------------------------------------------------------------------------------------
-
-def resume_from(path, kind, resume, pg=None):
-    """train_loop's resume: the checkpoint at path when --resume and it exists, else None (start over; with pg,
-    a --resume that finds nothing says so: resume_note)."""
-    if pg is not None:
-        resume_note(pg, resume, path)
-    return load_checkpoint(path, kind) if resume and Path(path).exists() else None
-
-
-def resume_note(pg, resume, *paths):
-    """--resume where none of a run's checkpoint files exists: one line, in the same words in every script."""
-    if resume and paths and not any(Path(p).exists() for p in paths):
-        pg.log(f"--resume: no checkpoint at {paths[0]}, starting from scratch")
-
-
-def stage_path(folder, N):
-    """The file of the stage that ends at an N-step student."""
-    return Path(folder) / f"student-{N}steps.pt"
-
-
-def stage_budget(args, N, schedule):
-    """train_loop's budget of the stage that ends at N steps: --iters updates (times --later-factor where
-    N <= --later-steps) of the batch, the lr under schedule, args.grad_clip and args.ckpt_every."""
-    return dict(total=round(args.iters * (args.later_factor if N <= args.later_steps else 1)), unit="updates",
-                batch=args.batch, lr=args.lr, schedule=schedule, clip=args.grad_clip, ckpt_every=args.ckpt_every)
-
-
-def train_stage(pg, loss, budget, student, path, kind, settings, gen, reuse, resume, totals, **loop):
-    """One stage of a chain: train_loop on student (saved as "net"), a fresh Adam at the budget's lr (PD's),
-    with the stage file path as its checkpoint. A finished file is read back instead of trained when reuse,
-    an unfinished one continued when resume, else the stage starts over; a file read back must match
-    settings (with the budget's updates, lr and batch). Each file counts its own stage's images and seconds;
-    totals: the chain's before this stage (images, seconds, curves). loop: train_loop's other arguments (data,
-    teacher, desc). Returns the chain's totals after it; the student is left frozen (freeze), the next stage's teacher."""
-    ck = resume_from(path, kind, reuse or resume)
-    if ck is not None and not (reuse if ck.get("finished") else resume):
-        ck = None
-    settings = dict(settings, iters=budget["total"], lr=budget["lr"], batch=budget["batch"])
-    opt = torch.optim.Adam(student.parameters(), lr=budget["lr"])
-    run = train_loop(pg, loss, budget, opt, dict(net=student.net), path, kind, settings, gen, student=student,
-                     resume=ck, **loop)
-    totals = {**{k: totals[k] + run[k] for k in ("images", "seconds")},     # and the chain's loss curves so far
-              "curves": [*totals.get("curves", []), curve_of(loop.get("desc", kind), run, totals["images"])]}
-    pg.log(f"{loop.get('desc', kind)}: {run['step']:,} updates of {budget['batch']}, {totals['images']:,} images and "
-           f"{totals['seconds'] / 60:.1f} min so far; saved {path}")
-    freeze(student)
-    return totals
-
-
-# ----------------------------------------------------------------------------------------------
-# 8. The shared teacher: EDM training (EDM Sec. 5, Table 1 "Ours")
-# ----------------------------------------------------------------------------------------------
-
-TEACHER_PRESETS = {
-    # images: training length; warmup: lr ramp; ema: EMA half-life; all counted in images.
-    "smoke": dict(images=512, batch=32, lr=2e-3, warmup=128, ema=256, ckpt_every=256, grad_clip=1.0, minutes=0.1),
-    "lab": dict(images=76_800, batch=64, lr=2e-3, warmup=5_000, ema=10_000, ckpt_every=12_800, grad_clip=1.0, minutes=12),
-    # EDM's CIFAR-10 recipe: 200 M images, batch 512, lr 1e-3, warmup 10 M, EMA half-life 0.5 M.
-    "paper": dict(images=200_000_000, batch=512, lr=1e-3, warmup=10_000_000, ema=500_000, ckpt_every=5_000_000,
-                  grad_clip=1.0, minutes=60 * 48),
-}
-P_MEAN, P_STD = -1.2, 1.2      # EDM's training noise distribution: ln sigma ~ N(P_mean, P_std^2)
-
-
-def edm_loss(D, x0, generator=None):
-    """EDM Eq. 8 / Table 1: lambda(sigma)*|D(x0 + sigma*n, sigma) - x0|^2, ln sigma ~ N(P_mean, P_std^2),
-    lambda = (sigma^2 + sd^2)/(sigma*sd)^2. Returns the batch mean."""
-    rnd = torch.randn(x0.shape[0], 1, 1, 1, generator=generator).to(x0.device)
-    sigma = (rnd * P_STD + P_MEAN).exp()
-    weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
-    n = torch.randn(x0.shape, generator=generator).to(x0.device) * sigma
-    return (weight * (D(x0 + n, sigma) - x0) ** 2).mean()
-
-
-def teacher_dir(dataset, preset):
-    return RUNS / dataset_slug(dataset) / f"teacher-{preset}"
-
-
-def train_teacher(dataset="fashion", preset="lab", out=None, data_dir=None, seed=0, device=None,
-                  batch_size=None, resume=False, images=None, data=None):
-    """Train the shared teacher; returns the path of teacher.pt. Resumable from out/checkpoint.pt. One run at a
-    time in out (its lock; load_teacher waits for it). data: the images, if already loaded."""
-    cfg = dict(TEACHER_PRESETS[preset])
-    cfg["batch"] = batch_size or cfg["batch"]
-    cfg["images"] = images or cfg["images"]
-    out = prepare_out_dir(out or teacher_dir(dataset, preset))
-    with folder_lock(out):
-        return _train_teacher(dataset, preset, out, data_dir, seed, device, cfg, resume, data)
-
-
-def _train_teacher(dataset, preset, out, data_dir, seed, device, cfg, resume, data):
-    pg = Dist(device)
-    if data is None:
-        data, _ = load_dataset(dataset, data_dir)
-    seed_all(seed)
-    net = UNet(in_ch=data.shape[1], res=data.shape[2], **NET_CONFIGS[preset]).to(pg.device)
-    ema = build_net(net.config).to(pg.device).requires_grad_(False)
-    D = Denoiser(net)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8)
-    gen = torch.Generator().manual_seed(seed * 1000 + pg.rank)      # each process its own data/noise
-    ckpt_path = out / "checkpoint.pt"
-    ck = resume_from(ckpt_path, "teacher-training", resume, pg)
-    ema.load_state_dict(net.state_dict())
-    pg.log(f"teacher: {dataset}, preset {preset}, {count_params(net) / 1e6:.2f} M params, "
-           f"{cfg['images']:,} images, batch {cfg['batch']}, {pg.world} process(es) on {pg.device}")
-    budget = dict(total=cfg["images"], unit="images", batch=cfg["batch"], lr=cfg["lr"], clip=cfg["grad_clip"],
-                  schedule=warmup_lr(cfg["warmup"], cfg["batch"]), ckpt_every=cfg["ckpt_every"])
-    net.train()
-    run = train_loop(pg, lambda D, _, x0, gen: edm_loss(D, x0, gen), budget, opt, dict(net=net, ema=ema), ckpt_path,
-                     "teacher-training", dict(seed=seed, batch=cfg["batch"], dataset=dataset), gen, data=data,
-                     student=D, emas=[(ema, net, ema_beta(cfg["batch"], cfg["ema"]))], resume=ck, desc="teacher")
-    done, seconds = run["images"], run["seconds"]
-    path = out / "teacher.pt"
+def save_run(pg, opt, run, s, finished):
+    """The run's checkpoint at run.path (rank 0 writes it; every rank's generator state is gathered into it)."""
+    rng = pg.gather_state(run.gen.get_state())
     if pg.main:
-        save_checkpoint(path, "teacher", net_config=ema.config, ema=ema.state_dict(), dataset=dataset, preset=preset,
-                        images=done, seconds=seconds)
-        teacher = Denoiser(ema.eval())
-        x = PerSampleNoise(EVAL_SEED, range(64), pg.device).randn(*data.shape[1:]) * SIGMA_MAX
-        with torch.no_grad():
-            grid = sample_dpmpp(teacher, x, teacher_sigmas("dpm3m", 35))
-        save_grid(grid, out / "samples.png", nrow=8)
-        save_curves(out, [curve_of("teacher", run)])
-        mem = (f", peak {torch.cuda.max_memory_allocated(pg.device) / 2**30:.2f} GiB on the GPU"
-               if pg.device.type == "cuda" else "")
-        pg.log(f"teacher: {done:,} images in {seconds / 60:.1f} min ({done / seconds:.0f} img/s{mem}), "
-               f"{count_params(ema) / 1e6:.2f} M params, ranks in sync; saved {path}, {out / 'samples.png'} and loss.png")
-    pg.barrier()
-    return path
+        save_checkpoint(run.path, run.kind, **{k: m.state_dict() for k, m in run.nets.items()}, opt=opt.state_dict(),
+                        rng=rng, **{k: g.get_state() for k, g in run.shared_rngs.items()}, **s, finished=finished,
+                        settings=run.settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. Loading the teacher a method distils
+# ----------------------------------------------------------------------------------------------
 
 
 def load_teacher(ev, pg=None):
@@ -2198,20 +2160,8 @@ def check_teacher_compatible(path, teacher_dataset, dataset):
                         "or drop --teacher")
 
 
-def student_from(teacher_net, cond_dim=0):
-    """A trainable copy of the teacher's U-Net, optionally with a zero-initialised extra condition
-    input (so it starts out computing exactly what the teacher computes; fewstep's U-Net only)."""
-    if cond_dim:
-        require_arch(teacher_net, ("fewstep",), "this method feeds an extra condition through the student's U-Net")
-    net = build_net(teacher_net.config, **({"cond_dim": cond_dim} if cond_dim else {}))
-    net = net.to(next(teacher_net.parameters()).device)
-    missing, unexpected = net.load_state_dict(teacher_net.state_dict(), strict=False)
-    assert not unexpected and all(".cond." in k for k in missing), (missing, unexpected)
-    return net.train().requires_grad_(True)
-
-
 # ----------------------------------------------------------------------------------------------
-# 8b. Published teachers: EDM's CIFAR-10 SongUNet and DDPM's U-Net in diffusers' layout, read
+# 13. Published teachers: EDM's CIFAR-10 SongUNet and DDPM's U-Net in diffusers' layout, read
 #     without their authors' code (--teacher edm | ddpm | PATH)
 # ----------------------------------------------------------------------------------------------
 
@@ -2810,7 +2760,7 @@ def load_denoiser(spec, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. The benchmark of every method's training step (python common.py bench), its FLOPs counted without a GPU
+# 14. The benchmark of every method's training step (python common.py bench), its FLOPs counted without a GPU
 #    (python common.py flops), and the instant refusal of a paper run on a machine without CUDA
 # ----------------------------------------------------------------------------------------------
 
@@ -3043,7 +2993,7 @@ def refuse_paper_on_cpu(method, cost=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. Command line: python common.py teacher ... | bench ...
+# 15. Command line: python common.py teacher ... | bench ...
 # ----------------------------------------------------------------------------------------------
 
 def prepare(dataset, data_dir, preset, fid_samples, nfe, device):

@@ -17,8 +17,9 @@ What is implemented (authors' code: google-research diffusion_distillation/):
     next stage. The authors' config/cifar_distill.py: lr linear to 0 over each stage, clip 1, no EMA, student dropout
     0, images flipped left-right at random (--xflip); stages with <= --later-steps steps may train --later-factor longer.
   - Sampling: DDIM on the N-step grid from z_1 = eps, x_hat clipped to [-1, 1], the last step returns x_hat. NFE = N.
-  - Stage files runs/<dataset>/pd-<preset>/student-<N>steps.pt (common.train_stage): --resume (and cfd.py) reuses a
-    finished one and continues an unfinished one; each NFE is evaluated into nfe<N>/ there.
+  - Stage files runs/<dataset>/pd-<preset>/student-<N>steps.pt (train_stage): --resume (and cfd.py) reuses a
+    finished one and continues an unfinished one; each NFE is evaluated into nfe<N>/ there. distil is the one
+    halving loop: cfd.py and sferd.py run it with their own loss.
 
 Deviations (why):
   - The teacher is fewstep's shared EDM denoiser (common.py's Denoiser), not a v-prediction U-Net; the students keep its
@@ -29,6 +30,7 @@ Deviations (why):
 """
 import argparse
 import math
+from pathlib import Path
 
 import common  # first: it sets OpenMP's wait policy, read when torch loads (common.py's top)
 import torch
@@ -192,18 +194,63 @@ def sample_ddim(D, eps, N, clip=True):
     return z
 
 
-def distil(args, pg, data, teacher, stages, out, settings, gen):
-    """Alg. 2's outer loop over the halving stages, each a common.train_stage run (its file under out reused or
-    continued with --resume). settings: what the students depend on (checked on --resume). Returns the last
-    student (the teacher itself if there is no stage) and the run's images and seconds."""
-    student, run = teacher, dict(images=0, seconds=0.0)
+# ----------------------------------------------------------------------------------------------
+# Alg. 2's outer loop: the halving chain, pd.py's and the one cfd.py and sferd.py run with their own loss
+# ----------------------------------------------------------------------------------------------
+
+def stage_path(folder, N):
+    """The file of the stage that ends at an N-step student."""
+    return Path(folder) / f"student-{N}steps.pt"
+
+
+def stage_budget(args, N, schedule):
+    """train_loop's budget of the stage that ends at N steps: --iters updates (times --later-factor where
+    N <= --later-steps) of the batch, the lr under schedule, args.grad_clip and args.ckpt_every."""
+    return common.Budget(round(args.iters * (args.later_factor if N <= args.later_steps else 1)), "updates", args.batch,
+                         args.lr, args.ckpt_every, schedule=schedule, clip=args.grad_clip)
+
+
+def train_stage(pg, loss, budget, student, path, kind, settings, gen, reuse, resume, totals, data, teacher, desc):
+    """One stage of a chain: common.train_loop on student (saved as "net"), a fresh Adam at the budget's lr (PD's),
+    with the stage file path as its checkpoint. A finished file is read back instead of trained when reuse,
+    an unfinished one continued when resume, else the stage starts over; a file read back must match
+    settings (with the budget's updates, lr and batch). Each file counts its own stage's images and seconds;
+    totals: the chain's before this stage (images, seconds, curves). Returns the chain's totals after it; the
+    student is left frozen (freeze), the next stage's teacher."""
+    ck = common.resume_from(path, kind, reuse or resume)
+    if ck is not None and not (reuse if ck.get("finished") else resume):
+        ck = None
+    settings = dict(settings, iters=budget.total, lr=budget.lr, batch=budget.batch)
+    opt = torch.optim.Adam(student.parameters(), lr=budget.lr)
+    run = common.train_loop(pg, loss, data, student, teacher, opt, budget,
+                            common.Run(path, kind, settings, dict(net=student.net), gen, resume=ck, desc=desc))
+    totals = {**{k: totals[k] + run[k] for k in ("images", "seconds")},     # and the chain's loss curves so far
+              "curves": [*totals.get("curves", []), common.curve_of(desc, run, totals["images"])]}
+    pg.log(f"{desc}: {run['step']:,} updates of {budget.batch}, {totals['images']:,} images and "
+           f"{totals['seconds'] / 60:.1f} min so far; saved {path}")
+    common.freeze(student)
+    return totals
+
+
+def distil(args, pg, data, student, stages, folder, settings, gen, loss=None, name="pd", schedule=linear_anneal,
+           guide=lambda teacher: teacher, speeds=None, reuse=None, totals=None):
+    """Alg. 2's outer loop over the halving stages N in stages: the last student teaches (guide(student): sferd.py's
+    attention guidance) a copy of itself, trained on loss(student, teacher, x, gen, N) (default: pd_loss with
+    --xflip) in one train_stage run: a fresh Adam under schedule, the file folder/student-<N>steps.pt of kind
+    "<name>-student", settings a dict or N -> dict (cfd.py's per-stage tau, beta, gamma). speeds: {N: n}, the
+    teacher's steps per student step (default 2). reuse: read a finished stage file back (default --resume); an
+    unfinished one is continued with --resume. totals: the chain's before it (images, seconds, curves).
+    Returns the last student (the first teacher if there is no stage), its teacher and the chain's totals."""
+    loss = loss or (lambda s, T, x, g, N: pd_loss(s, T, x, g, N, args.xflip))
+    teacher, totals = student, totals or dict(images=0, seconds=0.0)
     for N in stages:                                             # N = start/2, start/4, ..., --nfe
-        teacher, student = student, make_student(student)        # eta <- theta (the last student teaches); theta <- eta
-        run = common.train_stage(pg, lambda s, T, x, g: pd_loss(s, T, x, g, N, args.xflip),   # a fresh Adam each stage
-                                 common.stage_budget(args, N, linear_anneal), student, common.stage_path(out, N),
-                                 "pd-student", settings, gen, args.resume, args.resume, run, data=data,
-                                 teacher=teacher, desc=f"pd {2 * N} -> {N} steps")
-    return student, run
+        teacher, student = guide(student), make_student(student)  # eta <- theta (the last student teaches); theta <- eta
+        n = speeds[N] if speeds else 2
+        totals = train_stage(pg, lambda s, T, x, g: loss(s, T, x, g, N), stage_budget(args, N, schedule), student,
+                             stage_path(folder, N), f"{name}-student", settings(N) if callable(settings) else settings,
+                             gen, args.resume if reuse is None else reuse, args.resume, totals, data=data,
+                             teacher=teacher, desc=f"{name} {n * N} -> {N} steps")      # a fresh Adam each stage
+    return student, teacher, totals
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,14 +290,14 @@ def main(argv=None):
     pg = common.Dist(args.device, args.compile, args.channels_last)
     out = common.run_dir(args.out, args.dataset, f"pd-{args.preset}")
     ev = common.Eval.of(args)
-    common.resume_note(pg, args.resume, *[common.stage_path(out, N) for N in stages])
+    common.resume_note(pg, args.resume, *[stage_path(out, N) for N in stages])
     fid.check_exports(ev, out / f"nfe{args.nfe}")
     data, teacher, teacher_path = common.load_inputs(ev, pg, args.seed)
     gen = torch.Generator().manual_seed(args.seed * 1000 + pg.rank)          # each process its own data/noise
     pg.log(f"pd: {args.dataset}, preset {args.preset}, {args.start_steps} -> {' -> '.join(map(str, stages)) or 'no stage'} "
            f"steps, {args.iters:,} updates of {args.batch} per stage, lr {args.lr:g}, {pg.world} process(es) on {pg.device}")
     settings = dict(start_steps=args.start_steps, teacher_sha256=common.fingerprint(teacher_path), xflip=args.xflip)
-    student, run = distil(args, pg, data, teacher, stages, out, settings, gen)
+    student, _, run = distil(args, pg, data, teacher, stages, out, settings, gen)
     info = dict(method="pd", variant="pd", nfe=args.nfe, train_seconds=run["seconds"], images_seen=run["images"],
                 start_steps=args.start_steps, stages=stages, iters_per_stage=args.iters, lr=args.lr,
                 batch=args.batch, xflip=args.xflip, sampler="DDIM, x_hat clipped to [-1, 1]")

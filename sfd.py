@@ -38,6 +38,7 @@ import common  # first: it sets OpenMP's wait policy, read when torch loads (com
 import torch
 import torch.nn as nn
 
+import cd
 import fid
 
 # ----------------------------------------------------------------------------------------------
@@ -207,13 +208,12 @@ def euler_step(D, x, t_cur, t_next, cond=None):
 
 
 def distance(name, a, b):
-    """d(x_n^psi, x~_n): the slides' ablation, L1 > pseudo-Huber > LPIPS > L2."""
+    """d(x_n^psi, x~_n): the slides' ablation, L1 > pseudo-Huber (cd.py's, iCT's) > LPIPS > L2."""
     if name == "l1":
         return (a - b).abs().mean()
     if name == "l2":
         return ((a - b) ** 2).mean()
-    c = 0.00054 * math.sqrt(a[0].numel())           # pseudo-Huber constant of iCT (Song & Dhariwal 2023)
-    return (((a - b) ** 2).flatten(1).sum(1) + c**2).sqrt().sub(c).mean()
+    return cd.pseudo_huber(a, b).mean()
 
 
 def sfd_loss(student, teacher, eps, gen, nfes, nfe_gen, embed=None, K=4, solver="dpm3m", afs=True, loss="l1",
@@ -330,12 +330,13 @@ def train(args, pg):
     pg.log(f"{out.name}: student NFE {','.join(map(str, nfes))}, {common.count_params(net) / 1e6:.2f} M params, teacher "
            f"{'stage-1 ' * second_stage}{solver} with K = {K}, {total:,} trajectories, batch {batch}, lr {lr:g}, "
            f"{pg.world} process(es) on {pg.device}")
-    budget = dict(total=total, unit="trajectories", batch=batch, lr=lr, ckpt_every=args.ckpt_every, stop_after=args.stop_after,
-                  schedule=lambda lr, done, total: lr if done < total / 2 else lr / 10)      # lr/10 after half the run
+    budget = common.Budget(total, "trajectories", batch, lr, args.ckpt_every, stop_after=args.stop_after,
+                           schedule=lambda lr, done, total: lr if done < total / 2 else lr / 10)    # lr/10 after half the run
     loss = lambda student, teacher, eps, gen: sfd_loss(student, teacher, eps, gen, nfes, nfe_gen, embed, K, solver,
                                                        afs, args.loss, args.t_min)
-    run = common.train_loop(pg, loss, budget, opt, nets, ck_path, "sfd-student", settings, gen, noise=common.image_shape(net),
-                            student=D, teacher=rollout, shared_rngs=dict(nfe_rng=nfe_gen), resume=resume, desc="sfd")
+    # sfd_loss yields one loss per student step: the loop takes an optimizer step after each (Alg. 2 line 5).
+    run = common.train_loop(pg, loss, common.image_shape(net), D, rollout, opt, budget, common.Run(   # data: noise
+        ck_path, "sfd-student", settings, nets, gen, shared_rngs=dict(nfe_rng=nfe_gen), resume=resume, desc="sfd"))
     done, seconds = run["done"], run["seconds"]
     if not run["finished"]:
         pg.log(f"stopped at {done:,} of {total:,} trajectories; continue with --resume")

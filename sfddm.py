@@ -243,14 +243,14 @@ def train(args, pg, teacher, net, ema, data, alpha_bar_s, phi, out, teacher_sha2
     settings = dict(phi=phi, mode="scratch" if args.scratch else args.init, hidden_weight=args.hidden_weight,
                     batch=args.batch, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip, ema=args.ema,
                     teacher_sha256=teacher_sha256)
-    budget = dict(total=args.images, unit="images", batch=args.batch, lr=args.lr, clip=args.grad_clip,
-                  schedule=common.warmup_lr(args.warmup, args.batch), ckpt_every=args.ckpt_every)
+    budget = common.Budget(args.images, "images", args.batch, args.lr, args.ckpt_every, clip=args.grad_clip,
+                           schedule=common.warmup_lr(args.warmup, args.batch))
     loss = functools.partial(scratch_loss if args.scratch else sfddm_loss, alpha_bar_s=alpha_bar_s,
                              hidden_weight=args.hidden_weight)
     net.train()
-    return common.train_loop(pg, loss, budget, opt, dict(net=net, ema=ema), path, "sfddm-training", settings, gen,
-                             data=data, student=common.Denoiser(net), teacher=teacher,
-                             emas=[(ema, net, common.ema_beta(args.batch, args.ema))], resume=resume, desc="sfddm")
+    return common.train_loop(pg, loss, data, common.Denoiser(net), teacher, opt, budget, common.Run(
+        path, "sfddm-training", settings, dict(net=net, ema=ema), gen, emas=[(ema, net, common.ema_beta(args.batch, args.ema))],
+        resume=resume, desc="sfddm"))
 
 
 def ceiling_rows(args, pg, folder, teacher, teacher_path, alpha_bar_s, phi, shape):

@@ -141,6 +141,19 @@ def attn_block(net, name=None):
     return name or max(reversed(dec), key=lambda n: int(n[3:].split(".")[0]))
 
 
+def gaussian_kernel(sigma, size):
+    """1-D Gaussian, normalised to sum 1 (the blur preserves a constant image)."""
+    g = torch.exp(-(torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2 / (2 * sigma**2))
+    return (g / g.sum()).float()
+
+
+def gaussian_blur(x, sigma=3.0, size=15):
+    """B(x) of Alg. 1 line 11: separable depthwise Gaussian convolution (rows, then columns), reflect padding."""
+    C, pad, g = x.shape[1], size // 2, gaussian_kernel(sigma, size).to(x.device, x.dtype)
+    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), g.view(1, 1, 1, size).expand(C, 1, 1, size), groups=C)
+    return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), g.view(1, 1, size, 1).expand(C, 1, size, 1), groups=C)
+
+
 def guided(D, args):
     """D~(x, sigma) = x0_teacher of Alg. 1 lines 8-13, EDM view x = z_t/alpha_t, sigma = s_t/alpha_t (--no-guidance: D);
     --guidance-space eps: eps~ = (1 + w)*eps_hat - w*eps_attn and x0 = x - sigma*eps~ (the authors' code)."""
@@ -153,7 +166,7 @@ def guided(D, args):
         x0_hat, extras = D(x, sigma, attn=block)                         # line 8 (A_t^l) and line 9
         eps_hat = (x - x0_hat) / sigma
         psi = attention_mask(extras["attn"], args.k, x.shape[-2:])      # line 10
-        x_tilde = common.gaussian_blur(x0_hat, args.blur_sigma, args.blur_size) + sigma * eps_hat   # line 11 / alpha_t
+        x_tilde = gaussian_blur(x0_hat, args.blur_sigma, args.blur_size) + sigma * eps_hat   # line 11 / alpha_t
         x_attn = (1 - psi) * x + psi * x_tilde                          # line 12, Eq. 10
         x0_attn = D(x_attn, sigma)                                      # Eq. 11
         if args.guidance_space == "eps":                                # the authors': guide eps, re-derive x0
@@ -166,6 +179,20 @@ def guided(D, args):
 # The gradient predictor G_tau (Sec. 4.2, App. B.1), Alg. 1, and the phases: the base with the guided teacher,
 #   then E_phi and G_tau on Alg. 1, then the latent DDPM over z_sem (Table 4)
 # ----------------------------------------------------------------------------------------------
+
+class SemanticEncoder(nn.Module):
+    """SFERD's E_phi(x0) -> z_sem: stride-2 convs with GroupNorm + SiLU (the encoder part of a U-Net), pooled, Linear."""
+
+    def __init__(self, in_ch, z_dim, ch=32, mults=(1, 2, 4)):
+        super().__init__()
+        layers = [nn.Conv2d(in_ch, ch, 3, padding=1)]
+        for c, m in zip((1, *mults), mults):
+            layers += [nn.Conv2d(c * ch, m * ch, 3, stride=2, padding=1), common.group_norm(m * ch), nn.SiLU()]
+        self.body, self.out = nn.Sequential(*layers), nn.Linear(mults[-1] * ch, z_dim)
+
+    def forward(self, x0):
+        return self.out(self.body(x0).mean(dim=(2, 3)))
+
 
 class GradientPredictor(nn.Module):
     """G_tau(x_t, z_sem, t): the student's encoder features and time embedding (passed in) feed a fresh middle + decoder +
@@ -218,17 +245,14 @@ def alg1_cd(f, teacher, x0, gen, E, G, sigmas):
 
 
 def train_pd(args, pg, data, D, out, settings, gen):
-    """SFERD-PD's base phase: PD's outer loop (as pd.distil), guided teachers, n-step targets. Returns the student, the
+    """SFERD-PD's base phase: PD's outer loop (pd.distil), guided teachers, n-step targets. Returns the student, the
     guided teacher of its stage, Alg. 1 for the predictor phase, and the images and seconds so far."""
     n, schedule = args.speeds, pd.linear_anneal if args.lr_schedule == "anneal" else common.constant_lr
     stages = " -> ".join(map(str, [args.start_steps, *args.stages]))
     pg.log(f"SFERD-PD stages {stages}, n {n}, lr {args.lr:g} {args.lr_schedule}")
-    student, totals = D, dict(images=0, seconds=0.0)
-    for N in args.stages:
-        teacher, student = guided(student, args), pd.make_student(student)   # eta <- theta, guided; theta <- eta
-        totals = common.train_stage(pg, lambda s, T, x, g: pd.pd_loss(s, T, x, g, N, n=n[N]), common.stage_budget(
-            args, N, schedule), student, common.stage_path(out, N), "sferd-pd-student", settings, gen, args.resume,
-            args.resume, totals, data=data, teacher=teacher, desc=f"sferd-pd {n[N] * N} -> {N} steps")
+    student, teacher, totals = pd.distil(args, pg, data, D, args.stages, out, settings, gen, name="sferd-pd",
+                                         loss=lambda s, T, x, g, N: pd.pd_loss(s, T, x, g, N, n=n[N]), schedule=schedule,
+                                         guide=lambda s: guided(s, args), speeds=n)        # eta <- theta, guided
     return student, teacher, lambda s, T, x0, g, E, G: alg1_pd(s, T, x0, g, E, G, args.nfe, n[args.nfe]), totals
 
 
@@ -241,11 +265,11 @@ def train_cd(args, pg, data, D, out, settings, gen):
     settings = dict(settings, **{k: getattr(args, k) for k in ("N", "mu", "ema_rate", "lr", "metric", "batch", "weighting")})
     loss = lambda s, T, x0, g: cd.cd_loss(s, T, x0, g, f_target=f_target, sigmas=sigmas, metric=args.metric,
                                           weighting=args.weighting)
-    budget = dict(total=args.iters, unit="updates", batch=args.batch, lr=args.lr, ckpt_every=args.ckpt_every)
-    run = common.train_loop(pg, loss, budget, torch.optim.RAdam(f.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8),
-                            nets, path, "sferd-cd-student", settings, gen, data=data, student=f, teacher=teacher,
-                            emas=cd.ema_updates(f, f_target, f_ema, args.mu, args.ema_rate),
-                            resume=common.resume_from(path, "sferd-cd-student", args.resume), desc="CD")
+    opt = torch.optim.RAdam(f.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    budget = common.Budget(args.iters, "updates", args.batch, args.lr, args.ckpt_every)
+    run = common.train_loop(pg, loss, data, f, teacher, opt, budget, common.Run(
+        path, "sferd-cd-student", settings, nets, gen, emas=cd.ema_updates(f, f_target, f_ema, args.mu, args.ema_rate),
+        resume=common.resume_from(path, "sferd-cd-student", args.resume), desc="CD"))
     alg1 = lambda s, T, x0, g, E, G: alg1_cd(s, T, x0, g, E, G, sigmas)
     return f_ema.eval(), teacher, alg1, dict(images=run["images"], seconds=run["seconds"], curves=[common.curve_of("CD", run)])
 
@@ -253,28 +277,66 @@ def train_cd(args, pg, data, D, out, settings, gen):
 def train_predictor(args, pg, data, student, teacher, alg1, out, settings, totals):
     """E_phi and G_tau on Alg. 1 (alg1_pd or alg1_cd), the student frozen for the first half, then trained jointly at
     joint_lr (Sec. 4.2); resumable from out/predictor.pt. Returns (E, G, the images and seconds so far)."""
-    E = common.SemanticEncoder(data.shape[1], args.z_dim).to(pg.device)
+    E = SemanticEncoder(data.shape[1], args.z_dim).to(pg.device)
     G = GradientPredictor(student.net, args.z_dim).to(pg.device)
     opt = torch.optim.Adam([{"params": list(E.parameters()) + list(G.parameters()), "lr": args.pred_lr},
                             {"params": list(student.net.parameters()), "lr": args.joint_lr}])
     path, P = out / "predictor.pt", args.pred_iters
-    run = common.train_loop(pg, lambda s, T, x0, g: alg1(s, T, x0, g, E, G), dict(
-        total=P, unit="updates", batch=args.pred_batch, lr=[args.pred_lr, args.joint_lr], ckpt_every=args.ckpt_every), opt,
-        dict(E=E, G=G, student=student.net), path, "sferd-predictor",
-        dict(settings, **{k: getattr(args, k) for k in ("z_dim", "pred_batch", "pred_lr", "joint_lr")}),
-        torch.Generator().manual_seed(args.seed * 1000 + pg.rank + 500), data=data, student=student, teacher=teacher,
+    budget = common.Budget(P, "updates", args.pred_batch, [args.pred_lr, args.joint_lr], args.ckpt_every)
+    settings = dict(settings, **{k: getattr(args, k) for k in ("z_dim", "pred_batch", "pred_lr", "joint_lr")})
+    run = common.train_loop(pg, lambda s, T, x0, g: alg1(s, T, x0, g, E, G), data, student, teacher, opt, budget, common.Run(
+        path, "sferd-predictor", settings, dict(E=E, G=G, student=student.net),
+        torch.Generator().manual_seed(args.seed * 1000 + pg.rank + 500),
         resume=common.resume_from(path, "sferd-predictor", args.resume), desc="predictor",
-        before_step=lambda step: student.requires_grad_(step >= P // 2))     # phase 1 frozen, phase 2 joint (Sec. 4.2)
+        before_step=lambda step: student.requires_grad_(step >= P // 2)))     # phase 1 frozen, phase 2 joint (Sec. 4.2)
     student.requires_grad_(False).eval()
     totals = dict(images=totals["images"] + run["images"], seconds=totals["seconds"] + run["seconds"],
                   curves=[*totals.get("curves", []), common.curve_of("predictor", run, totals["images"])])
     return E.eval().requires_grad_(False), G.eval().requires_grad_(False), totals
 
 
+class LatentMLP(nn.Module):
+    """eps_omega(z_t, t): an MLP whose every layer also sees z_t (Diff-AE's MLPSkipNet); buffers: the mean and
+    std of the vectors it models (its samples are denormalised with them)."""
+
+    def __init__(self, z_dim, hidden, layers):
+        super().__init__()
+        self.t_emb = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.layers = nn.ModuleList([nn.Linear((hidden if i else 0) + z_dim, hidden) for i in range(layers)])
+        self.out = common.zero_init(nn.Linear(hidden, z_dim))
+        self.register_buffer("mean", torch.zeros(z_dim))
+        self.register_buffer("std", torch.ones(z_dim))
+
+    def forward(self, z, t):
+        emb, h = self.t_emb(common.timestep_embedding(t.float(), 64)), z[:, :0]
+        for layer in self.layers:
+            h = F.silu(layer(torch.cat([h, z], dim=1)) + emb)
+        return self.out(h)
+
+
+def latent_loss(mlp, z, t, eps, alpha_bar):
+    """|eps - eps_omega(sqrt(abar_t)*z + sqrt(1-abar_t)*eps, t)|, L1 (Eq. 16); alpha_bar[t] for t = 0..T-1."""
+    abar = alpha_bar.to(z.device)[t][:, None]
+    return (eps - mlp(abar.sqrt() * z + (1 - abar).sqrt() * eps, t)).abs().mean()
+
+
+@torch.no_grad()
+def sample_latent(mlp, noise, steps, mean, std, alpha_bar):
+    """DDIM (eta 0) over `steps` evenly spaced of the T = len(alpha_bar) steps; returns z * std + mean."""
+    abar, z = alpha_bar.to(noise.device), noise
+    ts = torch.linspace(len(abar) - 1, 0, steps).round().long().tolist()
+    for i, t in enumerate(ts):
+        eps = mlp(z, torch.full((len(z),), t, device=z.device))
+        z0 = (z - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+        a_next = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+        z = a_next.sqrt() * z0 + (1 - a_next).sqrt() * eps
+    return z * std + mean
+
+
 def train_latent(args, pg, data, E, out, settings, totals):
     """The latent DDPM over normalised z_sem = E_phi(x0) of all the data (Eq. 16), sampled through its EMA (Table 4);
     resumable from out/latent.pt, fit again to another E_phi. Returns (the EMA, the totals with its seconds)."""
-    path, mlp = out / "latent.pt", common.LatentMLP(args.z_dim, args.latent_hidden, args.latent_layers).to(pg.device)
+    path, mlp = out / "latent.pt", LatentMLP(args.z_dim, args.latent_hidden, args.latent_layers).to(pg.device)
     settings = dict(settings, **{k: getattr(args, k) for k in PRESETS["smoke"] if k not in ("latent_steps", "ckpt_every")})
     ck, zn = common.resume_from(path, "sferd-latent", args.resume), None     # a finished one draws no batch
     if ck is not None and ck.get("settings") != settings:
@@ -287,13 +349,13 @@ def train_latent(args, pg, data, E, out, settings, totals):
         mlp.std.copy_(z.std(0).clamp(min=1e-4))
         zn = (z - mlp.mean) / mlp.std                               # zero mean, unit variance (App. B.1)
     ema = copy.deepcopy(mlp).requires_grad_(False)                  # Table 4: the EMA samples
-    loss = lambda m, _, z, g: common.latent_loss(m, z, torch.randint(len(LATENT_ALPHA_BAR), (len(z),), generator=g).to(
+    loss = lambda m, _, z, g: latent_loss(m, z, torch.randint(len(LATENT_ALPHA_BAR), (len(z),), generator=g).to(
         z.device), torch.randn(z.shape, generator=g).to(z.device), LATENT_ALPHA_BAR)      # Eq. 16
-    run = common.train_loop(pg, loss, dict(total=args.latent_iters, unit="updates", batch=args.latent_batch,
-                                           lr=args.latent_lr, ckpt_every=args.ckpt_every),
-                            torch.optim.Adam(mlp.parameters(), lr=args.latent_lr), dict(mlp=mlp, ema=ema), path,
-                            "sferd-latent", settings, torch.Generator().manual_seed(args.seed * 1000 + pg.rank + 900),
-                            data=zn, student=mlp, emas=[(ema, mlp, args.latent_ema)], resume=ck, desc="latent DDPM")
+    budget = common.Budget(args.latent_iters, "updates", args.latent_batch, args.latent_lr, args.ckpt_every)
+    run = common.train_loop(pg, loss, zn, mlp, None, torch.optim.Adam(mlp.parameters(), lr=args.latent_lr), budget,
+                            common.Run(path, "sferd-latent", settings, dict(mlp=mlp, ema=ema),
+                                       torch.Generator().manual_seed(args.seed * 1000 + pg.rank + 900),
+                                       emas=[(ema, mlp, args.latent_ema)], resume=ck, desc="latent DDPM"))
     return ema.eval(), dict(totals, seconds=totals["seconds"] + run["seconds"],    # part of SFERD's training cost
                             curves=[*totals.get("curves", []), common.curve_of("latent DDPM", run, totals["images"])])
 
@@ -343,7 +405,7 @@ def make_sampler(args, student, G=None, latent=None):
     keyed by each sample's starting noise (cd.renoise_source, another seed)."""
     if G is None:
         return (lambda eps: pd.sample_ddim(student, eps, args.nfe)) if args.base == "pd" else cd.make_sampler(student, args.taus)
-    z_sem = lambda eps: common.sample_latent(latent, cd.renoise_source(eps, common.EVAL_SEED + 1).randn(args.z_dim),
+    z_sem = lambda eps: sample_latent(latent, cd.renoise_source(eps, common.EVAL_SEED + 1).randn(args.z_dim),
                                              args.latent_steps, latent.mean, latent.std, LATENT_ALPHA_BAR)
     if args.base == "pd":
         n = args.speeds[args.nfe]
@@ -382,7 +444,7 @@ def bench_step(teacher, preset, device, batch=None):
             out = pd.pd_loss(student, T, x, gen, N, n=args.speeds[N])
         common.optimizer_steps(pg, out, opt, list(student.parameters()), clip=args.grad_clip)
 
-    total = sum(common.stage_budget(args, N, None)["total"] for N in args.stages) * args.batch
+    total = sum(pd.stage_budget(args, N, None).total for N in args.stages) * args.batch
     return dict(step=step, unit="images", per_step=batch, total=total, nets=[teacher.net, student.net])
 
 
@@ -392,7 +454,7 @@ def main(argv=None):
     eps_space = args.guidance_space == "eps" and not args.no_guidance
     variant = f"sferd-{args.base}" + "-noguide" * args.no_guidance + "-epsguide" * eps_space + "-nopred" * args.no_predictor
     out = common.run_dir(args.out, args.dataset, f"{variant}-nfe{args.nfe}")
-    base_files = [common.stage_path(out, N) for N in args.stages] if args.base == "pd" else [out / "student.pt"]
+    base_files = [pd.stage_path(out, N) for N in args.stages] if args.base == "pd" else [out / "student.pt"]
     common.resume_note(pg, args.resume, *base_files, out / "predictor.pt", out / "latent.pt")
     ev = common.Eval.of(args)
     fid.check_exports(ev, out)

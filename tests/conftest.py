@@ -1,7 +1,8 @@
 """Shared test fixtures: small generated datasets in the real on-disk formats (never a download,
 never the cached lab teacher), a way to run a fewstep script as a user would, and the analytic
-Gaussian denoiser the math tests check samplers and targets against."""
+Gaussian denoiser and the ancestral DDPM sampler the math tests check samplers and targets against."""
 import gzip
+import math
 import os
 import subprocess
 import sys
@@ -47,6 +48,24 @@ def gaussian_denoiser(mu=0.0, var=1.0, calls=None):
             sigma = sigma.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1)) if sigma.ndim else sigma.to(x.dtype)
         return mu + var / (var + sigma**2) * (x - mu)
     return D
+
+
+def sample_ddpm(D, x, sigmas, callback=None, noise=torch.randn_like):
+    """Ancestral DDPM (Ho et al. 2020, Eq. 6-7), the reference sfddm.py's Alg. 2 is checked against, on the sigmas
+    of a VP table, in the x = z/alpha view: x <- x0 + sigma_down*eps_hat + sigma_up*noise, sigma_up^2 = s'^2 (s^2 - s'^2)/s^2,
+    sigma_down^2 = s'^2 - sigma_up^2 (the DDPM posterior, rescaled by 1/alpha_{t-1})."""
+    sigmas = [float(s) for s in sigmas]
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        x0 = D(x, t_cur)
+        if t_next == 0:
+            x = x0
+        else:
+            sigma_up = t_next * math.sqrt(1 - t_next**2 / t_cur**2)
+            sigma_down = math.sqrt(t_next**2 - sigma_up**2)
+            x = x0 + sigma_down * (x - x0) / t_cur + sigma_up * noise(x)
+        if callback:
+            callback(i, x)
+    return x
 
 
 def pytest_configure(config):
@@ -132,10 +151,10 @@ def random_teacher(tmp_path_factory):
 
 class MainSpy:
     """Runs a script's main with common.train_loop and fid.report replaced, to inspect what main builds (not a re-run
-    of the same code): each loop is recorded (its arguments and the train/eval mode of its nets and of the student),
-    then 'trains' by adding a different random perturbation to every net it was given (so an online network and its
-    EMA differ afterwards); each report records its arguments, the sampler, and the modes of every net seen so far.
-    probe(record), if set, is called inside each loop (a stage's loss may bind the stage's variables late)."""
+    of the same code): each loop is recorded (its arguments, its Run's fields and the train/eval mode of its nets and
+    of the student), then 'trains' by adding a different random perturbation to every net it was given (so an online
+    network and its EMA differ afterwards); each report records its arguments, the sampler, and the modes of every net
+    seen so far. probe(record), if set, is called inside each loop (a stage's loss may bind the stage's variables late)."""
 
     def __init__(self, monkeypatch):
         import common
@@ -144,12 +163,12 @@ class MainSpy:
         monkeypatch.setattr(common, "train_loop", self._loop)
         monkeypatch.setattr(fid, "report", self._report)
 
-    def _loop(self, pg, loss, budget, opt, nets, path, kind, settings, gen, **kw):
-        student = kw.get("student")
-        self.loops.append(dict(loss=loss, budget=budget, opt=opt, nets=nets, path=path, kind=kind, settings=settings,
-                               gen=gen, training={k: m.training for k, m in nets.items()},
+    def _loop(self, pg, loss, data, student, teacher, opt, budget, run):
+        nets = run.nets
+        self.loops.append(dict(vars(run), loss=loss, data=data, student=student, teacher=teacher, opt=opt, budget=budget,
+                               training={k: m.training for k, m in nets.items()},
                                states={k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in nets.items()},
-                               student_training=getattr(student, "training", None), **kw))
+                               student_training=getattr(student, "training", None)))
         self._nets += list(nets.values())
         if self.probe:                               # a test's look at this loop while it runs (its loss binds late)
             self.probe(self.loops[-1])
@@ -158,11 +177,11 @@ class MainSpy:
             for module in nets.values():
                 for p in module.parameters():
                     p.add_(0.01 * torch.randn(p.shape, generator=g).to(p.device))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()                                 # the checkpoint's place (a caller may remove it), empty
-        steps = -(-budget["total"] // (1 if budget["unit"] == "updates" else budget["batch"]))
-        return dict(step=steps, done=budget["total"], images=steps * budget["batch"], seconds=1.0, loss_start=1.0,
-                    loss_avg=0.5, curve=[[budget["batch"], 1.0, 0.5, 0.5]], acc={}, finished=True)
+        run.path.parent.mkdir(parents=True, exist_ok=True)
+        run.path.touch()                             # the checkpoint's place (a caller may remove it), empty
+        steps = -(-budget.total // (1 if budget.unit == "updates" else budget.batch))
+        return dict(step=steps, done=budget.total, images=steps * budget.batch, seconds=1.0, loss_start=1.0,
+                    loss_avg=0.5, curve=[[budget.batch, 1.0, 0.5, 0.5]], acc={}, finished=True)
 
     def _report(self, args, pg, out, teacher, teacher_path, sample_fn, info, shape, student=None, curves=None):
         self.reports.append(dict(args=args, out=out, teacher=teacher, sample_fn=sample_fn, info=info, shape=shape,

@@ -53,10 +53,10 @@ def nan(out):
         value = (student(x) ** 2).mean()
         return value * float("nan") if pg.rank == 1 and step[0] >= 3 else value
 
-    budget = dict(total=1000, unit="updates", batch=2 * pg.world, lr=0.1, ckpt_every=10_000)
-    common.train_loop(pg, loss, budget, opt, dict(net=net), Path(out) / "ck.pt", "nan-test", {},
-                      torch.Generator().manual_seed(pg.rank), noise=(4,), student=net,
-                      before_step=lambda s: step.__setitem__(0, s))
+    budget = common.Budget(total=1000, unit="updates", batch=2 * pg.world, lr=0.1, ckpt_every=10_000)
+    common.train_loop(pg, loss, (4,), net, None, opt, budget, common.Run(
+        Path(out) / "ck.pt", "nan-test", {}, dict(net=net), torch.Generator().manual_seed(pg.rank),
+        before_step=lambda s: step.__setitem__(0, s)))
     pg.close()
 
 

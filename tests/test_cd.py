@@ -495,7 +495,7 @@ def test_main_builds_radam_the_karras_grid_and_samples_from_the_ema(fashion_dir,
     group = opt.param_groups[0]
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (4e-4, (0.9, 0.999), 1e-8, 0)
     assert [id(p) for p in group["params"]] == [id(p) for p in f.parameters()]
-    assert loop["budget"] == dict(total=8, unit="updates", batch=8, lr=4e-4, ckpt_every=4)
+    assert loop["budget"] == common.Budget(total=8, unit="updates", batch=8, lr=4e-4, ckpt_every=4)
     assert isinstance(f, cd.ConsistencyFunction) and loop["student_training"] and loop["training"]["net"]
     assert set(loop["nets"]) == {"net", "ema"} and loop["nets"]["net"] is f.net
     ((ema, model, beta),) = loop["emas"]

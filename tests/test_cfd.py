@@ -319,7 +319,7 @@ def test_smoke_run_baseline_reuse_and_resume(fashion_dir, smoke_teacher, tmp_pat
 
 def test_each_cfd_stage_trains_eq7_with_its_own_tau(fashion_dir, smoke_teacher, tmp_path, monkeypatch):
     """main(): after the PD chain (8 -> 4, pd.py's loss, linear lr), each CFD stage (4 -> 2, 2 -> 1) is given Eq. 7
-    (rcfd_loss) at the paper's (tau, beta, gamma) of that stage (App. C.4) and the cosine lr. common.train_stage is
+    (rcfd_loss) at the paper's (tau, beta, gamma) of that stage (App. C.4) and the cosine lr. pd.train_stage is
     replaced by one evaluation of the loss it is given (the loop itself is test_pd's)."""
     monkeypatch.chdir(tmp_path)
     calls, real = [], cfd.rcfd_loss
@@ -329,14 +329,14 @@ def test_each_cfd_stage_trains_eq7_with_its_own_tau(fashion_dir, smoke_teacher, 
         return real(student, teacher, x, gen, N, cls, tau, beta, gamma, xflip)
 
     def one_evaluation(pg, loss, budget, student, path, kind, settings, gen, reuse, resume, totals, **loop):
-        calls.append(("stage", int(path.stem[len("student-"):-len("steps")]), budget["schedule"].__name__,
+        calls.append(("stage", int(path.stem[len("student-"):-len("steps")]), budget.schedule.__name__,
                       settings.get("tau")))
         loss(student, loop["teacher"], common.to_float(loop["data"][:2]), gen)
         student.eval().requires_grad_(False)
         return totals
 
     monkeypatch.setattr(cfd, "rcfd_loss", spy)
-    monkeypatch.setattr(common, "train_stage", one_evaluation)
+    monkeypatch.setattr(pd, "train_stage", one_evaluation)
     monkeypatch.setattr(fid, "report", lambda *a, **k: None)
     net = cfd.ResNet(1, 10, 4, (1,))
     common.save_checkpoint(tmp_path / "cls.pt", "cfd-classifier", config=net.config, net=net.state_dict(), test_acc=0.5)
@@ -429,17 +429,17 @@ def test_main_builds_the_classifier_the_pd_chain_and_the_cfd_stages(fashion_dir,
     c = spy.loops[0]
     cls, cfg = c["student"], cfd.PRESETS["smoke"]
     assert type(c["opt"]) is torch.optim.Adam and c["opt"].param_groups[0]["lr"] == cfg["cls_lr"] and c["training"]["net"]
-    assert c["budget"]["schedule"] is cfd.cosine_anneal and c["budget"]["total"] == cfg["cls_images"] // cfg["cls_batch"]
+    assert c["budget"].schedule is cfd.cosine_anneal and c["budget"].total == cfg["cls_images"] // cfg["cls_batch"]
     images, labels = common.load_dataset("fashion", fashion_dir)
     idx = torch.tensor([0, 5, 9])
     assert torch.allclose(c["loss"](cls, None, idx, None), F.cross_entropy(cls((images[idx].float() - 127.5) / 127.5)[1],
                                                                           labels[idx]))
     pd_loop, stages = spy.loops[1], spy.loops[2:]
-    assert pd_loop["budget"]["schedule"] is pd.linear_anneal and pd_loop["path"].name == "student-4steps.pt"
+    assert pd_loop["budget"].schedule is pd.linear_anneal and pd_loop["path"].name == "student-4steps.pt"
     previous = pd_loop["student"]
     for loop, N, (tau, beta, gamma) in zip(stages, (2, 1), ((0.95, 0.003, 0.75), (0.85, 0.003, 0.5))):
         b = loop["budget"]
-        assert b["schedule"] is cfd.cosine_anneal and (b["lr"], b["clip"], b["total"]) == (1e-4, 1.0, 3)   # later_factor 1
+        assert b.schedule is cfd.cosine_anneal and (b.lr, b.clip, b.total) == (1e-4, 1.0, 3)   # later_factor 1
         assert type(loop["opt"]) is torch.optim.Adam and loop["student_training"]
         assert loop["teacher"] is previous and not previous.training
         assert all(torch.equal(v, previous.net.state_dict()[k]) for k, v in loop["states"]["net"].items())

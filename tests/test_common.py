@@ -16,7 +16,7 @@ from PIL import Image
 
 import common
 import fid
-from conftest import MainSpy, gaussian_denoiser, make_fashion, run_script
+from conftest import MainSpy, gaussian_denoiser, make_fashion, run_script, sample_ddpm
 
 torch.set_num_threads(2)
 
@@ -115,7 +115,7 @@ def test_teacher_sigmas_spend_exactly_nfe(sampler, nfe):
     """Every call is a step of the grid 80 -> 0.002: none is spent on a final denoising at 0.002."""
     D = Counter(lambda x, s: 0.5 * x)
     sigmas = common.teacher_sigmas(sampler, nfe)
-    common.SAMPLERS[sampler](D, torch.randn(2, 1, 4, 4), sigmas)
+    dict(common.SAMPLERS, ddpm=sample_ddpm)[sampler](D, torch.randn(2, 1, 4, 4), sigmas)
     assert D.calls == nfe and sigmas[0] == 80 and sigmas[-1] == pytest.approx(0.002)
     assert len(sigmas) - 1 == ((nfe + 1) // 2 if sampler == "heun" else nfe)
 
@@ -212,7 +212,7 @@ def test_ddpm_keeps_the_marginal_of_a_point_mass():
     g = torch.Generator().manual_seed(0)
     x, grid, seen = torch.randn(200_000, dtype=torch.float64, generator=g) * 80, common.karras_sigmas(5), []
     noise = lambda x: torch.randn(x.shape, dtype=x.dtype, generator=g)
-    out = common.sample_ddpm(lambda x, s: torch.full_like(x, MU), x, common.append_zero(grid), lambda i, x_i: seen.append(x_i),
+    out = sample_ddpm(lambda x, s: torch.full_like(x, MU), x, common.append_zero(grid), lambda i, x_i: seen.append(x_i),
                              noise=noise)
     for x_i, sigma in zip(seen, grid[1:].tolist()):
         assert (x_i - MU).std().item() == pytest.approx(sigma, rel=0.01) and abs((x_i - MU).mean().item()) < 0.01 * sigma
@@ -266,7 +266,7 @@ def test_ddpm_step_is_the_ddpm_posterior():
     x0 = torch.randn(1000, dtype=torch.float64)
     z_t = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * torch.randn(1000, dtype=torch.float64)
     noise = torch.randn(1000, dtype=torch.float64)
-    x_prev = common.sample_ddpm(lambda x, s: x0, z_t / abar[t].sqrt(), [sig_t, sig_prev], noise=lambda x: noise)
+    x_prev = sample_ddpm(lambda x, s: x0, z_t / abar[t].sqrt(), [sig_t, sig_prev], noise=lambda x: noise)
     beta_t = 1 - abar[t] / abar[t - 1]
     mean = abar[t - 1].sqrt() * beta_t / (1 - abar[t]) * x0 + (1 - beta_t).sqrt() * (1 - abar[t - 1]) / (1 - abar[t]) * z_t
     var = (1 - abar[t - 1]) / (1 - abar[t]) * beta_t
@@ -507,8 +507,8 @@ def test_train_teacher_builds_edms_recipe(fashion_dir, tmp_path, monkeypatch):
     assert {k: v for k, v in D.net.config.items() if k in common.NET_CONFIGS["smoke"]} == common.NET_CONFIGS["smoke"]
     assert loop["training"]["net"] and loop["nets"]["net"] is D.net
     b = loop["budget"]
-    assert (b["total"], b["unit"], b["batch"], b["lr"], b["clip"]) == (cfg["images"], "images", cfg["batch"], cfg["lr"], 1.0)
-    assert b["schedule"](1.0, 0, 512) == pytest.approx(cfg["batch"] / cfg["warmup"])
+    assert (b.total, b.unit, b.batch, b.lr, b.clip) == (cfg["images"], "images", cfg["batch"], cfg["lr"], 1.0)
+    assert b.schedule(1.0, 0, 512) == pytest.approx(cfg["batch"] / cfg["warmup"])
     ((ema, model, beta),) = loop["emas"]
     assert model is D.net and ema is loop["nets"]["ema"] and beta == pytest.approx(0.5 ** (cfg["batch"] / cfg["ema"]))
     x = torch.rand(4, 1, 32, 32) * 2 - 1

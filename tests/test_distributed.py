@@ -311,9 +311,9 @@ def test_train_loop_reads_the_device_only_once_per_interval(monkeypatch, tmp_pat
         net = torch.nn.Linear(4, 1)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     pg = common.Dist("meta")
-    budget = dict(total=600, unit="updates", batch=2, lr=1e-3, ckpt_every=1000, clip=1.0)
-    run = common.train_loop(pg, lambda s, _, x, g: (s(x) ** 2).mean(), budget, opt, dict(net=net), tmp_path / "ck.pt",
-                            "meta-test", {}, torch.Generator(), noise=(4,), student=net)
+    budget = common.Budget(total=600, unit="updates", batch=2, lr=1e-3, ckpt_every=1000, clip=1.0)
+    run = common.train_loop(pg, lambda s, _, x, g: (s(x) ** 2).mean(), (4,), net, None, opt, budget,
+                            common.Run(tmp_path / "ck.pt", "meta-test", {}, dict(net=net), torch.Generator()))
     window = 600 // 100                                                  # about 100 loss.csv rows
     expected = [list(range(k - window + 1, k + 1)) for k in range(window, 601, window)]
     assert run["step"] == 600 and [r for r in reads if r] == expected

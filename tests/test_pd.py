@@ -215,12 +215,12 @@ def test_chain_teachers_students_lr_and_flips(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.Adam, "step", spy_step)
     monkeypatch.setattr(pd, "pd_loss", spy_loss)
     out = tmp_path / "spy"
-    student, run = pd.distil(args, pg, data, teacher, [4, 2], out, dict(start_steps=8), torch.Generator().manual_seed(0))
+    student, _, run = pd.distil(args, pg, data, teacher, [4, 2], out, dict(start_steps=8), torch.Generator().manual_seed(0))
     iters = args.iters
     assert [s["N"] for s in seen] == [4] * iters + [2] * iters and all(s["xflip"] for s in seen)
     assert run["images"] == 2 * iters * args.batch
     original = weights_of(teacher)
-    first4 = common.load_checkpoint(common.stage_path(out, 4), "pd-student")["net"]
+    first4 = common.load_checkpoint(pd.stage_path(out, 4), "pd-student")["net"]
     assert all(same(s["teacher"], original) for s in seen[:iters])                  # stage 1: the original teacher
     assert all(same(s["teacher"], first4) for s in seen[iters:])                     # stage 2: the 4-step student
     assert not same(first4, original) and same(weights_of(student), common.load_checkpoint(out / "student-2steps.pt")["net"])
@@ -377,8 +377,8 @@ def test_main_builds_each_stage_and_samples_the_last_student(fashion_dir, random
         opt, student, b = loop["opt"], loop["student"], loop["budget"]
         group = opt.param_groups[0]
         assert type(opt) is torch.optim.Adam and (group["lr"], group["betas"], group["eps"]) == (1e-4, (0.9, 0.999), 1e-8)
-        assert (b["total"], b["unit"], b["batch"], b["lr"], b["clip"]) == (3, "updates", 8, 1e-4, 1.0)
-        assert [b["schedule"](1.0, d, 4) for d in (0, 1, 3)] == pytest.approx([1.0, 0.75, 0.25])
+        assert (b.total, b.unit, b.batch, b.lr, b.clip) == (3, "updates", 8, 1e-4, 1.0)
+        assert [b.schedule(1.0, d, 4) for d in (0, 1, 3)] == pytest.approx([1.0, 0.75, 0.25])
         assert loop["teacher"] is previous and not previous.training and loop["student_training"]
         assert all(torch.equal(v, previous.net.state_dict()[k]) for k, v in loop["states"]["net"].items())
         assert all(m.p == 0 for m in student.modules() if isinstance(m, torch.nn.Dropout))

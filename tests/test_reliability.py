@@ -516,10 +516,10 @@ def tiny_loop(path, total=20, signal_at=None, signals=(), resume=None):
                 os.kill(os.getpid(), s)
         return ((model(x) - 1) ** 2).mean()
 
-    budget = dict(total=total, unit="updates", batch=4, lr=1e-2, ckpt_every=5)
+    budget = common.Budget(total=total, unit="updates", batch=4, lr=1e-2, ckpt_every=5)
     ck = common.load_checkpoint(path, "tiny") if resume else None
-    run = common.train_loop(common.Dist("cpu"), loss, budget, opt, dict(net=net), path, "tiny", {}, torch.Generator()
-                            .manual_seed(1), data=torch.randn(16, 2), student=net, resume=ck)
+    run = common.train_loop(common.Dist("cpu"), loss, torch.randn(16, 2), net, None, opt, budget,
+                            common.Run(path, "tiny", {}, dict(net=net), torch.Generator().manual_seed(1), resume=ck))
     return net, run, calls
 
 

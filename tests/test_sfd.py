@@ -466,11 +466,11 @@ def test_main_builds_adam_the_lr_drop_and_samples_with_euler_afs(random_teacher,
     assert type(opt) is torch.optim.Adam
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-4, (0.9, 0.999), 1e-8, 0)
     b = loop["budget"]
-    assert (b["total"], b["unit"], b["batch"], b["lr"], b.get("clip")) == (8, "trajectories", 4, 1e-4, None)
-    assert [b["schedule"](1.0, done, 8) for done in (0, 3, 4, 7)] == [1.0, 1.0, 0.1, 0.1]
+    assert (b.total, b.unit, b.batch, b.lr, b.clip) == (8, "trajectories", 4, 1e-4, None)
+    assert [b.schedule(1.0, done, 8) for done in (0, 3, 4, 7)] == [1.0, 1.0, 0.1, 0.1]
     assert D.net is loop["nets"]["net"] and loop["student_training"] and loop["training"]["net"]
     assert all(torch.equal(v, teacher.net.state_dict()[k]) for k, v in loop["states"]["net"].items())
-    assert loop["teacher"].source == str(random_teacher) and loop["noise"] == (1, 32, 32)
+    assert loop["teacher"].source == str(random_teacher) and loop["data"] == (1, 32, 32)
     eps = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     D.eval()                                                                  # no dropout noise in this comparison
     ours = [v.item() for v in loop["loss"](D, teacher, eps, None)]

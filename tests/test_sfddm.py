@@ -12,7 +12,7 @@ import torch
 import common
 import fid
 import sfddm
-from conftest import MainSpy, run_script
+from conftest import MainSpy, run_script, sample_ddpm
 
 torch.set_num_threads(2)
 
@@ -124,13 +124,13 @@ def test_ancestral_is_the_posterior_chain_of_ddpm():
     it = iter(noises)
     ours = sfddm.sample_ancestral(D, z, a_s, noise=lambda x: next(it), clip=False)
     it = iter(noises)
-    ref = common.sample_ddpm(D, z / a_s[-1].sqrt().item(), phi_sigmas(a_s), noise=lambda x: next(it))
+    ref = sample_ddpm(D, z / a_s[-1].sqrt().item(), phi_sigmas(a_s), noise=lambda x: next(it))
     assert torch.allclose(ours, ref, atol=1e-4)
     assert not torch.allclose(ours, sfddm.sample_ddim(D, z, a_s, clip=False), atol=1e-2)
 
 
 class Clamped(torch.nn.Module):
-    """clamp(D, -1, 1): the clipped x0_hat written as a denoiser, for common's samplers."""
+    """clamp(D, -1, 1): the clipped x0_hat written as a denoiser, for the reference samplers."""
 
     def __init__(self, D):
         super().__init__()
@@ -150,7 +150,7 @@ def big_denoiser():
 def test_clipped_samplers_against_common_samplers_on_the_clamped_denoiser(phi):
     # Evaluation clips x0_hat. DDIM's clip re-derives eps from the clipped x0_hat, so each step is
     # x' = x0c + sigma'(x - x0c)/sigma: Euler on clamp(D). Alg. 2's Eq. 14 mean uses the clipped
-    # x0_hat in the posterior: DDPM's ancestral step on clamp(D). Both against common's samplers.
+    # x0_hat in the posterior: DDPM's ancestral step on clamp(D). Against common's Euler and conftest's DDPM.
     D = big_denoiser()
     a_s = sfddm.student_alpha_bar(sfddm.teacher_alpha_bar(phi[-1]), phi)
     z = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -164,7 +164,7 @@ def test_clipped_samplers_against_common_samplers_on_the_clamped_denoiser(phi):
     it = iter(noises)
     alg2 = sfddm.sample_ancestral(D, z, a_s, noise=lambda x: next(it), clip=True)
     it = iter(noises)
-    ref = common.sample_ddpm(Clamped(D), x_T, phi_sigmas(a_s), noise=lambda x: next(it))
+    ref = sample_ddpm(Clamped(D), x_T, phi_sigmas(a_s), noise=lambda x: next(it))
     assert torch.allclose(alg2, ref, atol=1e-4)
     it = iter(noises)
     assert not torch.allclose(alg2, sfddm.sample_ancestral(D, z, a_s, noise=lambda x: next(it), clip=False), atol=1e-2)
@@ -469,8 +469,8 @@ def test_main_builds_adam_the_ramp_the_ema_and_samples_the_ema(fashion_dir, rand
     group = opt.param_groups[0]
     assert type(opt) is torch.optim.Adam and (group["lr"], group["betas"], group["eps"]) == (cfg["lr"], (0.9, 0.999), 1e-8)
     b = loop["budget"]
-    assert (b["total"], b["unit"], b["batch"], b["lr"], b["clip"]) == (cfg["images"], "images", cfg["batch"], cfg["lr"], 1.0)
-    assert [b["schedule"](1.0, d, 64) for d in (0, 16, 32)] == pytest.approx([0.5, 1.0, 1.0])    # warm-up of 32 images
+    assert (b.total, b.unit, b.batch, b.lr, b.clip) == (cfg["images"], "images", cfg["batch"], cfg["lr"], 1.0)
+    assert [b.schedule(1.0, d, 64) for d in (0, 16, 32)] == pytest.approx([0.5, 1.0, 1.0])    # warm-up of 32 images
     ((e, model, beta),) = loop["emas"]
     assert e is ema and model is net and beta == pytest.approx(0.5 ** (cfg["batch"] / cfg["ema"]))
     assert loop["training"]["net"] and loop["student"].net is net and net.config == teacher.net.config

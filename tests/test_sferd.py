@@ -54,18 +54,18 @@ def cosine(t):
 
 @pytest.mark.parametrize("sigma,size", [(1.0, 7), (3.0, 15), (5.0, 15)])
 def test_blur_kernel_sums_to_one_and_preserves_constant_image(sigma, size):
-    g = common.gaussian_kernel(sigma, size)
+    g = sferd.gaussian_kernel(sigma, size)
     assert abs(g.sum().item() - 1) < 1e-6
     x = torch.arange(size) - size // 2
     ref = torch.exp(-x.double()**2 / (2 * sigma**2))
     assert torch.allclose(g.double(), ref / ref.sum(), atol=1e-7)
     const = torch.full((2, 3, 32, 32), 0.37)
-    assert torch.allclose(common.gaussian_blur(const, sigma, size), const, atol=1e-6)
+    assert torch.allclose(sferd.gaussian_blur(const, sigma, size), const, atol=1e-6)
 
 
 def test_blur_is_the_2d_gaussian_and_reflects_at_borders():
     x = torch.randn(1, 2, 32, 32)
-    out = common.gaussian_blur(x, 3.0, 15)
+    out = sferd.gaussian_blur(x, 3.0, 15)
     xr = torch.nn.functional.pad(x, (7, 7, 7, 7), mode="reflect")   # independent: the full 2-D kernel
     k = torch.exp(-(torch.arange(15) - 7.0) ** 2 / 18)
     k2 = torch.outer(k, k) / torch.outer(k, k).sum()
@@ -136,7 +136,7 @@ def test_w0_gives_the_plain_teacher_and_w_matches_alg1_in_vp_notation():
     x0_hat, eps_hat, _, ext = common.vp_predict(D, z_t, alpha, s, attn="dec16.1")
     A = ext["attn"].mean(1).sum(1).reshape(2, 1, 16, 16)
     psi = (A > k).float().repeat_interleave(2, 2).repeat_interleave(2, 3)
-    z_tilde = alpha * common.gaussian_blur(x0_hat, 3.0, 15) + s * eps_hat               # line 11
+    z_tilde = alpha * sferd.gaussian_blur(x0_hat, 3.0, 15) + s * eps_hat               # line 11
     z_attn = (1 - psi) * z_t + psi * z_tilde                                           # line 12
     x0_attn = common.vp_predict(D, z_attn, alpha, s)[0]
     ref = (1 + w) * x0_hat - w * x0_attn                                               # line 13
@@ -156,7 +156,7 @@ def test_eps_space_guidance_is_the_authors_and_differs_by_the_sharpening_term():
     z_t = alpha * x
     x0_hat, eps_hat, _, ext = common.vp_predict(D, z_t, alpha, s, attn="dec16.1")
     psi = (ext["attn"].mean(1).sum(1).reshape(2, 1, 16, 16) > 1.0).float().repeat_interleave(2, 2).repeat_interleave(2, 3)
-    blurred = common.gaussian_blur(x0_hat, 3.0, 15)
+    blurred = sferd.gaussian_blur(x0_hat, 3.0, 15)
     z_attn = alpha * ((1 - psi) * x0_hat + psi * blurred) + s * eps_hat                 # their q_sample(mask_blurred, eps)
     eps_attn = common.vp_predict(D, z_attn, alpha, s)[1]
     eps_tilde = eps_attn + (1 + w) * (eps_hat - eps_attn)
@@ -312,9 +312,9 @@ def test_sample_sferd_cd_is_a_hand_written_alg2_loop(mode, g_drop, steps):
 def test_latent_ddpm_table_and_the_zero_network_sampler():
     abar = sferd.LATENT_ALPHA_BAR                                # Table 4: constant beta 0.008, T = 1000
     assert torch.allclose(abar.double(), 0.992 ** torch.arange(1, 1001, dtype=torch.float64), rtol=1e-5, atol=0)
-    mlp = common.LatentMLP(8, 32, 3)                             # zero-initialised output: the loss, with a
+    mlp = sferd.LatentMLP(8, 32, 3)                             # zero-initialised output: the loss, with a
     noise = torch.randn(5, 8)                                    # non-zero network: the tests further down
-    out = common.sample_latent(mlp, noise, 10, torch.full((8,), 2.0), torch.full((8,), 0.5), sferd.LATENT_ALPHA_BAR)
+    out = sferd.sample_latent(mlp, noise, 10, torch.full((8,), 2.0), torch.full((8,), 0.5), sferd.LATENT_ALPHA_BAR)
     assert out.shape == (5, 8) and torch.isfinite(out).all()
     # eps_omega = 0: each DDIM step rescales by sqrt(abar_next/abar_t), so z_0 = z_T/sqrt(abar_T), denormalised
     # (this checks the end points and the denormalisation; the steps in between: the non-zero network test below).
@@ -443,17 +443,17 @@ def test_two_stage_schedule_is_table6_and_the_lab_keeps_halving():
 
 def test_each_base_stage_trains_its_n_step_target_with_its_lr_schedule(tmp_path, monkeypatch):
     """train_pd: stage k distils the guided last student with n = its speed (Table 6) under App. B.1's constant lr
-    (paper) or PD's linear anneal (lab); common.train_stage is replaced by one evaluation of the loss it is given."""
+    (paper) or PD's linear anneal (lab); pd.train_stage is replaced by one evaluation of the loss it is given."""
     calls, real = [], pd.pd_loss
     monkeypatch.setattr(pd, "pd_loss", lambda s, T, x, g, N, xflip=False, n=2: calls.append((N, n)) or real(s, T, x, g, N,
                                                                                                         xflip, n))
 
     def one_evaluation(pg, loss, budget, student, path, kind, settings, gen, reuse, resume, totals, **loop):
-        calls.append((path.name, [budget["schedule"](1.0, k, 10) for k in (0, 5)], budget["total"]))
+        calls.append((path.name, [budget.schedule(1.0, k, 10) for k in (0, 5)], budget.total))
         loss(student, loop["teacher"], common.to_float(loop["data"][:2]), gen)
         return totals
 
-    monkeypatch.setattr(common, "train_stage", one_evaluation)
+    monkeypatch.setattr(pd, "train_stage", one_evaluation)
     monkeypatch.setattr(pd, "teacher_target", lambda T, z, t, N, n=2: (z, z))            # the teacher is not under test
     data, pg = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8), common.Dist("cpu")
     for preset, expected in (("paper", [("student-32steps.pt", [1.0, 1.0], 250_000), (32, 32), ("student-1steps.pt",
@@ -566,7 +566,7 @@ def test_alg1_pd_and_the_sampler_put_t_minus_1_at_the_teachers_step_for_any_n(mo
 
 def nonzero_latent_mlp(z_dim=8, seed=0):
     torch.manual_seed(seed)
-    mlp = common.LatentMLP(z_dim, 32, 3)
+    mlp = sferd.LatentMLP(z_dim, 32, 3)
     with torch.no_grad():
         mlp.out.weight.normal_(std=0.5)
         mlp.out.bias.normal_(std=0.5)
@@ -580,7 +580,7 @@ def test_latent_noising_and_loss_with_a_nonzero_network():
     z, eps, t = torch.randn(16, 8), torch.randn(16, 8), torch.randint(1000, (16,))
     abar = (0.992 ** (t.double() + 1)).float()[:, None]
     ref = (eps - mlp(abar.sqrt() * z + (1 - abar).sqrt() * eps, t)).abs().mean()
-    assert abs(common.latent_loss(mlp, z, t, eps, sferd.LATENT_ALPHA_BAR).item() - ref.item()) < 1e-5
+    assert abs(sferd.latent_loss(mlp, z, t, eps, sferd.LATENT_ALPHA_BAR).item() - ref.item()) < 1e-5
     assert abs(ref.item() - eps.abs().mean().item()) > 1e-2        # the network's output matters here
 
 
@@ -596,7 +596,7 @@ def test_latent_ddim_sampler_with_a_nonzero_network():
         z0 = (z - math.sqrt(1 - a) * e) / math.sqrt(a)
         a_next = 0.992 ** (ts[k + 1] + 1) if k + 1 < len(ts) else 1.0
         z = math.sqrt(a_next) * z0 + math.sqrt(1 - a_next) * e
-    out = common.sample_latent(mlp, noise, 10, mean, std, sferd.LATENT_ALPHA_BAR)
+    out = sferd.sample_latent(mlp, noise, 10, mean, std, sferd.LATENT_ALPHA_BAR)
     assert torch.allclose(out.double(), z * 0.5 + 2.0, rtol=1e-3, atol=1e-3)
 
 
@@ -605,8 +605,8 @@ def test_predictor_phase_one_freezes_the_student_and_encodes_x0(tmp_path, monkey
     args = sferd.parse_args(["--preset", "smoke", "--nfe", "2"])      # 4 predictor updates: 2 frozen, 2 joint
     pg, data, teacher = common.Dist("cpu"), torch.randint(0, 256, (32, 1, 32, 32), dtype=torch.uint8), smoke_denoiser(1)
     seen_x0, encoded, after = [], [], []
-    forward = common.SemanticEncoder.forward
-    monkeypatch.setattr(common.SemanticEncoder, "forward", lambda self, x: encoded.append(x.clone()) or forward(self, x))
+    forward = sferd.SemanticEncoder.forward
+    monkeypatch.setattr(sferd.SemanticEncoder, "forward", lambda self, x: encoded.append(x.clone()) or forward(self, x))
     student, init = smoke_denoiser(0), [p.clone() for p in smoke_denoiser(0).net.parameters()]
 
     def alg1(s, T, x0, gen, E, G):
@@ -690,7 +690,7 @@ def test_main_builds_the_phases_and_samples_with_g_and_the_latent_ema(fashion_di
     assert [loop["kind"] for loop in spy.loops] == ["sferd-pd-student", "sferd-predictor", "sferd-latent"]
     base, pred, latent = spy.loops
     args = sferd.parse_args(["--preset", "smoke", "--nfe", "4"])
-    assert base["teacher"].__name__ == "D_guided" and base["budget"]["schedule"] is pd.linear_anneal
+    assert base["teacher"].__name__ == "D_guided" and base["budget"].schedule is pd.linear_anneal
     assert base["settings"]["guidance"] is True and base["settings"]["w"] == 0.3
     student, opt = pred["student"], pred["opt"]
     assert student is base["student"] and pred["teacher"] is base["teacher"]
@@ -699,14 +699,14 @@ def test_main_builds_the_phases_and_samples_with_g_and_the_latent_ema(fashion_di
     assert type(opt) is torch.optim.Adam and (g1["lr"], g2["lr"]) == (args.pred_lr, args.joint_lr)
     assert [id(p) for p in g1["params"]] == [id(p) for p in list(E.parameters()) + list(G.parameters())]
     assert [id(p) for p in g2["params"]] == [id(p) for p in student.net.parameters()]
-    assert pred["budget"]["lr"] == [args.pred_lr, args.joint_lr] and pred["budget"]["total"] == 4
+    assert pred["budget"].lr == [args.pred_lr, args.joint_lr] and pred["budget"].total == 4
     for step, trains in ((0, False), (1, False), (2, True), (3, True)):         # Sec. 4.2: frozen, then joint
         pred["before_step"](step)
         assert all(p.requires_grad == trains for p in student.net.parameters()), step
     mlp, ema = latent["nets"]["mlp"], latent["nets"]["ema"]
     lopt = latent["opt"]
     assert type(lopt) is torch.optim.Adam and lopt.param_groups[0]["lr"] == args.latent_lr
-    assert latent["emas"] == [(ema, mlp, args.latent_ema)] and latent["budget"]["batch"] == args.latent_batch
+    assert latent["emas"] == [(ema, mlp, args.latent_ema)] and latent["budget"].batch == args.latent_batch
     images, _ = common.load_dataset("fashion", fashion_dir)
     with torch.no_grad():
         z = E(common.to_float(images))
@@ -716,7 +716,7 @@ def test_main_builds_the_phases_and_samples_with_g_and_the_latent_ema(fashion_di
     assert rep["training"][id(student.net)] is False and rep["training"][id(ema)] is False
     assert rep["info"]["guidance"] and rep["info"]["predictor"] and rep["info"]["guidance_space"] == "x0"
     eps = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    z_sem = common.sample_latent(ema, cd.renoise_source(eps, common.EVAL_SEED + 1).randn(8), args.latent_steps, ema.mean,
+    z_sem = sferd.sample_latent(ema, cd.renoise_source(eps, common.EVAL_SEED + 1).randn(8), args.latent_steps, ema.mean,
                                  ema.std, sferd.LATENT_ALPHA_BAR)
     assert torch.equal(rep["sample_fn"](eps), sferd.sample_sferd_pd(student, eps, 4, G, z_sem, "train", 0.0, 2))
     assert not torch.allclose(rep["sample_fn"](eps), pd.sample_ddim(student, eps, 4), atol=1e-4)

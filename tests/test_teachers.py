@@ -1,4 +1,4 @@
-"""Published teachers (common.py section 8b): EDM's SongUNet and DDPM's U-Net against their publishers'
+"""Published teachers (common.py section 13): EDM's SongUNet and DDPM's U-Net against their publishers'
 outputs, the real CIFAR-10 checkpoints' layouts, the snapshot reader that never runs code, and the
 methods end to end on the tiny teachers. Test material: tests/data/ (made by EDM's and diffusers' own
 code with random weights; tests/data/README.md says what each file is)."""

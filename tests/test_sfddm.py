@@ -45,6 +45,16 @@ def test_concentrated_subsequence(p):
     assert len(inside) == round(p * (T_s - 1))
 
 
+def test_concentrated_subsequence_by_hand():
+    """T = 1000, T' = 10, p = 0.2: the window [475, 525] holds n_in = round(0.2 * 9) = 2 points at its cells' centres
+    487.5 and 512.5; the other 7 lie evenly over the 950 steps outside it, k * 950 / 8 = 118.75, 237.5, 356.25, 475,
+    593.75, 712.5, 831.25, the ones from 475 on (the cut, [0, 475) being open) shifted past it by 50: 525, 643.75, ...
+    Then round half up."""
+    assert sfddm.subsequence(1000, 10, "concentrated", 0.2) == [0, 119, 238, 356, 488, 513, 525, 644, 763, 881, 1000]
+    assert sfddm.subsequence(1000, 10, "concentrated") == sfddm.subsequence(1000, 10, "concentrated", 0.2)   # default p
+    assert sfddm.subsequence(1000, 2) == [0, 500, 1000]                                                    # T' = 2 is allowed
+
+
 def test_subsequence_rejects_impossible_lengths():
     for T, T_s in [(1024, 1), (1024, 0), (16, 17)]:
         with pytest.raises(common.UserError):
@@ -186,6 +196,32 @@ def test_clipped_steps_by_hand():
     ddim = lambda z, a_t, a_p: a_p**0.5 * 1.0 + (1 - a_p) ** 0.5 * (z - a_t**0.5 * 1.0) / (1 - a_t) ** 0.5
     got = sfddm.sample_ddim(D, torch.full((1, 1, 1, 1), z, dtype=torch.float64), a_s, clip=True)
     assert math.isclose(got.item(), ddim(ddim(z, 0.1, 0.6), 0.6, 0.9), rel_tol=1e-12)
+
+
+def test_samplers_clip_by_default():
+    """Evaluation clips x0_hat unless told otherwise (the authors' sampling clips)."""
+    D, a_s = big_denoiser(), sfddm.student_alpha_bar(sfddm.teacher_alpha_bar(1000), [0, 333, 667, 1000])
+    z = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(4))
+    n = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(sfddm.sample_ddim(D, z, a_s), sfddm.sample_ddim(D, z, a_s, clip=True))
+    assert torch.equal(sfddm.sample_ancestral(D, z, a_s, noise=lambda x: n),
+                       sfddm.sample_ancestral(D, z, a_s, noise=lambda x: n, clip=True))
+    assert not torch.equal(sfddm.sample_ddim(D, z, a_s), sfddm.sample_ddim(D, z, a_s, clip=False))   # clipping acts
+
+
+def test_alg2_step_noise_is_its_own_stream(monkeypatch):
+    """Alg. 2's step noise comes from a generator seeded common.EVAL_SEED + 1, one draw of the batch's shape per step
+    in step order: never the seed of the evaluation's starting noise (EVAL_SEED), which would make a step's noise
+    equal to the batch's own x_T."""
+    got = []
+    monkeypatch.setattr(sfddm, "sample_ancestral", lambda D, z, a_s, noise, clip: got.append(noise))
+    a_s = sfddm.student_alpha_bar(sfddm.teacher_alpha_bar(1024), [0, 256, 512, 768, 1024])
+    z = torch.zeros(2, 1, 4, 4)
+    alg2 = sfddm.phi_samplers(None, a_s, clip=True)["alg2"]
+    alg2(z), alg2(z)                                                       # two batches
+    g = torch.Generator().manual_seed(common.EVAL_SEED + 1)
+    expected = [torch.randn(z.shape, generator=g) for _ in range(6)]       # T' - 1 = 3 noisy steps a batch
+    assert [torch.equal(noise(z), e) for noise, e in zip([got[0]] * 3 + [got[1]] * 3, expected)] == [True] * 6
 
 
 def test_ceiling_dpm3m_spends_its_calls_on_the_phi_levels():
@@ -452,6 +488,8 @@ def test_the_hidden_term_is_on_by_default_and_changes_the_gradient():
         grads.append(torch.autograd.grad(loss, list(student.parameters()), allow_unused=True))
     assert any(a is not None and (b is None or (a - b).abs().max() > 1e-6) for a, b in zip(*grads))
     assert sfddm.parse_args(["--preset", "smoke"]).hidden_weight == 1.0
+    total, parts = sfddm.sfddm_loss(student, teacher, x0, gen(2), alpha_bar_s=a_s)   # the function's own default too
+    assert torch.equal(total, parts["loss_eps"] + parts["loss_h"])
 
 
 def test_main_builds_adam_the_ramp_the_ema_and_samples_the_ema(fashion_dir, random_teacher, tmp_path, monkeypatch):

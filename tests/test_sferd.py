@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -114,6 +115,28 @@ def test_default_attention_block_is_highest_resolution_decoder():
     assert sferd.attn_block(D.net) == "dec16.1" and sferd.attn_block(D.net, "enc16.0") == "enc16.0"
     with pytest.raises(common.UserError, match="--attn-block dec8.0: the teacher has no such"):
         sferd.attn_block(D.net, "dec8.0")
+
+
+def test_default_attention_block_ranks_by_resolution_then_position():
+    """Of decoder blocks at 8 and 16 (dec<resolution>.<index>), the default is the last one at 16, not the highest
+    index at any resolution."""
+    net = SimpleNamespace(attn_names=["enc16.0", "mid8", "dec8.0", "dec8.1", "dec8.2", "dec16.0", "dec16.1"])
+    assert sferd.attn_block(net) == "dec16.1"
+
+
+def test_blur_defaults_are_sigma_3_and_15_taps():
+    x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sferd.gaussian_blur(x), sferd.gaussian_blur(x, 3.0, 15))
+    assert not torch.equal(sferd.gaussian_blur(x), sferd.gaussian_blur(x, 2.0, 15))
+
+
+def test_the_student_without_a_predictor_samples_with_its_bases_sampler(monkeypatch):
+    """make_sampler with no G: PD's DDIM over --nfe steps for --base pd, CD's multistep sampler at --taus for cd."""
+    monkeypatch.setattr(cd, "make_sampler", lambda f, taus: ("cd sampler", f, taus))
+    monkeypatch.setattr(pd, "sample_ddim", lambda D, eps, N: ("pd sampler", D, N))
+    student = object()
+    assert sferd.make_sampler(SimpleNamespace(base="cd", taus=[1.0], nfe=2), student) == ("cd sampler", student, [1.0])
+    assert sferd.make_sampler(SimpleNamespace(base="pd", taus=None, nfe=2), student)(None) == ("pd sampler", student, 2)
 
 
 def test_guidance_strength_is_the_papers_except_in_the_lab_preset():
@@ -227,9 +250,11 @@ def test_alg1_pd_scale_is_at_the_teachers_step_and_nonzero_on_the_last_student_s
         g = torch.Generator().manual_seed(0)
         i, eps = torch.randint(N, (16,), generator=g), torch.randn(x0.shape, generator=g)
         sferd.alg1_pd(D, D, x0, torch.Generator().manual_seed(0), E, G, N)
-        _, _, _, alpha_p, s_p, w = seen[-1]
+        _, _, x0_student, alpha_p, s_p, w = seen[-1]
         (_, x_E), (_, x_G, sigma) = inputs[-2:]
         assert torch.equal(x_E, x0)
+        with torch.no_grad():                                      # the student's x0_hat (not its eps or v) at x_t
+            assert torch.allclose(x0_student, D(x_G, sigma), atol=1e-5)
         for b in range(16):
             a_t, s_t = cosine((i[b].item() + 1) / N)
             a_ref, s_ref = cosine((i[b].item() + 0.5) / N)
@@ -282,6 +307,8 @@ def test_sample_sferd_pd_is_a_hand_written_alg2_loop(mode, g_drop, steps):
             z = a_s * x0 + s_s * (z - a_t * x0) / s_t                 # mu_{t-1}*x0~ + s_{t-1}*eps(x0~)
     out = sferd.sample_sferd_pd(D, eps, N, G, z_sem, mode, g_drop)
     assert clipped and torch.allclose(out, x0, atol=1e-4)
+    if (mode, g_drop) == ("train", 0.0):                           # the defaults
+        assert torch.equal(sferd.sample_sferd_pd(D, eps, N, G, z_sem), out)
     assert (out - pd.sample_ddim(D, eps, N)).abs().max() > 1e-2    # the correction does something
 
 
@@ -306,6 +333,8 @@ def test_sample_sferd_cd_is_a_hand_written_alg2_loop(mode, g_drop, steps):
         x = x0
     out = sferd.sample_sferd_cd(f, eps, taus, G, z_sem, 18, mode, g_drop)
     assert torch.allclose(out, x, atol=1e-4 * max(1, x.abs().max().item()))
+    if (mode, g_drop) == ("train", 0.0):                           # the defaults
+        assert torch.equal(sferd.sample_sferd_cd(f, eps, taus, G, z_sem, 18), out)
     assert (out - cd.make_sampler(f, taus)(eps)).abs().max() > 1e-2
 
 

@@ -259,8 +259,7 @@ def make_sampler(f, taus, clip=False):
 def onestep_rms(ev, pg, teacher, teacher_path, f, shape):
     """teacher_rms of the ONE-step student (and of the teacher's 1-NFE Euler), the deterministic measure; every
     process makes its share of the samples (fid.generate)."""
-    n = fid.FID_SAMPLES[ev.preset] if ev.fid_samples is None else ev.fid_samples
-    n, batch = max(n, 64), ev.batch_size or 250
+    n, batch = fid.rms_n(ev.preset, ev.fid_samples), ev.batch_size or 250
     _, ref = fid.teacher_baseline(teacher, teacher_path, ev, "dpm3m", fid.REFERENCE_NFE, n, shape, pg.device,
                                   with_fid=False, pg=pg)
     one = fid.generate(lambda eps: f(SIGMA_MAX * eps, SIGMA_MAX), n, shape, batch, pg.device, "student 1 step", pg,

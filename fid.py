@@ -476,6 +476,18 @@ def sampling_spread(dataset, k, n, data_dir=None, device="cpu", batch_size=BATCH
 
 FID_SAMPLES = {"smoke": 0, "lab": 500, "paper": 50_000}       # N per preset (FID depends on N; ~1 min per FID-500 on 2 cores)
 REFERENCE_NFE = 35                                            # the teacher's "ground truth" sampler: DPM-Solver++(3M), 35 NFE
+RMS_MIN_N = 64                                                # teacher_rms is measured on at least 64 samples (also in smoke)
+SCORES = ("fid", "kid", "kid_std")                            # what fid_of_samples returns; None each where FID is skipped
+
+
+def fid_n(preset, fid_samples):
+    """N of FID and KID: --fid-samples, else the preset's (FID_SAMPLES)."""
+    return FID_SAMPLES[preset] if fid_samples is None else fid_samples
+
+
+def rms_n(preset, fid_samples):
+    """N of teacher_rms: FID's N, at least RMS_MIN_N (teacher_rms is measured even when FID is skipped)."""
+    return max(fid_n(preset, fid_samples), RMS_MIN_N)
 
 
 GENERATED = {"images": 0}                  # the images this process's generate() made (metrics.json: eval_images_per_rank)
@@ -612,7 +624,7 @@ def teacher_baseline(teacher, teacher_path, ev, solver, nfe, n, shape, device, w
             common.save_checkpoint(samples_path, "samples", images=common.to_uint8(samples), teacher_sha256=teacher_sha256)
     metrics_path = cache / f"{key}.json"
     if not with_fid:
-        return dict(fid=None, kid=None, kid_std=None), samples
+        return dict.fromkeys(SCORES), samples
     made_with = dict(teacher_sha256=teacher_sha256,
                      ref_sha256=reference_fingerprint(ev.dataset, ev.data_dir, device, pg))
 
@@ -636,7 +648,7 @@ def teacher_baseline(teacher, teacher_path, ev, solver, nfe, n, shape, device, w
 def scores_or_none(samples, ev, device, pg=None):
     """fid_of_samples' {fid, kid, kid_std} against ev.dataset, each None for fewer than 2 samples (FID skipped)."""
     if len(samples) < 2:
-        return dict(fid=None, kid=None, kid_std=None)
+        return dict.fromkeys(SCORES)
     return fid_of_samples(samples, ev.dataset, ev.data_dir, device, pg=pg)
 
 
@@ -755,8 +767,7 @@ def report(ev, pg, out, teacher, teacher_path, sample_fn, info, shape, student=N
         evaluated = lambda: json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else None
         if ev.resume and (metrics := pg.decide(evaluated)) is not None:     # a finished, evaluated run: only the export
             return metrics
-    n = FID_SAMPLES[ev.preset] if ev.fid_samples is None else ev.fid_samples
-    n_rms = max(n, 64)                                # teacher_rms is measured even when FID is skipped
+    n, n_rms = fid_n(ev.preset, ev.fid_samples), rms_n(ev.preset, ev.fid_samples)
     device = pg.device
     cost = {}                                         # training throughput and (CUDA) peak memory, before evaluation
     if info.get("train_seconds"):
@@ -818,8 +829,7 @@ def teacher_rows(ev, solvers, nfes, out=None):
     pg = common.Dist(ev.device)
     teacher, path = common.load_teacher(ev, pg)
     shape = common.image_shape(teacher.net)
-    n = FID_SAMPLES[ev.preset] if ev.fid_samples is None else ev.fid_samples
-    n_rms = max(n, 64)
+    n, n_rms = fid_n(ev.preset, ev.fid_samples), rms_n(ev.preset, ev.fid_samples)
     _, ref = teacher_baseline(teacher, path, ev, "dpm3m", REFERENCE_NFE, n_rms, shape, pg.device, n >= 2, pg)
     pairs = [(s, k) for s in solvers for k in nfes          # Heun spends odd NFEs; at 1 NFE every solver is Euler
              if not (s == "heun" and k % 2 == 0) and not (s != "euler" and k == 1)]

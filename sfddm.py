@@ -257,7 +257,7 @@ def ceiling_rows(args, pg, folder, teacher, teacher_path, alpha_bar_s, phi, shap
     """The teacher on phi with each of phi_samplers (the ceiling rows), into folder/<sampler>/, unless
     they are there for this teacher (sha256), phi, N and clipping."""
     key = dict(phi=phi, teacher_sha256=common.fingerprint(teacher_path), clip=not args.no_clip,
-               fid_n=fid.FID_SAMPLES[args.preset] if args.fid_samples is None else args.fid_samples)
+               fid_n=fid.fid_n(args.preset, args.fid_samples))
     def written():
         try:
             return all(all(json.loads((folder / s / "metrics.json").read_text()).get(k) == v for k, v in key.items())

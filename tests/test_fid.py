@@ -323,6 +323,13 @@ def test_two_images_are_enough_one_is_not(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Protocol: labels, cache, missing weights.
 
+def test_sample_counts_of_fid_and_teacher_rms():
+    """FID's N: --fid-samples, else the preset's; teacher_rms's: that N, at least 64 (smoke skips FID, not the RMS)."""
+    assert [fid.fid_n(p, None) for p in ("smoke", "lab", "paper")] == [0, 500, 50_000]
+    assert fid.fid_n("lab", 8) == 8 and fid.fid_n("paper", 0) == 0
+    assert [fid.rms_n(p, None) for p in ("smoke", "lab")] == [64, 500] and fid.rms_n("lab", 8) == 64
+
+
 def test_fid_label():
     assert [fid.fid_label(n) for n in (50_000, 10_000, 1000, 2500, 500)] == \
         ["FID-50k", "FID-10k", "FID-1k", "FID-2.5k", "FID-500"]

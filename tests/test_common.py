@@ -60,6 +60,7 @@ def test_vp_sigma_round_trips():
     assert (s_t**2).tolist() == pytest.approx([1 / (1 + math.exp(6)), 0.5, 1 / (1 + math.exp(-6))], rel=1e-12)
     # The DDPM table by hand: alpha_bar_t = prod (1 - beta_s), betas linear from beta_1 to beta_T; sigma = sqrt((1 - abar)/abar).
     assert common.ddpm_alpha_bar(3, 0.1, 0.3).tolist() == pytest.approx([1, 0.9, 0.9 * 0.8, 0.9 * 0.8 * 0.7], rel=1e-12)
+    assert len(common.ddpm_alpha_bar()) == 1001                                 # DDPM's T = 1000 by default (+ t = 0)
     assert common.sigma_from_alpha_bar(torch.tensor([0.5, 0.2])).tolist() == pytest.approx([1, 2])
     assert torch.allclose(common.sigma_from_vp(alpha, s), sigma)
     t = torch.linspace(0.01, 0.99, 30, dtype=torch.float64)
@@ -105,6 +106,20 @@ def test_frozen_teacher_runs_in_fp32_inside_autocast():
             frozen = D(x, sigma)
     assert frozen.dtype == torch.float32 and torch.equal(frozen, fp32)
     assert D.full_precision and not D.training and not any(p.requires_grad for p in D.parameters())
+
+
+def test_as_batch_makes_b_x_1_x_1_x_1_float32():
+    x = torch.zeros(3, 1, 4, 4, dtype=torch.float64)
+    for value, expected in [(0.5, [0.5] * 3), (torch.tensor(2.0), [2.0] * 3), (torch.tensor([1, 2, 3]), [1.0, 2.0, 3.0])]:
+        b = common.as_batch(value, x)
+        assert b.shape == (3, 1, 1, 1) and b.dtype == torch.float32 and b.flatten().tolist() == expected
+
+
+def test_dpmpp_lands_on_the_denoised_image_at_sigma_0():
+    """A grid ending in 0 (DPM-Solver++ at lambda = inf): the last step returns D(x, t_cur), no solver step.
+    D = x/2 on [2, 1, 0]: step 1 (order 1) x = (1/2) x - expm1(-ln 2) D = 0.5 + 0.25 = 0.75; then D(0.75) = 0.375."""
+    out = common.sample_dpmpp(lambda x, s: 0.5 * x, torch.ones(1, 1, 1, 1, dtype=torch.float64), [2.0, 1.0, 0.0])
+    assert out.item() == pytest.approx(0.375, rel=1e-12)
 
 
 def test_vp_predict_is_consistent():

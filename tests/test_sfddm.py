@@ -61,6 +61,8 @@ def test_subsequence_rejects_impossible_lengths():
             sfddm.subsequence(T, T_s)
     with pytest.raises(common.UserError):           # 15 points cannot fit into a 5% window of T = 64
         sfddm.subsequence(64, 16, "concentrated", 1.0)
+    with pytest.raises(common.UserError):           # T = 16: the one window point and the cut's both round to 8
+        sfddm.subsequence(16, 3, "concentrated", 0.4)
 
 
 # --- Eq. 9: the student's marginal is the teacher's at phi_t -----------------------------------
@@ -489,7 +491,7 @@ def test_the_hidden_term_is_on_by_default_and_changes_the_gradient():
     assert any(a is not None and (b is None or (a - b).abs().max() > 1e-6) for a, b in zip(*grads))
     assert sfddm.parse_args(["--preset", "smoke"]).hidden_weight == 1.0
     total, parts = sfddm.sfddm_loss(student, teacher, x0, gen(2), alpha_bar_s=a_s)   # the function's own default too
-    assert torch.equal(total, parts["loss_eps"] + parts["loss_h"])
+    assert torch.equal(total, parts["loss_eps"] + parts["loss_h"]) and parts["loss_h"] > 0
 
 
 def test_main_builds_adam_the_ramp_the_ema_and_samples_the_ema(fashion_dir, random_teacher, tmp_path, monkeypatch):

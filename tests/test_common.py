@@ -190,6 +190,9 @@ def test_dpmpp_order_rule_and_the_orders_the_sampler_uses(monkeypatch):
     monkeypatch.setattr(common, "dpmpp_step", lambda *a: used.append(a[-1]) or step(*a))
     common.sample_dpmpp(lambda x, s: 0.5 * x, torch.ones(1, 1, 2, 2), common.karras_sigmas(6))   # 5 steps, none to 0
     assert used == [1, 2, 3, 2, 1]
+    used.clear()
+    common.sample_dpmpp(lambda x, s: 0.5 * x, torch.ones(1, 1, 2, 2), common.karras_sigmas(5))   # 4 steps: 3M's default
+    assert used == [1, 2, 2, 1]
 
 
 def test_heun_euler_last_skips_only_the_last_corrector():

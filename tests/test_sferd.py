@@ -122,6 +122,10 @@ def test_default_attention_block_ranks_by_resolution_then_position():
     index at any resolution."""
     net = SimpleNamespace(attn_names=["enc16.0", "mid8", "dec8.0", "dec8.1", "dec8.2", "dec16.0", "dec16.1"])
     assert sferd.attn_block(net) == "dec16.1"
+    plain = SimpleNamespace(attn_names=["enc16.0", "mid8"])                  # no decoder attention: no default
+    with pytest.raises(common.UserError, match="the default"):
+        sferd.attn_block(plain)
+    assert sferd.attn_block(plain, "enc16.0") == "enc16.0"                  # a named block is fine
 
 
 def test_blur_defaults_are_sigma_3_and_15_taps():

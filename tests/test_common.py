@@ -33,6 +33,11 @@ def test_edm_precond_identities():
     target_var = ((1 - c_skip) ** 2 * sd**2 + c_skip**2 * sigma**2) / c_out**2
     assert torch.allclose(target_var, torch.ones_like(sigma))
     assert torch.allclose(c_noise, sigma.log() / 4)
+    # Table 1 for another sigma_data (a published teacher may use one): c_skip = sd^2/(s^2 + sd^2), c_out = s sd/sqrt(..).
+    skip, out, inp, _ = common.edm_precond(torch.tensor([0.3, 2.0], dtype=torch.float64), sigma_data=0.8)
+    assert skip.tolist() == pytest.approx([0.64 / 0.73, 0.64 / 4.64], rel=1e-12)
+    assert out.tolist() == pytest.approx([0.24 / 0.73**0.5, 1.6 / 4.64**0.5], rel=1e-12)
+    assert inp.tolist() == pytest.approx([0.73**-0.5, 4.64**-0.5], rel=1e-12)
     # c_skip -> 1 (identity) as sigma -> 0.
     assert c_skip[0] > 0.9999
 
@@ -83,6 +88,7 @@ def test_uint8_and_float_images_round_trip():
     u = torch.arange(256, dtype=torch.uint8)
     assert common.to_float(u).tolist() == pytest.approx([v / 127.5 - 1 for v in range(256)], abs=1e-7)
     assert torch.equal(common.to_uint8(common.to_float(u)), u)
+    assert common.to_uint8(torch.tensor([-1.5, -1.0, 1.0, 1.5])).tolist() == [0, 0, 255, 255]   # clamped, not wrapped
     half = (torch.arange(255, dtype=torch.float64) + 0.5) / 127.5 - 1           # x * 127.5 + 127.5 = k + 1/2
     assert common.to_uint8(half.float() + 1e-6).tolist() == list(range(1, 256))  # just above k + 1/2: k + 1
     assert common.to_uint8(half.float() - 1e-6).tolist() == list(range(255))     # just below: k
@@ -561,6 +567,7 @@ def test_warmup_lr_and_ema_values():
     ramp = common.warmup_lr(100, 10)
     assert [ramp(1.0, done, 1000) for done in (0, 40, 89, 90, 500)] == pytest.approx([0.1, 0.5, 0.99, 1.0, 1.0])
     assert common.warmup_lr(0, 10)(2.0, 0, 1000) == 2.0 and common.constant_lr(3.0, 5, 10) == 3.0
+    assert common.warmup_lr(0, 1)(2.0, 0, 1000) == 2.0                         # no warm-up: the full lr from the first image
     assert common.ema_beta(32, 64) == pytest.approx(0.5**0.5) and common.ema_beta(10, 10) == pytest.approx(0.5)
     assert common.ema_beta(64, 0) == 0.0 and common.ema_beta(1, 0.5) == pytest.approx(0.25)   # no EMA; under an image
 

@@ -49,6 +49,32 @@ def test_denoiser_at_init_is_c_skip_times_x():
     assert torch.allclose(common.Denoiser(net)(x, sigma), c_skip * x)
 
 
+class AffineNet(torch.nn.Module):
+    """F(x, c_noise) = 0.1 x + c_noise: a network whose output depends on both inputs."""
+    config = {}
+
+    def forward(self, x, c_noise, cond=None):
+        return 0.1 * x + c_noise.view(-1, 1, 1, 1)
+
+
+def test_denoiser_is_edms_table1_with_sigma_data_one_half():
+    """D(x; s) = c_skip x + c_out F(c_in x, ln(s)/4), sigma_data = 0.5 (EDM Table 1), written out by hand."""
+    x, s = torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.tensor([0.2, 5.0], dtype=torch.float64).view(-1, 1, 1, 1)
+    c_skip, c_out, c_in = 0.25 / (s**2 + 0.25), 0.5 * s / (s**2 + 0.25).sqrt(), 1 / (s**2 + 0.25).sqrt()
+    expected = c_skip * x + c_out * (0.1 * c_in * x + s.log() / 4)
+    assert common.SIGMA_DATA == 0.5
+    assert torch.allclose(common.Denoiser(AffineNet())(x.float(), s.flatten().float()).double(), expected, atol=1e-5)
+
+
+def test_ema_update_averages_parameters_and_copies_buffers():
+    ema, model = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.running_mean.fill_(7.0)
+    common.ema_update(ema, model, 0.75)
+    assert ema.weight.tolist() == pytest.approx([0.75 * 1 + 0.25 * 3] * 3) and ema.running_mean.tolist() == [7.0] * 3
+
+
 def test_vp_sigma_round_trips():
     sigma = torch.logspace(-3, 2, 20, dtype=torch.float64)
     alpha, s = common.vp_from_sigma(sigma)

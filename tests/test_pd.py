@@ -3,6 +3,7 @@ computations (an analytic Gaussian teacher, EDM-space Euler = DDIM), and the CLI
 end-to-end smoke run, resume at the right stage and refusal of another chain, torchrun with two processes."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -390,3 +391,13 @@ def test_main_builds_each_stage_and_samples_the_last_student(fashion_dir, random
     assert rep["training"][id(previous.net)] is False
     assert torch.equal(rep["sample_fn"](eps), pd.sample_ddim(previous, eps, 2, clip=True))
     assert not torch.allclose(rep["sample_fn"](eps), pd.sample_ddim(spy.loops[0]["student"], eps, 2), atol=1e-4)
+
+
+def test_stage_budget_scales_the_later_stages():
+    """--iters updates a stage, times --later-factor for the stages ending at N <= --later-steps; batch, lr, clip and
+    checkpoints as given."""
+    args = SimpleNamespace(iters=100, later_factor=0.5, later_steps=4, batch=8, lr=1e-3, ckpt_every=20, grad_clip=1.0)
+    budgets = {N: pd.stage_budget(args, N, common.constant_lr) for N in (16, 8, 4, 2)}
+    assert [b.total for b in budgets.values()] == [100, 100, 50, 50]
+    b = budgets[4]
+    assert (b.unit, b.batch, b.lr, b.ckpt_every, b.clip, b.schedule) == ("updates", 8, 1e-3, 20, 1.0, common.constant_lr)

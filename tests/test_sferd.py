@@ -107,6 +107,8 @@ def test_mask_is_binary_thresholded_and_nearest_upsampled():
     assert torch.equal(psi[:, 0], ref)
     assert 0 < psi.mean() < 1
     assert torch.equal(sferd.attention_mask(attn, 1e9, (32, 32)), torch.zeros(2, 1, 32, 32))
+    uniform = torch.full((1, 2, 16, 16), 1 / 16)                   # every key gets exactly A = 1: not above k = 1
+    assert torch.equal(sferd.attention_mask(uniform, 1.0, (4, 4)), torch.zeros(1, 1, 4, 4))
 
 
 def test_default_attention_block_is_highest_resolution_decoder():
@@ -141,6 +143,20 @@ def test_the_student_without_a_predictor_samples_with_its_bases_sampler(monkeypa
     student = object()
     assert sferd.make_sampler(SimpleNamespace(base="cd", taus=[1.0], nfe=2), student) == ("cd sampler", student, [1.0])
     assert sferd.make_sampler(SimpleNamespace(base="pd", taus=None, nfe=2), student)(None) == ("pd sampler", student, 2)
+
+
+def test_the_student_with_a_predictor_samples_with_its_bases_alg2(monkeypatch):
+    """make_sampler with G: Alg. 2 on PD's grid (speed n of the last stage) for --base pd, on CD's sampler for cd."""
+    monkeypatch.setattr(sferd, "sample_latent", lambda *a: "z_sem")
+    monkeypatch.setattr(sferd, "sample_sferd_pd", lambda *a: ("pd", *a[2:]))
+    monkeypatch.setattr(sferd, "sample_sferd_cd", lambda *a: ("cd", *a[2:]))
+    latent = SimpleNamespace(mean=0.0, std=1.0)
+    args = SimpleNamespace(base="pd", nfe=2, speeds={2: 4}, taus=[1.0], N=18, z_dim=8, latent_steps=5, g_scale="train",
+                           g_drop=0.3)
+    eps = torch.zeros(1, 1, 4, 4)
+    assert sferd.make_sampler(args, None, "G", latent)(eps) == ("pd", 2, "G", "z_sem", "train", 0.3, 4)
+    args.base = "cd"
+    assert sferd.make_sampler(args, None, "G", latent)(eps) == ("cd", [1.0], "G", "z_sem", 18, "train", 0.3)
 
 
 def test_guidance_strength_is_the_papers_except_in_the_lab_preset():

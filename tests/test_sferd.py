@@ -483,6 +483,7 @@ def test_two_stage_schedule_is_table6_and_the_lab_keeps_halving():
     assert sferd.pd_stages(2, 1024, "two-stage") == {64: 16, 2: 32}
     assert list(sferd.pd_stages(4, 16, "halving").items()) == [(8, 2), (4, 2)]
     assert sferd.pd_stages(8, 16, "two-stage") == {8: 2}               # no power of two strictly in between
+    assert all(type(n) is int for n in sferd.pd_stages(1, 1024, "two-stage").values())   # n counts teacher steps
     paper, lab = (sferd.parse_args(["--preset", p, "--nfe", "1"]) for p in ("paper", "lab"))
     assert (paper.start_steps, paper.stages, paper.lr, paper.lr_schedule) == (1024, [32, 1], 2e-4, "constant")
     assert (lab.start_steps, lab.stages, lab.lr, lab.lr_schedule) == (16, [8, 4, 2, 1], 2e-4, "anneal")

@@ -104,13 +104,23 @@ def code(line):
 
 
 def equivalents():
-    """(file, operator, mutated line's text) of the survivors judged equivalent: equivalent.md's table rows."""
-    rows = set()
+    """{(file, operator, mutated line's code): mutants} of the survivors judged equivalent, from equivalent.md's table
+    rows. A line cell `code` covers every surviving mutant of its operator on that line; `code` -> `part` only the
+    mutants whose changed line contains part (a line with several numbers, only one of whose changes is equivalent)."""
+    rows = {}
     for line in (HERE / "equivalent.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 4 and cells[0].endswith(".py"):
-            rows.add((cells[0], cells[2], code(cells[1].strip("`"))))
+            original, _, part = cells[1].partition(" -> ")
+            rows.setdefault((cells[0], cells[2], code(original.strip("`"))), []).append(part.strip("`") or None)
     return rows
+
+
+def is_equivalent(known, module, op, line, diff):
+    """Whether equivalent.md's rows cover this survivor (its operator, its line's code, what the mutant made of it)."""
+    parts = known.get((module, op, code(line)), [])
+    changed = [d[1:].strip() for d in (diff or "").splitlines() if d.startswith("+") and not d.startswith("+++")]
+    return any(part is None or any(part in c for c in changed) for part in parts)
 
 
 def report(work, name, module):
@@ -130,7 +140,7 @@ def report(work, name, module):
             counts["other"] += 1                    # abnormal: the mutant broke the import or the test run itself
         elif test == "killed":
             counts["killed"] += 1
-        elif (module, op, code(lines[row - 1])) in known:
+        elif is_equivalent(known, module, op, lines[row - 1], diff):
             counts["equivalent"] += 1
         else:
             counts["survived"] += 1

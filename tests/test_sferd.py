@@ -159,6 +159,20 @@ def test_the_student_with_a_predictor_samples_with_its_bases_alg2(monkeypatch):
     assert sferd.make_sampler(args, None, "G", latent)(eps) == ("cd", [1.0], "G", "z_sem", 18, "train", 0.3)
 
 
+def test_corrected_denoiser_corrects_every_call_by_default(monkeypatch):
+    """g_drop = 0 by default: each call i is corrected with t-1 = sigma_prevs[i] ('train' scale); g_drop = 0.5 leaves
+    the last half of the calls to D alone."""
+    monkeypatch.setattr(sferd, "corrected_x0", lambda x0, g, sigma, sigma_prev, mode: (mode, sigma_prev.flatten()[0].item()))
+    D = lambda x, sigma: "plain"
+    D.net = None
+    G = lambda net, x, sigma, z: None
+    x = torch.zeros(1, 1, 2, 2)
+    D_tilde = sferd.corrected_denoiser(D, G, None, [4.0, 2.0, 1.0, 0.5])
+    assert [D_tilde(x, 1.0) for _ in range(4)] == [("train", 4.0), ("train", 2.0), ("train", 1.0), ("train", 0.5)]
+    D_tilde = sferd.corrected_denoiser(D, G, None, [4.0, 2.0, 1.0, 0.5], "paper", g_drop=0.5)
+    assert [D_tilde(x, 1.0) for _ in range(4)] == [("paper", 4.0), ("paper", 2.0), "plain", "plain"]
+
+
 def test_guidance_strength_is_the_papers_except_in_the_lab_preset():
     """w = 0.3 (Eq. 11) in the paper and smoke presets; the lab preset's 0.1 is a documented deviation; --w wins."""
     assert [sferd.parse_args(["--preset", p]).w for p in ("paper", "lab", "smoke")] == [0.3, 0.1, 0.3]

@@ -1688,6 +1688,13 @@ def curve_of(label, run, offset=0):
     return label, names, [[row[0] + offset, *row[1:]] for row in run["curve"]]
 
 
+def add_run(totals, label, run, images=True):
+    """A chain's totals (images, seconds, loss curves) after one more training run, its curve labelled label and
+    its images counted on from the chain's; images=False: its seconds only (sferd.py's latent DDPM draws no image)."""
+    return dict(images=totals["images"] + (run["images"] if images else 0), seconds=totals["seconds"] + run["seconds"],
+                curves=[*totals.get("curves", []), curve_of(label, run, totals["images"])])
+
+
 def save_curves(folder, curves):
     """folder/loss.csv (stage, images, then every stage's loss parts: window means of the loss the loop reported)
     and folder/loss.png (the loss against images on a log scale: one line per stage, or per part of a single

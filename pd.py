@@ -224,8 +224,7 @@ def train_stage(pg, loss, budget, student, path, kind, settings, gen, reuse, res
     opt = torch.optim.Adam(student.parameters(), lr=budget.lr)
     run = common.train_loop(pg, loss, data, student, teacher, opt, budget,
                             common.Run(path, kind, settings, dict(net=student.net), gen, resume=ck, desc=desc))
-    totals = {**{k: totals[k] + run[k] for k in ("images", "seconds")},     # and the chain's loss curves so far
-              "curves": [*totals.get("curves", []), common.curve_of(desc, run, totals["images"])]}
+    totals = common.add_run(totals, desc, run)
     pg.log(f"{desc}: {run['step']:,} updates of {budget.batch}, {totals['images']:,} images and "
            f"{totals['seconds'] / 60:.1f} min so far; saved {path}")
     common.freeze(student)

@@ -271,7 +271,7 @@ def train_cd(args, pg, data, D, out, settings, gen):
         path, "sferd-cd-student", settings, nets, gen, emas=cd.ema_updates(f, f_target, f_ema, args.mu, args.ema_rate),
         resume=common.resume_from(path, "sferd-cd-student", args.resume), desc="CD"))
     alg1 = lambda s, T, x0, g, E, G: alg1_cd(s, T, x0, g, E, G, sigmas)
-    return f_ema.eval(), teacher, alg1, dict(images=run["images"], seconds=run["seconds"], curves=[common.curve_of("CD", run)])
+    return f_ema.eval(), teacher, alg1, common.add_run(dict(images=0, seconds=0.0), "CD", run)
 
 
 def train_predictor(args, pg, data, student, teacher, alg1, out, settings, totals):
@@ -290,9 +290,7 @@ def train_predictor(args, pg, data, student, teacher, alg1, out, settings, total
         resume=common.resume_from(path, "sferd-predictor", args.resume), desc="predictor",
         before_step=lambda step: student.requires_grad_(step >= P // 2)))     # phase 1 frozen, phase 2 joint (Sec. 4.2)
     student.requires_grad_(False).eval()
-    totals = dict(images=totals["images"] + run["images"], seconds=totals["seconds"] + run["seconds"],
-                  curves=[*totals.get("curves", []), common.curve_of("predictor", run, totals["images"])])
-    return E.eval().requires_grad_(False), G.eval().requires_grad_(False), totals
+    return E.eval().requires_grad_(False), G.eval().requires_grad_(False), common.add_run(totals, "predictor", run)
 
 
 class LatentMLP(nn.Module):
@@ -356,8 +354,7 @@ def train_latent(args, pg, data, E, out, settings, totals):
                             common.Run(path, "sferd-latent", settings, dict(mlp=mlp, ema=ema),
                                        torch.Generator().manual_seed(args.seed * 1000 + pg.rank + 900),
                                        emas=[(ema, mlp, args.latent_ema)], resume=ck, desc="latent DDPM"))
-    return ema.eval(), dict(totals, seconds=totals["seconds"] + run["seconds"],    # part of SFERD's training cost
-                            curves=[*totals.get("curves", []), common.curve_of("latent DDPM", run, totals["images"])])
+    return ema.eval(), common.add_run(totals, "latent DDPM", run, images=False)    # its seconds: SFERD's training cost
 
 
 # ----------------------------------------------------------------------------------------------
